@@ -1,0 +1,1 @@
+"""The `featcache` command line: a thin Typer shell over the `featcache` library."""
