@@ -1,0 +1,420 @@
+"""Backbones: one registry of short names, one `create_backbone` entry point, one API.
+
+Every backbone, whatever library builds it, answers the same questions: how to preprocess
+an image, which layers it has and how wide they are, and `tokens(images)`, the CLS and
+average-pooled patch (AP) token of every layer, reduced on the device.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featcache.errors import FeatcacheError
+
+TAPS = ("reference", "residual")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: which library builds it, with which architecture and weights."""
+
+    name: str
+    backend: str  # "timm" | "open_clip"
+    arch: str
+    pretrained: str | None  # timm tag already in `arch`; open_clip pretrained tag
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    probe_token: str = "cls"  # the token the paper's linear baseline reads (AP for MAE)
+    description: str = ""
+
+
+def _timm(name: str, arch: str, desc: str, probe_token: str = "cls", **kw: Any) -> ModelSpec:
+    return ModelSpec(name, "timm", arch, None, kw, probe_token, desc)
+
+
+def _clip(name: str, arch: str, desc: str) -> ModelSpec:
+    return ModelSpec(name, "open_clip", arch, "openai", {}, "cls", desc)
+
+
+# The paper's models (paper.md), plus MAE from its appendix and DINOv2 with registers.
+# DINOv2 runs at 224 px (timm's default tag is 518 px); the fingerprint records it.
+MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        _clip("clip-vit-b32", "ViT-B-32", "OpenCLIP ViT-B/32, OpenAI weights"),
+        _clip("clip-vit-b16", "ViT-B-16", "OpenCLIP ViT-B/16, OpenAI weights"),
+        _clip("clip-vit-l14", "ViT-L-14", "OpenCLIP ViT-L/14, OpenAI weights"),
+        _timm("dinov2-vit-s14", "vit_small_patch14_dinov2.lvd142m", "DINOv2 ViT-S/14",
+              img_size=224),
+        _timm("dinov2-vit-b14", "vit_base_patch14_dinov2.lvd142m", "DINOv2 ViT-B/14",
+              img_size=224),
+        _timm("dinov2-vit-l14", "vit_large_patch14_dinov2.lvd142m", "DINOv2 ViT-L/14",
+              img_size=224),
+        _timm("dinov2reg-vit-s14", "vit_small_patch14_reg4_dinov2.lvd142m",
+              "DINOv2 ViT-S/14 with 4 register tokens", img_size=224),
+        _timm("dinov2reg-vit-b14", "vit_base_patch14_reg4_dinov2.lvd142m",
+              "DINOv2 ViT-B/14 with 4 register tokens", img_size=224),
+        _timm("vit-s16", "vit_small_patch16_224.augreg_in21k_ft_in1k",
+              "supervised ViT-S/16 (AugReg, IN-21k → IN-1k)"),
+        _timm("vit-b16", "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+              "supervised ViT-B/16 (AugReg2, IN-21k → IN-1k)"),
+        _timm("vit-l16", "vit_large_patch16_224.augreg_in21k_ft_in1k",
+              "supervised ViT-L/16 (AugReg, IN-21k → IN-1k)"),
+        _timm("mae-vit-b16", "vit_base_patch16_224.mae", "MAE ViT-B/16 (probed on AP)", "ap"),
+        _timm("mae-vit-l16", "vit_large_patch16_224.mae", "MAE ViT-L/16 (probed on AP)", "ap"),
+    ]
+}
+
+
+def list_models() -> list[ModelSpec]:
+    return list(MODELS.values())
+
+
+def resolve_model(name: str, model_kwargs: dict[str, Any] | None = None) -> ModelSpec:
+    """A registry name, `timm:ARCH[.TAG]` or `open_clip:ARCH[:PRETRAINED]` → a spec."""
+    extra = dict(model_kwargs or {})
+    if name in MODELS:
+        spec = MODELS[name]
+        return ModelSpec(spec.name, spec.backend, spec.arch, spec.pretrained,
+                         {**spec.kwargs, **extra}, spec.probe_token, spec.description)
+    if name.startswith("timm:"):
+        arch = name[5:]
+        _check_timm_arch(arch)
+        return ModelSpec(name, "timm", arch, None, extra, "ap" if ".mae" in arch else "cls")
+    if name.startswith("open_clip:"):
+        parts = name.split(":")
+        if len(parts) not in (2, 3) or not parts[1]:
+            raise FeatcacheError(f"bad open_clip model name {name!r}: use open_clip:ARCH[:PRETRAINED],"
+                                 " e.g. open_clip:ViT-B-16:openai")
+        _check_open_clip_arch(parts[1])
+        return ModelSpec(name, "open_clip", parts[1], parts[2] if len(parts) == 3 else None, extra)
+    close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise FeatcacheError(f"unknown model {name!r}.{hint} See `featcache models`, or use "
+                         "timm:NAME or open_clip:ARCH:PRETRAINED.")
+
+
+def _check_timm_arch(arch: str) -> None:
+    import timm
+
+    base = arch.split(".")[0]
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models("vit*"), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise FeatcacheError(f"timm has no model {base!r}.{hint}")
+
+
+def _check_open_clip_arch(arch: str) -> None:
+    import open_clip
+
+    if arch.startswith(("hf-hub:", "local-dir:")):
+        return
+    names = open_clip.list_models()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise FeatcacheError(f"open_clip has no architecture {arch!r}.{hint}")
+
+
+def parse_weights(weights: str | None) -> tuple[str, Any]:
+    """`None`/"hub" → pretrained from the hub; "random[:SEED]"; or a local file path."""
+    if weights in (None, "", "hub", "pretrained"):
+        return "hub", None
+    if weights == "random" or weights.startswith("random:"):
+        seed_text = weights.partition(":")[2] or "0"
+        try:
+            return "random", int(seed_text)
+        except ValueError:
+            raise FeatcacheError(f"bad --weights {weights!r}: use random or random:SEED") from None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FeatcacheError(f"--weights {weights}: no such file (give a checkpoint path, "
+                             "'random[:SEED]', or leave it out for the hub weights)")
+    return "file", path.resolve()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Backbone(nn.Module):
+    """A frozen ViT with hooks at the tap points; `tokens()` returns per-layer CLS and AP.
+
+    Layers are `block0 … block{L-1}` (the tap inside/after each block) and `final`
+    (the model's own normed output; for CLIP after `ln_post` and the projection).
+    """
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, tap: str, weights_id: str,
+                 transform: Callable, preprocess: dict[str, Any]) -> None:
+        super().__init__()
+        if tap not in TAPS:
+            raise FeatcacheError(f"unknown tap {tap!r}: choose one of {', '.join(TAPS)}")
+        self.spec = spec
+        self.model = model.eval().requires_grad_(False)
+        self.tap = tap
+        self.weights_id = weights_id
+        self.transform = transform
+        self.preprocess = preprocess
+        self._taps: list[torch.Tensor] = []
+        self._setup()
+        self.layer_names = [f"block{i}" for i in range(self.n_blocks)] + ["final"]
+        self.layer_dims = [self.width] * self.n_blocks + [self.final_dim]
+        self.dim = max(self.layer_dims)
+
+    # Subclasses define _setup (hooks, n_blocks, width, final_dim, n_prefix, n_tokens)
+    # and _run (the forward that returns the normed, projected output tokens).
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self._taps.append(self._batch_first(out))
+
+    def _batch_first(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS = first token; AP = mean over patch tokens only (no CLS, no registers)."""
+        return x[:, 0], x[:, self.n_prefix:].mean(dim=1)
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor, all_tokens: bool = False) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) → cls, ap: (B, n_layers, dim) zero-padded; last: (B, T, final_dim)."""
+        self._taps = []
+        try:
+            final = self._run(images)
+            taps = self._taps
+        finally:
+            self._taps = []
+        if len(taps) != self.n_blocks:
+            raise RuntimeError(f"expected {self.n_blocks} tapped blocks, got {len(taps)}")
+        pairs = [self._reduce(x) for x in taps]
+        final_cls, final_ap, final_tokens = self._final(final)
+        pairs.append((final_cls, final_ap))
+        out = {
+            "cls": torch.stack([_pad(c, self.dim) for c, _ in pairs], 1),
+            "ap": torch.stack([_pad(a, self.dim) for _, a in pairs], 1),
+        }
+        if all_tokens:
+            out["last"] = final_tokens
+        return out
+
+    def _final(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The final layer's CLS, AP and all tokens, from the model's normed output."""
+        cls, ap = self._reduce(x)
+        return cls, ap, x
+
+    def describe(self) -> dict[str, Any]:
+        """What the fingerprint records about the model."""
+        return {
+            "model": self.spec.name,
+            "backend": self.spec.backend,
+            "arch": self.spec.arch,
+            "pretrained": self.spec.pretrained,
+            "model_kwargs": self.spec.kwargs,
+            "weights": self.weights_id,
+            "tap": self.tap,
+            "preprocess": self.preprocess,
+            "layer_names": self.layer_names,
+            "layer_dims": self.layer_dims,
+            "n_prefix_tokens": self.n_prefix,
+            "n_tokens": self.n_tokens,
+        }
+
+
+def _pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero-pad the feature axis to `dim` (CLIP's projected final layer is narrower)."""
+    if x.shape[-1] == dim:
+        return x
+    return torch.nn.functional.pad(x, (0, dim - x.shape[-1]))
+
+
+class TimmBackbone(Backbone):
+    def _setup(self) -> None:
+        m = self.model
+        if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
+            raise FeatcacheError(f"{self.spec.name}: not a plain timm ViT (no blocks/patch_embed);"
+                                 " featcache supports VisionTransformer-style models")
+        if not getattr(m, "has_class_token", getattr(m, "cls_token", None) is not None):
+            raise FeatcacheError(f"{self.spec.name} has no CLS token; featcache caches CLS+AP per "
+                                 "layer and needs a ViT with a class token")
+        self.n_blocks = len(m.blocks)
+        self.width = m.embed_dim
+        self.final_dim = m.embed_dim
+        self.n_prefix = int(m.num_prefix_tokens)
+        grid = m.patch_embed.grid_size
+        self.n_tokens = self.n_prefix + int(grid[0]) * int(grid[1])
+        for block in m.blocks:
+            point = block.norm2 if self.tap == "reference" else block
+            point.register_forward_hook(self._hook)
+        # Models pooled by `avg` keep `norm` as Identity and normalise after pooling.
+        self._post_norm = m.fc_norm if isinstance(m.norm, nn.Identity) else nn.Identity()
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(images)
+
+    def _final(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(self._post_norm, nn.Identity):
+            return super()._final(x)
+        cls, ap = self._reduce(x)
+        return self._post_norm(cls), self._post_norm(ap), self._post_norm(x)
+
+
+class OpenClipBackbone(Backbone):
+    def _setup(self) -> None:
+        v = self.model
+        if getattr(v, "attn_pool", None) is not None:
+            raise FeatcacheError(f"{self.spec.name}: open_clip towers with attentional pooling "
+                                 "are not supported (no single CLS token)")
+        resblocks = v.transformer.resblocks
+        self.n_blocks = len(resblocks)
+        self.width = v.transformer.width
+        self.final_dim = v.proj.shape[1] if v.proj is not None else self.width
+        self.n_prefix = 1
+        self.n_tokens = 1 + int(v.grid_size[0]) * int(v.grid_size[1])
+        self._lnd = not getattr(v.transformer, "batch_first", True)
+        for block in resblocks:
+            point = block.ln_2 if self.tap == "reference" else block
+            point.register_forward_hook(self._hook)
+
+    def _batch_first(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1) if self._lnd else x
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.model
+        x = v._embeds(images)
+        x = v.transformer(x)
+        x = v.ln_post(x)
+        return x @ v.proj if v.proj is not None else x
+
+
+def create_backbone(name: str, weights: str | None = None, tap: str = "reference",
+                    model_kwargs: dict[str, Any] | None = None) -> Backbone:
+    """The one entry point: build the model, its preprocessing and its tap hooks."""
+    if tap not in TAPS:
+        raise FeatcacheError(f"unknown tap {tap!r}: choose one of {', '.join(TAPS)}")
+    spec = resolve_model(name, model_kwargs)
+    kind, value = parse_weights(weights)
+    if spec.backend == "timm":
+        model, weights_id = _build_timm(spec, kind, value)
+        transform, preprocess = _timm_preprocess(model)
+        return TimmBackbone(spec, model, tap, weights_id, transform, preprocess)
+    model, weights_id = _build_open_clip(spec, kind, value)
+    transform, preprocess = _open_clip_preprocess(model)
+    return OpenClipBackbone(spec, model, tap, weights_id, transform, preprocess)
+
+
+def _hub_error(spec: ModelSpec, exc: Exception) -> FeatcacheError:
+    return FeatcacheError(
+        f"could not load the hub weights of {spec.name} ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); go online once, or pass "
+        "--weights PATH (a local checkpoint) or --weights random")
+
+
+def _build_timm(spec: ModelSpec, kind: str, value: Any) -> tuple[nn.Module, str]:
+    import timm
+
+    kwargs = {"num_classes": 0, **spec.kwargs}
+    if kind == "random":
+        torch.manual_seed(value)
+        return timm.create_model(spec.arch, pretrained=False, **kwargs), f"random:{value}"
+    if kind == "file":
+        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        _load_state(model, value)
+        return model, f"file:sha256:{file_sha256(value)}"
+    try:
+        model = timm.create_model(spec.arch, pretrained=True, **kwargs)
+    except Exception as exc:  # network, missing weights: many exception types
+        raise _hub_error(spec, exc) from exc
+    hub_id = model.pretrained_cfg.get("hf_hub_id") or spec.arch
+    return model, f"hub:{hub_id}"
+
+
+def _load_state(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint (safetensors or torch) holding the model's state dict."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise FeatcacheError(f"--weights {path}: does not fit this architecture "
+                             f"({str(exc).splitlines()[0][:200]})") from None
+    head_only = all(k.startswith(("head.", "fc_norm.")) for k in missing)
+    if (missing and not head_only) or len(unexpected) > 0 and not all(
+            k.startswith("head.") for k in unexpected):
+        raise FeatcacheError(f"--weights {path}: does not fit this architecture "
+                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+def _build_open_clip(spec: ModelSpec, kind: str, value: Any) -> tuple[nn.Module, str]:
+    import open_clip
+
+    kwargs = dict(spec.kwargs)
+    if kind == "random":
+        torch.manual_seed(value)
+        model = open_clip.create_model(spec.arch, pretrained=None, **kwargs)
+        weights_id = f"random:{value}"
+    elif kind == "file":
+        try:
+            model = open_clip.create_model(spec.arch, pretrained=str(value), **kwargs)
+        except Exception as exc:
+            raise FeatcacheError(f"--weights {value}: open_clip could not load it "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
+        weights_id = f"file:sha256:{file_sha256(value)}"
+    else:
+        if not spec.pretrained:
+            raise FeatcacheError(f"{spec.name}: no pretrained tag; use open_clip:ARCH:PRETRAINED"
+                                 " or --weights")
+        try:
+            model = open_clip.create_model(spec.arch, pretrained=spec.pretrained, **kwargs)
+        except Exception as exc:
+            raise _hub_error(spec, exc) from exc
+        weights_id = f"hub:open_clip:{spec.arch}:{spec.pretrained}"
+    return model.visual, weights_id
+
+
+def _timm_preprocess(model: nn.Module) -> tuple[Callable, dict[str, Any]]:
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    # Architecture overrides (img_size=…) are not reflected in pretrained_cfg: trust the model.
+    size = tuple(int(s) for s in model.patch_embed.img_size)
+    cfg["input_size"] = (3, *size)
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    return transform, _jsonable(cfg)
+
+
+def _open_clip_preprocess(visual: nn.Module) -> tuple[Callable, dict[str, Any]]:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+    cfg["size"] = tuple(int(s) for s in visual.image_size)
+    pp = PreprocessCfg(**{k: v for k, v in cfg.items() if k in PreprocessCfg.__dataclass_fields__})
+    transform = image_transform_v2(pp, is_train=False)
+    return transform, _jsonable(asdict(pp))
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
