@@ -83,8 +83,9 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = flatten(old), flatten(new)
     lines = []
     for key in sorted(set(a) | set(b)):
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            lines.append(f"{key}: {_short(a.get(key, '<absent>'))} → {_short(b.get(key, '<absent>'))}")
+        before, after = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if before != after:
+            lines.append(f"{key}: {_short(before)} → {_short(after)}")
     return lines
 
 
@@ -324,16 +325,13 @@ def write_lock(path: Path) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f".{path.name}.lock")
-    handle = open(lock_path, "a+")
-    try:
+    with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FeatcacheError(f"another featcache process is writing {path} right now; "
                                  "wait for it to finish (nothing was changed)") from None
         yield
-    finally:
-        handle.close()
 
 
 def find_caches(root: str | Path) -> list[Cache]:

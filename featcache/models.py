@@ -92,8 +92,8 @@ def resolve_model(name: str, model_kwargs: dict[str, Any] | None = None) -> Mode
     if name.startswith("open_clip:"):
         parts = name.split(":")
         if len(parts) not in (2, 3) or not parts[1]:
-            raise FeatcacheError(f"bad open_clip model name {name!r}: use open_clip:ARCH[:PRETRAINED],"
-                                 " e.g. open_clip:ViT-B-16:openai")
+            raise FeatcacheError(f"bad open_clip model name {name!r}: use "
+                                 "open_clip:ARCH[:PRETRAINED], e.g. open_clip:ViT-B-16:openai")
         _check_open_clip_arch(parts[1])
         return ModelSpec(name, "open_clip", parts[1], parts[2] if len(parts) == 3 else None, extra)
     close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.5)
@@ -417,4 +417,4 @@ def _open_clip_preprocess(visual: nn.Module) -> tuple[Callable, dict[str, Any]]:
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,230 @@
+"""Commands of the cache side: extract, ls, info, export, models, datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from cli.common import console, print_json, user_errors
+from featcache.errors import FeatcacheError
+
+CacheOpt = Annotated[Path | None, typer.Option(
+    "--cache", help="Cache root [env FEATCACHE_CACHE; default ~/.cache/featcache].")]
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` pairs; values parsed as JSON when they parse (numbers, dicts), else text."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FeatcacheError(f"bad --model-arg {item!r}: use KEY=VALUE, e.g. img_size=224")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@user_errors
+def extract(
+    model: Annotated[str, typer.Option(
+        help="Registry name (see `featcache models`), timm:NAME or open_clip:ARCH:PRETRAINED.")],
+    dataset: Annotated[str, typer.Option(
+        help="Registry name (see `featcache datasets`), imagefolder:PATH, wds:PATH, ...")
+    ] = "digits",
+    split: Annotated[str, typer.Option(help="Comma-separated splits.")] = "train,test",
+    weights: Annotated[str | None, typer.Option(
+        help="Hub weights (default), a local checkpoint PATH, or random[:SEED].")] = None,
+    tap: Annotated[str, typer.Option(
+        help="reference: each block's norm2 (ln_2) output + final; residual: block outputs.")
+    ] = "reference",
+    model_arg: Annotated[list[str] | None, typer.Option(
+        help="Architecture override KEY=VALUE (repeatable), e.g. img_size=224.")] = None,
+    cache: CacheOpt = None,
+    data_root: Annotated[Path | None, typer.Option(
+        help="Where datasets are downloaded [env FEATCACHE_DATA].")] = None,
+    download: Annotated[bool, typer.Option(help="Download missing datasets from the hub.")
+                        ] = True,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int | None, typer.Option(
+        help="DataLoader workers [default: CPUs - 1, at most 8].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+    all_tokens: Annotated[bool, typer.Option(
+        "--all-tokens", help="Also store every token of the last layer.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a cache built with other settings.")] = False,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Skip unreadable images (recorded in the cache) instead of stopping.")
+    ] = False,
+    shard_size: Annotated[int | None, typer.Option(
+        help="Samples per shard [default: sized to ~64 MiB, at most 1024].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run a frozen backbone once over a dataset and cache per-layer CLS+AP tokens."""
+    from featcache import distributed
+    from featcache.datasets import parse_splits
+    from featcache.extract import ExtractOptions
+    from featcache.extract import extract as run_extract
+    from featcache.progress import Bars
+
+    opts = ExtractOptions(
+        model=model, dataset=dataset, splits=tuple(parse_splits(split)), weights=weights,
+        tap=tap, model_kwargs=parse_model_args(model_arg), cache_root=cache,
+        data_root=data_root, download=download, batch_size=batch_size, num_workers=workers,
+        device=device, dtype=dtype, all_tokens=all_tokens, overwrite=overwrite,
+        skip_bad=skip_bad, shard_size=shard_size,
+    )
+    show = not json_out and distributed.local_rank() == 0
+    with Bars("img", enabled=show) as bars:
+        results = run_extract(opts, progress=bars)
+    if distributed.rank() != 0:
+        return
+    rows = [{"path": str(r.path), "split": r.split, "n": r.n, "status": r.status,
+             "shards_written": r.shards_written, "seconds": round(r.seconds, 2),
+             "images_per_s": round(r.images_per_s, 1), "skipped": r.n_skipped} for r in results]
+    if json_out:
+        print_json(rows)
+        return
+    for r in results:
+        if r.status == "complete":
+            console.print(f"[green]already complete[/]: {r.path} ({r.n} images); nothing to do")
+        else:
+            verb = "resumed and finished" if r.status == "resumed" else "wrote"
+            skipped = f", {r.n_skipped} unreadable skipped" if r.n_skipped else ""
+            console.print(f"[green]{verb}[/] {r.path}: {r.n} images, {r.shards_written} shards "
+                          f"in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s){skipped}")
+
+
+@user_errors
+def ls(
+    cache: CacheOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the caches under the root: model, dataset, split, size, complete or not."""
+    from featcache.cache import default_cache_root, find_caches
+
+    root = cache or default_cache_root()
+    rows = [c.summary() for c in find_caches(root)]
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print(f"no caches under {root}; make one with `featcache extract`")
+        return
+    table = Table(title=f"caches under {root}")
+    for col in ("model", "tap", "weights", "dataset", "split", "N", "layers", "size",
+                "complete", "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        done = f"{r['shards_done']}/{r['shards']}"
+        status = "[green]yes[/]" if r["complete"] else f"[yellow]{done}[/]"
+        table.add_row(r["model"], r["tap"], r["weights"], r["dataset"], r["split"], str(r["n"]),
+                      str(r["layers"]), human_bytes(r["bytes"]), status,
+                      str(Path(r["path"]).relative_to(root)) if Path(r["path"]).is_relative_to(root)
+                      else r["path"])
+    console.print(table)
+
+
+@user_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="A cache directory (see `featcache ls`).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one cache's fingerprint, layout and sizes."""
+    from featcache.cache import open_cache
+
+    c = open_cache(path)
+    data = {**c.summary(), "layer_names": c.layer_names, "layer_dims": c.layer_dims,
+            "shard_size": c.layout.shard_size, "class_names": c.class_names,
+            "fingerprint": c.fingerprint,
+            "attrs": {k: v for k, v in c.attrs.items()
+                      if k not in ("fingerprint", "class_names", "layer_names", "layer_dims")}}
+    if json_out:
+        print_json(data)
+        return
+    console.print(f"[bold]{c.path}[/]")
+    for key in ("model", "weights", "tap", "dataset", "split", "n", "layers", "dim",
+                "all_tokens", "complete"):
+        console.print(f"  {key:>10}: {data[key]}")
+    console.print(f"  {'shards':>10}: {data['shards_done']}/{data['shards']} done, "
+                  f"{data['shard_size']} samples each")
+    console.print(f"  {'size':>10}: {human_bytes(data['bytes'])}")
+    console.print(f"  {'layers':>10}: {', '.join(c.layer_names)}")
+    console.print("  full fingerprint: `featcache info PATH --json`")
+
+
+@user_errors
+def export(
+    path: Annotated[Path, typer.Argument(help="A cache directory.")],
+    format: Annotated[str, typer.Option(help="Export format (hdf5).")] = "hdf5",
+    out: Annotated[Path | None, typer.Option(help="Output file [default: PATH.h5].")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Write a cache's arrays and attributes to another format (HDF5)."""
+    from featcache.cache import export_hdf5, open_cache
+
+    if format.lower() not in ("hdf5", "h5"):
+        raise FeatcacheError(f"unknown export format {format!r}: hdf5 is supported")
+    c = open_cache(path)
+    target = out or Path(str(c.path).rstrip("/") + ".h5")
+    written = export_hdf5(c, target, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {written} ({human_bytes(written.stat().st_size)})")
+
+
+@user_errors
+def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """The model registry (any other timm or open_clip ViT works by prefix)."""
+    from featcache.models import list_models
+
+    rows = [{"name": s.name, "backend": s.backend, "arch": s.arch, "pretrained": s.pretrained,
+             "probe_token": s.probe_token, "description": s.description} for s in list_models()]
+    if json_out:
+        print_json(rows)
+        return
+    table = Table(title="models (also timm:NAME, open_clip:ARCH:PRETRAINED)")
+    for col in ("name", "backend", "weights", "description"):
+        table.add_column(col)
+    for r in rows:
+        w = r["arch"] + (f" / {r['pretrained']}" if r["pretrained"] else "")
+        table.add_row(r["name"], r["backend"], w, r["description"])
+    console.print(table)
+
+
+@user_errors
+def datasets(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+             ) -> None:
+    """The dataset registry (also imagefolder:PATH, wds:PATH, torchvision:NAME, ...)."""
+    from dataclasses import asdict
+
+    from featcache.datasets import list_datasets
+
+    rows = [asdict(d) for d in list_datasets()]
+    if json_out:
+        print_json(rows)
+        return
+    table = Table(title="datasets")
+    for col in ("name", "source", "classes", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["source"], str(r.get("n_classes") or "?"), r["description"])
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    for func in (extract, ls, info, export, models, datasets):
+        app.command()(func)

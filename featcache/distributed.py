@@ -1,0 +1,71 @@
+"""torchrun support: the same command, whole shards split across ranks.
+
+Not DistributedSampler: it pads with duplicates and interleaves samples across shards,
+while here each rank owns a contiguous range of whole shards and writes only those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as tdist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), if any."""
+    started = False
+    if is_distributed() and not tdist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank())
+        tdist.init_process_group(backend=backend)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        tdist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s object on every rank (a no-op in one process)."""
+    if world_size() == 1:
+        return obj
+    box: list[Any] = [obj if rank() == src else None]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def split_evenly(items: list[T], part: int, parts: int) -> list[T]:
+    """The `part`-th of `parts` contiguous, near-equal slices of `items`."""
+    base, extra = divmod(len(items), parts)
+    start = part * base + min(part, extra)
+    return items[start:start + base + (1 if part < extra else 0)]

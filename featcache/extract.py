@@ -1,0 +1,396 @@
+"""The extraction loop: dataset → DataLoader workers → frozen backbone → writer thread → Zarr.
+
+Batches never straddle a shard, so a shard's values depend only on the shard itself:
+resuming, or splitting shards across `torchrun` ranks, gives the same bytes as one run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from featcache import distributed as dist
+from featcache.cache import (
+    Cache,
+    Layout,
+    cache_path,
+    check_fingerprint,
+    choose_shard_size,
+    create_cache,
+    model_dir_name,
+    open_cache,
+    slug,
+    write_lock,
+)
+from featcache.errors import FeatcacheError
+from featcache.models import Backbone, create_backbone
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExtractOptions:
+    """Everything `featcache extract` takes; defaults are the CLI's."""
+
+    model: str
+    dataset: str = "digits"
+    splits: tuple[str, ...] = ("train", "test")
+    weights: str | None = None
+    tap: str = "reference"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    cache_root: Path | None = None
+    data_root: Path | None = None
+    download: bool = True
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    all_tokens: bool = False
+    overwrite: bool = False
+    skip_bad: bool = False
+    shard_size: int | None = None
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    split: str
+    n: int
+    status: str  # "written" | "resumed" | "complete" (nothing to do) | "partial" (rank view)
+    shards_written: int
+    seconds: float
+    n_skipped: int = 0
+    n_written: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return 0.0 if self.seconds <= 0 else self.n_written / self.seconds
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if dist.is_distributed() and torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FeatcacheError("--device cuda asked for, but torch sees no CUDA GPU; "
+                             "use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 autocast on CUDA, fp32 on CPU (bf16 pays off on CPUs with AMX: ask for it)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise FeatcacheError(f"bad --dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class _Prepared(Dataset):
+    """Decode + preprocess in the worker; an unreadable image comes back as a message."""
+
+    def __init__(self, dataset: Any, transform: Callable, blank_shape: tuple[int, ...]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.blank_shape = blank_shape
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            image = self.transform(self.dataset.load(index))
+            return image, index, ""
+        except Exception as exc:  # decoding errors come in every type
+            where = f"{self.dataset.split} index {index} ({self.dataset.key(index)})"
+            return torch.zeros(self.blank_shape), index, f"{where}: {exc}"
+
+
+class ShardBatches(Sampler[list[int]]):
+    """Batches of consecutive indices that never cross a shard boundary."""
+
+    def __init__(self, layout: Layout, shards: list[int], batch_size: int) -> None:
+        self.layout, self.shards, self.batch_size = layout, shards, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for shard in self.shards:
+            rows = self.layout.rows(shard)
+            for start in range(rows.start, rows.stop, self.batch_size):
+                yield list(range(start, min(rows.stop, start + self.batch_size)))
+
+    def __len__(self) -> int:
+        return sum(-(-len(range(self.layout.rows(s).start, self.layout.rows(s).stop))
+                     // self.batch_size) for s in self.shards)
+
+
+class ShardWriter:
+    """A thread that assembles batches into whole shards and writes them, so compute
+    never waits for disk. The queue is bounded: memory stays flat however large N is."""
+
+    def __init__(self, cache: Cache, on_shard: Callable[[int, int], None] | None = None) -> None:
+        self.cache = cache
+        self.layout = cache.layout
+        self.on_shard = on_shard
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.buffers: dict[int, dict[str, np.ndarray]] = {}
+        self.filled: dict[int, int] = {}
+        self.shards_written = 0
+        self.thread = threading.Thread(target=self._run, name="featcache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, start: int, arrays: dict[str, Any], ready: Any = None) -> None:
+        """Hand over host tensors; `ready` (a CUDA event) says when their copy has landed."""
+        if self.error is not None:
+            raise self.error
+        self.queue.put((start, arrays, ready))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._add(*item)
+            except BaseException as exc:  # surfaced to the main thread on next put/close
+                self.error = exc
+
+    def _add(self, start: int, arrays: dict[str, Any], ready: Any) -> None:
+        if ready is not None:
+            ready.synchronize()
+        arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in arrays.items()}
+        shard = start // self.layout.shard_size
+        rows = self.layout.rows(shard)
+        size = rows.stop - rows.start
+        if shard not in self.buffers:
+            self.buffers[shard] = {k: np.empty((size, *v.shape[1:]), v.dtype)
+                                   for k, v in arrays.items()}
+            self.filled[shard] = 0
+        count = 0
+        for key, value in arrays.items():
+            self.buffers[shard][key][start - rows.start:start - rows.start + len(value)] = value
+            count = len(value)
+        self.filled[shard] += count
+        if self.filled[shard] == size:
+            self.cache.write_shard(shard, self.buffers.pop(shard))
+            del self.filled[shard]
+            self.shards_written += 1
+            if self.on_shard is not None:
+                self.on_shard(shard, size)
+
+
+def build_fingerprint(backbone: Backbone, dataset: Any, compute_dtype: torch.dtype,
+                      all_tokens: bool) -> dict[str, Any]:
+    """Every setting that changes the cached numbers (and nothing that does not)."""
+    return {
+        "model": backbone.describe(),
+        "dataset": {
+            "name": dataset.name,
+            "split": dataset.split,
+            "n": len(dataset),
+            "identity": dataset.identity,
+            "class_names": list(dataset.class_names),
+        },
+        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "storage_dtype": "float16",
+        "all_tokens": bool(all_tokens),
+    }
+
+
+def _default_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cpus or 2) - 1))
+
+
+def extract(opts: ExtractOptions, progress: Any = None) -> list[ExtractResult]:
+    """Extract every requested split; returns one result per split."""
+    from featcache.datasets import open_dataset
+
+    if opts.batch_size < 1:
+        raise FeatcacheError("--batch-size must be at least 1")
+    with dist.session():
+        device = resolve_device(opts.device)
+        compute_dtype = resolve_dtype(opts.dtype, device)
+        datasets = [open_dataset(opts.dataset, split, opts.data_root, opts.download)
+                    for split in opts.splits]
+        backbone = create_backbone(opts.model, opts.weights, opts.tap, opts.model_kwargs)
+        backbone.to(device)
+        root = Path(opts.cache_root) if opts.cache_root else _default_root()
+        model_dir = model_dir_name(opts.model, opts.tap, backbone.weights_id)
+        results = []
+        for dataset in datasets:
+            path = cache_path(root, model_dir, slug(dataset.name.replace(":", "-")), dataset.split)
+            results.append(_extract_split(backbone, dataset, path, opts, device, compute_dtype,
+                                          progress))
+        return results
+
+
+def _default_root() -> Path:
+    from featcache.cache import default_cache_root
+
+    return default_cache_root()
+
+
+def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOptions,
+                   fingerprint: dict[str, Any]) -> tuple[Cache, str]:
+    """Open and check, or create, the cache (one process: rank 0)."""
+    if (path / "zarr.json").exists():
+        cache = open_cache(path)
+        try:
+            check_fingerprint(cache, fingerprint)
+        except FeatcacheError:
+            if not opts.overwrite:
+                raise
+        else:
+            return cache, ("complete" if cache.complete else "resumed")
+    token_dim = backbone.final_dim if opts.all_tokens else None
+    n_tokens = backbone.n_tokens if opts.all_tokens else None
+    per_sample = 2 * 2 * len(backbone.layer_names) * backbone.dim
+    if opts.all_tokens:
+        per_sample = max(per_sample, 2 * backbone.n_tokens * backbone.final_dim)
+    shard_size = opts.shard_size or choose_shard_size(per_sample)
+    layout = Layout(len(dataset), len(backbone.layer_names), backbone.dim, shard_size,
+                    n_tokens, token_dim)
+    cache = create_cache(path, fingerprint, layout, dataset.labels, list(dataset.class_names),
+                         backbone.layer_names, backbone.layer_dims,
+                         {"probe_token": backbone.spec.probe_token})
+    return cache, "written"
+
+
+def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOptions,
+                   device: torch.device, compute_dtype: torch.dtype,
+                   progress: Any) -> ExtractResult:
+    fingerprint = build_fingerprint(backbone, dataset, compute_dtype, opts.all_tokens)
+    started = time.perf_counter()
+    rank, world = dist.rank(), dist.world_size()
+    lock = write_lock(path) if rank == 0 else _null_context()
+    with lock:
+        status, message = "complete", ""
+        if rank == 0:
+            try:
+                cache, status = _prepare_cache(backbone, dataset, path, opts, fingerprint)
+            except FeatcacheError as exc:
+                status, message = "error", str(exc)
+        status, message = dist.broadcast_object((status, message))
+        if status == "error":
+            raise FeatcacheError(message)
+        cache = open_cache(path) if rank != 0 else cache
+        if status == "complete":
+            return ExtractResult(path, dataset.split, len(dataset), "complete", 0, 0.0,
+                                 int(cache.attrs.get("n_skipped") or 0))
+        todo = [int(s) for s in np.flatnonzero(~cache.done())]
+        mine = dist.split_evenly(todo, rank, world)
+        written, n_written = _run_loop(backbone, dataset, cache, mine, opts, device,
+                                       compute_dtype, progress)
+        dist.barrier()
+        seconds = time.perf_counter() - started
+        complete = False
+        if rank == 0:
+            previous = cache.attrs.get("timings", {}).get("extract_s", 0.0)
+            complete = cache.finalize({"timings": {"extract_s": previous + seconds},
+                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            if not complete:
+                raise FeatcacheError(f"{path}: some shards are still missing after extraction;"
+                                     " re-run the same command to finish them")
+        n_skipped = int((~cache.valid()).sum()) if rank == 0 else 0
+    return ExtractResult(path, dataset.split, len(dataset),
+                         status if rank == 0 and complete else "partial", written, seconds,
+                         n_skipped, n_written)
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
+              opts: ExtractOptions, device: torch.device, compute_dtype: torch.dtype,
+              progress: Any) -> tuple[int, int]:
+    """Run the owned shards; returns (shards written, images processed)."""
+    if not shards:
+        return 0, 0
+    layout = cache.layout
+    size = _input_shape(backbone)
+    prepared = _Prepared(dataset, backbone.transform, size)
+    workers = _default_workers() if opts.num_workers is None else opts.num_workers
+    loader = DataLoader(
+        prepared,
+        batch_sampler=ShardBatches(layout, shards, opts.batch_size),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    total = sum(layout.rows(s).stop - layout.rows(s).start for s in shards)
+    task = progress.start(f"{dataset.name}/{dataset.split}", total) if progress else None
+    writer = ShardWriter(cache)
+    autocast = compute_dtype != torch.float32
+    done_images = 0
+    try:
+        for images, indices, errors in loader:
+            bad = [e for e in errors if e]
+            if bad and not opts.skip_bad:
+                raise FeatcacheError(f"unreadable image: {bad[0]}. Fix or remove it, or pass "
+                                     "--skip-bad to skip such images and record them in the cache")
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=compute_dtype, enabled=autocast):
+                out = backbone.tokens(images, all_tokens=layout.n_tokens is not None)
+            arrays = {"cls": out["cls"], "ap": out["ap"]}
+            if "last" in out:
+                arrays["last_tokens"] = out["last"]
+            valid = torch.tensor([not e for e in errors], dtype=torch.bool)
+            if bad:  # a skipped image's row holds zeros, flagged invalid
+                arrays = {k: v * valid.to(v.device).view(-1, *[1] * (v.dim() - 1))
+                          for k, v in arrays.items()}
+            host: dict[str, Any] = {k: v.to(torch.float16).to("cpu", non_blocking=True)
+                                    for k, v in arrays.items()}
+            host["valid"] = valid.numpy()
+            ready = None
+            if device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+            writer.put(int(indices[0]), host, ready)
+            done_images += len(indices)
+            if task is not None:
+                progress.advance(task, len(indices))
+    finally:
+        try:
+            writer.close()
+        finally:
+            if task is not None:
+                progress.stop(task)
+    return writer.shards_written, done_images
+
+
+def _input_shape(backbone: Backbone) -> tuple[int, int, int]:
+    pp = backbone.preprocess
+    if "input_size" in pp:
+        return tuple(pp["input_size"])  # type: ignore[return-value]
+    height, width = pp["size"] if isinstance(pp["size"], list) else (pp["size"], pp["size"])
+    return (3, int(height), int(width))
