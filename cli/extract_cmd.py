@@ -127,16 +127,15 @@ def ls(
         console.print(f"no caches under {root}; make one with `featcache extract`")
         return
     table = Table(title=f"caches under {root}")
-    for col in ("model", "tap", "weights", "dataset", "split", "N", "layers", "size",
-                "complete", "path"):
+    for col in ("cache (model/dataset/split)", "tap", "weights", "N", "layers", "size", "complete"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        done = f"{r['shards_done']}/{r['shards']}"
+        done = f"{r['shards_done']}/{r['shards']} shards"
         status = "[green]yes[/]" if r["complete"] else f"[yellow]{done}[/]"
-        table.add_row(r["model"], r["tap"], r["weights"], r["dataset"], r["split"], str(r["n"]),
-                      str(r["layers"]), human_bytes(r["bytes"]), status,
-                      str(Path(r["path"]).relative_to(root)) if Path(r["path"]).is_relative_to(root)
-                      else r["path"])
+        path = Path(r["path"])
+        shown = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        table.add_row(shown, r["tap"], r["weights"], str(r["n"]), str(r["layers"]),
+                      human_bytes(r["bytes"]), status)
     console.print(table)
 
 

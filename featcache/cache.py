@@ -82,7 +82,9 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human lines `key: old → new` for every setting that differs."""
     a, b = flatten(old), flatten(new)
     lines = []
-    for key in sorted(set(a) | set(b)):
+    # Settings first; what follows from them (layer lists, token counts) last.
+    derived = ("layer_names", "layer_dims", "n_tokens", "n_prefix_tokens")
+    for key in sorted(set(a) | set(b), key=lambda k: (k.rsplit(".", 1)[-1] in derived, k)):
         before, after = a.get(key, "<absent>"), b.get(key, "<absent>")
         if before != after:
             lines.append(f"{key}: {_short(before)} → {_short(after)}")
