@@ -1,0 +1,412 @@
+"""The report's figures (matplotlib, Agg, no pyplot state), each answering a paper question.
+
+1. Does fusing layers beat the linear probe, and where?  -> gain overview + gain heatmap
+2. Which layers does the ALF head attend to per task?    -> attention heatmaps
+3. Are early layers dissimilar yet still predictive?     -> accuracy by depth beside CKA
+4. Do my numbers match the published ones?               -> yours-vs-paper scatter
+Every function returns None when the records hold nothing for it, so a report on a
+partial set of runs simply has fewer figures (and its notes say what is missing).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+DPI = 100
+_MARKERS = "osD^vP*Xh<>p"
+
+
+@dataclass
+class RenderedFigure:
+    """A figure as PNG bytes plus what it is for (used as caption in md/html)."""
+
+    title: str
+    question: str
+    filename: str
+    png: bytes
+
+
+def to_png(fig: Figure, dpi: int = DPI) -> bytes:
+    """Render a figure to PNG bytes (Agg canvas, no display needed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _colours(keys: Sequence[str]) -> dict[str, Any]:
+    """A stable colour per method column, the same in every figure."""
+    cmap = matplotlib.colormaps["tab10"]
+    return {k: cmap(i % 10) for i, k in enumerate(keys)}
+
+
+def _layer_pos(name: str) -> float:
+    """Depth order of a layer name: "block3" -> 3, "final" after every block."""
+    if name in ("final", "last", "head", "out"):
+        return 1e6
+    m = re.search(r"(\d+)$", name)
+    return float(m.group(1)) if m else 1e5
+
+
+def _short_layer(name: str) -> str:
+    return re.sub(r"^block", "b", name)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = max(1, min(max_cols, n))
+    return math.ceil(n / cols), cols
+
+
+def _models(rows: Sequence[dict]) -> list[str]:
+    seen: list[str] = []
+    for row in rows:
+        if row["model_dir"] not in seen:
+            seen.append(row["model_dir"])
+    return seen
+
+
+# -- 1. gains --------------------------------------------------------------------------
+def gain_overview(rows: Sequence[dict]) -> Figure | None:
+    """Mean gain over linear per method, one group of bars per model (error: std over datasets)."""
+    cols = [c for c in (list(rows[0]["cells"]) if rows else []) if c != "linear"]
+    models = _models(rows)
+    stats: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        for col in cols:
+            cell = row["cells"][col]
+            if cell is not None and cell["gain"] is not None:
+                stats[(row["model_dir"], col)].append(cell["gain"])
+    if not stats:
+        return None
+    colours = _colours(list(rows[0]["cells"]))
+    width = 0.8 / max(1, len(cols))
+    fig = Figure(figsize=(max(6.0, 1.2 + len(models) * (0.35 * len(cols) + 0.6)), 4.2))
+    ax = fig.add_subplot()
+    for j, col in enumerate(cols):
+        xs, ys, es, ns = [], [], [], []
+        for i, model in enumerate(models):
+            vals = stats.get((model, col))
+            if not vals:
+                continue
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(float(np.mean(vals)))
+            es.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+            ns.append(len(vals))
+        if xs:
+            ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=2, color=colours[col],
+                   label=col, edgecolor="white", linewidth=0.5)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(models, rotation=15 if len(models) > 3 else 0, ha="right"
+                       if len(models) > 3 else "center")
+    ax.set_ylabel("gain over linear (balanced top-1, points)")
+    ax.set_title("Mean gain over the linear baseline across datasets")
+    ax.legend(fontsize=8, ncols=min(4, len(cols)), loc="best")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
+    """Per model: datasets × methods, coloured and labelled by gain over linear; — = not run."""
+    cols = [c for c in (list(rows[0]["cells"]) if rows else []) if c != "linear"]
+    models = _models(rows)
+    if not cols or not any(r["cells"].get("linear") for r in rows):
+        return None
+    mats = {}
+    vmax = 0.5
+    for model in models:
+        mrows = [r for r in rows if r["model_dir"] == model]
+        mat = np.full((len(mrows) + 1, len(cols)), np.nan)
+        for i, row in enumerate(mrows):
+            for j, col in enumerate(cols):
+                cell = row["cells"][col]
+                if cell is not None and cell["gain"] is not None:
+                    mat[i, j] = cell["gain"]
+        with np.errstate(all="ignore"):
+            for j in range(len(cols)):
+                col_vals = mat[:-1, j]
+                if np.isfinite(col_vals).any():
+                    mat[-1, j] = np.nanmean(col_vals)
+        if np.isfinite(mat).any():
+            vmax = max(vmax, float(np.nanmax(np.abs(mat))))
+        mats[model] = (mat, [r["display"] for r in mrows] + ["mean"])
+    nrows, ncols = _grid(len(models))
+    tallest = max(len(m[1]) for m in mats.values())
+    fig = Figure(figsize=(ncols * (2.4 + 0.75 * len(cols)), nrows * (1.4 + 0.32 * tallest)),
+                 layout="constrained")
+    cmap = matplotlib.colormaps["RdBu"].copy()
+    cmap.set_bad("#eeeeee")
+    image = None
+    for k, model in enumerate(models):
+        mat, labels = mats[model]
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=-vmax, vmax=vmax,
+                          aspect="auto")
+        for i in range(mat.shape[0]):
+            for j in range(mat.shape[1]):
+                v = mat[i, j]
+                text = "—" if not np.isfinite(v) else f"{v:+.1f}"
+                dark = np.isfinite(v) and abs(v) > 0.6 * vmax
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black",
+                        fontweight="bold" if i == mat.shape[0] - 1 else "normal")
+        ax.axhline(mat.shape[0] - 1.5, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels(cols, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_title(model, fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, shrink=0.8, label="gain over linear (points)")
+    return fig
+
+
+# -- 2. ALF attention --------------------------------------------------------------------
+def _attention_of(rec: dict) -> tuple[list[str], list[float]] | None:
+    att = rec.get("attention")
+    if not isinstance(att, dict) or not isinstance(att.get("mean"), list):
+        return None
+    tokens = att.get("tokens") or rec.get("tokens")
+    if not isinstance(tokens, list) or len(tokens) != len(att["mean"]):
+        return None
+    try:
+        return [str(t) for t in tokens], [float(v) for v in att["mean"]]
+    except (TypeError, ValueError):
+        return None
+
+
+def attention_heatmaps(records: Sequence[dict], dataset_label: Any = None) -> Figure | None:
+    """Per model (and ALF layer set): datasets × input tokens, mean attention over seeds."""
+    label = dataset_label or (lambda d: d)
+    groups: dict[tuple[str, str], dict[str, list[tuple[list[str], list[float]]]]] = (
+        defaultdict(lambda: defaultdict(list)))
+    for rec in records:
+        if rec.get("method") != "alf":
+            continue
+        att = _attention_of(rec)
+        if att is not None:
+            groups[(str(rec["model_dir"]), str(rec.get("layer_set") or "all"))][
+                str(rec["dataset"])].append(att)
+    if not groups:
+        return None
+    from featcache.report import _dataset_sort
+
+    panels = []
+    for (model, layer_set), by_ds in sorted(groups.items()):
+        tokens: list[str] = []
+        for runs in by_ds.values():
+            for toks, _ in runs:
+                tokens.extend(t for t in toks if t not in tokens)
+        datasets = sorted(by_ds, key=_dataset_sort)
+        mat = np.full((len(datasets), len(tokens)), np.nan)
+        for i, ds in enumerate(datasets):
+            acc = np.zeros(len(tokens))
+            cnt = np.zeros(len(tokens))
+            for toks, weights in by_ds[ds]:
+                for t, w in zip(toks, weights, strict=True):
+                    acc[tokens.index(t)] += w
+                    cnt[tokens.index(t)] += 1
+            with np.errstate(invalid="ignore"):
+                mat[i] = np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
+        panels.append((f"{model} — alf:{layer_set}", datasets, tokens, mat))
+    width = max(7.0, 2.5 + 0.26 * max(len(p[2]) for p in panels))
+    heights = [1.6 + 0.32 * len(p[1]) for p in panels]
+    fig = Figure(figsize=(width, sum(heights) + 0.4), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("#eeeeee")
+    for ax, (title, datasets, tokens, mat) in zip(axes, panels, strict=True):
+        image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, aspect="auto", vmin=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_yticks(range(len(datasets)))
+        ax.set_yticklabels([label(d) for d in datasets], fontsize=8)
+        ax.set_xticks(range(len(tokens)))
+        ax.set_xticklabels([_short_layer(t) for t in tokens], rotation=90, fontsize=7)
+        if mat.size <= 400:
+            top = np.nanmax(mat) if np.isfinite(mat).any() else 1.0
+            for i in range(mat.shape[0]):
+                for j in range(mat.shape[1]):
+                    if np.isfinite(mat[i, j]):
+                        ax.text(j, i, f"{100 * mat[i, j]:.0f}", ha="center", va="center",
+                                fontsize=6, color="black" if mat[i, j] > 0.6 * top else "white")
+        fig.colorbar(image, ax=ax, shrink=0.9, label="mean attention")
+    return fig
+
+
+# -- 3. depth ---------------------------------------------------------------------------
+def _per_layer_curves(recs: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """{token kind: {layer: mean balanced top-1 over seeds}} from `layers` runs."""
+    sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rec in recs:
+        for entry in rec.get("per_layer") or []:
+            if not isinstance(entry, dict):
+                continue
+            try:
+                value = float(entry["balanced_top1"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            sums[str(entry.get("token", "cls"))][str(entry.get("layer"))].append(value)
+    return {tok: {layer: float(np.mean(v)) for layer, v in d.items()} for tok, d in sums.items()}
+
+
+def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
+                 cka: dict[tuple[str, str], dict], dataset_label: Any = None) -> Figure | None:
+    """Per dataset of one model: probe accuracy by layer (left axis) beside CKA to the last
+    layer (right axis), with the linear and ALF results as reference lines."""
+    label = dataset_label or (lambda d: d)
+    from featcache.report import _dataset_sort
+
+    by_ds: dict[str, list[dict]] = defaultdict(list)
+    for rec in records:
+        if rec.get("method") == "layers" and str(rec["model_dir"]) == model_dir:
+            by_ds[str(rec["dataset"])].append(rec)
+    datasets = sorted((d for d in by_ds if _per_layer_curves(by_ds[d])), key=_dataset_sort)
+    if not datasets:
+        return None
+    cells = {r["dataset"]: r["cells"] for r in rows if r["model_dir"] == model_dir}
+    nrows, ncols = _grid(len(datasets))
+    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows + 0.6), layout="constrained")
+    handles: dict[str, Any] = {}
+    for k, ds in enumerate(datasets):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        curves = _per_layer_curves(by_ds[ds])
+        sim = cka.get((model_dir, ds)) or {}
+        layers = {layer for c in curves.values() for layer in c} | set(sim.get("layers") or [])
+        order = sorted(layers, key=lambda n: (_layer_pos(n), n))
+        x = {name: i for i, name in enumerate(order)}
+        for tok, style in (("cls", "-o"), ("ap", "-s")):
+            curve = curves.get(tok)
+            if curve:
+                names = sorted(curve, key=lambda n: x[n])
+                (h,) = ax.plot([x[n] for n in names], [curve[n] for n in names], style,
+                               markersize=3, label=f"probe {tok.upper()}",
+                               color="#0969da" if tok == "cls" else "#bf8700")
+                handles.setdefault(h.get_label(), h)
+        for col, colour, ls in (("linear", "black", "--"), ("alf:all", "#8250df", ":")):
+            cell = (cells.get(ds) or {}).get(col)
+            if cell is not None:
+                h = ax.axhline(cell["mean"], color=colour, linestyle=ls, linewidth=1.2,
+                               label=f"{col} (mean)")
+                handles.setdefault(h.get_label(), h)
+        ax.set_ylabel("balanced top-1 (%)", fontsize=8)
+        ax.set_title(label(ds), fontsize=10)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels([_short_layer(n) for n in order], rotation=90, fontsize=7)
+        ax.grid(alpha=0.3)
+        ax2 = ax.twinx()
+        ax2.set_ylim(0, 1.05)
+        if sim.get("layers"):
+            for tok, ls in (("cls", "-"), ("ap", "--")):
+                vals = sim.get(tok)
+                if vals and len(vals) == len(sim["layers"]):
+                    pts = [(x[n], v) for n, v in zip(sim["layers"], vals, strict=True)
+                           if v is not None and np.isfinite(v)]
+                    if pts:
+                        (h,) = ax2.plot(*zip(*pts, strict=True), ls, color="#6e7781",
+                                        linewidth=1.2, alpha=0.9,
+                                        label=f"CKA to last ({tok.upper()})")
+                        handles.setdefault(h.get_label(), h)
+            ax2.set_ylabel("linear CKA to last layer", fontsize=8, color="#57606a")
+        else:
+            ax2.set_yticks([])
+            ax2.text(0.98, 0.03, "CKA: not computed", transform=ax.transAxes, ha="right",
+                     fontsize=7, color="#6e7781")
+    fig.suptitle(f"{model_dir}: accuracy by depth beside similarity to the last layer",
+                 fontsize=11)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncols=min(6, len(handles)), fontsize=8)
+    return fig
+
+
+# -- 4. paper -----------------------------------------------------------------------------
+def paper_scatter(rows: Sequence[dict]) -> Figure | None:
+    """Your balanced accuracy against the published one, per (model, dataset, method)."""
+    from featcache.report import paper_pairs
+
+    pairs = paper_pairs(rows)
+    if not pairs:
+        return None
+    cols = list(rows[0]["cells"])
+    colours = _colours(cols)
+    models = sorted({p["model_dir"] for p in pairs})
+    fig = Figure(figsize=(6.4, 6.0), layout="constrained")
+    ax = fig.add_subplot()
+    vals = [p["yours"] for p in pairs] + [p["paper"] for p in pairs]
+    lo, hi = min(vals), max(vals)
+    pad = max(1.0, 0.05 * (hi - lo))
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="#8c959f", linewidth=1,
+            linestyle="--", label="yours = paper")
+    seen: set[str] = set()
+    for p in pairs:
+        lab = p["column"] if p["column"] not in seen else None
+        seen.add(p["column"])
+        ax.errorbar(p["paper"], p["yours"], yerr=p["std"] or 0.0, fmt=_MARKERS[
+            models.index(p["model_dir"]) % len(_MARKERS)], color=colours[p["column"]],
+            markersize=6, capsize=2, label=lab)
+        if len(pairs) <= 30:
+            ax.annotate(p["display"], (p["paper"], p["yours"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", color="#57606a")
+    if len(models) > 1:
+        for i, m in enumerate(models):
+            ax.plot([], [], _MARKERS[i % len(_MARKERS)], color="#57606a", label=m)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("paper: balanced top-1 (%)")
+    ax.set_ylabel("yours: balanced top-1 (%), mean ± std over seeds")
+    ax.set_title("Your runs beside the published numbers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+# -- all --------------------------------------------------------------------------------
+def all_figures(rows: Sequence[dict], records: Sequence[dict],
+                cka: dict[tuple[str, str], dict]) -> list[RenderedFigure]:
+    """Every figure the records support, rendered to PNG (figures are closed after)."""
+    from featcache.reference import display_name
+
+    out: list[RenderedFigure] = []
+
+    def add(fig: Figure | None, title: str, question: str, filename: str) -> None:
+        if fig is not None:
+            out.append(RenderedFigure(title, question, filename, to_png(fig)))
+            fig.clear()
+
+    add(gain_overview(rows), "Gain over the linear baseline, per model",
+        "Does reading more layers (concat, ALF) beat the last-layer CLS linear probe, on "
+        "average over your datasets? Bars: mean gain; whiskers: std over datasets.",
+        "gain_overview.png")
+    add(gain_heatmap(rows), "Gain over the linear baseline, per dataset",
+        "Where does it help? Gain in points of balanced accuracy per dataset and method "
+        "(last row: mean); grey — = method not run for that pair.", "gain_heatmap.png")
+    add(attention_heatmaps(records, display_name), "ALF attention over input tokens",
+        "Which layers does the attentive layer-fusion head read for each task? Mean "
+        "attention weight per input token (CLS/AP of each layer), averaged over test "
+        "images and seeds (numbers: %).", "alf_attention.png")
+    for model in _models(rows):
+        add(depth_figure(model, records, rows, cka, display_name),
+            f"Accuracy by depth beside CKA — {model}",
+            "Are early layers dissimilar to the last one (low CKA, grey) while still "
+            "predictive (per-layer linear probes)? Dashed: linear baseline; dotted: ALF.",
+            f"depth_{_safe(model)}.png")
+    add(paper_scatter(rows), "Your numbers beside the paper's",
+        "For models and datasets in Ciernik et al. (2026): does your balanced accuracy "
+        "match the published one? Points on the diagonal agree.", "paper_comparison.png")
+    return out
