@@ -1,0 +1,518 @@
+"""Train a whole hyperparameter grid of probes in one pass over cached features.
+
+The reference runs each of its 63 grid points as its own job. Here every config of a
+group is a slice of one stacked head (``featcache.heads``): all configs see the same
+shuffled, jittered batch, the loss is the sum of the per-config losses, and optimisation
+(AdamW, cosine schedule, clipping) is done per config on its own slices. So a config
+trained inside the grid follows the same trajectory it would follow alone with the same
+seed: same init (one draw copied to all configs), same batches, same jitter (each from its
+own seeded generator, replayed for every group), and no operation that mixes configs.
+Dropout masks come from a third generator, so configs with dropout 0 are unaffected by
+their neighbours' dropout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from featcache.heads import AttentiveHeads, LinearHeads, attention_summary, head_dim_for
+from featcache.metrics import MetricAccumulator
+
+__all__ = [
+    "TrainConfig",
+    "StepPlan",
+    "FittedGrid",
+    "BatchedAdamW",
+    "grid_points",
+    "plan_steps",
+    "class_weights",
+    "clip_grad_norm_per_config",
+    "estimate_memory",
+    "default_memory_budget",
+    "fit_grid",
+]
+
+HEAD_KINDS = ("linear", "attentive")
+_CPU_MEMORY_BASE = 8 * 1024**3
+_MEMORY_FRACTION = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """The paper's reference recipe as defaults; every knob can be changed."""
+
+    epochs: int = 40
+    batch_size: int = 2048
+    min_steps_per_epoch: int = 5
+    min_total_steps: int = 1000
+    lrs: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
+    wds: tuple[float, ...] = field(
+        default_factory=lambda: tuple(float(v) for v in np.logspace(-6, 0, 7))
+    )
+    dropouts: tuple[float, ...] = (0.0, 0.1, 0.3)  # attentive heads only; linear ignores
+    min_lr: float = 1e-6
+    grad_clip: float | None = 5.0  # None or ≤ 0: no clipping
+    jitter_std: float = 0.05
+    jitter_p: float = 0.5
+    class_weighted: bool = True
+    seed: int = 0
+    memory_budget_bytes: int | None = None  # None: half of free device memory (8 GiB CPU)
+    amp: bool = True  # bf16 autocast for the matmuls on CUDA; parameters stay fp32
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one pass is cut: ``steps_per_epoch`` near-equal batches of ≤ ``batch_size``."""
+
+    n_samples: int
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def grid_points(cfg: TrainConfig, attentive: bool) -> list[dict]:
+    """The lr × wd (× dropout for attentive heads) grid, lr outermost.
+
+    Linear points carry no "dropout" key: linear heads have no dropout to tune.
+    """
+    if attentive:
+        return [
+            {"lr": float(lr), "wd": float(wd), "dropout": float(p)}
+            for lr, wd, p in itertools.product(cfg.lrs, cfg.wds, cfg.dropouts)
+        ]
+    return [{"lr": float(lr), "wd": float(wd)} for lr, wd in itertools.product(cfg.lrs, cfg.wds)]
+
+
+def plan_steps(n_samples: int, cfg: TrainConfig) -> StepPlan:
+    """Epoch/step arithmetic of the recipe.
+
+    - at least ``min_steps_per_epoch`` steps per epoch (the batch shrinks for small sets),
+      but never batches of fewer than 2 samples (BatchNorm needs 2);
+    - epochs raised until total steps ≥ ``min_total_steps``;
+    - an epoch is the shuffled data cut into ``steps_per_epoch`` near-equal batches, so
+      there is no tiny last batch (a size-1 tail would break BatchNorm and add noise).
+    """
+    if n_samples < 2:
+        raise ValueError(f"need at least 2 training samples, got {n_samples}")
+    if cfg.batch_size < 2 or cfg.epochs < 1:
+        raise ValueError("batch_size must be ≥ 2 and epochs ≥ 1")
+    spe = max(math.ceil(n_samples / cfg.batch_size), cfg.min_steps_per_epoch, 1)
+    spe = min(spe, n_samples // 2)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_total_steps / spe))
+    return StepPlan(n_samples, math.ceil(n_samples / spe), spe, epochs)
+
+
+def class_weights(y: Tensor, n_classes: int) -> Tensor:
+    """sklearn's "balanced" weights n / (C_present · count_c); 0 for absent classes.
+
+    Only ratios matter: the weighted cross entropy divides by the summed weights.
+    """
+    counts = torch.bincount(y.long(), minlength=n_classes)[:n_classes].double()
+    present = counts > 0
+    w = torch.zeros_like(counts)
+    w[present] = y.numel() / (present.sum() * counts[present])
+    return w.float()
+
+
+class BatchedAdamW:
+    """AdamW over stacked parameters: config g (slice [g]) has its own lr_g and wd_g.
+
+    Same update as ``torch.optim.AdamW`` (decoupled decay p ← p(1 − lr·wd), bias-corrected
+    moments), elementwise, so configs never interact. ``step(lr)`` takes the scheduled
+    per-config lr; the step count is shared because all configs step together.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        lr: Tensor | Sequence[float],
+        weight_decay: Tensor | Sequence[float],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("no trainable parameters")
+        dev = self.params[0].device
+        self.lr = torch.as_tensor(lr, dtype=torch.float64).to(dev)
+        self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float64).to(dev)
+        n = self.params[0].shape[0]
+        if any(p.shape[0] != n for p in self.params) or self.lr.shape != (n,):
+            raise ValueError("every parameter and lr/wd need the same leading config axis")
+        self.betas, self.eps = betas, eps
+        self.step_count = 0
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: Tensor | None = None) -> None:
+        """One update with per-config ``lr`` (G,) (default: the base lr)."""
+        lr = self.lr if lr is None else lr
+        b1, b2 = self.betas
+        self.step_count += 1
+        bc1 = 1 - b1**self.step_count
+        bc2_sqrt = math.sqrt(1 - b2**self.step_count)
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            if p.grad is None:
+                continue
+            g = p.grad
+            lr_p = lr.to(p.dtype).view((-1,) + (1,) * (p.dim() - 1))
+            wd_p = self.weight_decay.to(p.dtype).view_as(lr_p)
+            p.mul_(1 - lr_p * wd_p)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            p.addcdiv_(m * (lr_p / bc1), denom, value=-1.0)
+
+
+def clip_grad_norm_per_config(params: Sequence[Tensor], max_norm: float) -> Tensor:
+    """``clip_grad_norm_`` per config: the norm runs over config g's slices of all
+    parameters, so one exploding config cannot shrink another's step. Returns (G,) norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        raise ValueError("no gradients to clip")
+    norm = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1)))
+    return norm
+
+
+def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+    """Cross entropy per config, (G,): ``CrossEntropyLoss(weight=w)``'s weighted mean."""
+    G, B, C = logits.shape
+    nll = F.cross_entropy(logits.float().reshape(G * B, C), y.repeat(G), reduction="none")
+    nll = nll.view(G, B)
+    if weight is None:
+        return nll.mean(1)
+    wb = weight[y]
+    return (nll * wb).sum(1) / wb.sum()
+
+
+def _jitter(xb: Tensor, std: float, p: float, gen: torch.Generator) -> Tensor:
+    """Gaussian feature jitter: each sample gets N(0, std²) noise with probability p."""
+    B = xb.shape[0]
+    hit = torch.rand(B, generator=gen, device=xb.device) < p
+    noise = torch.randn(xb.shape, generator=gen, device=xb.device, dtype=xb.dtype)
+    return xb + noise * (hit.to(xb.dtype) * std).view((B,) + (1,) * (xb.dim() - 1))
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _stream_seeds(seed: int) -> tuple[int, int, int]:
+    """Distinct, reproducible seeds for the shuffle, jitter and dropout streams."""
+    ss = np.random.SeedSequence(seed).spawn(3)
+    return tuple(int(s.generate_state(1, np.uint64)[0] >> 1) for s in ss)
+
+
+def estimate_memory(
+    head: str,
+    sample_shape: Sequence[int],
+    n_classes: int,
+    batch_size: int,
+    num_heads: int | None = None,
+) -> tuple[int, int]:
+    """Rough training bytes: (per config, shared by the group).
+
+    Per config: parameters, gradients, the two Adam moments, autocast weight copies, and
+    the activations autograd keeps for one batch. Shared: the batch, its jittered copy and
+    the shared LayerNorm output. Deliberately generous (fp32 everywhere).
+    """
+    B, C, f = batch_size, n_classes, 4
+    if head == "linear":
+        (d,) = sample_shape
+        params = C * d + C
+        acts = 4 * B * C
+        shared = 3 * B * d
+    elif head == "attentive":
+        T, D = sample_shape
+        H = num_heads or T
+        HE = H * head_dim_for(D, H)
+        params = 4 * HE * D + C * D + C + 11 * D
+        acts = 6 * B * T * H + 4 * B * H * D + 6 * B * HE + 8 * B * D + 4 * B * C
+        shared = 4 * B * T * D
+    else:
+        raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
+    return f * (5 * params + acts), f * shared
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Half of the free device memory on CUDA; half of 8 GiB on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(_MEMORY_FRACTION * free)
+    return int(_MEMORY_FRACTION * _CPU_MEMORY_BASE)
+
+
+def _groups(n_points: int, per_config: int, shared: int, budget: int) -> list[list[int]]:
+    """Contiguous, near-equal groups of configs that fit the budget (at least 1 each)."""
+    fit = max(1, (budget - shared) // max(per_config, 1))
+    n_groups = math.ceil(n_points / fit)
+    size = math.ceil(n_points / n_groups)
+    return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
+
+
+@dataclass
+class FittedGrid:
+    """A trained grid: the stacked head (configs in ``points`` order) and its curves."""
+
+    heads: LinearHeads | AttentiveHeads
+    points: list[dict]
+    curves: Tensor  # (G, epochs): per config, per epoch mean train loss (CPU, float32)
+    plan: StepPlan
+    group_size: int
+    amp: bool = False
+
+    def _chunks(self) -> list[list[int]]:
+        G = self.heads.n_configs
+        return [list(range(i, min(i + self.group_size, G))) for i in range(0, G, self.group_size)]
+
+    def _autocast(self, x: Tensor) -> torch.autocast:
+        return torch.autocast("cuda", torch.bfloat16, enabled=self.amp and x.is_cuda)
+
+    @torch.no_grad()
+    def _forward_chunks(
+        self,
+        x: Tensor,
+        batch_size: int,
+        configs: Sequence[int] | None,
+        fn: Callable[[list[int], Tensor | tuple[Tensor, Tensor], slice], None],
+        return_attention: bool = False,
+    ) -> None:
+        """Eval-mode forward over chunks of ``group_size`` configs × batches of samples;
+        ``fn`` gets (global config indices of the chunk, head output, sample slice)."""
+        n = self.heads.n_configs
+        wanted = list(range(n)) if configs is None else list(configs)
+        was_training = self.heads.training
+        self.heads.eval()
+        try:
+            for i in range(0, len(wanted), self.group_size):
+                idx = wanted[i : i + self.group_size]
+                head = self.heads if idx == list(range(n)) else self.heads.select(idx)
+                head.eval()
+                for start in range(0, x.shape[0], batch_size):
+                    s = slice(start, min(start + batch_size, x.shape[0]))
+                    with self._autocast(x):
+                        out = head(x[s], return_attention=return_attention)
+                    fn(idx, out, s)
+        finally:
+            self.heads.train(was_training)
+
+    def predict_logits(
+        self,
+        x: Tensor,
+        batch_size: int = 4096,
+        configs: Sequence[int] | None = None,
+        out_device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Eval-mode logits (G, N, C) in fp32 on ``out_device`` (default: x's device).
+
+        For large grids × large N × many classes, use ``evaluate`` (streams metrics)."""
+        wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
+        dev = x.device if out_device is None else torch.device(out_device)
+        out = torch.empty(len(wanted), x.shape[0], self.heads.n_classes, device=dev)
+        pos = {g: i for i, g in enumerate(wanted)}
+
+        def logits(idx: list[int], o: Tensor, s: slice) -> None:
+            out[pos[idx[0]] : pos[idx[-1]] + 1, s] = o.float().to(dev)
+
+        self._forward_chunks(x, batch_size, wanted, logits)
+        return out
+
+    def evaluate(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int = 4096,
+        configs: Sequence[int] | None = None,
+    ) -> dict:
+        """``classification_metrics`` for every config, streamed (no (G, N, C) tensor)."""
+        wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
+        y = torch.as_tensor(y).to(x.device).long()
+        accs: dict[int, MetricAccumulator] = {}
+
+        def score(idx: list[int], o: Tensor, s: slice) -> None:
+            acc = accs.setdefault(idx[0], MetricAccumulator(self.heads.n_classes))
+            acc.update(o.float(), y[s])
+
+        self._forward_chunks(x, batch_size, wanted, score)
+        parts = [accs[k].compute() for k in sorted(accs)]
+        merged = {
+            key: [v for p in parts for v in p[key]] for key in parts[0] if key not in ("k", "n")
+        }
+        merged["k"], merged["n"] = parts[0]["k"], parts[0]["n"]
+        return merged
+
+    def attention(self, x: Tensor, batch_size: int = 4096, per_head: bool = False) -> Tensor:
+        """Mean attention weight per input token, (G, T) (or (G, H, T) with ``per_head``):
+        averaged over samples (and heads); eval mode, so no dropout. CPU float32."""
+        if not isinstance(self.heads, AttentiveHeads):
+            raise TypeError("attention weights exist only for attentive heads")
+        H, T = self.heads.num_heads, x.shape[1]
+        total = torch.zeros(self.heads.n_configs, H, T, device=x.device, dtype=torch.float64)
+
+        def attn(idx: list[int], o: tuple[Tensor, Tensor], s: slice) -> None:
+            batch_mean = attention_summary(o[1], per_head=True).double()
+            total[idx[0] : idx[-1] + 1] += batch_mean * (s.stop - s.start)
+
+        self._forward_chunks(x, batch_size, None, attn, return_attention=True)
+        mean = (total / x.shape[0]).float().cpu()
+        return mean if per_head else mean.mean(1)
+
+    def export(self, g: int) -> dict[str, Tensor]:
+        """Config g's weights as a plain state dict (safetensors-ready)."""
+        return self.heads.export(g)
+
+
+def fit_grid(
+    x: Tensor,
+    y: Tensor,
+    n_classes: int,
+    head: str,
+    points: list[dict],
+    cfg: TrainConfig | None = None,
+    num_heads: int | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> FittedGrid:
+    """Train one head per grid point on (x, y), all at once, on x's device.
+
+    x: (N, d) for ``linear``, (N, T, D) for ``attentive`` (any float dtype; batches are cast
+    to fp32). ``num_heads`` defaults to T (the ALF rule: one head per token); pass 8 for the
+    all-tokens baseline. ``progress`` gets a dict once per epoch per group (this costs one
+    host sync per epoch). Returns the stacked head with configs in ``points`` order.
+    """
+    cfg = cfg or TrainConfig()
+    if head not in HEAD_KINDS:
+        raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
+    if not points:
+        raise ValueError("empty grid")
+    want_dim = 2 if head == "linear" else 3
+    if x.dim() != want_dim:
+        raise ValueError(f"{head} head needs x of {want_dim} dims, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError("x must be floating point")
+    device = x.device
+    y = torch.as_tensor(y).to(device).long().flatten()
+    N = x.shape[0]
+    if y.numel() != N:
+        raise ValueError(f"{y.numel()} labels for {N} samples")
+    if int(y.min()) < 0 or int(y.max()) >= n_classes:
+        raise ValueError(f"labels must lie in [0, {n_classes})")
+    plan = plan_steps(N, cfg)
+    weight = class_weights(y, n_classes) if cfg.class_weighted else None
+    G = len(points)
+    lrs = torch.tensor([float(p["lr"]) for p in points], dtype=torch.float64)
+    wds = torch.tensor([float(p["wd"]) for p in points], dtype=torch.float64)
+    drops = [float(p.get("dropout", 0.0)) for p in points]
+    if head == "attentive":
+        T, D = x.shape[1:]
+        num_heads = num_heads or T
+    per_cfg, shared = estimate_memory(head, x.shape[1:], n_classes, plan.batch_size, num_heads)
+    budget = cfg.memory_budget_bytes or default_memory_budget(device)
+    groups = _groups(G, per_cfg, shared, budget)
+
+    def make(idx: list[int]) -> LinearHeads | AttentiveHeads:
+        gen = torch.Generator().manual_seed(cfg.seed)  # every group: the same init draw
+        if head == "linear":
+            return LinearHeads(len(idx), x.shape[1], n_classes, generator=gen, device=device)
+        return AttentiveHeads(
+            len(idx), D, T, n_classes, num_heads, [drops[i] for i in idx],
+            generator=gen, device=device,
+        )
+
+    parts, curves = [], []
+    for gi, idx in enumerate(groups):
+        heads = make(idx)
+        report = None
+        if progress is not None:
+
+            def report(info: dict, gi: int = gi, idx: list[int] = idx) -> None:
+                progress({"group": gi, "n_groups": len(groups), "configs": idx, **info})
+
+        curve = _train_group(heads, x, y, weight, lrs[idx], wds[idx], plan, cfg, report)
+        parts.append(heads)
+        curves.append(curve)
+    stacked = type(parts[0]).concat(parts)
+    return FittedGrid(
+        heads=stacked,
+        points=[dict(p) for p in points],
+        curves=torch.cat(curves).float().cpu(),
+        plan=plan,
+        group_size=len(groups[0]),
+        amp=cfg.amp,
+    )
+
+
+def _train_group(
+    heads: LinearHeads | AttentiveHeads,
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    lr0: Tensor,
+    wd: Tensor,
+    plan: StepPlan,
+    cfg: TrainConfig,
+    progress: Callable[[dict], None] | None,
+) -> Tensor:
+    """The training loop for one group; returns (G, epochs) mean train loss on device.
+
+    No host syncs per step: losses accumulate on the device; the schedule is computed from
+    Python floats and a (G,) tensor.
+    """
+    device = x.device
+    heads.train()
+    params = list(heads.parameters())
+    opt = BatchedAdamW(params, lr0, wd)
+    lr0 = lr0.to(device)
+    s_shuffle, s_jitter, s_drop = _stream_seeds(cfg.seed)
+    g_shuffle = _generator(device, s_shuffle)
+    g_jitter = _generator(device, s_jitter)
+    g_drop = _generator(device, s_drop)
+    use_amp = cfg.amp and device.type == "cuda"
+    jitter = cfg.jitter_p > 0 and cfg.jitter_std > 0
+    clip = cfg.grad_clip is not None and cfg.grad_clip > 0
+    curves = torch.zeros(heads.n_configs, plan.epochs, device=device, dtype=torch.float64)
+    total, step = plan.total_steps, 0
+    for epoch in range(plan.epochs):
+        perm = torch.randperm(plan.n_samples, generator=g_shuffle, device=device)
+        for idx in perm.tensor_split(plan.steps_per_epoch):
+            xb = x.index_select(0, idx).float()
+            yb = y.index_select(0, idx)
+            if jitter:
+                xb = _jitter(xb, cfg.jitter_std, cfg.jitter_p, g_jitter)
+            cos = 0.5 * (1 + math.cos(math.pi * step / total))
+            lr = cfg.min_lr + (lr0 - cfg.min_lr) * cos
+            with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
+                logits = heads(xb, generator=g_drop)
+            loss = _per_config_loss(logits, yb, weight)
+            opt.zero_grad()
+            loss.sum().backward()
+            if clip:
+                clip_grad_norm_per_config(params, cfg.grad_clip)
+            opt.step(lr)
+            curves[:, epoch] += loss.detach()
+            step += 1
+        if progress is not None:
+            mean = (curves[:, epoch] / plan.steps_per_epoch).tolist()
+            progress({"epoch": epoch + 1, "epochs": plan.epochs, "loss": mean})
+    return curves / plan.steps_per_epoch
