@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch.utils.data
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from featcache.errors import FeatcacheError
 
@@ -200,8 +200,8 @@ def list_datasets() -> list[DatasetInfo]:
         ("hf:OWNER/REPO", "any hub dataset repo in the CLIP-benchmark webdataset layout"),
     ]
     for name, text in templates:
-        rows.append(DatasetInfo(name, "local" if name != "hf:OWNER/REPO" else "hf", text,
-                                None, None, False))
+        source = "hf" if name.startswith("hf:") else "local"
+        rows.append(DatasetInfo(name, source, text, n_classes=None, domain=None, paper=False))
     return rows
 
 
@@ -253,10 +253,12 @@ class ImageDataset(torch.utils.data.Dataset):
         except FeatcacheError:
             raise
         except Exception as exc:
-            raise FeatcacheError(
-                f"{self.name}: cannot read image {self.key(i)!r} (split {self.split!r}, "
-                f"index {i}): {type(exc).__name__}: {exc}"
-            ) from exc
+            if isinstance(exc, UnidentifiedImageError):
+                reason = "not a readable image (corrupt, or a format PIL does not know)"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            raise FeatcacheError(f"{self.name}: cannot read image {self.key(i)!r} (split "
+                                 f"{self.split!r}, index {i}): {reason}") from exc
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         img = self.load(i)
@@ -441,10 +443,10 @@ class WebDataset(ImageDataset):
                 expected = int(nshards_file.read_text().strip())
             except ValueError:
                 expected = None
-            if expected is not None and expected != len(shards):
-                raise FeatcacheError(f"{name}: {nshards_file} says {expected} shards but "
+            if expected is not None and expected > len(shards):
+                raise FeatcacheError(f"{name}: {nshards_file} says {expected} shards but only "
                                      f"{len(shards)} .tar files are in {split_dir}; the download "
-                                     "looks incomplete")
+                                     "looks incomplete (run again online to finish it)")
         self.shards = [p.name for p in shards]
         keys: list[str] = []
         shard_of: list[int] = []
@@ -461,6 +463,9 @@ class WebDataset(ImageDataset):
                 offsets.append(offset)
                 sizes.append(size)
                 labels.append(label)
+        if not labels:
+            raise FeatcacheError(f"{name}: the shards in {split_dir} hold no samples "
+                                 "(expected <key>.<image ext> + <key>.cls members)")
         self.labels = np.asarray(labels, dtype=np.int64)
         self._keys = np.array([k.encode("utf-8", "surrogateescape") for k in keys], dtype=bytes)
         self._shard_of = np.asarray(shard_of, dtype=np.int32)
@@ -576,7 +581,9 @@ class ImageFolderDataset(ImageDataset):
         return f"{self.split}/{os.fsdecode(self._relpaths[i])}"
 
     def _read(self, i: int) -> Image.Image:
-        return Image.open(self.root / self.split / os.fsdecode(self._relpaths[i]))
+        # read the bytes first so no file handle outlives a failed decode
+        path = self.root / self.split / os.fsdecode(self._relpaths[i])
+        return Image.open(io.BytesIO(path.read_bytes()))
 
 
 # --------------------------------------------------------------------------- FER2013 CSV

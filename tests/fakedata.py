@@ -116,8 +116,9 @@ def make_wds(root: Path, splits: Mapping[str, int] | None = None, n_classes: int
                 for i in chunk:
                     key = f"s{i:07d}"
                     payload = CORRUPT_BYTES if i in bad else encode(images[i], ext)
+                    # members in sorted extension order, as webdataset's TarWriter writes them
+                    _add_member(tf, f"{key}.cls", f"{int(labels[i])}".encode())
                     _add_member(tf, f"{key}.{ext}", payload)
-                    _add_member(tf, f"{key}.cls", f"{int(labels[i])}\n".encode())
                     keys.append(f"{split}/{s}.tar:{key}")
         if nshards_file:
             (split_dir / "nshards.txt").write_text(f"{shards}\n")

@@ -227,7 +227,7 @@ def test_wds_errors(tmp_path):
         open_dataset(f"wds:{tmp_path / 'empty'}", "train")
     make_wds(tmp_path / "partial", splits={"train": 4}, shards=2)
     (tmp_path / "partial" / "train" / "1.tar").unlink()
-    with pytest.raises(FeatcacheError, match="says 2 shards"):
+    with pytest.raises(FeatcacheError, match="says 2 shards but only 1"):
         open_dataset(f"wds:{tmp_path / 'partial'}", "train")
     # a label outside classnames.txt
     make_wds(tmp_path / "lab", splits={"train": 4}, n_classes=3, shards=1)
@@ -257,6 +257,16 @@ def test_hub_dataset_already_on_disk_loads_offline(tmp_path):
     for alias in ("wds/vtab/cifar10", "vtab/cifar10", "clip-benchmark/wds_vtab-cifar10"):
         assert open_dataset(alias, "test", data_root=tmp_path, download=False).name == "cifar10"
     roundtrip(dset)
+
+
+def test_hf_prefix_uses_its_own_folder(tmp_path):
+    fake = make_wds(tmp_path / "hf" / "someone" / "wds_thing", splits={"test": 4})
+    dset = open_dataset("hf:someone/wds_thing", "test", data_root=tmp_path, download=False)
+    assert dset.name == "hf:someone/wds_thing"
+    assert dset.identity["repo_id"] == "someone/wds_thing"
+    check_split(dset, fake.splits["test"])
+    with pytest.raises(FeatcacheError, match="OWNER/REPO"):
+        open_dataset("hf:justaname", "test", data_root=tmp_path, download=False)
 
 
 def test_hub_dataset_missing_without_download(tmp_path):
