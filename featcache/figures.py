@@ -150,8 +150,7 @@ def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
     tallest = max(len(m[1]) for m in mats.values())
     fig = Figure(figsize=(ncols * (2.4 + 0.75 * len(cols)), nrows * (1.4 + 0.32 * tallest)),
                  layout="constrained")
-    cmap = matplotlib.colormaps["RdBu"].copy()
-    cmap.set_bad("#eeeeee")
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#eeeeee")
     image = None
     for k, model in enumerate(models):
         mat, labels = mats[model]
@@ -229,8 +228,7 @@ def attention_heatmaps(records: Sequence[dict], dataset_label: Any = None) -> Fi
     heights = [1.6 + 0.32 * len(p[1]) for p in panels]
     fig = Figure(figsize=(width, sum(heights) + 0.4), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#eeeeee")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
     for ax, (title, datasets, tokens, mat) in zip(axes, panels, strict=True):
         image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, aspect="auto", vmin=0)
         ax.set_title(title, fontsize=10)

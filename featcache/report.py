@@ -16,6 +16,7 @@ import html
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -127,7 +128,8 @@ def load_records(runs_root: str | Path, problems: list[str] | None = None) -> li
     if not root.is_dir():
         return []
     records: list[dict] = []
-    for path in sorted(root.rglob("record.json")):
+    # Fixed depth (<model_dir>/<dataset>/<run>/record.json): never walks into Zarr stores.
+    for path in sorted(root.glob("*/*/*/record.json")):
         try:
             with open(path, encoding="utf-8") as fh:
                 rec = json.load(fh)
@@ -158,14 +160,23 @@ def load_records(runs_root: str | Path, problems: list[str] | None = None) -> li
             rec["layer_set"] = "last"
         if rec.get("seed") is None:
             rec["seed"] = 0
-        metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
         rec["_path"] = str(path.parent)
-        rec["_column"] = column_key(rec["method"], rec.get("layer_set"))
-        rec["_value"], rec["_best_layer"] = _run_value(rec, metrics)
+        _derive(rec)
         if rec["_value"] is None:
             notes.append(f"{path}: no test {METRIC} in the record; listed in results.csv only")
         records.append(rec)
     return records
+
+
+def _derive(rec: dict) -> dict:
+    """Add the report's derived keys (column, value, best layer) to a record in place."""
+    rec.setdefault("_path", str(rec.get("path") or ""))
+    rec.setdefault("model_dir", rec.get("model"))
+    rec.setdefault("seed", 0)
+    metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
+    rec["_column"] = column_key(str(rec.get("method")), rec.get("layer_set"))
+    rec["_value"], rec["_best_layer"] = _run_value(rec, metrics)
+    return rec
 
 
 def _run_value(rec: dict, metrics: dict) -> tuple[float | None, str | None]:
@@ -212,6 +223,8 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
         lambda: defaultdict(dict))
     columns: set[str] = set()
     for rec in records:
+        if "_column" not in rec:
+            _derive(rec)
         if rec.get("_value") is None:
             continue
         key = (str(rec["model_dir"]), str(rec["dataset"]))
@@ -576,6 +589,11 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     root = Path(runs_root).expanduser()
     problems: list[str] = []
     records = load_records(root, problems)
+    if not records and (root / "runs").is_dir():
+        records = load_records(root / "runs", problems)
+        if records:  # given the cache root instead of its runs folder: say so, carry on
+            problems.append(f"read the runs under {root / 'runs'} ({root} holds none itself)")
+            root = root / "runs"
     if not records:
         if problems:
             raise FeatcacheError(f"no readable run records under {root}: {problems[0]}")
@@ -794,7 +812,8 @@ def to_html(data: ReportData, figures: Sequence[Any] = ()) -> str:
         "<h1>featcache report</h1>",
         f'<p class="meta">{len(data.records)} runs, {len(rows)} model/dataset pairs, read '
         f"from <code>{_esc(data.runs_root)}</code> on {_esc(_now())}.</p>",
-        "<h2>Balanced accuracy</h2>", f"<p>{_esc(_LEGEND)}</p>",
+        "<h2>Balanced accuracy</h2>",
+        "<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", _esc(_LEGEND)) + "</p>",
         '<div class="scroll"><table><thead><tr><th class="l">model</th><th class="l">dataset'
         "</th>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr></thead><tbody>",
     ]
