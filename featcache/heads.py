@@ -272,7 +272,8 @@ class AttentiveHeads(_StackedHeads):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.set_dropout(self.dropout.detach().cpu())  # keep the host copy in step
+        # keep the host copy in step; rounding undoes the float32 storage of e.g. 0.1
+        self.set_dropout([round(v, 6) for v in self.dropout.detach().cpu().tolist()])
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
