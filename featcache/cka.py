@@ -85,13 +85,17 @@ def layer_cka_to_last(cache: CacheLike, kind: str = "cls", max_samples: int = 20
                       seed: int = 0) -> list[float]:
     """Linear CKA of every cached layer's `kind` token to the last layer's, in cache order.
 
-    Reads at most `max_samples` rows (deterministic in `seed`) and each layer at its true
-    width, so zero padding of narrower layers never enters the computation.
+    Reads at most `max_samples` rows (deterministic in `seed`), drops rows the cache marks
+    invalid, and uses each layer at its true width, so zero padding never enters.
     """
     names = list(cache.layer_names)
     dims = list(getattr(cache, "layer_dims", None) or [])
     blocks = sample_blocks(int(cache.n), max_samples, seed)
     feats = np.concatenate([np.asarray(cache.read(kind, rows=s)) for s in blocks], axis=0)
+    valid = getattr(cache, "valid", None)
+    if callable(valid):  # rows of unreadable images hold zeros; keep them out
+        mask = np.asarray(valid(), dtype=bool)
+        feats = feats[np.concatenate([mask[s] for s in blocks])]
     if feats.ndim != 3 or feats.shape[1] != len(names):
         raise ValueError(f"cache.read returned shape {feats.shape} for {len(names)} layers")
     widths = dims if len(dims) == len(names) else [feats.shape[2]] * len(names)

@@ -102,3 +102,24 @@ def test_layer_cka_to_last_on_fake_cache() -> None:
     assert all(r is not None and r.step in (None, 1) for r in cache.reads)  # contiguous
     assert values == layer_cka_to_last(cache, "cls", max_samples=400, seed=0)
     assert len(layer_cka_to_last(cache, "ap", max_samples=10_000)) == 4
+
+
+def test_layer_cka_to_last_on_real_cache(tmp_path) -> None:
+    cache_mod = pytest.importorskip("featcache.cache")
+    n, dims = 300, [8, 8, 6]
+    layout = cache_mod.Layout(n=n, n_layers=3, dim=8, shard_size=128)
+    cache = cache_mod.create_cache(
+        tmp_path / "c", {"model": {"model": "fake"}, "dataset": {"name": "d", "split": "test"}},
+        layout, np.zeros(n, dtype=np.int64), ["a"], ["block0", "block1", "final"], dims)
+    rng = np.random.default_rng(0)
+    last = rng.normal(size=(n, 6))
+    feats = np.zeros((n, 3, 8), dtype=np.float16)
+    feats[:, 0] = rng.normal(size=(n, 8))
+    feats[:, 1, :6] = last @ np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    feats[:, 2, :6] = last
+    for shard in range(layout.n_shards):
+        rows = layout.rows(shard)
+        cache.write_shard(shard, {"cls": feats[rows], "ap": feats[rows]})
+    values = layer_cka_to_last(cache_mod.open_cache(tmp_path / "c"), "cls", max_samples=200)
+    assert values[2] == pytest.approx(1.0) and values[1] == pytest.approx(1.0, abs=1e-3)
+    assert values[0] < 0.2
