@@ -215,9 +215,12 @@ class ImageDataset(torch.utils.data.Dataset):
     implement `_read(i)` and `key(i)`. Attributes named in `_transient` are per-process caches
     (open files, big arrays) that are dropped when pickled and rebuilt lazily.
 
-    `identity` is JSON-able: `source`, `location` (for humans; a moved copy keeps the same
-    `sha256`), `split`, `n`, `n_classes` and `sha256`, a cheap content hash (file names and
-    sizes, sample keys, labels, class names), so changed data changes a cache fingerprint.
+    `identity` is JSON-able: `source`, `location`, `split`, `n`, `n_classes` and `sha256`, a
+    cheap content hash (file names and sizes, sample keys, labels, class names), so changed
+    data changes a cache fingerprint. `location` is where the data comes from: the user's path
+    for wds:/imagefolder:/fer2013csv:, but the hub URL or torchvision class for downloaded
+    datasets, so moving the data root does not invalidate caches. `root` (not part of the
+    identity) is the local folder or file the data is read from.
     `transform`, if set, is applied by `__getitem__` only (never by `load`).
     """
 
@@ -226,6 +229,7 @@ class ImageDataset(torch.utils.data.Dataset):
     class_names: list[str]
     labels: np.ndarray
     identity: dict[str, Any]
+    root: Path | None = None
     transform: Callable[[Image.Image], Any] | None = None
     _transient: tuple[str, ...] = ()
 
@@ -423,7 +427,7 @@ class WebDataset(ImageDataset):
     """
 
     def __init__(self, root: Path, split: str, name: str, source: str = "wds",
-                 **identity_extra: Any) -> None:
+                 location: str | None = None, **identity_extra: Any) -> None:
         self.root = Path(root)
         self.name = name
         self.split = split
@@ -487,7 +491,7 @@ class WebDataset(ImageDataset):
             raise FeatcacheError(f"{name}: sample {self.key(i)!r} has label {self.labels[i]} "
                                  f"but {self.root / 'classnames.txt'} lists {len(names)} classes")
         digest_parts.append(self._keys.tobytes())
-        self._set_identity(source, str(self.root), digest_parts, **identity_extra)
+        self._set_identity(source, location or str(self.root), digest_parts, **identity_extra)
 
     def key(self, i: int) -> str:
         shard = self.shards[int(self._shard_of[i])]
@@ -615,7 +619,7 @@ class FerCsvDataset(ImageDataset):
         if split not in FER2013_SPLITS:
             raise FeatcacheError(f"{name}: no split {split!r}; available splits: "
                                  f"{', '.join(FER2013_SPLITS)}")
-        self.path = _find_fer_csv(Path(path))
+        self.path = self.root = _find_fer_csv(Path(path))
         self.name = name
         self.split = split
         self.class_names = list(FER2013_CLASSES)
@@ -811,7 +815,7 @@ class TorchvisionDataset(ArrayDataset):
         labels, class_names, images = self._labels_and_names(split)
         super().__init__(name, split, class_names, labels, images)
         self._h5 = None
-        self._set_identity("torchvision", str(self.root),
+        self._set_identity("torchvision", f"torchvision:{tv_name}",
                            [(str(p.relative_to(self.root)), p.stat().st_size)
                             for p in self.files])
 
@@ -1003,7 +1007,8 @@ def _open_hub(name: str, repo_id: str, local_dir: Path, split: str,
             raise FeatcacheError(f"{name} split {split!r} is not downloaded: no {split_dir}/*.tar"
                                  f"{have} and downloads are off. {how}.")
         _hub_download(name, repo_id, local_dir, split, how)
-    return WebDataset(local_dir, split, name=name, source="hf", repo_id=repo_id)
+    return WebDataset(local_dir, split, name=name, source="hf",
+                      location=f"https://huggingface.co/datasets/{repo_id}", repo_id=repo_id)
 
 
 def _hub_download(name: str, repo_id: str, local_dir: Path, split: str, how: str) -> None:

@@ -252,6 +252,11 @@ def test_hub_dataset_already_on_disk_loads_offline(tmp_path):
     check_split(dset, fake.splits["train"])
     assert dset.identity["source"] == "hf"
     assert dset.identity["repo_id"] == "clip-benchmark/wds_fer2013"
+    assert dset.root == tmp_path / "fer2013"
+    # the identity names the origin, not the local data root: a moved root keeps caches valid
+    make_wds(tmp_path / "elsewhere" / "fer2013", splits={"train": 7, "test": 3}, n_classes=7)
+    moved = open_dataset("fer2013", "train", data_root=tmp_path / "elsewhere", download=False)
+    assert moved.identity == dset.identity
     # other spellings of the same dataset resolve to the canonical short name
     make_wds(tmp_path / "cifar10", splits={"test": 3}, n_classes=10)
     for alias in ("wds/vtab/cifar10", "vtab/cifar10", "clip-benchmark/wds_vtab-cifar10"):
