@@ -997,7 +997,7 @@ def _open_hub(name: str, repo_id: str, local_dir: Path, split: str,
               download: bool) -> ImageDataset:
     """A CLIP-benchmark webdataset: the local copy if its split is there, else download it."""
     split_dir = local_dir / split
-    if not any(split_dir.glob("*.tar")):
+    if not _hub_split_complete(local_dir, split) and (download or not any(split_dir.glob("*.tar"))):
         how = (f"Run once online with downloads on, or copy classnames.txt and {split}/*.tar "
                f"from https://huggingface.co/datasets/{repo_id} into {local_dir}, "
                "or pass wds:PATH")
@@ -1009,6 +1009,18 @@ def _open_hub(name: str, repo_id: str, local_dir: Path, split: str,
         _hub_download(name, repo_id, local_dir, split, how)
     return WebDataset(local_dir, split, name=name, source="hf",
                       location=f"https://huggingface.co/datasets/{repo_id}", repo_id=repo_id)
+
+
+def _hub_split_complete(local_dir: Path, split: str) -> bool:
+    """Is an earlier download of this split whole (classnames.txt, all shards nshards.txt names)?"""
+    split_dir = local_dir / split
+    n_tars = sum(1 for _ in split_dir.glob("*.tar"))
+    if n_tars == 0 or not (local_dir / "classnames.txt").is_file():
+        return False
+    try:
+        return n_tars >= int((split_dir / "nshards.txt").read_text().strip())
+    except (OSError, ValueError):
+        return True  # no (readable) shard count: trust what is there
 
 
 def _hub_download(name: str, repo_id: str, local_dir: Path, split: str, how: str) -> None:

@@ -307,6 +307,12 @@ def test_hub_download_fetches_only_the_split(tmp_path, monkeypatch):
     assert len(calls) == 1
     with pytest.raises(FeatcacheError, match="available splits: test, train"):
         open_dataset("stl10", "validation", data_root=tmp_path)
+    # an interrupted download (a shard missing) is resumed rather than reported forever
+    (tmp_path / "stl10" / "train" / "nshards.txt").write_text("2\n")
+    with pytest.raises(FeatcacheError, match="looks incomplete"):
+        open_dataset("stl10", "train", data_root=tmp_path, download=False)
+    open_dataset("stl10", "train", data_root=tmp_path)
+    assert len(calls) == 2
 
 
 def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
