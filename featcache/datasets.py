@@ -953,6 +953,7 @@ def open_dataset(name: str, split: str, data_root: Path | None = None,
     if lowered == "digits":
         return DigitsDataset(split)
     aliases = _aliases()
+    lowered = lowered if lowered in aliases else lowered.replace("-", "_")
     if lowered in aliases:
         short = aliases[lowered]
         repo_id = f"{HUB_ORG}/wds_{PAPER_DATASETS[short][0]}"

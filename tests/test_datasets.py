@@ -259,7 +259,8 @@ def test_hub_dataset_already_on_disk_loads_offline(tmp_path):
     assert moved.identity == dset.identity
     # other spellings of the same dataset resolve to the canonical short name
     make_wds(tmp_path / "cifar10", splits={"test": 3}, n_classes=10)
-    for alias in ("wds/vtab/cifar10", "vtab/cifar10", "clip-benchmark/wds_vtab-cifar10"):
+    for alias in ("wds/vtab/cifar10", "vtab/cifar10", "clip-benchmark/wds_vtab-cifar10",
+                  "CIFAR10"):
         assert open_dataset(alias, "test", data_root=tmp_path, download=False).name == "cifar10"
     roundtrip(dset)
 
