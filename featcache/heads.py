@@ -304,11 +304,18 @@ class AttentiveHeads(_StackedHeads):
         self, batch: int, n_tokens: int, generator: torch.Generator | None = None
     ) -> Tensor:
         """Inverted-dropout mask in the internal layout (B, T, G, H): keep prob 1-p_g,
-        kept entries scaled by 1/(1-p_g). Configs with p_g = 0 get exact ones."""
-        G, H = self.n_configs, self.num_heads
-        keep = (1.0 - self.dropout).view(1, 1, G, 1)
+        kept entries scaled by 1/(1-p_g); p_g = 0 gives exact ones.
+
+        One uniform draw (B, T, H) is shared by all configs (config g keeps u < 1-p_g).
+        Each config still sees exactly its own dropout distribution (configs never
+        interact, so the correlation between them is harmless), and its masks no longer
+        depend on which or how many configs share its group: grid results are the same
+        whatever the memory budget's grouping.
+        """
+        H = self.num_heads
+        keep = (1.0 - self.dropout).view(1, 1, -1, 1)
         r = torch.rand(
-            (batch, n_tokens, G, H), generator=generator, device=keep.device, dtype=keep.dtype
+            (batch, n_tokens, 1, H), generator=generator, device=keep.device, dtype=keep.dtype
         )
         return (r < keep).to(keep.dtype) / keep
 

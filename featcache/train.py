@@ -34,6 +34,7 @@ __all__ = [
     "grid_points",
     "plan_steps",
     "class_weights",
+    "cosine_lr",
     "clip_grad_norm_per_config",
     "estimate_memory",
     "default_memory_budget",
@@ -112,6 +113,12 @@ def plan_steps(n_samples: int, cfg: TrainConfig) -> StepPlan:
     spe = min(spe, n_samples // 2)
     epochs = max(cfg.epochs, math.ceil(cfg.min_total_steps / spe))
     return StepPlan(n_samples, math.ceil(n_samples / spe), spe, epochs)
+
+
+def cosine_lr(base: Tensor, step: int, total: int, min_lr: float) -> Tensor:
+    """Cosine decay from ``base`` (per config) at step 0 towards ``min_lr`` at ``total``,
+    no warmup (the reference schedule)."""
+    return min_lr + (base - min_lr) * (0.5 * (1 + math.cos(math.pi * step / total)))
 
 
 def class_weights(y: Tensor, n_classes: int) -> Tensor:
@@ -197,7 +204,9 @@ def clip_grad_norm_per_config(params: Sequence[Tensor], max_norm: float) -> Tens
 def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
     """Cross entropy per config, (G,): ``CrossEntropyLoss(weight=w)``'s weighted mean."""
     G, B, C = logits.shape
-    nll = F.cross_entropy(logits.float().reshape(G * B, C), y.repeat(G), reduction="none")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    nll = F.cross_entropy(logits.reshape(G * B, C), y.repeat(G), reduction="none")
     nll = nll.view(G, B)
     if weight is None:
         return nll.mean(1)
@@ -500,8 +509,7 @@ def _train_group(
             yb = y.index_select(0, idx)
             if jitter:
                 xb = _jitter(xb, cfg.jitter_std, cfg.jitter_p, g_jitter)
-            cos = 0.5 * (1 + math.cos(math.pi * step / total))
-            lr = cfg.min_lr + (lr0 - cfg.min_lr) * cos
+            lr = cosine_lr(lr0, step, total, cfg.min_lr)
             with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
                 logits = heads(xb, generator=g_drop)
             loss = _per_config_loss(logits, yb, weight)
