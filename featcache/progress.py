@@ -60,6 +60,11 @@ class Bars:
     def start(self, description: str, total: int) -> Any:
         return self.progress.add_task(description, total=total)
 
+    def grow(self, task: Any, n: int) -> None:
+        """Raise a task's total when more work turns up (a grid's size is known late)."""
+        current = self.progress.tasks[task].total or 0
+        self.progress.update(task, total=current + n)
+
     def advance(self, task: Any, n: int = 1) -> None:
         self.progress.advance(task, n)
 

@@ -1,0 +1,138 @@
+"""Commands of the probe side: probe, runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.common import console, print_json, user_errors
+from featcache.errors import FeatcacheError
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FeatcacheError(f"bad {what} {text!r}: use comma-separated numbers, "
+                             "e.g. 1e-3,1e-2") from None
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FeatcacheError(f"bad {what} {text!r}: use comma-separated integers, "
+                             "e.g. 0,1,2") from None
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+@user_errors
+def probe(
+    method: Annotated[str, typer.Option(
+        help="linear | concat | attentive | alf | layers.")] = "alf",
+    layers: Annotated[str | None, typer.Option(
+        help="Layer set: last, middle+last, quarterly, all, or indices/names (3,7,-1).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Only caches of this model.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only caches of this dataset.")] = None,
+    cache: Annotated[Path | None, typer.Option(
+        help="Cache root [env FEATCACHE_CACHE; default ~/.cache/featcache].")] = None,
+    runs: Annotated[Path | None, typer.Option(help="Runs root [default: CACHE/runs].")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; mean ± std in reports.")
+                     ] = "0",
+    grid: Annotated[str, typer.Option(
+        help="paper (3 lr × 7 wd × 3 dropout) or quick (small machines).")] = "paper",
+    epochs: Annotated[int | None, typer.Option(help="Epochs [recipe: 40].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [recipe: 2048].")] = None,
+    lrs: Annotated[str | None, typer.Option(help="Learning rates, e.g. 1e-1,1e-2,1e-3.")] = None,
+    wds: Annotated[str | None, typer.Option(help="Weight decays, e.g. 1e-6,1e-3,1.")] = None,
+    dropouts: Annotated[str | None, typer.Option(help="Attention dropouts, e.g. 0,0.1,0.3.")
+                        ] = None,
+    min_steps: Annotated[int | None, typer.Option(help="Minimum total steps [recipe: 1000].")
+                         ] = None,
+    shots: Annotated[int | None, typer.Option(help="K training examples per class.")] = None,
+    token: Annotated[str | None, typer.Option(
+        help="linear/layers: cls or ap [default: the model's own, AP for MAE].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    memory_gb: Annotated[float | None, typer.Option(
+        help="Memory budget for the grid's heads [default: half of free device memory].")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain finished runs.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+) -> None:
+    """Train probes from the cache: the whole hyperparameter grid at once, select, refit."""
+    from featcache.probe import ProbeOptions
+    from featcache.probe import probe as run_probe
+    from featcache.progress import Bars
+
+    if token not in (None, "cls", "ap"):
+        raise FeatcacheError(f"bad --token {token!r}: use cls or ap")
+    opts = ProbeOptions(
+        method=method, layers=layers, model=model, dataset=dataset, cache_root=cache,
+        runs_root=runs, seeds=_ints(seeds, "--seeds"), grid=grid, epochs=epochs,
+        batch_size=batch_size, lrs=_floats(lrs, "--lrs"), wds=_floats(wds, "--wds"),
+        dropouts=_floats(dropouts, "--dropouts"), min_steps=min_steps, shots=shots,
+        token=token, device=device, memory_budget_gb=memory_gb, force=force,
+    )
+    with Bars("epoch", enabled=not json_out) as bars:
+        results = run_probe(opts, progress=bars)
+    rows = [{"model": r.model, "dataset": r.dataset, "method": r.method,
+             "layer_set": r.layer_set, "seed": r.seed, "status": r.status,
+             **{k: r.metrics.get(k) for k in ("balanced_top1", "top1")},
+             "selected": r.selected, "seconds": round(r.seconds, 2), "path": str(r.path)}
+            for r in results]
+    if json_out:
+        print_json(rows)
+        return
+    table = Table(title=f"probe --method {method}: test accuracy (%)")
+    for col in ("model", "dataset", "layers", "seed", "balanced top-1", "top-1", "selected",
+                "status"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        sel = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in (r["selected"] or {}).items())
+        status = "trained" if r["status"] == "trained" else "[dim]done before (--force)[/]"
+        table.add_row(r["model"], r["dataset"], r["layer_set"], str(r["seed"]),
+                      _fmt(r["balanced_top1"]), _fmt(r["top1"]), sel, status)
+    console.print(table)
+
+
+@user_errors
+def runs(
+    cache: Annotated[Path | None, typer.Option(help="Cache root (runs under CACHE/runs).")
+                     ] = None,
+    runs_root: Annotated[Path | None, typer.Option("--runs", help="Runs root.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List trained runs with their test metrics."""
+    from featcache.runs import default_runs_root, list_runs, summary_row
+
+    root = runs_root or default_runs_root(cache)
+    rows = [summary_row(r) for r in list_runs(root)]
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print(f"no runs under {root}; train some with `featcache probe`")
+        return
+    table = Table(title=f"runs under {root}")
+    for col in ("model", "dataset", "method", "layers", "seed", "balanced top-1", "top-1"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r["model"]), str(r["dataset"]), str(r["method"]),
+                      str(r["layer_set"]), str(r["seed"]), _fmt(r["balanced_top1"]),
+                      _fmt(r["top1"]))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    for func in (probe, runs):
+        app.command()(func)

@@ -1,0 +1,433 @@
+"""The probing recipe: pick tokens from the cache, split, train the grid at once, select, refit.
+
+Never loads a backbone: everything comes from the cache. One record per
+(cache pair, method, layer set, seed); see featcache.runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featcache import __version__
+from featcache.cache import Cache, default_cache_root, find_caches, flatten
+from featcache.errors import FeatcacheError
+from featcache.runs import default_runs_root, is_finished, run_dir, write_run
+
+METHODS = ("linear", "concat", "attentive", "alf", "layers")
+LAYER_SETS = ("last", "middle+last", "quarterly", "all")
+DEFAULT_LAYER_SET = {"linear": "last", "concat": "all", "alf": "all", "attentive": "last",
+                     "layers": "every"}
+GRIDS = ("paper", "quick")
+# Settings a train and a test cache may differ in; anything else must match.
+PAIR_FREE_KEYS = ("dataset.split", "dataset.n", "dataset.identity")
+
+
+@dataclass
+class ProbeOptions:
+    """Everything `featcache probe` takes; defaults follow the paper's reference recipe."""
+
+    method: str = "alf"
+    layers: str | None = None  # layer set; None → the method's default
+    model: str | None = None  # only pairs of this model (registry/CLI name)
+    dataset: str | None = None  # only pairs of this dataset
+    cache_root: Path | None = None
+    runs_root: Path | None = None
+    seeds: tuple[int, ...] = (0,)
+    grid: str = "paper"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lrs: tuple[float, ...] | None = None
+    wds: tuple[float, ...] | None = None
+    dropouts: tuple[float, ...] | None = None
+    min_steps: int | None = None
+    val_fraction: float = 0.2
+    shots: int | None = None
+    token: str | None = None  # linear/layers: "cls" or "ap" (default: the model's probe token)
+    device: str = "auto"
+    memory_budget_gb: float | None = None
+    force: bool = False
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+@dataclass
+class RunResult:
+    path: Path
+    model: str
+    dataset: str
+    method: str
+    layer_set: str
+    seed: int
+    status: str  # "trained" | "skipped" (finished before; --force to redo)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    selected: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# -- choosing caches and tokens ----------------------------------------------------------
+
+def find_pairs(cache_root: Path, model: str | None = None, dataset: str | None = None,
+               train_split: str = "train", test_split: str = "test") -> list[tuple[Cache, Cache]]:
+    """Every complete (train, test) cache pair under the root, filtered by model/dataset."""
+    caches = find_caches(cache_root)
+    if not caches:
+        raise FeatcacheError(f"no caches under {cache_root}; make some with `featcache extract` "
+                             "(or point --cache at the root you extracted into)")
+    groups: dict[Path, dict[str, Cache]] = {}
+    for c in caches:
+        if model and model not in (c.model, c.path.parent.parent.name):
+            continue
+        if dataset and dataset not in (c.dataset, c.path.parent.name):
+            continue
+        groups.setdefault(c.path.parent, {})[c.split] = c
+    if not groups:
+        what = " and ".join(f"{k} {v!r}" for k, v in (("model", model), ("dataset", dataset)) if v)
+        have = sorted({f"{c.model}/{c.dataset}" for c in caches})
+        raise FeatcacheError(f"no cache of {what} under {cache_root}; there are: "
+                             f"{', '.join(have[:6])}{' …' if len(have) > 6 else ''}")
+    pairs, problems = [], []
+    for folder, splits in sorted(groups.items()):
+        train, test = splits.get(train_split), splits.get(test_split)
+        if train is None or test is None:
+            missing = train_split if train is None else test_split
+            problems.append(f"{folder} has no {missing!r} split")
+            continue
+        unfinished = [c for c in (train, test) if not c.complete]
+        if unfinished:
+            problems.append(f"{unfinished[0].path} is incomplete (re-run its `featcache extract`"
+                            " command to finish it)")
+            continue
+        check_pair(train, test)
+        pairs.append((train, test))
+    if not pairs:
+        raise FeatcacheError(f"no complete {train_split}+{test_split} cache pair: {problems[0]}")
+    return pairs
+
+
+def check_pair(train: Cache, test: Cache) -> None:
+    """Train and test must come from the same model, tap, weights and preprocessing."""
+    a, b = flatten(train.fingerprint), flatten(test.fingerprint)
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(PAIR_FREE_KEYS):
+            continue
+        if a.get(key) != b.get(key):
+            raise FeatcacheError(
+                f"{train.path} and {test.path} were built with different settings ({key}: "
+                f"{a.get(key)!r} vs {b.get(key)!r}); re-extract one of them with the same options")
+
+
+def layer_set_names(layer_set: str, layer_names: list[str]) -> list[str]:
+    """Named set → layer names. The paper's "all" is blocks 1..L-1 plus the final output."""
+    blocks = [n for n in layer_names if n.startswith("block")]
+    n_blocks = len(blocks)
+    if layer_set == "last":
+        return ["final"]
+    if layer_set == "all":
+        return [*blocks[1:], "final"]
+    if layer_set == "every":
+        return list(layer_names)
+    if layer_set == "middle+last":
+        return [f"block{n_blocks // 2}", "final"]
+    if layer_set == "quarterly":
+        picks = sorted({round(n_blocks * q) for q in (0.25, 0.5, 0.75)} - {n_blocks})
+        return [*(f"block{i}" for i in picks), "final"]
+    names = []
+    for item in layer_set.split(","):
+        item = item.strip()
+        if item.lstrip("-").isdigit():
+            index = int(item)
+            if not -len(layer_names) <= index < len(layer_names):
+                raise FeatcacheError(f"layer {index} out of range: this cache has "
+                                     f"{len(layer_names)} layers ({layer_names[0]} … final)")
+            names.append(layer_names[index])
+        elif item in layer_names:
+            names.append(item)
+        else:
+            raise FeatcacheError(
+                f"unknown layer set {layer_set!r}: use {', '.join(LAYER_SETS)}, indices like "
+                f"3,7,-1, or names like block3,final (this cache has block0..block{n_blocks - 1},"
+                " final)")
+    return names
+
+
+def token_list(method: str, layer_set: str, cache: Cache, token: str | None = None
+               ) -> list[tuple[str, str]]:
+    """The head's input tokens in order: (layer name, "cls" | "ap")."""
+    probe_token = token or cache.attrs.get("probe_token", "cls")
+    layers = layer_set_names(layer_set, cache.layer_names)
+    if method in ("linear", "layers"):
+        return [(name, probe_token) for name in layers]
+    return [(name, kind) for name in layers for kind in ("cls", "ap")]
+
+
+def load_tokens(cache: Cache, tokens: list[tuple[str, str]]) -> np.ndarray:
+    """(N, T, D) float32, each token vector L2-normalised (per layer and kind, as the paper)."""
+    parts: dict[str, np.ndarray] = {}
+    for kind in ("cls", "ap"):
+        names = sorted({name for name, k in tokens if k == kind}, key=cache.layer_names.index)
+        if names:
+            data = cache.read(kind, cache.layer_index(names))
+            parts.update({f"{name}.{kind}": data[:, i] for i, name in enumerate(names)})
+    x = np.stack([parts[f"{name}.{kind}"] for name, kind in tokens], axis=1).astype(np.float32)
+    return l2_normalise(x)
+
+
+def load_last_tokens(cache: Cache) -> np.ndarray:
+    return l2_normalise(cache.read("last_tokens").astype(np.float32))
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+# -- splitting -------------------------------------------------------------------------
+
+def stratified_split(y: np.ndarray, val_fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of train and validation parts (stratified when every class allows it)."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(y))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    n_val = max(1, int(round(len(y) * val_fraction)))
+    if stratify is not None:
+        n_val = max(n_val, int((counts > 0).sum()))
+    if n_val >= len(y):
+        raise FeatcacheError(f"too few training samples ({len(y)}) for a validation split")
+    train_idx, val_idx = train_test_split(index, test_size=n_val, random_state=seed,
+                                          stratify=stratify)
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def sample_shots(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """K examples per class (all of a class that has fewer), seeded."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(y == c))[:shots] for c in np.unique(y)]
+    return np.sort(np.concatenate(picks))
+
+
+# -- the recipe --------------------------------------------------------------------------
+
+def train_config(opts: ProbeOptions, seed: int) -> Any:
+    """The reference recipe, with the user's overrides and the quick grid if asked."""
+    from featcache.train import TrainConfig
+
+    cfg = TrainConfig(seed=seed)
+    if opts.grid == "quick":
+        cfg = replace(cfg, epochs=10, min_total_steps=200, lrs=(1e-2, 1e-3), wds=(1e-4, 1e-2),
+                      dropouts=(0.0, 0.1))
+    elif opts.grid != "paper":
+        raise FeatcacheError(f"unknown grid {opts.grid!r}: choose {', '.join(GRIDS)}")
+    overrides = {"epochs": opts.epochs, "batch_size": opts.batch_size, "lrs": opts.lrs,
+                 "wds": opts.wds, "dropouts": opts.dropouts, "min_total_steps": opts.min_steps}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if opts.memory_budget_gb:
+        cfg = replace(cfg, memory_budget_bytes=int(opts.memory_budget_gb * 2**30))
+    return cfg
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FeatcacheError("--device cuda asked for, but torch sees no CUDA GPU; "
+                             "use --device cpu")
+    return resolved
+
+
+def _num_heads(method: str, n_tokens: int) -> int:
+    """ALF: one head per input token (24 for ViT-B); all tokens of the last layer: 8."""
+    return 8 if method == "attentive" else n_tokens
+
+
+METRIC_KEYS = ("top1", "top5", "balanced_top1", "balanced_top5")
+
+
+def fit_and_select(x_train: torch.Tensor, y_train: torch.Tensor, n_classes: int, head: str,
+                   cfg: Any, opts: ProbeOptions, seed: int, num_heads: int | None,
+                   progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Grid on 80 %, select by validation balanced top-1, refit the winner on 100 %."""
+    from featcache.train import fit_grid, grid_points
+
+    tr, va = stratified_split(y_train.cpu().numpy(), opts.val_fraction, seed)
+    tr_t = torch.as_tensor(tr, device=x_train.device)
+    va_t = torch.as_tensor(va, device=x_train.device)
+    points = grid_points(cfg, attentive=head == "attentive")
+    grid = fit_grid(x_train[tr_t], y_train[tr_t], n_classes, head, points, cfg,
+                    num_heads=num_heads, progress=progress)
+    val = grid.evaluate(x_train[va_t], y_train[va_t])
+    scores = np.asarray(val["balanced_top1"], dtype=float)
+    best = int(np.argmax(scores))  # ties: the first in grid order (largest lr, smallest wd)
+    table = [{**p, "val_balanced_top1": float(s)} for p, s in zip(points, scores, strict=True)]
+    del grid
+    final = fit_grid(x_train, y_train, n_classes, head, [points[best]], cfg,
+                     num_heads=num_heads, progress=progress)
+    val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
+    return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final}
+
+
+def test_metrics(final: Any, x_test: torch.Tensor, y_test: torch.Tensor) -> dict[str, Any]:
+    """Config 0's test metrics (percent) and per-class accuracy."""
+    metrics = final.evaluate(x_test, y_test)
+    out: dict[str, Any] = {k: float(metrics[k][0]) for k in METRIC_KEYS}
+    out["per_class"] = [float(v) for v in metrics["per_class"][0]]
+    return out
+
+
+def probe(opts: ProbeOptions, progress: Any = None) -> list[RunResult]:
+    """Train `opts.method` on every matching cache pair, for every seed; skip finished runs."""
+    if opts.method not in METHODS:
+        raise FeatcacheError(f"unknown method {opts.method!r}: choose {', '.join(METHODS)}")
+    cache_root = Path(opts.cache_root) if opts.cache_root else default_cache_root()
+    runs_root = Path(opts.runs_root) if opts.runs_root else default_runs_root(cache_root)
+    pairs = find_pairs(cache_root, opts.model, opts.dataset, opts.train_split, opts.test_split)
+    layer_set = opts.layers or DEFAULT_LAYER_SET[opts.method]
+    if opts.method == "attentive":
+        lacking = [t.path for t, s in pairs if not (t.has_all_tokens and s.has_all_tokens)]
+        if lacking:
+            raise FeatcacheError(f"--method attentive needs every token of the last layer, and "
+                                 f"{lacking[0]} has none; re-extract with --all-tokens")
+    for train, _ in pairs:  # validate the layer set before any training starts
+        layer_set_names(layer_set, train.layer_names)
+    device = resolve_device(opts.device)
+    results = []
+    for train, test in pairs:
+        for seed in opts.seeds:
+            results.append(run_one(train, test, opts, layer_set, seed, runs_root, device,
+                                   progress))
+    return results
+
+
+def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed: int,
+            runs_root: Path, device: torch.device, progress: Any = None) -> RunResult:
+    """One record: (pair, method, layer set, seed)."""
+    model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
+    path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed)
+    base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
+    if is_finished(path) and not opts.force:
+        from featcache.runs import read_run
+
+        old = read_run(path)
+        return replace(base, metrics=old.get("metrics", {}), selected=old.get("selected", {}))
+    started = time.perf_counter()
+    cfg = train_config(opts, seed)
+    torch.manual_seed(seed)
+    n_classes = len(train.class_names)
+    y_train_np, y_test_np = train.labels(), test.labels()
+    keep_train, keep_test = train.valid(), test.valid()
+    if opts.shots:
+        shots = sample_shots(y_train_np[keep_train], opts.shots, seed)
+        mask = np.zeros_like(keep_train)
+        mask[np.flatnonzero(keep_train)[shots]] = True
+        keep_train = mask
+
+    if opts.method == "attentive":
+        tokens = [("final", "all")]
+        x_tr, x_te = load_last_tokens(train), load_last_tokens(test)
+    else:
+        tokens = token_list(opts.method, layer_set, train, opts.token)
+        x_tr, x_te = load_tokens(train, tokens), load_tokens(test, tokens)
+    x_tr, x_te = x_tr[keep_train], x_te[keep_test]
+    y_tr = torch.as_tensor(y_train_np[keep_train], device=device)
+    y_te = torch.as_tensor(y_test_np[keep_test], device=device)
+    token_names = [f"{name}.{kind}" for name, kind in tokens]
+
+    task = None
+    if progress is not None:
+        task = progress.start(f"{train.dataset} {opts.method} seed {seed}", 0)
+
+    def tick(info: dict) -> None:
+        """Once per epoch per config group; a fit's size is known at its first epoch."""
+        if task is None:
+            return
+        if info["epoch"] == 1 and info["group"] == 0:
+            progress.grow(task, info["epochs"] * info["n_groups"])
+        progress.advance(task, 1)
+
+    record: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    if opts.method == "layers":
+        per_layer = []
+        for i, (name, kind) in enumerate(tokens):
+            xi = torch.as_tensor(x_tr[:, i], device=device)
+            fit = fit_and_select(xi, y_tr, n_classes, "linear", cfg, opts, seed, None, tick)
+            metrics = test_metrics(fit["final"], torch.as_tensor(x_te[:, i], device=device),
+                                   y_te)
+            per_layer.append({"layer": name, "token": kind, "selected": fit["selected"],
+                              "val_balanced_top1": fit["val_metrics"].get("balanced_top1"),
+                              **{k: v for k, v in metrics.items() if k != "per_class"}})
+        best = max(per_layer, key=lambda r: r["val_balanced_top1"] or 0.0)
+        record.update(per_layer=per_layer, selected={**best["selected"], "layer": best["layer"]},
+                      metrics={k: best[k] for k in ("top1", "top5", "balanced_top1",
+                                                      "balanced_top5")},
+                      grid=[], val_metrics={"balanced_top1": best["val_balanced_top1"]},
+                      attention=None, curves={})
+    else:
+        head = "attentive" if opts.method in ("alf", "attentive") else "linear"
+        x_tr_t = torch.as_tensor(x_tr, device=device)
+        x_te_t = torch.as_tensor(x_te, device=device)
+        if head == "linear":
+            x_tr_t, x_te_t = x_tr_t.flatten(1), x_te_t.flatten(1)
+        num_heads = _num_heads(opts.method, x_tr_t.shape[1]) if head == "attentive" else None
+        fit = fit_and_select(x_tr_t, y_tr, n_classes, head, cfg, opts, seed, num_heads, tick)
+        final = fit["final"]
+        metrics = test_metrics(final, x_te_t, y_te)
+        attention = None
+        if head == "attentive":
+            weights = final.attention(x_te_t)[0].cpu().numpy().astype(float)
+            names = token_names if opts.method == "alf" else [f"final.token{i}" for i in
+                                                              range(len(weights))]
+            attention = {"tokens": names, "mean": weights.tolist()}
+        tensors = final.export(0)
+        record.update(grid=fit["grid"], selected=fit["selected"], val_metrics=fit["val_metrics"],
+                      metrics={k: v for k, v in metrics.items() if k != "per_class"},
+                      per_class={"class_names": train.class_names,
+                                 "accuracy": metrics.get("per_class")},
+                      curves={"train_loss": final.curves[0].tolist()},
+                      attention=attention, per_layer=None)
+    if task is not None:
+        progress.stop(task)
+    seconds = time.perf_counter() - started
+    record = {
+        "featcache_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": train.model,
+        "model_dir": model_dir,
+        "dataset": train.dataset,
+        "dataset_dir": dataset_dir,
+        "tap": train.fingerprint["model"]["tap"],
+        "weights": train.fingerprint["model"]["weights"],
+        "method": opts.method,
+        "layer_set": layer_set,
+        "tokens": token_names,
+        "seed": seed,
+        "n_train": int(len(y_tr)),
+        "n_test": int(len(y_te)),
+        "n_classes": n_classes,
+        "config": {**_cfg_dict(cfg), "val_fraction": opts.val_fraction, "shots": opts.shots,
+                   "grid_name": opts.grid, "device": str(device)},
+        "caches": {"train": str(train.path), "test": str(test.path)},
+        "fingerprints": {"train": train.fingerprint, "test": test.fingerprint},
+        **record,
+        "timings": {"total_s": seconds},
+    }
+    write_run(path, record, tensors)
+    return replace(base, status="trained", metrics=record["metrics"],
+                   selected=record["selected"], seconds=seconds)
+
+
+def _cfg_dict(cfg: Any) -> dict[str, Any]:
+    out = asdict(cfg)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()
+            if not (isinstance(v, float) and math.isnan(v))}

@@ -1,0 +1,111 @@
+"""Run records: one directory per (cache pair, method, layer set, seed), written atomically.
+
+`record.json` holds everything a report needs; `head.safetensors` the selected head's
+weights. A record directory appears complete or not at all (built aside, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from featcache.cache import default_cache_root, slug
+from featcache.errors import FeatcacheError
+
+RECORD_FORMAT = 1
+
+
+def default_runs_root(cache_root: Path | None = None) -> Path:
+    """Runs live beside the caches they were trained on: <cache root>/runs."""
+    return Path(cache_root or default_cache_root()) / "runs"
+
+
+def run_name(method: str, layer_set: str, seed: int) -> str:
+    return f"{method}-{slug(layer_set.replace(',', '_'))}-seed{seed}"
+
+
+def run_dir(runs_root: Path, model_dir: str, dataset_dir: str, method: str, layer_set: str,
+            seed: int) -> Path:
+    return Path(runs_root) / model_dir / dataset_dir / run_name(method, layer_set, seed)
+
+
+def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None = None) -> Path:
+    """Write record.json (+ head.safetensors) into a temporary directory, then rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    record = {"format": RECORD_FORMAT, **record}
+    (tmp / "record.json").write_text(json.dumps(record, indent=1, default=_jsonable))
+    if tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp / "head.safetensors"))
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / "record.json" if path.is_dir() else path
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FeatcacheError(f"cannot read run record {file}: {exc}") from None
+    record["path"] = str(file.parent)
+    return record
+
+
+def is_finished(path: Path) -> bool:
+    return (Path(path) / "record.json").is_file()
+
+
+def list_runs(runs_root: Path) -> list[dict[str, Any]]:
+    """Every readable record under a root (half-written temporaries are invisible)."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    records = []
+    for file in sorted(root.rglob("record.json")):
+        if any(part.startswith(".") for part in file.relative_to(root).parts):
+            continue
+        try:
+            records.append(read_run(file))
+        except FeatcacheError:
+            continue
+    return records
+
+
+def summary_row(record: dict[str, Any]) -> dict[str, Any]:
+    """The line `featcache runs` prints for a record."""
+    metrics = record.get("metrics") or {}
+    return {
+        "model": record.get("model"),
+        "dataset": record.get("dataset"),
+        "method": record.get("method"),
+        "layer_set": record.get("layer_set"),
+        "seed": record.get("seed"),
+        "balanced_top1": metrics.get("balanced_top1"),
+        "top1": metrics.get("top1"),
+        "selected": record.get("selected"),
+        "path": record.get("path"),
+    }
