@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 DPI = 100
+ANNOTATE_LIMIT = 400  # cells per figure above which only summary cells get numbers
+LINE_PANELS_MAX = 6  # datasets per model drawn as line panels; more become heatmaps
 _MARKERS = "osD^vP*Xh<>p"
 
 
@@ -42,7 +44,7 @@ class RenderedFigure:
 def to_png(fig: Figure, dpi: int = DPI) -> bytes:
     """Render a figure to PNG bytes (Agg canvas, no display needed)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
@@ -96,7 +98,8 @@ def gain_overview(rows: Sequence[dict]) -> Figure | None:
         return None
     colours = _colours(list(rows[0]["cells"]))
     width = 0.8 / max(1, len(cols))
-    fig = Figure(figsize=(max(6.0, 1.2 + len(models) * (0.35 * len(cols) + 0.6)), 4.2))
+    fig = Figure(figsize=(max(6.0, 1.2 + len(models) * (0.35 * len(cols) + 0.6)), 4.2),
+                 layout="constrained")
     ax = fig.add_subplot()
     for j, col in enumerate(cols):
         xs, ys, es, ns = [], [], [], []
@@ -129,7 +132,6 @@ def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
     if not cols or not any(r["cells"].get("linear") for r in rows):
         return None
     mats = {}
-    vmax = 0.5
     for model in models:
         mrows = [r for r in rows if r["model_dir"] == model]
         mat = np.full((len(mrows) + 1, len(cols)), np.nan)
@@ -143,21 +145,28 @@ def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
                 col_vals = mat[:-1, j]
                 if np.isfinite(col_vals).any():
                     mat[-1, j] = np.nanmean(col_vals)
-        if np.isfinite(mat).any():
-            vmax = max(vmax, float(np.nanmax(np.abs(mat))))
         mats[model] = (mat, [r["display"] for r in mrows] + ["mean"])
+    # Clip the colour scale at the 95th percentile so one huge gain (SVHN) does not wash
+    # out the rest; the numbers and the colour bar's arrows say where it is clipped.
+    every = np.concatenate([m[0].ravel() for m in mats.values()])
+    every = np.abs(every[np.isfinite(every)])
+    vmax = max(0.5, float(np.percentile(every, 95))) if every.size else 1.0
     nrows, ncols = _grid(len(models))
     tallest = max(len(m[1]) for m in mats.values())
     fig = Figure(figsize=(ncols * (2.4 + 0.75 * len(cols)), nrows * (1.4 + 0.32 * tallest)),
                  layout="constrained")
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#eeeeee")
     image = None
+    # Text is the slow part of matplotlib: number every cell only while that stays cheap
+    # (the tables carry every number anyway); the mean row is always numbered.
+    annotate_all = sum(m[0].size for m in mats.values()) <= ANNOTATE_LIMIT
     for k, model in enumerate(models):
         mat, labels = mats[model]
         ax = fig.add_subplot(nrows, ncols, k + 1)
         image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=-vmax, vmax=vmax,
                           aspect="auto")
-        for i in range(mat.shape[0]):
+        numbered = range(mat.shape[0]) if annotate_all else [mat.shape[0] - 1]
+        for i in numbered:
             for j in range(mat.shape[1]):
                 v = mat[i, j]
                 text = "—" if not np.isfinite(v) else f"{v:+.1f}"
@@ -172,7 +181,8 @@ def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_title(model, fontsize=10)
     if image is not None:
-        fig.colorbar(image, ax=fig.axes, shrink=0.8, label="gain over linear (points)")
+        fig.colorbar(image, ax=fig.axes, shrink=0.8, label="gain over linear (points)",
+                     extend="both" if every.size and every.max() > vmax else "neither")
     return fig
 
 
@@ -206,8 +216,18 @@ def attention_heatmaps(records: Sequence[dict], dataset_label: Any = None) -> Fi
         return None
     from featcache.report import _dataset_sort
 
+    # One panel per model: ALF over all layers when run, else its widest layer set.
+    best: dict[str, tuple[str, str]] = {}
+    cur_width: dict[str, int] = {}
+    for model, layer_set in groups:
+        width = max(len(t) for runs in groups[(model, layer_set)].values() for t, _ in runs)
+        cur = best.get(model)
+        if cur is None or (layer_set == "all", width) > (cur[1] == "all", cur_width[model]):
+            best[model] = (model, layer_set)
+            cur_width[model] = width
     panels = []
-    for (model, layer_set), by_ds in sorted(groups.items()):
+    for key in sorted(best.values()):
+        (model, layer_set), by_ds = key, groups[key]
         tokens: list[str] = []
         for runs in by_ds.values():
             for toks, _ in runs:
@@ -224,19 +244,22 @@ def attention_heatmaps(records: Sequence[dict], dataset_label: Any = None) -> Fi
             with np.errstate(invalid="ignore"):
                 mat[i] = np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
         panels.append((f"{model} — alf:{layer_set}", datasets, tokens, mat))
-    width = max(7.0, 2.5 + 0.26 * max(len(p[2]) for p in panels))
-    heights = [1.6 + 0.32 * len(p[1]) for p in panels]
-    fig = Figure(figsize=(width, sum(heights) + 0.4), layout="constrained")
-    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    most_tokens = max(len(p[2]) for p in panels)
+    nrows, ncols = _grid(len(panels), 2 if most_tokens <= 30 else 1)
+    tallest = max(len(p[1]) for p in panels)
+    fig = Figure(figsize=(ncols * max(6.0, 2.6 + 0.2 * most_tokens),
+                          nrows * (1.7 + 0.24 * tallest)), layout="constrained")
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
-    for ax, (title, datasets, tokens, mat) in zip(axes, panels, strict=True):
+    annotate = sum(p[3].size for p in panels) <= ANNOTATE_LIMIT
+    for k, (title, datasets, tokens, mat) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
         image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, aspect="auto", vmin=0)
         ax.set_title(title, fontsize=10)
         ax.set_yticks(range(len(datasets)))
         ax.set_yticklabels([label(d) for d in datasets], fontsize=8)
         ax.set_xticks(range(len(tokens)))
         ax.set_xticklabels([_short_layer(t) for t in tokens], rotation=90, fontsize=7)
-        if mat.size <= 400:
+        if annotate:
             top = np.nanmax(mat) if np.isfinite(mat).any() else 1.0
             for i in range(mat.shape[0]):
                 for j in range(mat.shape[1]):
@@ -277,6 +300,9 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
     datasets = sorted((d for d in by_ds if _per_layer_curves(by_ds[d])), key=_dataset_sort)
     if not datasets:
         return None
+    if len(datasets) > LINE_PANELS_MAX:
+        return _depth_heatmaps(model_dir, {d: _per_layer_curves(by_ds[d]) for d in datasets},
+                               cka, label)
     cells = {r["dataset"]: r["cells"] for r in rows if r["model_dir"] == model_dir}
     nrows, ncols = _grid(len(datasets))
     fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows + 0.6), layout="constrained")
@@ -332,6 +358,59 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
     return fig
 
 
+def _depth_heatmaps(model_dir: str, curves: dict[str, dict[str, dict[str, float]]],
+                    cka: dict[tuple[str, str], dict], label: Any) -> Figure:
+    """The many-datasets form of the depth figure: datasets × layers, four panels side by
+    side: accuracy minus the last layer's (CLS, AP), then CKA to the last layer (CLS, AP)."""
+    datasets = list(curves)
+    layers: set[str] = set()
+    for ds in datasets:
+        layers |= {layer for c in curves[ds].values() for layer in c}
+        layers |= set((cka.get((model_dir, ds)) or {}).get("layers") or [])
+    order = sorted(layers, key=lambda n: (_layer_pos(n), n))
+    col = {name: j for j, name in enumerate(order)}
+    last = order[-1]
+    acc = {tok: np.full((len(datasets), len(order)), np.nan) for tok in ("cls", "ap")}
+    sim = {tok: np.full((len(datasets), len(order)), np.nan) for tok in ("cls", "ap")}
+    for i, ds in enumerate(datasets):
+        for tok in ("cls", "ap"):
+            curve = curves[ds].get(tok) or {}
+            ref = curve.get(last)
+            for name, value in curve.items():
+                if ref is not None:
+                    acc[tok][i, col[name]] = value - ref
+            entry = cka.get((model_dir, ds)) or {}
+            vals = entry.get(tok) or []
+            for name, value in zip(entry.get("layers") or [], vals, strict=False):
+                if value is not None and np.isfinite(value):
+                    sim[tok][i, col[name]] = value
+    span = max(1.0, float(np.nanmax(np.abs(np.concatenate([a.ravel() for a in acc.values()]))))
+               if any(np.isfinite(a).any() for a in acc.values()) else 1.0)
+    fig = Figure(figsize=(4 * (0.9 + 0.22 * len(order)) + 2.0, 1.8 + 0.24 * len(datasets)),
+                 layout="constrained")
+    axes = fig.subplots(1, 4, sharey=True)
+    diverging = matplotlib.colormaps["RdBu"].with_extremes(bad="#eeeeee")
+    sequential = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
+    panels = ((acc["cls"], "probe CLS − last layer", diverging, -span, span),
+              (acc["ap"], "probe AP − last layer", diverging, -span, span),
+              (sim["cls"], "CKA to last (CLS)", sequential, 0.0, 1.0),
+              (sim["ap"], "CKA to last (AP)", sequential, 0.0, 1.0))
+    images = []
+    for ax, (mat, title, cmap, lo, hi) in zip(axes, panels, strict=True):
+        images.append(ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=lo, vmax=hi,
+                                aspect="auto"))
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels([_short_layer(n) for n in order], rotation=90, fontsize=7)
+    axes[0].set_yticks(range(len(datasets)))
+    axes[0].set_yticklabels([label(d) for d in datasets], fontsize=8)
+    fig.colorbar(images[1], ax=list(axes[:2]), shrink=0.8, label="balanced top-1 (points)")
+    fig.colorbar(images[3], ax=list(axes[2:]), shrink=0.8, label="linear CKA")
+    fig.suptitle(f"{model_dir}: accuracy by depth beside similarity to the last layer "
+                 "(grey: not available)", fontsize=11)
+    return fig
+
+
 # -- 4. paper -----------------------------------------------------------------------------
 def paper_scatter(rows: Sequence[dict]) -> Figure | None:
     """Your balanced accuracy against the published one, per (model, dataset, method)."""
@@ -350,14 +429,19 @@ def paper_scatter(rows: Sequence[dict]) -> Figure | None:
     pad = max(1.0, 0.05 * (hi - lo))
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="#8c959f", linewidth=1,
             linestyle="--", label="yours = paper")
-    seen: set[str] = set()
-    for p in pairs:
-        lab = p["column"] if p["column"] not in seen else None
-        seen.add(p["column"])
-        ax.errorbar(p["paper"], p["yours"], yerr=p["std"] or 0.0, fmt=_MARKERS[
-            models.index(p["model_dir"]) % len(_MARKERS)], color=colours[p["column"]],
-            markersize=6, capsize=2, label=lab)
-        if len(pairs) <= 30:
+    for col in cols:
+        for k, model in enumerate(models):
+            sel = [p for p in pairs if p["column"] == col and p["model_dir"] == model]
+            if not sel:
+                continue
+            ax.errorbar([p["paper"] for p in sel], [p["yours"] for p in sel],
+                        yerr=[p["std"] or 0.0 for p in sel], fmt=_MARKERS[k % len(_MARKERS)],
+                        color=colours[col], markersize=6, capsize=2, linestyle="none",
+                        label=col if k == min(i for i, m in enumerate(models) if any(
+                            p["model_dir"] == m and p["column"] == col for p in pairs))
+                        else None)
+    if len(pairs) <= 30:
+        for p in pairs:
             ax.annotate(p["display"], (p["paper"], p["yours"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points", color="#57606a")
     if len(models) > 1:

@@ -719,16 +719,10 @@ def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
         f"{len(data.records)} runs, {len(rows)} model/dataset pairs, read from "
         f"`{data.runs_root}` on {_now()}.", "",
         "## Balanced accuracy", "", _LEGEND, "",
-        "| model | dataset | " + " | ".join(cols) + " |",
-        "|---|---|" + "---:|" * len(cols),
-    ]
-    for row in rows:
-        lines.append(f"| {row['model_dir']} | {row['display']} | "
-                     + " | ".join(_cell_text(row["cells"][c], c) for c in cols) + " |")
-    lines += ["", "### Means over datasets", "",
-              "Mean of per-dataset means (gain over linear); [k/N] = datasets the column "
-              "covers; paper = the paper's mean over the same datasets.", "",
-              "| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        "### Means over datasets", "",
+        "Mean of per-dataset means (gain over linear); [k/N] = datasets the column "
+        "covers; paper = the paper's mean over the same datasets.", "",
+        "| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for entry in model_means(rows):
         parts = []
         for col in cols:
@@ -744,6 +738,12 @@ def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
                 text += f" paper {c['paper']:.2f}"
             parts.append(text)
         lines.append(f"| {entry['model_dir']} | " + " | ".join(parts) + " |")
+    lines += ["", "### Per model and dataset", "",
+              "| model | dataset | " + " | ".join(cols) + " |",
+              "|---|---|" + "---:|" * len(cols)]
+    for row in rows:
+        lines.append(f"| {row['model_dir']} | {row['display']} | "
+                     + " | ".join(_cell_text(row["cells"][c], c) for c in cols) + " |")
     pairs = paper_pairs(rows)
     lines += ["", "## Beside the paper", ""]
     if pairs:
@@ -814,14 +814,7 @@ def to_html(data: ReportData, figures: Sequence[Any] = ()) -> str:
         f"from <code>{_esc(data.runs_root)}</code> on {_esc(_now())}.</p>",
         "<h2>Balanced accuracy</h2>",
         "<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", _esc(_LEGEND)) + "</p>",
-        '<div class="scroll"><table><thead><tr><th class="l">model</th><th class="l">dataset'
-        "</th>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr></thead><tbody>",
     ]
-    for row in rows:
-        h.append(f'<tr><td class="l">{_esc(row["model_dir"])}</td>'
-                 f'<td class="l">{_esc(row["display"])}</td>'
-                 + "".join(_html_cell(row["cells"][c], c) for c in cols) + "</tr>")
-    h.append("</tbody></table></div>")
     h += ["<h3>Means over datasets</h3>",
           '<p class="sub">Mean of per-dataset means; [k/N] = datasets the column covers; '
           "paper = the paper's mean over the same datasets.</p>",
@@ -843,6 +836,14 @@ def to_html(data: ReportData, figures: Sequence[Any] = ()) -> str:
                 txt += f'<br><span class="sub">paper {c["paper"]:.2f}</span>'
             tds.append(f"<td>{txt}</td>")
         h.append(f'<tr><td class="l">{_esc(entry["model_dir"])}</td>{"".join(tds)}</tr>')
+    h.append("</tbody></table></div>")
+    h += ["<h3>Per model and dataset</h3>",
+          '<div class="scroll"><table><thead><tr><th class="l">model</th><th class="l">dataset'
+          "</th>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
+    for row in rows:
+        h.append(f'<tr><td class="l">{_esc(row["model_dir"])}</td>'
+                 f'<td class="l">{_esc(row["display"])}</td>'
+                 + "".join(_html_cell(row["cells"][c], c) for c in cols) + "</tr>")
     h.append("</tbody></table></div>")
     pairs = paper_pairs(rows)
     h.append("<h2>Beside the paper</h2>")
