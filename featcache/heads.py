@@ -97,7 +97,8 @@ class _StackedHeads(nn.Module):
         if "dropout" in kwargs:
             kwargs["dropout"] = [kwargs["dropout"][i] for i in idx]
         ref = next(iter(self.parameters()))
-        new = type(self)(**kwargs).to(device=ref.device, dtype=ref.dtype)
+        # a throwaway generator: building the shell must not advance the global RNG
+        new = type(self)(**kwargs, generator=torch.Generator(), device=ref.device).to(ref.dtype)
         src = self.state_dict()
         new.load_state_dict({k: v[idx] for k, v in src.items()})
         return new
@@ -113,7 +114,7 @@ class _StackedHeads(nn.Module):
         if "dropout" in kwargs:
             kwargs["dropout"] = [d for p in parts for d in p._ctor_kwargs()["dropout"]]
         ref = next(iter(parts[0].parameters()))
-        new = cls(**kwargs).to(device=ref.device, dtype=ref.dtype)
+        new = cls(**kwargs, generator=torch.Generator(), device=ref.device).to(ref.dtype)
         states = [p.state_dict() for p in parts]
         new.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
         return new
@@ -332,8 +333,10 @@ class AttentiveHeads(_StackedHeads):
         ``dropout_mask`` (G, B, H, T), already scaled, replaces the sampled mask (tests);
         ``generator`` drives mask sampling in train mode.
         """
-        if x.dim() != 3 or x.shape[2] != self.dim:
-            raise ValueError(f"expected (B, T, {self.dim}) input, got {tuple(x.shape)}")
+        if x.dim() != 3 or x.shape[1:] != (self.n_tokens, self.dim):
+            raise ValueError(
+                f"expected (B, {self.n_tokens}, {self.dim}) input, got {tuple(x.shape)}"
+            )
         G, H, E, D = self.n_configs, self.num_heads, self.head_dim, self.dim
         B, T, _ = x.shape
         wdt = self.query.dtype
@@ -426,6 +429,10 @@ class ReferenceAttentiveHead(nn.Module):
         dropout_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x (B, T, D) → logits (B, C) [, attention (B, H, T) before dropout]."""
+        if x.dim() != 3 or x.shape[1:] != (self.n_tokens, self.dim):
+            raise ValueError(
+                f"expected (B, {self.n_tokens}, {self.dim}) input, got {tuple(x.shape)}"
+            )
         B, T, D = x.shape
         H, E = self.num_heads, self.head_dim
         x = x.to(self.query.dtype)

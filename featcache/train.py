@@ -258,7 +258,7 @@ def estimate_memory(
         H = num_heads or T
         HE = H * head_dim_for(D, H)
         params = 4 * HE * D + C * D + C + 11 * D
-        acts = 6 * B * T * H + 4 * B * H * D + 6 * B * HE + 8 * B * D + 4 * B * C
+        acts = 6 * B * T * H + 3 * B * H * D + 6 * B * HE + 8 * B * D + 4 * B * C
         shared = 4 * B * T * D
     else:
         raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
@@ -297,7 +297,7 @@ class FittedGrid:
         return [list(range(i, min(i + self.group_size, G))) for i in range(0, G, self.group_size)]
 
     def _autocast(self, x: Tensor) -> torch.autocast:
-        return torch.autocast("cuda", torch.bfloat16, enabled=self.amp and x.is_cuda)
+        return torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp and x.is_cuda)
 
     @torch.no_grad()
     def _forward_chunks(
@@ -510,7 +510,7 @@ def _train_group(
             if jitter:
                 xb = _jitter(xb, cfg.jitter_std, cfg.jitter_p, g_jitter)
             lr = cosine_lr(lr0, step, total, cfg.min_lr)
-            with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
                 logits = heads(xb, generator=g_drop)
             loss = _per_config_loss(logits, yb, weight)
             opt.zero_grad()

@@ -206,5 +206,7 @@ def test_attention_summary_and_shapes() -> None:
     assert attention_summary(attn, per_head=True).shape == (2, 4, 10)
     with pytest.raises(ValueError):
         heads(torch.randn(7, 10, 31))
+    with pytest.raises(ValueError):  # T is part of the head (one head per token for ALF)
+        heads(torch.randn(7, 9, 32))
     with pytest.raises(ValueError):
         AttentiveHeads(2, 32, 10, 3, 4, dropout=[0.1, 1.0])
