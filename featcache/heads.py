@@ -180,6 +180,11 @@ class AttentiveHeads(_StackedHeads):
     matmul x̂ U. Values are pooled first and projected once:
     Σ_t a_t W_v LN_v(x_t) = W_v(γ_v ⊙ Σ_t a_t x̂_t) + (Σ_t a_t) W_v β_v, which stays exact
     after dropout (Σ_t a_t ≠ 1).
+
+    Two facts of the reference architecture worth knowing: β_k never reaches the output
+    (so here it gets no gradient at all), and without dropout β_v and the output bias only
+    add a shift that the train-mode BatchNorm removes, so their gradients are rounding
+    noise (in the reference head as much as here).
     """
 
     _KEYS = {

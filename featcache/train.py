@@ -171,6 +171,7 @@ class BatchedAdamW:
     def step(self, lr: Tensor | None = None) -> None:
         """One update with per-config ``lr`` (G,) (default: the base lr)."""
         lr = self.lr if lr is None else lr
+        cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         b1, b2 = self.betas
         self.step_count += 1
         bc1 = 1 - b1**self.step_count
@@ -179,8 +180,10 @@ class BatchedAdamW:
             if p.grad is None:
                 continue
             g = p.grad
-            lr_p = lr.to(p.dtype).view((-1,) + (1,) * (p.dim() - 1))
-            wd_p = self.weight_decay.to(p.dtype).view_as(lr_p)
+            if p.dtype not in cast:
+                cast[p.dtype] = (lr.to(p.dtype), self.weight_decay.to(p.dtype))
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr_p, wd_p = (t.view(shape) for t in cast[p.dtype])
             p.mul_(1 - lr_p * wd_p)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
