@@ -78,9 +78,17 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+# Recorded for people, not compared: where the data sat when the cache was made (a moved
+# copy of the same files has the same content hash, `dataset.identity.sha256`).
+INFORMATIONAL_KEYS = frozenset({"dataset.identity.location"})
+
+
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human lines `key: old → new` for every setting that differs."""
     a, b = flatten(old), flatten(new)
+    for key in INFORMATIONAL_KEYS:
+        a.pop(key, None)
+        b.pop(key, None)
     lines = []
     # Settings first; what follows from them (layer lists, token counts) last.
     derived = ("layer_names", "layer_dims", "n_tokens", "n_prefix_tokens")
@@ -118,10 +126,12 @@ class Layout:
 class Cache:
     """An opened cache: metadata in memory, arrays read on demand."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: str = "r") -> None:
+        """`mode` "r" (readers: probe, report) or "r+" (the extractor, which writes)."""
         self.path = Path(path)
+        self.mode = mode
         try:
-            self.group = zarr.open_group(str(self.path), mode="r+")
+            self.group = zarr.open_group(str(self.path), mode=mode)
         except Exception:
             raise FeatcacheError(f"{self.path} is not a featcache cache (no Zarr group there);"
                                  " see `featcache ls`") from None
@@ -248,12 +258,13 @@ def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def open_cache(path: str | Path) -> Cache:
+def open_cache(path: str | Path, mode: str = "r") -> Cache:
+    """Open a cache for reading ("r", the default) or for writing shards ("r+")."""
     path = Path(path).expanduser()
     if not (path / "zarr.json").is_file():
         raise FeatcacheError(f"no featcache cache at {path} (expected {path / 'zarr.json'});"
                              " see `featcache ls` for what is cached")
-    return Cache(path)
+    return Cache(path, mode)
 
 
 def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels: np.ndarray,
@@ -301,7 +312,7 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
         _swap_in(tmp, path)
     else:
         os.replace(tmp, path)
-    return Cache(path)
+    return Cache(path, "r+")
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -313,12 +324,27 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 
 def check_fingerprint(cache: Cache, fingerprint: dict[str, Any]) -> None:
+    """Refuse a cache built with other settings, naming the first settings that differ."""
     diff = fingerprint_diff(cache.fingerprint, fingerprint)
     if diff:
-        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+        shown = "; ".join(diff[:3])
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise FingerprintMismatch(
-            f"{cache.path} holds a cache built with other settings: {diff[0]}{more}. "
+            f"{cache.path} holds a cache built with other settings: {shown}{more}. "
             "Pass --overwrite to replace it, or --cache DIR to keep both; it was left untouched")
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete half-built (`.NAME.tmp-PID`) and half-replaced (`.NAME.old-PID`) siblings of a
+    cache that a killed run left behind. Call only while holding `write_lock(path)`."""
+    path = Path(path)
+    gone = []
+    if path.parent.is_dir():
+        for kind in ("tmp", "old"):
+            for stale in path.parent.glob(f".{path.name}.{kind}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+                gone.append(stale)
+    return gone
 
 
 @contextlib.contextmanager
@@ -376,7 +402,7 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
                 continue
             src = cache.group[name]
             dst = h5.create_dataset(name, shape=src.shape, dtype=src.dtype,
-                                    chunks=_h5_chunks(src.shape))
+                                    chunks=_h5_chunks(src.shape, src.dtype.itemsize))
             step = cache.layout.shard_size
             for start in range(0, src.shape[0], step):
                 dst[start:start + step] = src[start:start + step]
@@ -386,7 +412,11 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
     return out
 
 
-def _h5_chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+def _h5_chunks(shape: tuple[int, ...], itemsize: int = 2) -> tuple[int, ...] | None:
+    """Whole rows per chunk, about 4 MiB each (HDF5 reads whole chunks)."""
+    if shape[0] == 0:
+        return None
     if len(shape) == 1:
-        return (min(shape[0], 4096),)
-    return (min(shape[0], 256), *shape[1:])
+        return (min(shape[0], 1 << 16),)
+    row = max(1, int(np.prod(shape[1:])) * itemsize)
+    return (max(1, min(shape[0], (4 << 20) // row)), *shape[1:])

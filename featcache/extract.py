@@ -6,6 +6,7 @@ resuming, or splitting shards across `torchrun` ranks, gives the same bytes as o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -29,6 +30,7 @@ from featcache.cache import (
     create_cache,
     model_dir_name,
     open_cache,
+    remove_leftovers,
     slug,
     write_lock,
 )
@@ -116,9 +118,12 @@ class _Prepared(Dataset):
         try:
             image = self.transform(self.dataset.load(index))
             return image, index, ""
-        except Exception as exc:  # decoding errors come in every type
-            where = f"{self.dataset.split} index {index} ({self.dataset.key(index)})"
-            return torch.zeros(self.blank_shape), index, f"{where}: {exc}"
+        except FeatcacheError as exc:  # the dataset's own message names split, key and index
+            return torch.zeros(self.blank_shape), index, str(exc)
+        except Exception as exc:  # a transform failing on an odd image
+            where = (f"{self.dataset.name}: image {self.dataset.key(index)!r} (split "
+                     f"{self.dataset.split!r}, index {index})")
+            return torch.zeros(self.blank_shape), index, f"{where}: {type(exc).__name__}: {exc}"
 
 
 class ShardBatches(Sampler[list[int]]):
@@ -182,6 +187,7 @@ class ShardWriter:
         if ready is not None:
             ready.synchronize()
         arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in arrays.items()}
+        self._check_finite(start, arrays)
         shard = start // self.layout.shard_size
         rows = self.layout.rows(shard)
         size = rows.stop - rows.start
@@ -200,6 +206,19 @@ class ShardWriter:
             self.shards_written += 1
             if self.on_shard is not None:
                 self.on_shard(shard, size)
+
+    def _check_finite(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """fp16 holds up to 65504: a larger activation (or a NaN) is an error, not an inf."""
+        for key, value in arrays.items():
+            if value.dtype != np.float16 or np.isfinite(value).all():
+                continue
+            row, col = np.argwhere(~np.isfinite(value))[0][:2]
+            where = (f"layer {self.cache.layer_names[col]}" if key in ("cls", "ap")
+                     else f"token {col}")
+            raise FeatcacheError(
+                f"{key} of image {start + row}, {where}, is not finite in float16 (an activation "
+                "beyond ±65504, or NaN); this model's activations do not fit the fp16 cache "
+                "at this tap (try --tap reference, or --dtype fp32 if it ran in fp16)")
 
 
 def build_fingerprint(backbone: Backbone, dataset: Any, compute_dtype: torch.dtype,
@@ -258,7 +277,7 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
                    fingerprint: dict[str, Any]) -> tuple[Cache, str]:
     """Open and check, or create, the cache (one process: rank 0)."""
     if (path / "zarr.json").exists():
-        cache = open_cache(path)
+        cache = open_cache(path, "r+")
         try:
             check_fingerprint(cache, fingerprint)
         except FeatcacheError:
@@ -283,21 +302,30 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
 def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOptions,
                    device: torch.device, compute_dtype: torch.dtype,
                    progress: Any) -> ExtractResult:
+    """One split: rank 0 locks, checks or creates the cache; every rank runs its shards;
+    rank 0 finalises. Without torchrun this process is rank 0 of 1."""
+    if len(dataset) == 0:
+        raise FeatcacheError(f"{dataset.name} split {dataset.split!r} has no images")
     fingerprint = build_fingerprint(backbone, dataset, compute_dtype, opts.all_tokens)
     started = time.perf_counter()
     rank, world = dist.rank(), dist.world_size()
-    lock = write_lock(path) if rank == 0 else _null_context()
-    with lock:
-        status, message = "complete", ""
+    with contextlib.ExitStack() as stack:
+        status, message, cache, failure = "error", "", None, None
         if rank == 0:
             try:
+                stack.enter_context(write_lock(path))
+                remove_leftovers(path)
                 cache, status = _prepare_cache(backbone, dataset, path, opts, fingerprint)
-            except FeatcacheError as exc:
-                status, message = "error", str(exc)
+            except BaseException as exc:  # every rank must hear of it, or they would wait
+                failure, message = exc, (str(exc) if isinstance(exc, FeatcacheError)
+                                         else f"{type(exc).__name__}: {exc}")
         status, message = dist.broadcast_object((status, message))
+        if failure is not None:
+            raise failure
         if status == "error":
-            raise FeatcacheError(message)
-        cache = open_cache(path) if rank != 0 else cache
+            raise FeatcacheError(f"rank 0 could not prepare {path}: {message}")
+        if cache is None:
+            cache = open_cache(path, "r+")
         if status == "complete":
             return ExtractResult(path, dataset.split, len(dataset), "complete", 0, 0.0,
                                  int(cache.attrs.get("n_skipped") or 0))
@@ -307,26 +335,55 @@ def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
                                        compute_dtype, progress)
         dist.barrier()
         seconds = time.perf_counter() - started
-        complete = False
-        if rank == 0:
-            previous = cache.attrs.get("timings", {}).get("extract_s", 0.0)
-            complete = cache.finalize({"timings": {"extract_s": previous + seconds},
-                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            if not complete:
-                raise FeatcacheError(f"{path}: some shards are still missing after extraction;"
-                                     " re-run the same command to finish them")
-        n_skipped = int((~cache.valid()).sum()) if rank == 0 else 0
-    return ExtractResult(path, dataset.split, len(dataset),
-                         status if rank == 0 and complete else "partial", written, seconds,
-                         n_skipped, n_written)
+        if rank != 0:
+            return ExtractResult(path, dataset.split, len(dataset), "partial", written, seconds,
+                                 0, n_written)
+        previous = cache.attrs.get("timings", {}).get("extract_s", 0.0)
+        valid = cache.valid()
+        skipped = [int(i) for i in np.flatnonzero(~valid)]
+        complete = cache.finalize({
+            "timings": {"extract_s": round(previous + seconds, 3)},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "skipped": [{"index": i, "key": dataset.key(i)} for i in skipped[:MAX_SKIPPED_LISTED]],
+            "environment": _environment(device, world),
+        })
+        if not complete:
+            missing = int((~cache.done()).sum())
+            raise FeatcacheError(f"{path}: {missing} shards are still missing after extraction;"
+                                 " re-run the same command to finish them")
+    return ExtractResult(path, dataset.split, len(dataset), status, written, seconds,
+                         len(skipped), n_written)
 
 
-class _null_context:
-    def __enter__(self) -> None:
-        return None
+MAX_SKIPPED_LISTED = 1000
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    import platform
+
+    return platform.processor()
+
+
+def _environment(device: torch.device, world: int) -> dict[str, Any]:
+    """Where and with what the cache was computed (recorded, not part of the fingerprint)."""
+    import platform
+
+    import timm
+
+    try:
+        import open_clip
+
+        oc = open_clip.__version__
+    except Exception:  # optional for timm-only users in principle
+        oc = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name or platform.machine(),
+            "world_size": world, "torch": torch.__version__, "timm": timm.__version__,
+            "open_clip": oc, "torch_threads": torch.get_num_threads()}
 
 
 def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],

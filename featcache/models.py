@@ -189,8 +189,12 @@ class Backbone(nn.Module):
         return x
 
     def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLS = first token; AP = mean over patch tokens only (no CLS, no registers)."""
-        return x[:, 0], x[:, self.n_prefix:].mean(dim=1)
+        """CLS = first token; AP = mean over patch tokens only (no CLS, no registers).
+
+        The mean is taken in float32 whatever the compute dtype (a bf16 mean over 196 tokens
+        would lose the precision the fp16 cache keeps).
+        """
+        return x[:, 0].float(), x[:, self.n_prefix:].float().mean(dim=1)
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor, all_tokens: bool = False) -> dict[str, torch.Tensor]:
@@ -211,7 +215,7 @@ class Backbone(nn.Module):
             "ap": torch.stack([_pad(a, self.dim) for _, a in pairs], 1),
         }
         if all_tokens:
-            out["last"] = final_tokens
+            out["last"] = final_tokens.float()
         return out
 
     def _final(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,9 +251,6 @@ def _pad(x: torch.Tensor, dim: int) -> torch.Tensor:
 class TimmBackbone(Backbone):
     def _setup(self) -> None:
         m = self.model
-        if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
-            raise FeatcacheError(f"{self.spec.name}: not a plain timm ViT (no blocks/patch_embed);"
-                                 " featcache supports VisionTransformer-style models")
         if not getattr(m, "has_class_token", getattr(m, "cls_token", None) is not None):
             raise FeatcacheError(f"{self.spec.name} has no CLS token; featcache caches CLS+AP per "
                                  "layer and needs a ViT with a class token")
@@ -312,11 +313,35 @@ def create_backbone(name: str, weights: str | None = None, tap: str = "reference
     kind, value = parse_weights(weights)
     if spec.backend == "timm":
         model, weights_id = _build_timm(spec, kind, value)
+        _check_timm_model(spec, model, tap)
         transform, preprocess = _timm_preprocess(model)
         return TimmBackbone(spec, model, tap, weights_id, transform, preprocess)
     model, weights_id = _build_open_clip(spec, kind, value)
+    _check_open_clip_model(spec, model)
     transform, preprocess = _open_clip_preprocess(model)
     return OpenClipBackbone(spec, model, tap, weights_id, transform, preprocess)
+
+
+def _check_timm_model(spec: ModelSpec, model: nn.Module, tap: str) -> None:
+    """Refuse, with one clear line, what the hooks cannot read correctly."""
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise FeatcacheError(f"{spec.name}: not a plain timm ViT (no blocks/patch_embed); "
+                             "featcache supports VisionTransformer-style models")
+    if tap == "reference":
+        from timm.models import vision_transformer as vt
+
+        odd = [type(b).__name__ for b in model.blocks
+               if not hasattr(b, "norm2") or isinstance(b, (vt.ResPostBlock,
+                                                            vt.ParallelThingsBlock))]
+        if odd:
+            raise FeatcacheError(f"{spec.name}: its blocks ({odd[0]}) have no pre-MLP norm2 to "
+                                 "tap; use --tap residual")
+
+
+def _check_open_clip_model(spec: ModelSpec, visual: nn.Module) -> None:
+    if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post"):
+        raise FeatcacheError(f"{spec.name}: its image tower ({type(visual).__name__}) is not "
+                             "open_clip's VisionTransformer; for a timm tower use timm:NAME")
 
 
 def _hub_error(spec: ModelSpec, exc: Exception) -> FeatcacheError:
@@ -326,73 +351,172 @@ def _hub_error(spec: ModelSpec, exc: Exception) -> FeatcacheError:
         "--weights PATH (a local checkpoint) or --weights random")
 
 
+def _kwargs_error(spec: ModelSpec, exc: Exception) -> FeatcacheError:
+    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return FeatcacheError(f"{spec.name}: the architecture does not accept --model-arg "
+                          f"{_kwargs_text(spec.kwargs)} ({text})")
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in kwargs.items()) or "(none)"
+
+
+def _hub_revision(repo_id: str | None, filenames: tuple[str, ...]) -> str | None:
+    """The commit of a hub file already in the local HF cache (best effort, offline)."""
+    if not repo_id:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in filenames:
+            found = try_to_load_from_cache(repo_id.strip("/"), filename)
+            if isinstance(found, str):
+                parts = Path(found).parts
+                if "snapshots" in parts:
+                    return parts[parts.index("snapshots") + 1]
+    except Exception:  # any problem here only loses the revision, never the weights
+        return None
+    return None
+
+
 def _build_timm(spec: ModelSpec, kind: str, value: Any) -> tuple[nn.Module, str]:
     import timm
 
     kwargs = {"num_classes": 0, **spec.kwargs}
+
+    def build(pretrained: bool) -> nn.Module:
+        try:
+            return timm.create_model(spec.arch, pretrained=pretrained, **kwargs)
+        except (TypeError, ValueError, AssertionError) as exc:
+            if spec.kwargs:
+                raise _kwargs_error(spec, exc) from None
+            raise
+
     if kind == "random":
-        torch.manual_seed(value)
-        return timm.create_model(spec.arch, pretrained=False, **kwargs), f"random:{value}"
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+            torch.manual_seed(value)
+            return build(False), f"random:{value}"
     if kind == "file":
-        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        model = build(False)
         _load_state(model, value)
         return model, f"file:sha256:{file_sha256(value)}"
     try:
-        model = timm.create_model(spec.arch, pretrained=True, **kwargs)
+        model = build(True)
+    except FeatcacheError:
+        raise
     except Exception as exc:  # network, missing weights: many exception types
         raise _hub_error(spec, exc) from exc
-    hub_id = model.pretrained_cfg.get("hf_hub_id") or spec.arch
-    return model, f"hub:{hub_id}"
+    hub_id = model.pretrained_cfg.get("hf_hub_id")
+    revision = _hub_revision(hub_id, ("model.safetensors", "pytorch_model.bin",
+                                      "open_clip_model.safetensors"))
+    ident = hub_id or spec.arch
+    return model, f"hub:{ident}" + (f"@{revision}" if revision else "")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A state dict from a safetensors or torch file; anything else is a clear error."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FeatcacheError(f"--weights {path}: not a readable checkpoint (a safetensors "
+                             f"file or a torch state dict): {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FeatcacheError(f"--weights {path}: holds no state dict of tensors")
+    return state
 
 
 def _load_state(model: nn.Module, path: Path) -> None:
     """Load a checkpoint (safetensors or torch) holding the model's state dict."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "module"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
+    state = _read_state(path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise FeatcacheError(f"--weights {path}: does not fit this architecture "
                              f"({str(exc).splitlines()[0][:200]})") from None
     head_only = all(k.startswith(("head.", "fc_norm.")) for k in missing)
-    if (missing and not head_only) or len(unexpected) > 0 and not all(
-            k.startswith("head.") for k in unexpected):
+    if (missing and not head_only) or (unexpected and not all(
+            k.startswith("head.") for k in unexpected)):
         raise FeatcacheError(f"--weights {path}: does not fit this architecture "
                              f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
 
 
 def _build_open_clip(spec: ModelSpec, kind: str, value: Any) -> tuple[nn.Module, str]:
+    import logging
+
     import open_clip
 
     kwargs = dict(spec.kwargs)
+
+    def build(pretrained: str | None) -> nn.Module:
+        try:
+            return open_clip.create_model(spec.arch, pretrained=pretrained, **kwargs)
+        except (TypeError, ValueError, KeyError, AssertionError) as exc:
+            if kwargs:
+                raise _kwargs_error(spec, exc) from None
+            raise
+
+    schema = spec.arch.startswith(("hf-hub:", "local-dir:"))
     if kind == "random":
-        torch.manual_seed(value)
-        model = open_clip.create_model(spec.arch, pretrained=None, **kwargs)
+        # open_clip logs a warning that the model is random: here that is the point.
+        quiet = logging.getLogger()
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(value)
+                model = build(None)
+        finally:
+            quiet.setLevel(level)
         weights_id = f"random:{value}"
     elif kind == "file":
         try:
-            model = open_clip.create_model(spec.arch, pretrained=str(value), **kwargs)
+            model = build(str(value))
+        except FeatcacheError:
+            raise
         except Exception as exc:
-            raise FeatcacheError(f"--weights {value}: open_clip could not load it "
-                                 f"({str(exc).splitlines()[0][:200]})") from None
+            raise FeatcacheError(f"--weights {value}: open_clip could not load it as a whole "
+                                 f"CLIP checkpoint ({str(exc).splitlines()[0][:200]})") from None
         weights_id = f"file:sha256:{file_sha256(value)}"
     else:
-        if not spec.pretrained:
+        if not spec.pretrained and not schema:
             raise FeatcacheError(f"{spec.name}: no pretrained tag; use open_clip:ARCH:PRETRAINED"
                                  " or --weights")
         try:
-            model = open_clip.create_model(spec.arch, pretrained=spec.pretrained, **kwargs)
+            model = build(None if schema else spec.pretrained)
+        except FeatcacheError:
+            raise
         except Exception as exc:
             raise _hub_error(spec, exc) from exc
-        weights_id = f"hub:open_clip:{spec.arch}:{spec.pretrained}"
+        weights_id = f"hub:open_clip:{spec.arch}" + (f":{spec.pretrained}" if not schema else "")
+        revision = _open_clip_revision(spec)
+        if revision:
+            weights_id += f"@{revision}"
     return model.visual, weights_id
+
+
+def _open_clip_revision(spec: ModelSpec) -> str | None:
+    try:
+        import open_clip
+
+        if spec.arch.startswith("hf-hub:"):
+            repo = spec.arch.removeprefix("hf-hub:")
+        else:
+            repo = (open_clip.get_pretrained_cfg(spec.arch, spec.pretrained or "") or {}).get(
+                "hf_hub", "")
+        return _hub_revision(repo or None, ("open_clip_model.safetensors",
+                                            "open_clip_pytorch_model.bin",
+                                            "open_clip_config.json"))
+    except Exception:
+        return None
 
 
 def _timm_preprocess(model: nn.Module) -> tuple[Callable, dict[str, Any]]:
