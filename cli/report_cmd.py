@@ -42,7 +42,8 @@ def report(
 
     formats = parse_formats(fmt)
     root = runs if runs is not None else default_runs_root(cache)
-    data = prepare_report(root, out, cka=not no_cka)
+    with err_console.status(f"reading run records under {root} …"):
+        data = prepare_report(root, out, cka=not no_cka)
     if as_json:
         print_json(data.as_json())
     else:

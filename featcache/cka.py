@@ -99,5 +99,14 @@ def layer_cka_to_last(cache: CacheLike, kind: str = "cls", max_samples: int = 20
     if feats.ndim != 3 or feats.shape[1] != len(names):
         raise ValueError(f"cache.read returned shape {feats.shape} for {len(names)} layers")
     widths = dims if len(dims) == len(names) else [feats.shape[2]] * len(names)
-    last = feats[:, -1, : widths[-1]]
-    return [linear_cka(feats[:, i, : widths[i]], last) for i in range(len(names))]
+    last = _centred(feats[:, -1, : widths[-1]])
+    last_norm = float(np.linalg.norm(last.T @ last))  # shared by every layer: compute once
+    out = []
+    for i in range(len(names)):
+        x = _centred(feats[:, i, : widths[i]])
+        denom = float(np.linalg.norm(x.T @ x)) * last_norm
+        if denom <= 0.0 or not np.isfinite(denom):
+            out.append(float("nan"))
+        else:
+            out.append(float(np.linalg.norm(last.T @ x) ** 2 / denom))
+    return out
