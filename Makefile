@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean screenshot
+.PHONY: demo test lint bench docs clean screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/probe.py
+
+docs: $(STAMP)
+	$(BIN)/python -m cli.docs > docs/cli.md
 
 clean:
 	rm -rf $(VENV) demo-out report
