@@ -130,6 +130,8 @@ def load_records(runs_root: str | Path, problems: list[str] | None = None) -> li
     records: list[dict] = []
     # Fixed depth (<model_dir>/<dataset>/<run>/record.json): never walks into Zarr stores.
     for path in sorted(root.glob("*/*/*/record.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue  # a run being written (or replaced) right now: not a record yet
         try:
             with open(path, encoding="utf-8") as fh:
                 rec = json.load(fh)
@@ -180,18 +182,31 @@ def _derive(rec: dict) -> dict:
 
 
 def _run_value(rec: dict, metrics: dict) -> tuple[float | None, str | None]:
-    """The number a run contributes to the table; for `layers` runs, the best layer's."""
-    if rec.get("method") == "layers" and isinstance(rec.get("per_layer"), list):
-        best: tuple[float, str] | None = None
-        for entry in rec["per_layer"]:
-            if not isinstance(entry, dict):
-                continue
-            v = _num(entry.get(METRIC))
-            if v is not None and (best is None or v > best[0]):
-                best = (v, f"{entry.get('layer')}.{entry.get('token', 'cls')}")
-        if best is not None:
-            return best
-    return _num(metrics.get(METRIC)), None
+    """The number a run contributes to the table, and for `layers` runs which layer.
+
+    A `layers` run's metrics are those of the layer picked on validation; the layer is the
+    per-layer entry with the best validation score. Only when a record lacks those does the
+    report fall back to the best test score (optimistic, and said so in the name).
+    """
+    value = _num(metrics.get(METRIC))
+    if rec.get("method") != "layers" or not isinstance(rec.get("per_layer"), list):
+        return value, None
+    entries = [e for e in rec["per_layer"] if isinstance(e, dict)]
+
+    def name(entry: dict) -> str:
+        return f"{entry.get('layer')}.{entry.get('token', 'cls')}"
+
+    by_val = [e for e in entries if _num(e.get("val_" + METRIC)) is not None]
+    if value is not None:
+        if by_val:
+            return value, name(max(by_val, key=lambda e: _num(e.get("val_" + METRIC)) or 0.0))
+        selected = rec.get("selected") if isinstance(rec.get("selected"), dict) else {}
+        return value, str(selected["layer"]) if selected.get("layer") else None
+    by_test = [e for e in entries if _num(e.get(METRIC)) is not None]
+    if not by_test:
+        return None, None
+    best = max(by_test, key=lambda e: _num(e.get(METRIC)) or 0.0)
+    return _num(best.get(METRIC)), name(best) + " (test-picked)"
 
 
 # --------------------------------------------------------------------------------------
@@ -706,7 +721,8 @@ def _gain_or_dash(pair: dict, key: str) -> str:
 _LEGEND = ("Test balanced top-1 accuracy (%): mean ± sample std over seeds (n = seeds); "
            "the signed number is the gain over the linear baseline (last-layer CLS) of the "
            "same model and dataset; — = that method was not run for that pair. "
-           "`layers` = the best single-layer probe, picked on the test set (optimistic). "
+           "`layers` = the single-layer linear probe whose layer was picked on validation "
+           "(the layer is named). "
            "Columns: `concat:<layers>` = linear probe on concatenated CLS+AP tokens; "
            "`alf:all` = attentive layer fusion over every layer's CLS+AP.")
 

@@ -108,9 +108,14 @@ def write_realistic_set(runs_root: str | Path, seed: int = 0) -> list[Path]:
                                 v = base - 25 + 25 * depth / N_BLOCKS + rng.normal(0, 1)
                                 per_layer.append({"layer": name, "token": kind,
                                                   "balanced_top1": round(v, 4),
-                                                  "top1": round(v + 1, 4)})
+                                                  "top1": round(v + 1, 4),
+                                                  "val_balanced_top1": round(
+                                                      v + rng.normal(0, 1), 4)})
                         extra["per_layer"] = per_layer
-                        bal = max(e["balanced_top1"] for e in per_layer)
+                        # as the probe does: the layer with the best validation score
+                        best = max(per_layer, key=lambda e: e["val_balanced_top1"])
+                        bal = best["balanced_top1"]
+                        extra["selected"] = {"lr": 0.01, "wd": 1e-4, "layer": best["layer"]}
                     key = zlib.crc32(f"{model}/{dataset}".encode())
                     paths.append(write_record(
                         runs_root, model=model, dataset=dataset, method=method,
@@ -122,6 +127,5 @@ def write_realistic_set(runs_root: str | Path, seed: int = 0) -> list[Path]:
                         fingerprints={"test": {"id": key}, "train": {"id": key}},
                         metrics={"top1": bal + 1.0, "top5": 99.0, "balanced_top1": bal,
                                  "balanced_top5": 98.0},
-                        selected={"lr": 0.01, "wd": 1e-4, "dropout": 0.1 * s},
-                        **extra))
+                        **{"selected": {"lr": 0.01, "wd": 1e-4, "dropout": 0.1 * s}, **extra}))
     return paths

@@ -38,7 +38,9 @@ def expected_cells(runs_root: Path) -> dict[tuple[str, str, str], tuple[float, f
     for path in runs_root.rglob("record.json"):
         rec = json.loads(path.read_text())
         if rec["method"] == "layers":
-            value = max(e["balanced_top1"] for e in rec["per_layer"])
+            best = max(rec["per_layer"], key=lambda e: e["val_balanced_top1"])
+            value = best["balanced_top1"]
+            assert value == rec["metrics"]["balanced_top1"]
             col = "layers"
         else:
             value = rec["metrics"]["balanced_top1"]
@@ -94,7 +96,11 @@ def test_results_csv_has_one_row_per_run(built: tuple[Path, Path, dict]) -> None
         assert float(row["val_balanced_top1"]) == pytest.approx(
             rec["val_metrics"]["balanced_top1"])
         assert float(row["selected_lr"]) == rec["selected"]["lr"]
-        assert float(row["selected_dropout"]) == rec["selected"]["dropout"]
+        if rec["method"] == "layers":
+            assert row["selected_layer"] == rec["selected"]["layer"]
+            assert row["best_layer"].split(".")[0] == rec["selected"]["layer"]
+        else:
+            assert float(row["selected_dropout"]) == rec["selected"]["dropout"]
         assert (row["model"], row["dataset"], row["method"], int(row["seed"])) == (
             rec["model"], rec["dataset"], rec["method"], rec["seed"])
 
@@ -184,6 +190,9 @@ def test_empty_or_absent_root_is_one_clear_error(tmp_path: Path) -> None:
 def test_bad_and_sparse_records_are_tolerated(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_record(runs, seed=0)
+    half = runs / "clip-vit-b16" / "fer2013" / ".linear-last-seed2.tmp-99"  # being written
+    half.mkdir(parents=True)
+    (half / "record.json").write_text("{")
     bad = runs / "clip-vit-b16" / "fer2013" / "linear-last-seed1"
     bad.mkdir(parents=True)
     (bad / "record.json").write_text("{ not json")
@@ -194,6 +203,7 @@ def test_bad_and_sparse_records_are_tolerated(tmp_path: Path) -> None:
     records = load_records(runs, problems)
     assert len(records) == 2
     assert any("unreadable" in p and "linear-last-seed1" in p for p in problems)
+    assert not any(".tmp-" in p for p in problems)
     sparse_rec = next(r for r in records if r["model"] == "m")
     assert (sparse_rec["dataset"], sparse_rec["method"], sparse_rec["layer_set"],
             sparse_rec["seed"]) == ("ds", "alf", "all", 0)
@@ -223,6 +233,12 @@ def test_summarize_accepts_plain_dicts() -> None:
     cell = summarize(raw)[0]["cells"]["linear"]
     assert (cell["n"], cell["mean"]) == (2, 51.0)
     assert cell["std"] == pytest.approx(statistics.stdev([50.0, 52.0]))
+    # a per-layer record without validation scores or metrics: best test layer, said so
+    layers = {"model": "m", "dataset": "d", "method": "layers", "per_layer": [
+        {"layer": "block3", "token": "ap", "balanced_top1": 40.0},
+        {"layer": "block9", "token": "cls", "balanced_top1": 45.0}]}
+    cell = summarize([layers])[0]["cells"]["layers"]
+    assert cell["mean"] == 45.0 and cell["best_layer"] == "block9.cls (test-picked)"
 
 
 class _FakeCache:
