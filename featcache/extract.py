@@ -120,6 +120,8 @@ class _Prepared(Dataset):
             return image, index, ""
         except FeatcacheError as exc:  # the dataset's own message names split, key and index
             return torch.zeros(self.blank_shape), index, str(exc)
+        except MemoryError:  # the machine's problem, not the image's
+            raise
         except Exception as exc:  # a transform failing on an odd image
             where = (f"{self.dataset.name}: image {self.dataset.key(index)!r} (split "
                      f"{self.dataset.split!r}, index {index})")
@@ -201,7 +203,12 @@ class ShardWriter:
             count = len(value)
         self.filled[shard] += count
         if self.filled[shard] == size:
-            self.cache.write_shard(shard, self.buffers.pop(shard))
+            try:
+                self.cache.write_shard(shard, self.buffers.pop(shard))
+            except OSError as exc:  # disk full, permissions, a vanished mount
+                raise FeatcacheError(f"writing shard {shard} of {self.cache.path} failed: {exc}."
+                                     " Finished shards are kept: fix it and re-run the same "
+                                     "command to resume") from exc
             del self.filled[shard]
             self.shards_written += 1
             if self.on_shard is not None:
