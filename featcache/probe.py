@@ -281,7 +281,7 @@ def test_metrics(final: Any, x_test: torch.Tensor, y_test: torch.Tensor) -> dict
     """Config 0's test metrics (percent) and per-class accuracy."""
     metrics = final.evaluate(x_test, y_test)
     out: dict[str, Any] = {k: float(metrics[k][0]) for k in METRIC_KEYS}
-    out["per_class"] = [float(v) for v in metrics["per_class"][0]]
+    out["per_class"] = [None if v is None else float(v) for v in metrics["per_class"][0]]
     return out
 
 
