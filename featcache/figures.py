@@ -28,6 +28,7 @@ from matplotlib.figure import Figure  # noqa: E402
 DPI = 100
 ANNOTATE_LIMIT = 400  # cells per figure above which only summary cells get numbers
 LINE_PANELS_MAX = 6  # datasets per model drawn as line panels; more become heatmaps
+TIGHT_MAX_AREA = 150.0  # square inches; smaller figures are cropped to a tight bbox
 _MARKERS = "osD^vP*Xh<>p"
 
 
@@ -42,9 +43,16 @@ class RenderedFigure:
 
 
 def to_png(fig: Figure, dpi: int = DPI) -> bytes:
-    """Render a figure to PNG bytes (Agg canvas, no display needed)."""
+    """Render a figure to PNG bytes (Agg canvas, no display needed).
+
+    Small figures are cropped to their tight bounding box so a long title or legend is
+    never cut off; large ones (many panels, where that costs a second full draw) rely on
+    constrained layout alone.
+    """
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    width, height = fig.get_size_inches()
+    tight = "tight" if width * height <= TIGHT_MAX_AREA else None
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches=tight)
     return buf.getvalue()
 
 
@@ -134,18 +142,21 @@ def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
     mats = {}
     for model in models:
         mrows = [r for r in rows if r["model_dir"] == model]
-        mat = np.full((len(mrows) + 1, len(cols)), np.nan)
+        with_mean = len(mrows) > 1  # a mean over one dataset would repeat its row
+        mat = np.full((len(mrows) + int(with_mean), len(cols)), np.nan)
         for i, row in enumerate(mrows):
             for j, col in enumerate(cols):
                 cell = row["cells"][col]
                 if cell is not None and cell["gain"] is not None:
                     mat[i, j] = cell["gain"]
-        with np.errstate(all="ignore"):
-            for j in range(len(cols)):
-                col_vals = mat[:-1, j]
-                if np.isfinite(col_vals).any():
-                    mat[-1, j] = np.nanmean(col_vals)
-        mats[model] = (mat, [r["display"] for r in mrows] + ["mean"])
+        if with_mean:
+            with np.errstate(all="ignore"):
+                for j in range(len(cols)):
+                    col_vals = mat[:-1, j]
+                    if np.isfinite(col_vals).any():
+                        mat[-1, j] = np.nanmean(col_vals)
+        mats[model] = (mat, [r["display"] for r in mrows] + (["mean"] if with_mean else []),
+                       with_mean)
     # Clip the colour scale at the 95th percentile so one huge gain (SVHN) does not wash
     # out the rest; the numbers and the colour bar's arrows say where it is clipped.
     every = np.concatenate([m[0].ravel() for m in mats.values()])
@@ -161,7 +172,7 @@ def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
     # (the tables carry every number anyway); the mean row is always numbered.
     annotate_all = sum(m[0].size for m in mats.values()) <= ANNOTATE_LIMIT
     for k, model in enumerate(models):
-        mat, labels = mats[model]
+        mat, labels, with_mean = mats[model]
         ax = fig.add_subplot(nrows, ncols, k + 1)
         image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=-vmax, vmax=vmax,
                           aspect="auto")
@@ -173,8 +184,10 @@ def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
                 dark = np.isfinite(v) and abs(v) > 0.6 * vmax
                 ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="white" if dark else "black",
-                        fontweight="bold" if i == mat.shape[0] - 1 else "normal")
-        ax.axhline(mat.shape[0] - 1.5, color="black", linewidth=0.8)
+                        fontweight="bold" if with_mean and i == mat.shape[0] - 1
+                        else "normal")
+        if with_mean:
+            ax.axhline(mat.shape[0] - 1.5, color="black", linewidth=0.8)
         ax.set_xticks(range(len(cols)))
         ax.set_xticklabels(cols, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(labels)))
@@ -305,7 +318,7 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
                                cka, label)
     cells = {r["dataset"]: r["cells"] for r in rows if r["model_dir"] == model_dir}
     nrows, ncols = _grid(len(datasets))
-    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows + 0.6), layout="constrained")
+    fig = Figure(figsize=(max(6.5, 4.6 * ncols), 3.4 * nrows + 0.9), layout="constrained")
     handles: dict[str, Any] = {}
     for k, ds in enumerate(datasets):
         ax = fig.add_subplot(nrows, ncols, k + 1)
@@ -351,10 +364,10 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
             ax2.set_yticks([])
             ax2.text(0.98, 0.03, "CKA: not computed", transform=ax.transAxes, ha="right",
                      fontsize=7, color="#6e7781")
-    fig.suptitle(f"{model_dir}: accuracy by depth beside similarity to the last layer",
-                 fontsize=11)
+    fig.suptitle(f"{model_dir}\naccuracy by depth beside similarity to the last layer",
+                 fontsize=10)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-               ncols=min(6, len(handles)), fontsize=8)
+               ncols=min(3 * ncols, len(handles)), fontsize=8)
     return fig
 
 
@@ -407,7 +420,7 @@ def _depth_heatmaps(model_dir: str, curves: dict[str, dict[str, dict[str, float]
     fig.colorbar(images[1], ax=list(axes[:2]), shrink=0.8, label="balanced top-1 (points)")
     fig.colorbar(images[3], ax=list(axes[2:]), shrink=0.8, label="linear CKA")
     fig.suptitle(f"{model_dir}: accuracy by depth beside similarity to the last layer "
-                 "(grey: not available)", fontsize=11)
+                 "(grey: not available)", fontsize=10)
     return fig
 
 

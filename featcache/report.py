@@ -386,11 +386,12 @@ def summary_table(rows: Sequence[dict], title: str | None = None) -> Any:
     from rich.table import Table
 
     table = Table(title=title, show_lines=True, header_style="bold")
-    table.add_column("model", no_wrap=True)
-    table.add_column("dataset", no_wrap=True)
+    # Names may fold onto several lines; numbers never (a cropped number is a wrong number).
+    table.add_column("model", overflow="fold", ratio=2)
+    table.add_column("dataset", overflow="fold", ratio=1)
     cols = columns_of(rows)
     for col in cols:
-        table.add_column(col, justify="right", no_wrap=True)
+        table.add_column(col, justify="right", no_wrap=True, min_width=11)
     for row in rows:
         cells = []
         for col in cols:
