@@ -26,6 +26,7 @@ from typing import Any
 from featcache.errors import FeatcacheError
 from featcache.reference import (
     PAPER_DATASETS,
+    PAPER_MODELS,
     display_name,
     normalize_dataset,
     normalize_layer_set,
@@ -715,6 +716,12 @@ def paper_pairs(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+_PAPER_SCOPE = ("The paper reports " + ", ".join(PAPER_MODELS) + " (reference tap) on "
+                + ", ".join(d for d in PAPER_DATASETS if d != "imagenet1k")
+                + " with methods linear, attentive, concat and alf (layer sets last, "
+                  "middle+last, quarterly, all).")
+
+
 def _gain_or_dash(pair: dict, key: str) -> str:
     return "—" if pair.get(key) is None or pair["column"] == "linear" else f"{pair[key]:+.2f}"
 
@@ -775,7 +782,8 @@ def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
                          f"{p['paper']:.2f} | {p['delta']:+.2f} | {_gain_or_dash(p, 'gain')} "
                          f"| {_gain_or_dash(p, 'paper_gain')} |")
     else:
-        lines.append("None of these model/dataset/method combinations is in the paper.")
+        lines.append(f"None of these model/dataset/method combinations is in the paper. "
+                     f"{_PAPER_SCOPE}")
     if figures:
         lines += ["", "## Figures", ""]
         for fig in figures:
@@ -882,7 +890,8 @@ def to_html(data: ReportData, figures: Sequence[Any] = ()) -> str:
                      f"<td>{_gain_or_dash(p, 'paper_gain')}</td></tr>")
         h.append("</tbody></table></div>")
     else:
-        h.append("<p>None of these model/dataset/method combinations is in the paper.</p>")
+        h.append("<p>None of these model/dataset/method combinations is in the paper. "
+                 f"{_esc(_PAPER_SCOPE)}</p>")
     if figures:
         h.append("<h2>Figures</h2>")
         for fig in figures:
