@@ -28,5 +28,14 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m cli.docs > docs/cli.md
 
+# A picture of the demo's HTML report, rendered by headless Chromium (Debian's package).
+screenshot: demo
+	command -v chromium >/dev/null || apt-get install -y chromium
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+	  --disable-background-networking --disable-component-update --disable-sync \
+	  --user-data-dir=$$(mktemp -d) --window-size=1280,4000 \
+	  --screenshot=demo-out/report/screenshot.png file://$(CURDIR)/demo-out/report/report.html
+	@echo "wrote demo-out/report/screenshot.png"
+
 clean:
 	rm -rf $(VENV) demo-out report
