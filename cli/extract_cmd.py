@@ -89,10 +89,11 @@ def extract(
         device=device, dtype=dtype, all_tokens=all_tokens, overwrite=overwrite,
         skip_bad=skip_bad, shard_size=shard_size,
     )
-    show = not json_out and distributed.local_rank() == 0
+    # Under torchrun only rank 0 speaks (its bar counts its own share of the shards).
+    show = not json_out and distributed.env_rank() == 0
     with Bars("img", enabled=show) as bars:
         results = run_extract(opts, progress=bars)
-    if distributed.rank() != 0:
+    if distributed.env_rank() != 0:
         return
     rows = [{"path": str(r.path), "split": r.split, "n": r.n, "status": r.status,
              "shards_written": r.shards_written, "seconds": round(r.seconds, 2),
@@ -101,13 +102,16 @@ def extract(
         print_json(rows)
         return
     for r in results:
+        skipped = f", {r.n_skipped} unreadable skipped (valid=False)" if r.n_skipped else ""
         if r.status == "complete":
-            console.print(f"[green]already complete[/]: {r.path} ({r.n} images); nothing to do")
+            console.print(f"[green]already complete[/]: {r.path} ({r.n} images{skipped}); "
+                          "nothing to do", soft_wrap=True)
         else:
             verb = "resumed and finished" if r.status == "resumed" else "wrote"
-            skipped = f", {r.n_skipped} unreadable skipped" if r.n_skipped else ""
-            console.print(f"[green]{verb}[/] {r.path}: {r.n} images, {r.shards_written} shards "
-                          f"in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s){skipped}")
+            shards = f"{r.shards_written} shard{'s' if r.shards_written != 1 else ''}"
+            console.print(f"[green]{verb}[/] {r.path}: {r.n} images, {shards} in "
+                          f"{r.seconds:.1f} s ({r.images_per_s:.1f} img/s){skipped}",
+                          soft_wrap=True)
 
 
 @user_errors
@@ -127,16 +131,16 @@ def ls(
         console.print(f"no caches under {root}; make one with `featcache extract`")
         return
     table = Table(title=f"caches under {root}")
-    for col in ("cache (model/dataset/split)", "tap", "weights", "N", "layers", "size", "complete"):
+    for col in ("model dir", "dataset dir", "split", "tap", "N", "layers", "size", "complete"):
         table.add_column(col, overflow="fold")
     for r in rows:
         done = f"{r['shards_done']}/{r['shards']} shards"
         status = "[green]yes[/]" if r["complete"] else f"[yellow]{done}[/]"
         path = Path(r["path"])
-        shown = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-        table.add_row(shown, r["tap"], r["weights"], str(r["n"]), str(r["layers"]),
-                      human_bytes(r["bytes"]), status)
+        table.add_row(path.parent.parent.name, path.parent.name, path.name, r["tap"],
+                      str(r["n"]), str(r["layers"]), human_bytes(r["bytes"]), status)
     console.print(table)
+    console.print("full paths and fingerprints: `featcache ls --json`, `featcache info PATH`")
 
 
 @user_errors

@@ -30,6 +30,8 @@ FORMAT_VERSION = 1
 FEATURE_KINDS = ("cls", "ap")
 SHARD_TARGET_BYTES = 64 << 20  # the largest array's shard stays near this size
 MAX_SHARD_SIZE = 1024
+CHUNK_ROWS = 64  # rows of one inner chunk of cls/ap (one layer wide)
+TOKEN_CHUNK_ROWS = 16  # rows of one inner chunk of last_tokens (all tokens wide)
 
 
 def default_cache_root() -> Path:
@@ -278,14 +280,19 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
     tmp.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     n, s, lay = layout.n, layout.shard_size, layout
+    # Zarr writes an edge chunk at its full size: inner chunks of a few rows keep the
+    # padding of the last, partial shard small (at most CHUNK_ROWS - 1 rows).
+    rows = _inner_rows(s, min(CHUNK_ROWS, n))
     for kind in FEATURE_KINDS:
         group.create_array(kind, shape=(n, lay.n_layers, lay.dim), dtype="float16",
-                           chunks=(s, 1, lay.dim), shards=(s, lay.n_layers, lay.dim),
+                           chunks=(rows, 1, lay.dim), shards=(s, lay.n_layers, lay.dim),
                            compressors=None, fill_value=0.0)
     if lay.n_tokens is not None:
+        token_rows = _inner_rows(s, min(TOKEN_CHUNK_ROWS, n))
         group.create_array("last_tokens", shape=(n, lay.n_tokens, lay.token_dim),
-                           dtype="float16", chunks=(s, lay.n_tokens, lay.token_dim),
-                           compressors=None, fill_value=0.0)
+                           dtype="float16", chunks=(token_rows, lay.n_tokens, lay.token_dim),
+                           shards=(s, lay.n_tokens, lay.token_dim), compressors=None,
+                           fill_value=0.0)
     group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(s,),
                        compressors=None)
     group.create_array("valid", shape=(n,), dtype="bool", chunks=(s,), compressors=None,
@@ -313,6 +320,12 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
     else:
         os.replace(tmp, path)
     return Cache(path, "r+")
+
+
+def _inner_rows(shard_size: int, limit: int) -> int:
+    """The largest divisor of the shard size up to `limit` (zarr needs inner chunks to tile
+    the shard exactly)."""
+    return max(d for d in range(1, max(1, min(shard_size, limit)) + 1) if shard_size % d == 0)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

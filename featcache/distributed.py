@@ -29,6 +29,12 @@ def world_size() -> int:
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun announces it (valid before and after the
+    process group exists; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -268,10 +268,29 @@ def extract(opts: ExtractOptions, progress: Any = None) -> list[ExtractResult]:
         model_dir = model_dir_name(opts.model, opts.tap, backbone.weights_id)
         results = []
         for dataset in datasets:
-            path = cache_path(root, model_dir, slug(dataset.name.replace(":", "-")), dataset.split)
+            path = cache_path(root, model_dir, dataset_dir_name(dataset.name), dataset.split)
             results.append(_extract_split(backbone, dataset, path, opts, device, compute_dtype,
                                           progress))
         return results
+
+
+def dataset_dir_name(name: str) -> str:
+    """`fer2013` for registry names; `wds-<folder>-<8 hex of the full path>` for local
+    data (`wds:PATH`, `imagefolder:PATH`, ...), short and still unique per location."""
+    import hashlib
+
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in ("wds", "imagefolder", "fer2013csv"):
+        digest = hashlib.sha256(rest.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return slug(f"{prefix}-{Path(rest).name or 'root'}-{digest}")
+    return slug(name.replace(":", "-").replace("/", "-"))
+
+
+def _short_name(name: str) -> str:
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in ("wds", "imagefolder", "fer2013csv"):
+        return f"{prefix}:{Path(rest).name}"
+    return name
 
 
 def _default_root() -> Path:
@@ -297,7 +316,10 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
     per_sample = 2 * 2 * len(backbone.layer_names) * backbone.dim
     if opts.all_tokens:
         per_sample = max(per_sample, 2 * backbone.n_tokens * backbone.final_dim)
-    shard_size = opts.shard_size or choose_shard_size(per_sample)
+    if opts.shard_size is not None and opts.shard_size < 1:
+        raise FeatcacheError("--shard-size must be at least 1")
+    # never larger than the data: one shard then holds everything, with no padding
+    shard_size = min(opts.shard_size or choose_shard_size(per_sample), len(dataset))
     layout = Layout(len(dataset), len(backbone.layer_names), backbone.dim, shard_size,
                     n_tokens, token_dim)
     cache = create_cache(path, fingerprint, layout, dataset.labels, list(dataset.class_names),
@@ -412,7 +434,8 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
         prefetch_factor=4 if workers > 0 else None,
     )
     total = sum(layout.rows(s).stop - layout.rows(s).start for s in shards)
-    task = progress.start(f"{dataset.name}/{dataset.split}", total) if progress else None
+    label = f"{_short_name(dataset.name)} {dataset.split}"
+    task = progress.start(label, total) if progress else None
     writer = ShardWriter(cache)
     autocast = compute_dtype != torch.float32
     done_images = 0

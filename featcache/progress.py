@@ -49,15 +49,22 @@ class Bars:
             disable=not enabled,
             transient=False,
         )
+        self._live = False
 
     def __enter__(self) -> Bars:
-        self.progress.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._live:
+            if exc_type is not None:  # leave the error message alone on the screen
+                self.progress.live.transient = True
+            self.progress.stop()
+            self._live = False
 
     def start(self, description: str, total: int) -> Any:
+        if not self._live:  # the display starts with the first bar: no blank line if none
+            self.progress.start()
+            self._live = True
         return self.progress.add_task(description, total=total)
 
     def grow(self, task: Any, n: int) -> None:

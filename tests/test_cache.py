@@ -109,6 +109,7 @@ def test_zarr_array_layout(train_cache):
         assert arr.chunks == (16, 1, 48)
         assert arr.compressors == ()
     assert group["last_tokens"].chunks == (16, 17, 48)
+    assert group["last_tokens"].shards == (16, 17, 48)
     assert group["labels"].dtype == np.int64 and group["labels"].chunks == (16,)
     assert group["valid"].dtype == np.bool_ and group["valid"].chunks == (16,)
     assert group["done"].shape == (3,) and group["done"].chunks == (1,)
@@ -237,3 +238,29 @@ def test_write_lock_held_by_another_process(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_little_padding_on_disk(wds_path, tmp_path):
+    """Zarr pads edge chunks to full size: the shard is capped at N and inner chunks are a
+    few rows, so the stored bytes stay at the raw fp16 size (plus the shard index)."""
+    (result,) = extract(ExtractOptions(model=TIMM_TINY, dataset=f"wds:{wds_path}",
+                                       splits=("test",), weights="random",
+                                       model_kwargs=TIMM_TINY_KW, cache_root=tmp_path,
+                                       num_workers=0, all_tokens=True))
+    cache = open_cache(result.path)
+    assert cache.layout.shard_size == 20  # never more than N
+    for name, row_bytes in (("cls", 4 * 48 * 2), ("ap", 4 * 48 * 2),
+                            ("last_tokens", 17 * 48 * 2)):
+        on_disk = sum(f.stat().st_size for f in (result.path / name / "c").rglob("*")
+                      if f.is_file())
+        raw = 20 * row_bytes
+        assert raw <= on_disk <= raw + 1024, (name, on_disk, raw)  # + the shard index
+
+
+def test_inner_chunks_tile_the_shard():
+    from featcache.cache import _inner_rows
+
+    assert _inner_rows(1024, 64) == 64
+    assert _inner_rows(100, 64) == 50
+    assert _inner_rows(97, 64) == 1
+    assert _inner_rows(16, 20) == 16
