@@ -97,7 +97,8 @@ def extract(
         return
     rows = [{"path": str(r.path), "split": r.split, "n": r.n, "status": r.status,
              "shards_written": r.shards_written, "seconds": round(r.seconds, 2),
-             "images_per_s": round(r.images_per_s, 1), "skipped": r.n_skipped} for r in results]
+             "images_per_s": round(r.images_per_s, 1), "skipped": r.n_skipped,
+             "ranks": r.ranks} for r in results]
     if json_out:
         print_json(rows)
         return
@@ -109,6 +110,8 @@ def extract(
         else:
             verb = "resumed and finished" if r.status == "resumed" else "wrote"
             shards = f"{r.shards_written} shard{'s' if r.shards_written != 1 else ''}"
+            if r.ranks > 1:
+                shards += f" on {r.ranks} ranks"
             console.print(f"[green]{verb}[/] {r.path}: {r.n} images, {shards} in "
                           f"{r.seconds:.1f} s ({r.images_per_s:.1f} img/s){skipped}",
                           soft_wrap=True)

@@ -70,6 +70,16 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def all_sum(values: list[int]) -> list[int]:
+    """Element-wise sum over ranks (every rank gets it; a no-op in one process)."""
+    if world_size() == 1:
+        return list(values)
+    device = torch.device("cuda", local_rank()) if tdist.get_backend() == "nccl" else "cpu"
+    box = torch.tensor(values, dtype=torch.int64, device=device)
+    tdist.all_reduce(box)
+    return [int(v) for v in box.tolist()]
+
+
 def split_evenly(items: list[T], part: int, parts: int) -> list[T]:
     """The `part`-th of `parts` contiguous, near-equal slices of `items`."""
     base, extra = divmod(len(items), parts)

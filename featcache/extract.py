@@ -68,11 +68,12 @@ class ExtractResult:
     path: Path
     split: str
     n: int
-    status: str  # "written" | "resumed" | "complete" (nothing to do) | "partial" (rank view)
-    shards_written: int
+    status: str  # "written" | "resumed" | "complete" (nothing to do) | "partial" (rank > 0)
+    shards_written: int  # by all ranks together
     seconds: float
     n_skipped: int = 0
-    n_written: int = 0
+    n_written: int = 0  # images run through the backbone, by all ranks together
+    ranks: int = 1
 
     @property
     def images_per_s(self) -> float:
@@ -362,11 +363,13 @@ def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
         mine = dist.split_evenly(todo, rank, world)
         written, n_written = _run_loop(backbone, dataset, cache, mine, opts, device,
                                        compute_dtype, progress)
+        # every rank's counts, summed (this also waits for every rank to finish)
+        written, n_written = dist.all_sum([written, n_written])
         dist.barrier()
         seconds = time.perf_counter() - started
         if rank != 0:
             return ExtractResult(path, dataset.split, len(dataset), "partial", written, seconds,
-                                 0, n_written)
+                                 0, n_written, world)
         previous = cache.attrs.get("timings", {}).get("extract_s", 0.0)
         valid = cache.valid()
         skipped = [int(i) for i in np.flatnonzero(~valid)]
@@ -381,7 +384,7 @@ def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
             raise FeatcacheError(f"{path}: {missing} shards are still missing after extraction;"
                                  " re-run the same command to finish them")
     return ExtractResult(path, dataset.split, len(dataset), status, written, seconds,
-                         len(skipped), n_written)
+                         len(skipped), n_written, world)
 
 
 MAX_SKIPPED_LISTED = 1000

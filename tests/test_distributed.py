@@ -1,0 +1,130 @@
+"""torchrun: whole shards split across ranks; rank 0 creates, prints and finalises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
+
+from featcache import distributed as dist
+from featcache.cache import Cache, open_cache
+from featcache.errors import FeatcacheError
+from featcache.extract import ExtractOptions, extract
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+ARRAYS = ("cls", "ap", "last_tokens", "labels", "valid", "done")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 16])
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+def test_split_evenly_is_contiguous_disjoint_complete_and_balanced(n, parts):
+    items = list(range(100, 100 + n))
+    slices = [dist.split_evenly(items, p, parts) for p in range(parts)]
+    assert [x for s in slices for x in s] == items  # in order, disjoint, complete
+    sizes = [len(s) for s in slices]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first ranks take the extra ones
+    for s in slices:
+        assert s == items[items.index(s[0]):items.index(s[0]) + len(s)] if s else True
+
+
+def test_split_of_unfinished_shards_only():
+    todo = [1, 4, 5, 6, 9]  # shards without a done flag, on resume
+    assert dist.split_evenly(todo, 0, 2) == [1, 4, 5]
+    assert dist.split_evenly(todo, 1, 2) == [6, 9]
+
+
+def test_without_torchrun_this_is_rank_0_of_1(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert not dist.is_distributed()
+    assert (dist.rank(), dist.world_size(), dist.env_rank()) == (0, 1, 0)
+    assert dist.broadcast_object({"a": 1}) == {"a": 1}
+    dist.barrier()
+    with dist.session():
+        assert dist.world_size() == 1
+
+
+def opts(wds_path: Path, root: Path, **kw) -> ExtractOptions:
+    base = dict(model=TIMM_TINY, dataset=f"wds:{wds_path}", splits=("train",),
+                weights="random", model_kwargs=dict(TIMM_TINY_KW), cache_root=root,
+                batch_size=8, shard_size=16, num_workers=0, all_tokens=True)
+    base.update(kw)
+    return ExtractOptions(**base)
+
+
+def test_ranks_write_only_their_shards_and_only_rank_0_finalises(wds_path, tmp_path,
+                                                                monkeypatch):
+    """Two ranks simulated one after the other in this process (the torchrun test below
+    runs them for real): 3 shards, rank 0 owns [0, 1], rank 1 owns [2]."""
+    (ref,) = extract(opts(wds_path, tmp_path / "ref"))
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj: obj)
+    monkeypatch.setattr(dist, "all_sum", lambda values: values)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    with pytest.raises(FeatcacheError, match="1 shards are still missing"):
+        extract(opts(wds_path, tmp_path / "c"))  # rank 1 never ran: rank 0 says so
+    path = tmp_path / "c" / ref.path.relative_to(tmp_path / "ref")
+    assert open_cache(path).done().tolist() == [True, True, False]
+    # rank 1 sees what rank 0 saw before anyone wrote, and rank 0's broadcast
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj: ("written", ""))
+    monkeypatch.setattr(Cache, "done", lambda self: np.zeros(3, dtype=bool))
+    (part,) = extract(opts(wds_path, tmp_path / "c"))
+    assert (part.status, part.shards_written, part.n_written) == ("partial", 1, 8)
+    monkeypatch.undo()
+    cache = open_cache(path)
+    assert cache.done().all() and not cache.complete  # written, but nobody finalised
+    (last,) = extract(opts(wds_path, tmp_path / "c"))  # rank 0 of 1: only finalises
+    assert (last.status, last.shards_written) == ("resumed", 0)
+    assert open_cache(path).complete
+    for name in ARRAYS:
+        a = zarr.open_array(str(path / name), mode="r")[...]
+        b = zarr.open_array(str(ref.path / name), mode="r")[...]
+        assert a.tobytes() == b.tobytes(), name
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_give_the_one_process_cache(wds_path, tmp_path):
+    root = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "cli.main", "extract", "--model", TIMM_TINY, "--weights", "random",
+           *model_args(TIMM_TINY_KW), "--dataset", f"wds:{wds_path}", "--split", "train,test",
+           "--cache", str(root), "--batch-size", "4", "--shard-size", "8", "--all-tokens",
+           "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
+                         cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stdout + run.stderr
+    # only rank 0 speaks: one summary line per split, with every rank's shards counted
+    assert run.stdout.count("wrote") == 2, run.stdout
+    assert "5 shards on 2 ranks" in run.stdout and "3 shards on 2 ranks" in run.stdout
+    single = extract(opts(wds_path, tmp_path / "one", splits=("train", "test"), batch_size=4,
+                          shard_size=8))
+    report = {}
+    for one in single:
+        path = root / one.path.relative_to(tmp_path / "one")
+        ddp = open_cache(path)
+        assert ddp.complete and ddp.layout == open_cache(one.path).layout
+        assert ddp.attrs["environment"]["world_size"] == 2
+        assert ddp.done().all() and ddp.layout.n_shards == {"train": 5, "test": 3}[one.split]
+        g1 = zarr.open_group(str(one.path), mode="r")
+        g2 = zarr.open_group(str(path), mode="r")
+        for name in ("labels", "valid", "done"):  # every sample in its place
+            np.testing.assert_array_equal(g2[name][...], g1[name][...])
+        bitwise = True
+        for name in ("cls", "ap", "last_tokens"):
+            a, b = g2[name][...].astype(np.float32), g1[name][...].astype(np.float32)
+            np.testing.assert_allclose(a, b, rtol=2.0 ** -10, atol=1e-5)  # fp16 rounding
+            bitwise &= a.tobytes() == b.tobytes()
+        report[one.split] = bitwise
+    print("torchrun cache bitwise equal to one process:", json.dumps(report))
