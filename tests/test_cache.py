@@ -264,3 +264,26 @@ def test_inner_chunks_tile_the_shard():
     assert _inner_rows(100, 64) == 50
     assert _inner_rows(97, 64) == 1
     assert _inner_rows(16, 20) == 16
+
+
+def test_a_cache_written_by_another_tool_with_zarr_alone(tmp_path):
+    """docs/cache-format.md, 'Writing a compatible cache': the minimum featcache reads."""
+    path = tmp_path / "mymodel" / "mydata" / "train"
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    rng = np.random.default_rng(0)
+    cls = rng.normal(size=(10, 3, 8)).astype(np.float16)
+    g.create_array("cls", data=cls)
+    g.create_array("ap", data=cls[::-1].copy())
+    g.create_array("labels", data=np.arange(10) % 2)
+    g.create_array("valid", data=np.ones(10, dtype=bool))
+    g.create_array("done", data=np.ones(1, dtype=bool))
+    g.attrs.update({"featcache": {"format": 1, "version": "external"},
+                    "fingerprint": {"model": {"model": "mine", "weights": "w", "tap": "t"},
+                                    "dataset": {"name": "mydata", "split": "train"}},
+                    "layer_names": ["block0", "block1", "final"], "layer_dims": [8, 8, 8],
+                    "class_names": ["a", "b"], "n": 10, "dim": 8, "shard_size": 10,
+                    "n_shards": 1, "n_tokens": None, "token_dim": None, "complete": True})
+    (found,) = find_caches(tmp_path)
+    assert found.complete and found.summary()["model"] == "mine"
+    np.testing.assert_array_equal(found.read("cls", [2], slice(2, 5)), cls[2:5, [2]])
+    assert found.labels().dtype == np.int64 and found.valid().all()
