@@ -96,9 +96,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 autocast on CUDA, fp32 on CPU (bf16 pays off on CPUs with AMX: ask for it)."""
+    """auto: bf16 autocast on CUDA (fp16 on GPUs without bf16), fp32 on CPU (bf16 pays off
+    on CPUs with AMX, and somewhat with AVX512-BF16: ask for it with --dtype bf16)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in DTYPES:
         raise FeatcacheError(f"bad --dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -434,7 +437,7 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None,  # 2 batches per worker keep it busy
     )
     total = sum(layout.rows(s).stop - layout.rows(s).start for s in shards)
     label = f"{_short_name(dataset.name)} {dataset.split}"

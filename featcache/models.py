@@ -196,7 +196,7 @@ class Backbone(nn.Module):
         """
         return x[:, 0].float(), x[:, self.n_prefix:].float().mean(dim=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def tokens(self, images: torch.Tensor, all_tokens: bool = False) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) → cls, ap: (B, n_layers, dim) zero-padded; last: (B, T, final_dim)."""
         self._taps = []
