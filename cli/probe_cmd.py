@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -16,18 +17,23 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
         raise FeatcacheError(f"bad {what} {text!r}: use comma-separated numbers, "
-                             "e.g. 1e-3,1e-2") from None
+                             "e.g. 1e-3,1e-2")
+    return values
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise FeatcacheError(f"bad {what} {text!r}: use comma-separated integers, "
-                             "e.g. 0,1,2") from None
+        values = ()
+    if not values:
+        raise FeatcacheError(f"bad {what} {text!r}: use comma-separated integers, e.g. 0,1,2")
+    return values
 
 
 def _fmt(value: float | None) -> str:

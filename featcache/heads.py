@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LinearHeads",
+    "pool_project",
     "AttentiveHeads",
     "ReferenceAttentiveHead",
     "attention_summary",
@@ -59,6 +60,8 @@ class _StackedHeads(nn.Module):
     _KEYS: dict[str, str] = {}
     # export names whose single-config shape gets an extra leading 1 (the query)
     _KEEP_LEADING: frozenset[str] = frozenset()
+    # constructor arguments that are lists with one entry per config
+    _PER_CONFIG: tuple[str, ...] = ()
 
     n_configs: int
 
@@ -94,8 +97,9 @@ class _StackedHeads(nn.Module):
         idx = list(indices)
         kwargs = self._ctor_kwargs()
         kwargs["n_configs"] = len(idx)
-        if "dropout" in kwargs:
-            kwargs["dropout"] = [kwargs["dropout"][i] for i in idx]
+        for key in self._PER_CONFIG:
+            if kwargs.get(key) is not None:
+                kwargs[key] = [kwargs[key][i] for i in idx]
         ref = next(iter(self.parameters()))
         # a throwaway generator: building the shell must not advance the global RNG
         new = type(self)(**kwargs, generator=torch.Generator(), device=ref.device).to(ref.dtype)
@@ -111,8 +115,9 @@ class _StackedHeads(nn.Module):
             return parts[0]
         kwargs = parts[0]._ctor_kwargs()
         kwargs["n_configs"] = sum(p.n_configs for p in parts)
-        if "dropout" in kwargs:
-            kwargs["dropout"] = [d for p in parts for d in p._ctor_kwargs()["dropout"]]
+        for key in cls._PER_CONFIG:
+            if kwargs.get(key) is not None:
+                kwargs[key] = [v for p in parts for v in p._ctor_kwargs()[key]]
         ref = next(iter(parts[0].parameters()))
         new = cls(**kwargs, generator=torch.Generator(), device=ref.device).to(ref.dtype)
         states = [p.state_dict() for p in parts]
@@ -125,27 +130,41 @@ class LinearHeads(_StackedHeads):
 
     Every config starts from the same init (drawn once from ``generator``), so a config's
     result does not depend on where it sits in the grid.
+
+    ``inputs`` (one token index per config) makes the configs read different tokens of a
+    (B, T, d_in) input: config g is a linear probe of token ``inputs[g]``. That is how the
+    per-layer probes (`layers`) train every layer's whole grid in one pass: layers ×
+    hyperparameters as the config axis. Configs stored token by token in equal runs
+    (the usual layout) take one batched matmul; any other order gathers per config.
     """
 
     _KEYS = {"weight": "weight", "bias": "bias"}
+    _PER_CONFIG = ("inputs",)
 
     def __init__(
         self,
         n_configs: int,
         d_in: int,
         n_classes: int,
+        inputs: Sequence[int] | None = None,
         *,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.n_configs, self.d_in, self.n_classes = n_configs, d_in, n_classes
+        self.inputs = None if inputs is None else [int(i) for i in inputs]
+        if self.inputs is not None and len(self.inputs) != n_configs:
+            raise ValueError(f"need one input index per config ({n_configs}), "
+                             f"got {len(self.inputs)}")
+        self._runs = _equal_runs(self.inputs) if self.inputs is not None else None
         self.weight = nn.Parameter(torch.empty(n_configs, n_classes, d_in, device=device))
         self.bias = nn.Parameter(torch.empty(n_configs, n_classes, device=device))
         self.reset_parameters(generator)
 
     def _ctor_kwargs(self) -> dict:
-        return {"n_configs": self.n_configs, "d_in": self.d_in, "n_classes": self.n_classes}
+        return {"n_configs": self.n_configs, "d_in": self.d_in, "n_classes": self.n_classes,
+                "inputs": None if self.inputs is None else list(self.inputs)}
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -157,13 +176,42 @@ class LinearHeads(_StackedHeads):
         self.bias.copy_(b.expand_as(self.bias))
 
     def forward(self, x: Tensor, **_: object) -> Tensor:
-        """x (B, d_in) → logits (G, B, C)."""
-        if x.dim() != 2 or x.shape[1] != self.d_in:
-            raise ValueError(f"expected (B, {self.d_in}) input, got {tuple(x.shape)}")
+        """x (B, d_in) (or (B, T, d_in) with ``inputs``) → logits (G, B, C)."""
+        G, C, D = self.n_configs, self.n_classes, self.d_in
+        if self.inputs is not None:
+            if x.dim() != 3 or x.shape[2] != D or max(self.inputs) >= x.shape[1]:
+                raise ValueError(f"expected (B, >{max(self.inputs)}, {D}) input, "
+                                 f"got {tuple(x.shape)}")
+            x = x.to(self.weight.dtype)
+            if self._runs is not None:  # tokens t0..t0+L-1, each read by G/L configs in a row
+                t0, L = self._runs
+                w = self.weight.view(L, (G // L) * C, D)
+                b = self.bias.view(L, (G // L) * C, 1)
+                xs = x[:, t0 : t0 + L].permute(1, 2, 0)  # (L, D, B)
+            else:
+                w, b = self.weight, self.bias.unsqueeze(2)
+                idx = torch.tensor(self.inputs, device=x.device)
+                xs = x.index_select(1, idx).permute(1, 2, 0)  # (G, D, B)
+            return torch.baddbmm(b, w, xs).view(G, C, -1).transpose(1, 2)
+        if x.dim() != 2 or x.shape[1] != D:
+            raise ValueError(f"expected (B, {D}) input, got {tuple(x.shape)}")
         x = x.to(self.weight.dtype)
-        G, C = self.n_configs, self.n_classes
-        out = (x @ self.weight.reshape(G * C, self.d_in).t()).view(-1, G, C)
-        return out.permute(1, 0, 2) + self.bias.unsqueeze(1)
+        # (G·C, B) in memory, returned as a (G, B, C) view: a softmax over C is slow along a
+        # short contiguous axis on CPU (10x for C = 10) and fast along the long B axis
+        out = torch.addmm(self.bias.reshape(G * C, 1), self.weight.reshape(G * C, D), x.t())
+        return out.view(G, C, -1).transpose(1, 2)
+
+
+def _equal_runs(inputs: list[int]) -> tuple[int, int] | None:
+    """(first token, number of tokens) when ``inputs`` is t0,…,t0 (k times), t0+1 (k
+    times), … — consecutive tokens in equal runs; else None."""
+    if not inputs:
+        return None
+    t0, L = inputs[0], len(set(inputs))
+    k, rem = divmod(len(inputs), L)
+    if rem or inputs != [t0 + i // k for i in range(len(inputs))]:
+        return None
+    return t0, L
 
 
 class AttentiveHeads(_StackedHeads):
@@ -209,6 +257,7 @@ class AttentiveHeads(_StackedHeads):
         "fc.bias": "fc_bias",
     }
     _KEEP_LEADING = frozenset({"query"})
+    _PER_CONFIG = ("dropout",)
 
     def __init__(
         self,
@@ -368,16 +417,20 @@ class AttentiveHeads(_StackedHeads):
             a = a * self.sample_dropout_mask(B, T, generator).to(a.dtype).view(B, T, G * H)
         a_sum = a.sum(dim=1)  # (B, G*H); 1 without dropout
 
-        z = torch.bmm(a.transpose(1, 2), xh)  # (B, G*H, D): pool first ...
-        o = torch.einsum("bghd,ghed->bghe", z.view(B, G, H, D), v_w_scaled)  # ... project once
+        o = pool_project(a.view(B, T, G, H), xh, v_w_scaled)  # pool first, project once
         o = o + a_sum.view(B, G, H, 1) * v_b
-        h = torch.einsum("bgf,gdf->bgd", o.reshape(B, G, H * E), self.out_weight)
-        h = h + self.out_bias
-        h = h.to(self.bn_weight.dtype).reshape(B, G * D)
+        # (G, D, B) in memory from here on: BatchNorm reads it as (1, G·D, B) and every
+        # gradient comes back contiguous (CPU BatchNorm backward on a transposed (B, G·D)
+        # gradient is ~10x slower), and the logits come out as (G, C, B), so the loss's
+        # softmax over C runs along a long inner axis
+        h = torch.baddbmm(
+            self.out_bias.unsqueeze(2), self.out_weight, o.view(B, G, H * E).permute(1, 2, 0)
+        )
+        h = h.to(self.bn_weight.dtype)
         if self.training:
             self.bn_num_batches_tracked.add_(1)
         h = F.batch_norm(
-            h,
+            h.view(1, G * D, B),
             self.bn_running_mean.view(-1),
             self.bn_running_var.view(-1),
             self.bn_weight.view(-1),
@@ -386,8 +439,8 @@ class AttentiveHeads(_StackedHeads):
             BN_MOMENTUM,
             BN_EPS,
         )
-        logits = torch.einsum("bgd,gcd->gbc", h.view(B, G, D), self.fc_weight)
-        logits = logits + self.fc_bias.unsqueeze(1)
+        logits = torch.baddbmm(self.fc_bias.unsqueeze(2), self.fc_weight, h.view(G, D, B))
+        logits = logits.transpose(1, 2)  # (G, B, C) view
         if return_attention:
             return logits, attn.view(B, T, G, H).permute(2, 0, 3, 1)
         return logits
@@ -451,6 +504,104 @@ class ReferenceAttentiveHead(nn.Module):
         h = self.bn(self.out_proj(o))
         logits = self.fc(h)
         return (logits, attn) if return_attention else logits
+
+
+# Scratch for one chunk of the pooled tokens (samples × configs·heads × D) on CPU: small
+# enough to stay in cache and to be reused, instead of a (B, G·H, D) tensor per step.
+_POOL_CHUNK_BYTES = 4 << 20
+_POOL_CHUNK_ROWS = 192  # configs·heads per chunk (whole configs)
+
+
+def _spans(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+class _PoolProject(torch.autograd.Function):
+    """o[b,g,h] = W[g,h] · Σ_t a[b,t,g,h] x̂[b,t] computed in cache-sized chunks.
+
+    The same contraction as ``bmm`` (pool) then ``einsum`` (project), but the pooled
+    tensor (B, G·H, D), G·H/T times the size of the input batch, exists only one chunk at a
+    time (reused scratch; recomputed in backward rather than stored). On CPU this avoids
+    allocating and page-faulting hundreds of MB per step and is ~2x faster at ALF shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, xh: Tensor, w: Tensor) -> Tensor:
+        B, T, G, H = a.shape
+        E, D = w.shape[2], w.shape[3]
+        gc, bc = _pool_chunks(B, G, H, D, a.element_size())
+        out = a.new_empty(B, G, H, E)
+        scratch = a.new_empty(bc * gc * H * D)
+        for g0, g1 in _spans(G, gc):
+            n = (g1 - g0) * H
+            w_t = w[g0:g1].reshape(n, E, D).transpose(1, 2)
+            for b0, b1 in _spans(B, bc):
+                m = b1 - b0
+                a_c = a[b0:b1, :, g0:g1].reshape(m, T, n)
+                z_buf = scratch[: m * n * D].view(m, n, D)
+                z = torch.bmm(a_c.transpose(1, 2), xh[b0:b1], out=z_buf)
+                o = torch.bmm(z.transpose(0, 1), w_t)  # (n, m, E)
+                out[b0:b1, g0:g1].copy_(o.view(g1 - g0, H, m, E).permute(2, 0, 1, 3))
+        ctx.save_for_backward(a, xh, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor) -> tuple[Tensor | None, ...]:
+        a, xh, w = ctx.saved_tensors
+        need_a, need_x, need_w = ctx.needs_input_grad
+        B, T, G, H = a.shape
+        E, D = w.shape[2], w.shape[3]
+        gc, bc = _pool_chunks(B, G, H, D, a.element_size())
+        d_a = torch.empty_like(a) if need_a else None
+        d_x = torch.zeros_like(xh) if need_x else None
+        d_w = torch.zeros_like(w) if need_w else None
+        s_dz = a.new_empty(bc * gc * H * D)
+        s_z = a.new_empty(bc * gc * H * D) if need_w else None
+        for g0, g1 in _spans(G, gc):
+            n = (g1 - g0) * H
+            w_c = w[g0:g1].reshape(n, E, D)
+            for b0, b1 in _spans(B, bc):
+                m = b1 - b0
+                a_c = a[b0:b1, :, g0:g1].reshape(m, T, n)
+                x_c = xh[b0:b1]
+                do_t = d_out[b0:b1, g0:g1].permute(1, 2, 0, 3).reshape(n, m, E)
+                if need_a or need_x:
+                    dz = torch.bmm(do_t, w_c, out=s_dz[: m * n * D].view(n, m, D))
+                    dz = dz.transpose(0, 1)  # (m, n, D)
+                    if need_a:
+                        d_a[b0:b1, :, g0:g1] = torch.bmm(x_c, dz.transpose(1, 2)).view(
+                            m, T, g1 - g0, H)
+                    if need_x:
+                        d_x[b0:b1].baddbmm_(a_c, dz)
+                if need_w:
+                    z = torch.bmm(a_c.transpose(1, 2), x_c, out=s_z[: m * n * D].view(m, n, D))
+                    d_w[g0:g1].view(n, E, D).baddbmm_(do_t.transpose(1, 2), z.transpose(0, 1))
+        return d_a, d_x, d_w
+
+
+def _pool_chunks(B: int, G: int, H: int, D: int, itemsize: int) -> tuple[int, int]:
+    """(configs, samples) per chunk of the pooled tokens."""
+    gc = max(1, min(G, _POOL_CHUNK_ROWS // max(H, 1)))
+    bc = max(1, min(B, _POOL_CHUNK_BYTES // (gc * H * D * itemsize)))
+    return gc, bc
+
+
+def pool_project(a: Tensor, xh: Tensor, w: Tensor) -> Tensor:
+    """Σ_t a[b,t,g,h] (W[g,h] x̂[b,t]) as pool-then-project: (B,T,G,H), (B,T,D),
+    (G,H,E,D) → (B,G,H,E). Chunked on CPU (see ``_PoolProject``); one bmm and one einsum
+    elsewhere (GPUs have the bandwidth, and fewer, larger kernels suit them better)."""
+    if a.device.type == "cpu" and a.dtype == xh.dtype == w.dtype and not _cpu_autocast():
+        return _PoolProject.apply(a, xh, w)
+    B, T, G, H = a.shape
+    z = torch.bmm(a.reshape(B, T, G * H).transpose(1, 2), xh)  # (B, G*H, D)
+    return torch.einsum("bghd,ghed->bghe", z.view(B, G, H, -1), w)
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def attention_summary(attn: Tensor, per_head: bool = False) -> Tensor:

@@ -52,7 +52,9 @@ class ProbeOptions:
     shots: int | None = None
     token: str | None = None  # linear/layers: "cls" or "ap" (default: the model's probe token)
     device: str = "auto"
-    memory_budget_gb: float | None = None
+    memory_budget_gb: float | None = None  # the grid's heads (None: see TrainConfig)
+    feature_memory_gb: float | None = None  # tokens kept on the device (None: half its free)
+    threads: int | None = None  # torch intra-op threads during the run (None: as set)
     force: bool = False
     train_split: str = "train"
     test_split: str = "test"
@@ -169,24 +171,18 @@ def token_list(method: str, layer_set: str, cache: Cache, token: str | None = No
 
 
 def load_tokens(cache: Cache, tokens: list[tuple[str, str]]) -> np.ndarray:
-    """(N, T, D) float32, each token vector L2-normalised (per layer and kind, as the paper)."""
-    parts: dict[str, np.ndarray] = {}
-    for kind in ("cls", "ap"):
-        names = sorted({name for name, k in tokens if k == kind}, key=cache.layer_names.index)
-        if names:
-            data = cache.read(kind, cache.layer_index(names))
-            parts.update({f"{name}.{kind}": data[:, i] for i, name in enumerate(names)})
-    x = np.stack([parts[f"{name}.{kind}"] for name, kind in tokens], axis=1).astype(np.float32)
-    return l2_normalise(x)
+    """(N, T, D) float32, each token vector L2-normalised (per layer and kind, as the paper).
+
+    For inspection and independent references; probing itself keeps the cache's float16
+    values in a `FeatureSource` and normalises per batch (`load_source`)."""
+    from featcache.features import load_source
+
+    src = load_source(cache, tokens, torch.device("cpu"))
+    return src.to_tensor().numpy()
 
 
 def load_last_tokens(cache: Cache) -> np.ndarray:
-    return l2_normalise(cache.read("last_tokens").astype(np.float32))
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
+    return load_tokens(cache, [("final", "all")])
 
 
 # -- splitting -------------------------------------------------------------------------
@@ -236,10 +232,61 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     return cfg
 
 
+def check_options(opts: ProbeOptions) -> None:
+    """Every option a user can get wrong, as one clear line, before anything is read."""
+    if opts.method not in METHODS:
+        raise FeatcacheError(f"unknown method {opts.method!r}: choose {', '.join(METHODS)}")
+    if opts.grid not in GRIDS:
+        raise FeatcacheError(f"unknown grid {opts.grid!r}: choose {', '.join(GRIDS)}")
+    if opts.method == "attentive" and opts.layers not in (None, "last"):
+        raise FeatcacheError("--method attentive reads every token of the last layer; "
+                             "--layers does not apply (use --method alf for layer sets)")
+    if opts.token not in (None, "cls", "ap"):
+        raise FeatcacheError(f"bad token {opts.token!r}: use cls or ap")
+    if not opts.seeds:
+        raise FeatcacheError("no seeds given: use e.g. --seeds 0,1,2")
+    if len(set(opts.seeds)) != len(opts.seeds):
+        raise FeatcacheError(f"repeated seeds in {list(opts.seeds)}")
+
+    def positive(name: str, value: Any, low: float = 1) -> None:
+        if value is not None and value < low:
+            raise FeatcacheError(f"{name} must be at least {low:g}, got {value}")
+
+    positive("--epochs", opts.epochs)
+    positive("--batch-size", opts.batch_size, 2)
+    positive("--shots", opts.shots)
+    positive("--min-steps", opts.min_steps, 0)
+    positive("--threads", opts.threads)
+    if opts.memory_budget_gb is not None and opts.memory_budget_gb <= 0:
+        raise FeatcacheError(f"--memory-gb must be positive, got {opts.memory_budget_gb}")
+    if opts.feature_memory_gb is not None and opts.feature_memory_gb < 0:
+        raise FeatcacheError(f"--feature-memory-gb must be ≥ 0, got {opts.feature_memory_gb}")
+    if not 0 < opts.val_fraction < 1:
+        raise FeatcacheError(f"the validation fraction must lie in (0, 1), got "
+                             f"{opts.val_fraction}")
+    for name, values, ok, rule in (
+        ("--lrs", opts.lrs, lambda v: v > 0 and math.isfinite(v), "positive"),
+        ("--wds", opts.wds, lambda v: v >= 0 and math.isfinite(v), "≥ 0"),
+        ("--dropouts", opts.dropouts, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ):
+        if values is None:
+            continue
+        if not values:
+            raise FeatcacheError(f"{name} is empty: give at least one value")
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            raise FeatcacheError(f"{name} values must be {rule}, got {bad[0]:g}")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FeatcacheError("--device cuda asked for, but torch sees no CUDA GPU; "
                              "use --device cpu")
@@ -254,64 +301,143 @@ def _num_heads(method: str, n_tokens: int) -> int:
 METRIC_KEYS = ("top1", "top5", "balanced_top1", "balanced_top5")
 
 
-def fit_and_select(x_train: torch.Tensor, y_train: torch.Tensor, n_classes: int, head: str,
-                   cfg: Any, opts: ProbeOptions, seed: int, num_heads: int | None,
-                   progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Grid on 80 %, select by validation balanced top-1, refit the winner on 100 %."""
+def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes: int,
+                   head: str, cfg: Any, opts: Any, seed: int, num_heads: int | None,
+                   progress: Callable[[dict], None] | None = None,
+                   timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """Grid on 80 %, select by validation balanced top-1, refit the winner on 100 %.
+
+    ``x_train``: a tensor (used as it is) or a `FeatureSource`; ``opts`` needs only
+    ``val_fraction``. Returns grid (points with their validation score), selected point,
+    its validation metrics and the refitted head (``final``). ``timings`` gets grid_s,
+    select_s and refit_s added.
+    """
+    from featcache.features import as_source
     from featcache.train import fit_grid, grid_points
 
+    timings = {} if timings is None else timings
+    src = as_source(x_train)
     tr, va = stratified_split(y_train.cpu().numpy(), opts.val_fraction, seed)
-    tr_t = torch.as_tensor(tr, device=x_train.device)
-    va_t = torch.as_tensor(va, device=x_train.device)
+    y_dev = y_train.to(src.device)
+    tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
     points = grid_points(cfg, attentive=head == "attentive")
-    grid = fit_grid(x_train[tr_t], y_train[tr_t], n_classes, head, points, cfg,
+    clock = time.perf_counter()
+    grid = fit_grid(src.subset(tr), y_dev[tr_t], n_classes, head, points, cfg,
                     num_heads=num_heads, progress=progress)
-    val = grid.evaluate(x_train[va_t], y_train[va_t])
+    timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
+    clock = time.perf_counter()
+    val = grid.evaluate(src.subset(va), y_dev[va_t])
     scores = np.asarray(val["balanced_top1"], dtype=float)
     best = int(np.argmax(scores))  # ties: the first in grid order (largest lr, smallest wd)
-    table = [{**p, "val_balanced_top1": float(s)} for p, s in zip(points, scores, strict=True)]
+    table = [{**p, "val_balanced_top1": float(v)} for p, v in zip(points, scores, strict=True)]
     del grid
-    final = fit_grid(x_train, y_train, n_classes, head, [points[best]], cfg,
+    timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
+    clock = time.perf_counter()
+    final = fit_grid(src, y_dev, n_classes, head, [points[best]], cfg,
                      num_heads=num_heads, progress=progress)
+    timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
     val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
     return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final}
 
 
-def test_metrics(final: Any, x_test: torch.Tensor, y_test: torch.Tensor) -> dict[str, Any]:
-    """Config 0's test metrics (percent) and per-class accuracy."""
+def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, cfg: Any,
+                          opts: Any, seed: int, progress: Callable[[dict], None] | None = None,
+                          timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per-layer linear probes, every layer in one grid: config (l, p) reads token l with
+    hyperparameters p (layers × points on the config axis). Selection is per layer; the
+    refit trains each layer's winner, again all layers at once. ``final``'s config l is
+    layer l's probe."""
+    from featcache.features import as_source
+    from featcache.train import fit_grid, grid_points
+
+    timings = {} if timings is None else timings
+    src = as_source(x_train)
+    L = src.sample_shape[0]
+    tr, va = stratified_split(y_train.cpu().numpy(), opts.val_fraction, seed)
+    y_dev = y_train.to(src.device)
+    tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
+    points = grid_points(cfg, attentive=False)
+    P = len(points)
+    inputs = [layer for layer in range(L) for _ in points]
+    clock = time.perf_counter()
+    grid = fit_grid(src.subset(tr), y_dev[tr_t], n_classes, "linear", points * L, cfg,
+                    progress=progress, inputs=inputs)
+    timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
+    clock = time.perf_counter()
+    val = grid.evaluate(src.subset(va), y_dev[va_t])
+    del grid
+    scores = np.asarray(val["balanced_top1"], dtype=float).reshape(L, P)
+    best = [int(np.argmax(row)) for row in scores]
+    timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
+    clock = time.perf_counter()
+    final = fit_grid(src, y_dev, n_classes, "linear", [points[b] for b in best], cfg,
+                     progress=progress, inputs=list(range(L)))
+    timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
+    return {
+        "grid": [[{**p, "val_balanced_top1": float(v)} for p, v in zip(points, row, strict=True)]
+                 for row in scores],
+        "selected": [points[b] for b in best],
+        "val_metrics": [{k: float(val[k][layer * P + b]) for k in METRIC_KEYS}
+                        for layer, b in enumerate(best)],
+        "final": final,
+    }
+
+
+def test_metrics(final: Any, x_test: Any, y_test: torch.Tensor, config: int = 0
+                 ) -> dict[str, Any]:
+    """One config's test metrics (percent) and per-class accuracy."""
+    return all_test_metrics(final, x_test, y_test)[config]
+
+
+def all_test_metrics(final: Any, x_test: Any, y_test: torch.Tensor) -> list[dict[str, Any]]:
+    """Every config's test metrics (percent) and per-class accuracy."""
     metrics = final.evaluate(x_test, y_test)
-    out: dict[str, Any] = {k: float(metrics[k][0]) for k in METRIC_KEYS}
-    out["per_class"] = [None if v is None else float(v) for v in metrics["per_class"][0]]
+    out = []
+    for g in range(len(metrics["top1"])):
+        row: dict[str, Any] = {k: float(metrics[k][g]) for k in METRIC_KEYS}
+        row["per_class"] = [None if v is None else float(v) for v in metrics["per_class"][g]]
+        out.append(row)
     return out
+
+
+# pytest would collect `test_metrics` from `from featcache.probe import *`-style imports
+test_metrics.__test__ = False  # type: ignore[attr-defined]
 
 
 def probe(opts: ProbeOptions, progress: Any = None) -> list[RunResult]:
     """Train `opts.method` on every matching cache pair, for every seed; skip finished runs."""
-    if opts.method not in METHODS:
-        raise FeatcacheError(f"unknown method {opts.method!r}: choose {', '.join(METHODS)}")
+    check_options(opts)
     cache_root = Path(opts.cache_root) if opts.cache_root else default_cache_root()
     runs_root = Path(opts.runs_root) if opts.runs_root else default_runs_root(cache_root)
     pairs = find_pairs(cache_root, opts.model, opts.dataset, opts.train_split, opts.test_split)
     layer_set = opts.layers or DEFAULT_LAYER_SET[opts.method]
     if opts.method == "attentive":
-        lacking = [t.path for t, s in pairs if not (t.has_all_tokens and s.has_all_tokens)]
+        lacking = [c.path for t, s in pairs for c in (t, s) if not c.has_all_tokens]
         if lacking:
             raise FeatcacheError(f"--method attentive needs every token of the last layer, and "
                                  f"{lacking[0]} has none; re-extract with --all-tokens")
     for train, _ in pairs:  # validate the layer set before any training starts
         layer_set_names(layer_set, train.layer_names)
     device = resolve_device(opts.device)
-    results = []
-    for train, test in pairs:
-        for seed in opts.seeds:
-            results.append(run_one(train, test, opts, layer_set, seed, runs_root, device,
-                                   progress))
-    return results
+    threads = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        results = []
+        for train, test in pairs:
+            for seed in opts.seeds:
+                results.append(run_one(train, test, opts, layer_set, seed, runs_root, device,
+                                       progress))
+        return results
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed: int,
             runs_root: Path, device: torch.device, progress: Any = None) -> RunResult:
     """One record: (pair, method, layer set, seed)."""
+    from featcache.features import budget_from_gb, load_source
+
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
     path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed)
     base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
@@ -321,27 +447,31 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
         old = read_run(path)
         return replace(base, metrics=old.get("metrics", {}), selected=old.get("selected", {}))
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     cfg = train_config(opts, seed)
-    torch.manual_seed(seed)
     n_classes = len(train.class_names)
     y_train_np, y_test_np = train.labels(), test.labels()
-    keep_train, keep_test = train.valid(), test.valid()
+    keep_train = np.flatnonzero(train.valid())
+    keep_test = np.flatnonzero(test.valid())
     if opts.shots:
-        shots = sample_shots(y_train_np[keep_train], opts.shots, seed)
-        mask = np.zeros_like(keep_train)
-        mask[np.flatnonzero(keep_train)[shots]] = True
-        keep_train = mask
+        keep_train = keep_train[sample_shots(y_train_np[keep_train], opts.shots, seed)]
 
     if opts.method == "attentive":
         tokens = [("final", "all")]
-        x_tr, x_te = load_last_tokens(train), load_last_tokens(test)
+        token_names = [f"final.token{i}" for i in range(train.layout.n_tokens or 0)]
     else:
         tokens = token_list(opts.method, layer_set, train, opts.token)
-        x_tr, x_te = load_tokens(train, tokens), load_tokens(test, tokens)
-    x_tr, x_te = x_tr[keep_train], x_te[keep_test]
+        token_names = [f"{name}.{kind}" for name, kind in tokens]
+    budget = budget_from_gb(opts.feature_memory_gb)
+    clock = time.perf_counter()
+    src_train = load_source(train, tokens, device, budget).subset(keep_train)
+    src_test = load_source(test, tokens, device, budget).subset(keep_test)
+    timings["load_s"] = time.perf_counter() - clock
     y_tr = torch.as_tensor(y_train_np[keep_train], device=device)
     y_te = torch.as_tensor(y_test_np[keep_test], device=device)
-    token_names = [f"{name}.{kind}" for name, kind in tokens]
+    if len(y_tr) < 2 or len(y_te) < 1:
+        raise FeatcacheError(f"{train.path}: too few samples to probe ({len(y_tr)} train, "
+                             f"{len(y_te)} test)")
 
     task = None
     if progress is not None:
@@ -357,38 +487,46 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
 
     record: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
+    torch.manual_seed(seed)
     if opts.method == "layers":
+        fit = fit_and_select_layers(src_train, y_tr, n_classes, cfg, opts, seed, tick, timings)
+        clock = time.perf_counter()
+        tests = all_test_metrics(fit["final"], src_test, y_te)
+        timings["test_s"] = time.perf_counter() - clock
         per_layer = []
         for i, (name, kind) in enumerate(tokens):
-            xi = torch.as_tensor(x_tr[:, i], device=device)
-            fit = fit_and_select(xi, y_tr, n_classes, "linear", cfg, opts, seed, None, tick)
-            metrics = test_metrics(fit["final"], torch.as_tensor(x_te[:, i], device=device),
-                                   y_te)
-            per_layer.append({"layer": name, "token": kind, "selected": fit["selected"],
-                              "val_balanced_top1": fit["val_metrics"].get("balanced_top1"),
-                              **{k: v for k, v in metrics.items() if k != "per_class"}})
-        best = max(per_layer, key=lambda r: r["val_balanced_top1"] or 0.0)
-        record.update(per_layer=per_layer, selected={**best["selected"], "layer": best["layer"]},
-                      metrics={k: best[k] for k in ("top1", "top5", "balanced_top1",
-                                                      "balanced_top5")},
-                      grid=[], val_metrics={"balanced_top1": best["val_balanced_top1"]},
-                      attention=None, curves={})
+            per_layer.append({"layer": name, "token": kind, "selected": fit["selected"][i],
+                              "val_balanced_top1": fit["val_metrics"][i]["balanced_top1"],
+                              "val_metrics": fit["val_metrics"][i],
+                              **{k: v for k, v in tests[i].items() if k != "per_class"},
+                              "per_class": tests[i]["per_class"]})
+        best = max(range(len(per_layer)), key=lambda i: per_layer[i]["val_balanced_top1"])
+        grid = [{**p, "layer": tokens[i][0], "token": tokens[i][1]}
+                for i, row in enumerate(fit["grid"]) for p in row]
+        record.update(per_layer=per_layer,
+                      selected={**fit["selected"][best], "layer": tokens[best][0]},
+                      metrics={k: per_layer[best][k] for k in METRIC_KEYS},
+                      per_class={"class_names": train.class_names,
+                                 "accuracy": per_layer[best]["per_class"]},
+                      grid=grid, val_metrics=fit["val_metrics"][best], attention=None,
+                      curves={"train_loss": fit["final"].curves[best].tolist(),
+                              "per_layer_train_loss": fit["final"].curves.tolist()})
+        tensors = {f"{name}.{kind}.{key}": value for i, (name, kind) in enumerate(tokens)
+                   for key, value in fit["final"].export(i).items()}
     else:
         head = "attentive" if opts.method in ("alf", "attentive") else "linear"
-        x_tr_t = torch.as_tensor(x_tr, device=device)
-        x_te_t = torch.as_tensor(x_te, device=device)
-        if head == "linear":
-            x_tr_t, x_te_t = x_tr_t.flatten(1), x_te_t.flatten(1)
-        num_heads = _num_heads(opts.method, x_tr_t.shape[1]) if head == "attentive" else None
-        fit = fit_and_select(x_tr_t, y_tr, n_classes, head, cfg, opts, seed, num_heads, tick)
+        num_heads = _num_heads(opts.method, src_train.sample_shape[0]) \
+            if head == "attentive" else None
+        fit = fit_and_select(src_train, y_tr, n_classes, head, cfg, opts, seed, num_heads,
+                             tick, timings)
         final = fit["final"]
-        metrics = test_metrics(final, x_te_t, y_te)
+        clock = time.perf_counter()
+        metrics = test_metrics(final, src_test, y_te)
         attention = None
         if head == "attentive":
-            weights = final.attention(x_te_t)[0].cpu().numpy().astype(float)
-            names = token_names if opts.method == "alf" else [f"final.token{i}" for i in
-                                                              range(len(weights))]
-            attention = {"tokens": names, "mean": weights.tolist()}
+            weights = final.attention(src_test)[0].numpy().astype(float)
+            attention = {"tokens": token_names, "mean": weights.tolist()}
+        timings["test_s"] = time.perf_counter() - clock
         tensors = final.export(0)
         record.update(grid=fit["grid"], selected=fit["selected"], val_metrics=fit["val_metrics"],
                       metrics={k: v for k, v in metrics.items() if k != "per_class"},
@@ -416,11 +554,13 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
         "n_test": int(len(y_te)),
         "n_classes": n_classes,
         "config": {**_cfg_dict(cfg), "val_fraction": opts.val_fraction, "shots": opts.shots,
-                   "grid_name": opts.grid, "device": str(device)},
+                   "grid_name": opts.grid, "device": str(device),
+                   "feature_placement": src_train.placement,
+                   "torch_threads": torch.get_num_threads()},
         "caches": {"train": str(train.path), "test": str(test.path)},
         "fingerprints": {"train": train.fingerprint, "test": test.fingerprint},
         **record,
-        "timings": {"total_s": seconds},
+        "timings": {"total_s": seconds, **{k: round(v, 4) for k, v in timings.items()}},
     }
     write_run(path, record, tensors)
     return replace(base, status="trained", metrics=record["metrics"],
@@ -428,6 +568,7 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
 
 
 def _cfg_dict(cfg: Any) -> dict[str, Any]:
+    """The training config as plain JSON (tuples as lists; an unset budget as null)."""
     out = asdict(cfg)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()
-            if not (isinstance(v, float) and math.isnan(v))}
+            if not (isinstance(v, float) and not math.isfinite(v))}

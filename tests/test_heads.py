@@ -210,3 +210,35 @@ def test_attention_summary_and_shapes() -> None:
         heads(torch.randn(7, 9, 32))
     with pytest.raises(ValueError):
         AttentiveHeads(2, 32, 10, 3, 4, dropout=[0.1, 1.0])
+
+
+
+def test_chunked_pool_project_equals_reference(monkeypatch) -> None:
+    """The CPU path pools in chunks of samples × configs (scratch reused, recomputed in
+    backward): force many ragged chunks and compare with the reference head exactly."""
+    import featcache.heads as heads_mod
+
+    monkeypatch.setattr(heads_mod, "_POOL_CHUNK_ROWS", 10)  # 2 configs of 5 heads per chunk
+    monkeypatch.setattr(heads_mod, "_POOL_CHUNK_BYTES", 3 * 10 * 16 * 8)  # 3 samples
+    G, B, T, D, H, C = 5, 11, 6, 16, 5, 4
+    assert heads_mod._pool_chunks(B, G, H, D, 8) == (2, 3)
+    p = torch.tensor([0.0, 0.1, 0.0, 0.3, 0.5], dtype=F64)
+    refs = _random_refs(G, T, D, H, C, seed=11)
+    keep = torch.rand(G, B, H, T, dtype=F64) >= p.view(G, 1, 1, 1)
+    mask = keep / (1 - p.view(G, 1, 1, 1))
+    x = torch.randn(B, T, D, dtype=F64)
+    _compare(_stacked_from(refs, p.tolist()), refs, x, mask)
+    # the function itself, every input's gradient (numerically), and with the input's
+    # gradient not needed (training: that branch is skipped)
+    a = torch.rand(B, T, G, H, dtype=F64, requires_grad=True)
+    xh = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+    w = torch.randn(G, H, 2, D, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(heads_mod.pool_project, (a, xh, w))
+    out = heads_mod.pool_project(a, xh.detach(), w)
+    want = torch.einsum("btgh,btd,ghed->bghe", a, xh.detach(), w)
+    torch.testing.assert_close(out, want, **TIGHT)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (a, w), g)
+    ref = torch.autograd.grad(want, (a, w), g)
+    for u, v in zip(got, ref, strict=True):
+        torch.testing.assert_close(u, v, **TIGHT)

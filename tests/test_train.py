@@ -192,20 +192,29 @@ def test_config_in_grid_equals_config_alone() -> None:
                 if key not in null_space:
                     torch.testing.assert_close(val, a[key], rtol=1e-4, atol=1e-6, msg=key)
             torch.testing.assert_close(fitted.curves[g], alone.curves[0], rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(  # running statistics: the null space shows a little
-                fitted.predict_logits(x)[g], alone.predict_logits(x)[0], rtol=0, atol=2e-2
-            )
+            # eval mode reads the running mean, which carries the null space's rounding walk
+            # (Adam turns rounding noise into real steps; visible at the 1e-2 level in the
+            # logits): with the null-space values taken from `alone`, everything else must
+            # give the same eval logits, tightly
+            patched = fitted.heads.select([g])
+            patched.load_config(0, {**fitted.export(g), **{k: a[k] for k in null_space}})
+            with torch.no_grad():
+                got = patched.eval()(x)[0]
+                want = alone.heads.select([0]).eval()(x)[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
             if points[g]["dropout"] == 0:
                 with torch.no_grad():  # batch statistics are blind to the null space: tight
                     got = fitted.heads.select([g]).train()(x)[0]
                     want = alone.heads.select([0]).train()(x)[0]
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    # grouping never changes any config, whatever its lr or dropout
+    # grouping never changes any config, whatever its lr or dropout (float32 matmuls of
+    # other shapes round differently, and Adam at lr 0.1 amplifies that to ~1e-6)
     torch.testing.assert_close(split.curves, grid.curves, rtol=1e-4, atol=1e-6)
     for key, val in grid.heads.state_dict().items():
         attr = {v: k for k, v in grid.heads._KEYS.items()}.get(key)
         if attr not in BN_NULL_SPACE:
-            torch.testing.assert_close(split.heads.state_dict()[key], val, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(split.heads.state_dict()[key], val, rtol=1e-4, atol=1e-5,
+                                       msg=key)
     # linear heads too
     xl = x.flatten(1)
     lin_alone = fit_grid(xl, y, 3, "linear", [{"lr": 1e-2, "wd": 1e-3}], cfg)

@@ -1,0 +1,314 @@
+"""Features for probing: the tokens a method needs, read once from the cache, served in batches.
+
+A `FeatureSource` holds the raw tokens (N, T, D) exactly as the cache stores them
+(float16) and hands out batches as float32 on the compute device, each token vector
+L2-normalised inside `gather` (per layer and token kind, as the paper). Normalising per
+batch, on the compute device, from the same float16 values means both placements below
+give bit-identical batches, so a probe's result never depends on where its features sat.
+
+Placement:
+
+- **device**: the raw tokens live on the compute device (CUDA when present), one tensor;
+  a batch is an `index_select` there. Chosen when they fit the feature budget.
+- **host**: they stay in host memory (pinned on CUDA) and each batch is gathered on the
+  host and copied to the device through two pinned staging buffers, so copying the next
+  batch overlaps the current step. Chosen when the tokens do not fit the device budget.
+
+Reading (`load_source`) is per layer and token kind: only the layers a method needs are
+read from Zarr (the cache's inner chunks hold one layer each), shard by shard, straight
+into the tensor at its final placement, so the float16 tokens are the only full copy.
+
+Out of scope, by choice: streaming from disk during training. A cache whose needed
+tokens do not fit host memory either is refused with a clear error naming both sizes:
+every epoch would otherwise re-read the whole cache from disk in random order, which for
+the probes' many epochs costs more than the user can gain; fewer layers (`--layers`),
+fewer samples (`--shots`) or a larger machine are the remedies. Host memory is where
+real caches fit (FER2013's 28,709 images × 48 ViT-L tokens × 1024 × fp16 is 2.8 GB).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from featcache.errors import FeatcacheError
+
+__all__ = [
+    "FeatureSource",
+    "as_source",
+    "load_source",
+    "available_host_memory",
+    "default_feature_budget",
+]
+
+NORM_EPS = 1e-12
+HOST_FRACTION = 0.8  # of MemAvailable the raw tokens may take
+DEVICE_FRACTION = 0.5  # of free device memory (the rest is for the grid's heads)
+
+
+class FeatureSource:
+    """Tokens (N, T, D) (or any (N, ...)) on the device or in host memory; see module doc.
+
+    ``rows`` (optional) maps this source's sample i to row ``rows[i]`` of ``raw``:
+    subsets (train/validation split, k-shot, valid rows) share one raw tensor.
+    ``normalise``: L2-normalise each token vector (last axis) in ``gather``.
+    """
+
+    def __init__(self, raw: Tensor, device: torch.device | str | None = None,
+                 normalise: bool = True, rows: Tensor | None = None,
+                 placement: str | None = None) -> None:
+        if raw.dim() < 2:
+            raise ValueError(f"need (N, ...) features, got shape {tuple(raw.shape)}")
+        if not raw.is_floating_point():
+            raise ValueError("features must be floating point")
+        self.raw = raw
+        self.device = torch.device(device) if device is not None else raw.device
+        self.normalise = normalise
+        self.rows = None if rows is None else rows.to(raw.device, torch.long)
+        on_device = _same_device(raw.device, self.device)
+        if placement is None:
+            placement = "device" if on_device else "host"
+        if placement not in ("device", "host") or (placement == "device" and not on_device) \
+                or (placement == "host" and raw.device.type != "cpu"):
+            raise ValueError(f"placement {placement!r} does not fit raw tokens on "
+                             f"{raw.device} and compute device {self.device}")
+        # "host" on a CPU compute device: the same memory, but the streamed code path
+        self.placement = placement
+        self._stager: _Stager | None = None
+
+    def __len__(self) -> int:
+        return int(self.raw.shape[0] if self.rows is None else self.rows.numel())
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape[1:])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.sample_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel() * self.raw.element_size()
+
+    @property
+    def index_device(self) -> torch.device:
+        """Where `gather`'s indices should live (no copy, no sync): the raw tokens' device."""
+        return self.raw.device
+
+    def __repr__(self) -> str:
+        return (f"FeatureSource(shape={self.shape}, dtype={self.raw.dtype}, "
+                f"placement={self.placement}, device={self.device})")
+
+    # -- views --------------------------------------------------------------------------
+    def subset(self, index: Tensor | np.ndarray | Sequence[int]) -> FeatureSource:
+        """Samples ``index`` of this source (no copy of the tokens)."""
+        idx = torch.as_tensor(np.asarray(index) if not isinstance(index, Tensor) else index,
+                              dtype=torch.long).to(self.raw.device)
+        rows = idx if self.rows is None else self.rows.index_select(0, idx)
+        return FeatureSource(self.raw, self.device, self.normalise, rows, self.placement)
+
+    def to_tensor(self) -> Tensor:
+        """All samples as one float32 tensor on the compute device (small sources only)."""
+        return torch.cat([xb for _, xb in self.batches(max(1, len(self)))]) if len(self) \
+            else torch.empty((0, *self.sample_shape), device=self.device)
+
+    # -- batches ------------------------------------------------------------------------
+    def gather(self, idx: Tensor) -> Tensor:
+        """Samples ``idx`` as a fresh float32 (B, ...) tensor on the compute device, each
+        token L2-normalised (when ``normalise``); the caller may modify it in place.
+
+        Pass ``idx`` on ``index_device``: a device-resident source indexes on the device,
+        a host-resident one on the host (then copies the batch over)."""
+        idx = idx.to(self.raw.device)
+        rows = idx if self.rows is None else self.rows.index_select(0, idx)
+        return self._finish(self._take(rows), fresh=True)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[slice, Tensor]]:
+        """Consecutive slices (for evaluation): (slice of samples, float32 batch). A batch
+        may be a view of the raw tokens: read it, do not modify it."""
+        n = len(self)
+        for start in range(0, n, batch_size):
+            s = slice(start, min(n, start + batch_size))
+            if self.rows is not None:
+                yield s, self._finish(self._take(self.rows[s]), fresh=True)
+            elif self._streamed:
+                yield s, self._finish(self._stage(None, self.raw[s]), fresh=True)
+            else:
+                yield s, self._finish(self.raw[s], fresh=False)
+
+    @property
+    def _streamed(self) -> bool:
+        return self.placement == "host" and self.device.type == "cuda"
+
+    def _take(self, rows: Tensor) -> Tensor:
+        if self._streamed:
+            return self._stage(rows, None)
+        return self.raw.index_select(0, rows)
+
+    def _stage(self, rows: Tensor | None, part: Tensor | None) -> Tensor:
+        if self._stager is None:
+            self._stager = _Stager(self.raw, self.device)
+        return self._stager.copy(rows, part)
+
+    def _finish(self, xb: Tensor, fresh: bool) -> Tensor:
+        """float32 on the device; normalised. ``fresh``: ``xb`` is ours to modify, and so
+        is the result (a float32 view of the raw tokens is copied before it is returned)."""
+        out = xb.to(self.device, torch.float32, non_blocking=True)
+        owned = fresh or out.data_ptr() != xb.data_ptr() or out.device != xb.device
+        if self.normalise:
+            norm = torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+            return out.div_(norm) if owned else out / norm
+        return out
+
+
+class _Stager:
+    """Two pinned host buffers: gather a batch into one, copy it to the device without
+    blocking, and reuse a buffer only once its previous copy has finished (an event wait
+    for the copy issued two batches ago, so the host runs at most two batches ahead)."""
+
+    def __init__(self, raw: Tensor, device: torch.device, n: int = 2) -> None:
+        self.raw, self.device = raw, device
+        self.buffers: list[Tensor | None] = [None] * n
+        self.events: list[Any] = [None] * n
+        self.i = 0
+
+    def copy(self, rows: Tensor | None, part: Tensor | None) -> Tensor:
+        i = self.i
+        self.i = (i + 1) % len(self.buffers)
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        n = int(rows.numel()) if rows is not None else int(part.shape[0])
+        buf = self.buffers[i]
+        if buf is None or buf.shape[0] < n:
+            buf = torch.empty((n, *self.raw.shape[1:]), dtype=self.raw.dtype, pin_memory=True)
+            self.buffers[i] = buf
+        out = buf[:n]
+        if rows is not None:
+            torch.index_select(self.raw, 0, rows, out=out)
+        else:
+            out.copy_(part)
+        on_device = out.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.events[i] = event
+        return on_device
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == \
+        (b.index if b.index is not None else current)
+
+
+def as_source(x: Tensor | FeatureSource) -> FeatureSource:
+    """A plain tensor is used as it is (already normalised by the caller), on its device."""
+    if isinstance(x, FeatureSource):
+        return x
+    if not isinstance(x, Tensor):
+        raise TypeError(f"features must be a tensor or a FeatureSource, got {type(x).__name__}")
+    return FeatureSource(x, x.device, normalise=False)
+
+
+# -- memory -----------------------------------------------------------------------------
+
+def available_host_memory() -> int:
+    """Bytes of host memory available now (MemAvailable; sysconf where there is no /proc)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def default_feature_budget(device: torch.device) -> int:
+    """Bytes of raw tokens kept on the device: half its free memory on CUDA; on CPU the
+    device is the host, so the budget is the host's."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(DEVICE_FRACTION * free)
+    return int(HOST_FRACTION * available_host_memory())
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**27 else f"{n / 2**20:.1f} MB"
+
+
+# -- reading from the cache ---------------------------------------------------------------
+
+def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
+                budget_bytes: int | None = None, host_budget_bytes: int | None = None,
+                normalise: bool = True) -> FeatureSource:
+    """The cache's tokens, in order, as a FeatureSource over all N samples.
+
+    ``tokens``: (layer name, "cls" | "ap") pairs, or ``[("final", "all")]`` for every
+    token of the last layer (``--all-tokens`` caches). Only these layers are read, per
+    layer and per shard, into a float16 tensor on ``device`` if its size fits
+    ``budget_bytes`` (default: `default_feature_budget`), else into (pinned) host memory.
+    """
+    n = cache.n
+    all_tokens = tokens == [("final", "all")]
+    if all_tokens:
+        n_tok, dim = cache.layout.n_tokens, cache.layout.token_dim
+    else:
+        n_tok, dim = len(tokens), cache.dim
+    nbytes = n * n_tok * dim * 2
+    budget = default_feature_budget(device) if budget_bytes is None else int(budget_bytes)
+    placement = "device" if nbytes <= budget else "host"
+    if placement == "host" or device.type == "cpu":  # host memory holds them
+        host_budget = (int(HOST_FRACTION * available_host_memory())
+                       if host_budget_bytes is None else int(host_budget_bytes))
+        if nbytes > host_budget:
+            raise FeatcacheError(
+                f"the {n_tok} tokens × {dim} of {n} samples in {cache.path} need "
+                f"{_size(nbytes)} (float16), more than the {_size(host_budget)} of host memory"
+                " available for them; probe fewer layers (--layers) or fewer samples "
+                "(--shots), or use a machine with more memory")
+    target = device if placement == "device" else torch.device("cpu")
+    pin = placement == "host" and device.type == "cuda"
+    raw = torch.empty((n, n_tok, dim), dtype=torch.float16, device=target, pin_memory=pin)
+    row_bytes = (n_tok if all_tokens else 1) * dim * 2
+    block = max(1, cache.layout.shard_size)
+    block *= max(1, READ_BLOCK_BYTES // max(1, block * row_bytes))  # whole shards per read
+    spans = [slice(i, min(n, i + block)) for i in range(0, n, block)]
+    if all_tokens:
+        for rows in spans:
+            raw[rows].copy_(_half(cache.read("last_tokens", rows=rows)))
+    else:
+        slots: dict[tuple[str, str], list[int]] = {}
+        for t, token in enumerate(tokens):
+            slots.setdefault(token, []).append(t)
+        for (name, kind), where in slots.items():
+            layer = cache.layer_index([name])
+            for rows in spans:
+                part = _half(cache.read(kind, layer, rows)[:, 0])
+                for t in where:
+                    raw[rows, t].copy_(part)
+    return FeatureSource(raw, device, normalise=normalise, placement=placement)
+
+
+READ_BLOCK_BYTES = 64 << 20
+
+
+def _half(array: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float16))
+
+
+def budget_from_gb(gb: float | None) -> int | None:
+    return None if gb is None else int(math.floor(gb * 2**30))
