@@ -7,6 +7,7 @@ weights. A record directory appears complete or not at all (built aside, then re
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -38,11 +39,13 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     record = {"format": RECORD_FORMAT, **record}
-    (tmp / "record.json").write_text(json.dumps(record, indent=1, default=_jsonable))
+    text = json.dumps(_finite(record), indent=1, default=_jsonable, allow_nan=False)
+    (tmp / "record.json").write_text(text)
     if tensors:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                   str(tmp / "head.safetensors"))
@@ -54,6 +57,50 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
     else:
         os.replace(tmp, path)
     return path
+
+
+def recover(path: Path) -> None:
+    """Tidy up after a probe killed while writing this record: delete half-built
+    temporaries (`.NAME.tmp-PID`) of dead processes, and put back a finished record that
+    was moved aside (`.NAME.old-PID`) if the kill came before its replacement took its
+    place. Live processes' files are left alone."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for kind in ("old", "tmp"):  # a moved-aside record first: it may be all there is
+        for item in sorted(path.parent.glob(f".{path.name}.{kind}-*")):
+            pid = item.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            if kind == "old" and not path.exists() and (item / "record.json").is_file():
+                os.replace(item, path)
+            else:
+                shutil.rmtree(item, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers are from an earlier, failed write
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _finite(obj: Any) -> Any:
+    """Strict JSON: NaN and ±inf (a diverged loss curve) become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _finite(obj.tolist())
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
@@ -76,6 +123,8 @@ def read_run(path: Path) -> dict[str, Any]:
 
 
 def is_finished(path: Path) -> bool:
+    """A record is finished when its directory (renamed into place whole) exists."""
+    recover(path)
     return (Path(path) / "record.json").is_file()
 
 

@@ -242,3 +242,36 @@ def test_chunked_pool_project_equals_reference(monkeypatch) -> None:
     ref = torch.autograd.grad(want, (a, w), g)
     for u, v in zip(got, ref, strict=True):
         torch.testing.assert_close(u, v, **TIGHT)
+
+
+@pytest.mark.parametrize("inputs", [[0, 0, 1, 1, 2, 2], [2, 0, 1, 1, 0, 2]])
+def test_linear_heads_with_inputs_read_their_token(inputs: list[int]) -> None:
+    """Config g is nn.Linear on token inputs[g]: equal runs (one batched matmul) and any
+    other order (a gather per config) give the same outputs and gradients."""
+    G, B, T, D, C = len(inputs), 7, 4, 12, 5
+    heads = LinearHeads(G, D, C, inputs).to(F64)
+    assert (heads._runs is not None) == (inputs == sorted(inputs))
+    lins = [nn.Linear(D, C).to(F64) for _ in range(G)]
+    for g, lin in enumerate(lins):
+        heads.load_config(g, lin.state_dict())
+    x = torch.randn(B, T, D, dtype=F64)
+    out = heads(x)
+    assert out.shape == (G, B, C)
+    w = _loss_weights(G, B, C)
+    (out * w).sum().backward()
+    for g, lin in enumerate(lins):
+        o = lin(x[:, inputs[g]])
+        torch.testing.assert_close(out[g], o, **TIGHT)
+        (o * w[g]).sum().backward()
+        torch.testing.assert_close(heads.weight.grad[g], lin.weight.grad, **TIGHT)
+        torch.testing.assert_close(heads.bias.grad[g], lin.bias.grad, **TIGHT)
+    sub = heads.select([5, 1, 2])
+    assert sub.inputs == [inputs[5], inputs[1], inputs[2]]
+    torch.testing.assert_close(sub(x), heads(x)[[5, 1, 2]], **TIGHT)
+    both = LinearHeads.concat([heads.select([0, 1]), heads.select([2, 3, 4, 5])])
+    assert both.inputs == inputs
+    torch.testing.assert_close(both(x), out, **TIGHT)
+    with pytest.raises(ValueError):
+        heads(x[:, :2])  # token 2 missing
+    with pytest.raises(ValueError):
+        LinearHeads(3, D, C, [0, 1])

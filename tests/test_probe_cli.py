@@ -1,0 +1,104 @@
+"""`featcache probe` and `featcache runs` through the CLI: JSON output, and every bad input
+as one `error:` line with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from probecache import SynthSpec, make_pair, make_split
+from typer.testing import CliRunner
+
+from cli.main import app
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+FAST = ["--grid", "quick", "--epochs", "2", "--min-steps", "10"]
+
+
+def run(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli-probe")
+    make_pair(root, SynthSpec(n_train=120, n_test=60, signal={("block2", "ap"): 2.0}))
+    return root
+
+
+def test_probe_json_then_runs_json(root):
+    result = run("probe", "--method", "alf", "--cache", root, "--seeds", "0,1", *FAST,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["method"], r["seed"], r["status"]) for r in rows] == [("alf", 0, "trained"),
+                                                                     ("alf", 1, "trained")]
+    assert all(0 <= r["balanced_top1"] <= 100 and r["selected"]["lr"] > 0 for r in rows)
+    again = json.loads(run("probe", "--method", "alf", "--cache", root, "--seeds", "0,1",
+                           *FAST, "--json").stdout)
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+    listed = run("runs", "--cache", root, "--json")
+    assert listed.exit_code == 0, listed.output
+    runs = json.loads(listed.stdout)
+    assert sorted((r["method"], r["seed"]) for r in runs) == [("alf", 0), ("alf", 1)]
+    for r in runs:
+        assert r["model"] == "synth-vit" and r["dataset"] == "synth" and r["layer_set"] == "all"
+        assert r["balanced_top1"] == next(x["balanced_top1"] for x in rows
+                                          if x["seed"] == r["seed"])
+        assert Path(r["path"], "record.json").is_file()
+    table = run("runs", "--cache", root)
+    assert table.exit_code == 0 and "alf" in table.stdout
+
+
+def test_probe_table_output(root, tmp_path):
+    result = run("probe", "--method", "linear", "--cache", root, "--runs", tmp_path, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "probe --method linear: test accuracy" in result.stdout
+    assert len(list(tmp_path.rglob("record.json"))) == 1
+    assert "no runs under" in run("runs", "--runs", tmp_path / "none").stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--method", "mlp"], ["unknown method 'mlp'"]),
+    (["--layers", "sideways"], ["unknown layer set 'sideways'"]),
+    (["--method", "attentive"], ["--all-tokens"]),
+    (["--seeds", "a,b"], ["bad --seeds 'a,b'"]),
+    (["--seeds", ","], ["bad --seeds"]),
+    (["--lrs", "1e-3,fast"], ["bad --lrs '1e-3,fast'"]),
+    (["--lrs", "-0.1"], ["--lrs values must be positive"]),
+    (["--wds", "nan"], ["bad --wds"]),
+    (["--token", "mean"], ["bad --token 'mean'"]),
+    (["--grid", "huge"], ["unknown grid 'huge'"]),
+    (["--device", "tpu"], ["bad --device 'tpu'"]),
+    (["--batch-size", "1"], ["--batch-size must be at least 2"]),
+])
+def test_bad_options(root, tmp_path, args, fragments):
+    assert_user_error(run("probe", "--cache", root, "--runs", tmp_path, *args), *fragments)
+    assert not any(tmp_path.rglob("record.json"))
+
+
+def test_bad_caches(tmp_path):
+    assert_user_error(run("probe", "--cache", tmp_path / "nothing"), "no caches under")
+    spec = SynthSpec(n_train=70, n_test=70, shard_size=32)
+    make_split(tmp_path, spec, "train", spec.n_train)
+    make_split(tmp_path, spec, "test", spec.n_test, complete=False)
+    assert_user_error(run("probe", "--cache", tmp_path), "incomplete")
+    make_split(tmp_path, spec, "test", spec.n_test, weights="random:7")
+    assert_user_error(run("probe", "--cache", tmp_path), "different settings",
+                      "model.weights")
+    assert_user_error(run("probe", "--cache", tmp_path, "--dataset", "fer2013"),
+                      "no cache of dataset 'fer2013'")
