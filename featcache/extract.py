@@ -362,7 +362,10 @@ def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
         if status == "complete":
             return ExtractResult(path, dataset.split, len(dataset), "complete", 0, 0.0,
                                  int(cache.attrs.get("n_skipped") or 0))
-        todo = [int(s) for s in np.flatnonzero(~cache.done())]
+        # Rank 0's view, broadcast: a rank that looked later could see shards another rank
+        # had already finished, split a shorter list, and leave a shard to nobody.
+        todo = [int(s) for s in np.flatnonzero(~cache.done())] if rank == 0 else []
+        todo = dist.broadcast_object(todo)
         mine = dist.split_evenly(todo, rank, world)
         written, n_written = _run_loop(backbone, dataset, cache, mine, opts, device,
                                        compute_dtype, progress)
