@@ -190,8 +190,7 @@ class LinearHeads(_StackedHeads):
                 xs = x[:, t0 : t0 + L].permute(1, 2, 0)  # (L, D, B)
             else:
                 w, b = self.weight, self.bias.unsqueeze(2)
-                idx = torch.tensor(self.inputs, device=x.device)
-                xs = x.index_select(1, idx).permute(1, 2, 0)  # (G, D, B)
+                xs = x.index_select(1, self._input_index(x.device)).permute(1, 2, 0)  # (G,D,B)
             return torch.baddbmm(b, w, xs).view(G, C, -1).transpose(1, 2)
         if x.dim() != 2 or x.shape[1] != D:
             raise ValueError(f"expected (B, {D}) input, got {tuple(x.shape)}")
@@ -200,6 +199,14 @@ class LinearHeads(_StackedHeads):
         # short contiguous axis on CPU (10x for C = 10) and fast along the long B axis
         out = torch.addmm(self.bias.reshape(G * C, 1), self.weight.reshape(G * C, D), x.t())
         return out.view(G, C, -1).transpose(1, 2)
+
+
+    def _input_index(self, device: torch.device) -> Tensor:
+        """``inputs`` as an index tensor on ``device``, made once (no copy per step)."""
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if device not in cache:
+            cache[device] = torch.tensor(self.inputs, dtype=torch.long, device=device)
+        return cache[device]
 
 
 def _equal_runs(inputs: list[int]) -> tuple[int, int] | None:

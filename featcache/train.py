@@ -175,7 +175,8 @@ class BatchedAdamW:
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self._steps: dict[tuple, Tensor] = {}
         per_config = sum(p[0].numel() for p in self.params)
-        self.fused = _FUSED_ADAMW and per_config >= FUSED_MIN_PER_CONFIG
+        self.fused = per_config >= FUSED_MIN_PER_CONFIG and all(
+            _fused_adamw_works(p.device, p.dtype) for p in self.params)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -191,11 +192,8 @@ class BatchedAdamW:
             lrs = lr.tolist() if isinstance(lr, Tensor) else [float(v) for v in lr]
             if len(lrs) != self.n_configs:
                 raise ValueError(f"need {self.n_configs} lrs, got {len(lrs)}")
-            try:
-                self._step_fused(lrs)
-                return
-            except (RuntimeError, NotImplementedError):  # no fused kernel for this device/dtype
-                self.fused = False
+            self._step_fused(lrs)
+            return
         lr_t = self.lr if lr is None else torch.as_tensor(lr, dtype=torch.float64)
         self._step_broadcast(lr_t.to(self.lr.device))
 
@@ -253,6 +251,26 @@ class BatchedAdamW:
 
 
 _FUSED_ADAMW = hasattr(torch, "_fused_adamw_")
+_FUSED_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _fused_adamw_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's fused AdamW kernel runs here (tried once on a one-element tensor,
+    so a missing kernel is found before any parameter is touched)."""
+    key = (device.type, dtype)
+    if key not in _FUSED_WORKS:
+        ok = _FUSED_ADAMW
+        if ok:
+            try:
+                t = [torch.zeros(1, device=device, dtype=dtype) for _ in range(4)]
+                step = torch.ones((), device=device, dtype=torch.float32)
+                torch._fused_adamw_([t[0]], [t[1]], [t[2]], [t[3]], [], [step], lr=1e-3,
+                                    beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                                    amsgrad=False, maximize=False)
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _FUSED_WORKS[key] = ok
+    return _FUSED_WORKS[key]
 FUSED_MIN_PER_CONFIG = 16384  # parameters per config from which the fused kernel pays off
 
 

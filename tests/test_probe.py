@@ -226,7 +226,8 @@ def test_host_streamed_placement_gives_identical_results(planted, tmp_path):
     points = [{"lr": 1e-2, "wd": 1e-4, "dropout": 0.0}, {"lr": 1e-3, "wd": 1e-2, "dropout": 0.1}]
     a = fit_grid(dev, y, 4, "attentive", points, cfg)
     b = fit_grid(host, y, 4, "attentive", points, cfg)
-    assert torch.equal(a.predict_logits(dev, batch_size=100), b.predict_logits(host, batch_size=64))
+    assert torch.equal(a.predict_logits(dev, batch_size=100),
+                       b.predict_logits(host, batch_size=100))
 
     runs = {}
     for name, gb in (("memory", None), ("host", 0.0)):
