@@ -155,6 +155,9 @@ def summary_row(record: dict[str, Any]) -> dict[str, Any]:
         "seed": record.get("seed"),
         "balanced_top1": metrics.get("balanced_top1"),
         "top1": metrics.get("top1"),
+        "metrics": metrics,
+        "val_balanced_top1": (record.get("val_metrics") or {}).get("balanced_top1"),
         "selected": record.get("selected"),
+        "created": record.get("created"),
         "path": record.get("path"),
     }

@@ -60,6 +60,8 @@ def test_probe_json_then_runs_json(root):
         assert r["balanced_top1"] == next(x["balanced_top1"] for x in rows
                                           if x["seed"] == r["seed"])
         assert Path(r["path"], "record.json").is_file()
+        assert set(r["metrics"]) == {"top1", "top5", "balanced_top1", "balanced_top5"}
+        assert 0 <= r["val_balanced_top1"] <= 100
     table = run("runs", "--cache", root)
     assert table.exit_code == 0 and "alf" in table.stdout
 
