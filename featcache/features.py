@@ -247,7 +247,10 @@ def default_feature_budget(device: torch.device) -> int:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GB" if n >= 2**27 else f"{n / 2**20:.1f} MB"
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 # -- reading from the cache ---------------------------------------------------------------

@@ -1,6 +1,9 @@
 """The probing recipe: pick tokens from the cache, split, train the grid at once, select, refit.
 
-Never loads a backbone: everything comes from the cache. One record per
+Never loads a backbone: everything comes from the cache. The tokens a method needs are
+read once per split into a `featcache.features.FeatureSource` (float16, on the device or
+streamed from host memory; normalised per batch). `layers` trains every layer's linear
+grid in one pass (layers × hyperparameters on the config axis). One record per
 (cache pair, method, layer set, seed); see featcache.runs.
 """
 

@@ -245,8 +245,10 @@ def test_host_streamed_placement_gives_identical_results(planted, tmp_path):
 def test_features_that_fit_nowhere_are_a_clear_error(planted):
     train, _ = find_pairs(planted)[0]
     tokens = token_list("alf", "all", train)
-    with pytest.raises(FeatcacheError, match=r"need 200\.0 KB|need .* more than .* host memory"):
+    with pytest.raises(FeatcacheError) as exc:
         load_source(train, tokens, torch.device("cpu"), budget_bytes=0, host_budget_bytes=1000)
+    assert "400 samples" in one_line(exc) and "need 200.0 KB (float16)" in str(exc.value)
+    assert "more than the 1000 bytes of host memory" in str(exc.value)
 
 
 def test_feature_source_basics():
