@@ -138,9 +138,7 @@ class FeatureSource:
             s = slice(start, min(n, start + batch_size))
             if self.rows is not None:
                 yield s, self._finish(self._take(self.rows[s]), fresh=True)
-            elif self._streamed:
-                yield s, self._finish(self._stage(None, self.raw[s]), fresh=True)
-            else:
+            else:  # a slice of (pinned) host tokens is copied as it is
                 yield s, self._finish(self.raw[s], fresh=False)
 
     @property
@@ -149,13 +147,13 @@ class FeatureSource:
 
     def _take(self, rows: Tensor) -> Tensor:
         if self._streamed:
-            return self._stage(rows, None)
+            return self._stage(rows)
         return self.raw.index_select(0, rows)
 
-    def _stage(self, rows: Tensor | None, part: Tensor | None) -> Tensor:
+    def _stage(self, rows: Tensor) -> Tensor:
         if self._stager is None:
             self._stager = _Stager(self.raw, self.device)
-        return self._stager.copy(rows, part)
+        return self._stager.copy(rows)
 
     def _finish(self, xb: Tensor, fresh: bool) -> Tensor:
         """float32 on the device; normalised. ``fresh``: ``xb`` is ours to modify, and so
@@ -179,21 +177,19 @@ class _Stager:
         self.events: list[Any] = [None] * n
         self.i = 0
 
-    def copy(self, rows: Tensor | None, part: Tensor | None) -> Tensor:
+    def copy(self, rows: Tensor) -> Tensor:
+        """Rows ``rows`` (a host index) of the raw tokens, on the device."""
         i = self.i
         self.i = (i + 1) % len(self.buffers)
         if self.events[i] is not None:
-            self.events[i].synchronize()
-        n = int(rows.numel()) if rows is not None else int(part.shape[0])
+            self.events[i].synchronize()  # this buffer's previous copy has landed
+        n = int(rows.numel())
         buf = self.buffers[i]
         if buf is None or buf.shape[0] < n:
             buf = torch.empty((n, *self.raw.shape[1:]), dtype=self.raw.dtype, pin_memory=True)
             self.buffers[i] = buf
         out = buf[:n]
-        if rows is not None:
-            torch.index_select(self.raw, 0, rows, out=out)
-        else:
-            out.copy_(part)
+        torch.index_select(self.raw, 0, rows, out=out)
         on_device = out.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()

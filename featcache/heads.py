@@ -431,7 +431,7 @@ class AttentiveHeads(_StackedHeads):
         # gradient is ~10x slower), and the logits come out as (G, C, B), so the loss's
         # softmax over C runs along a long inner axis
         h = torch.baddbmm(
-            self.out_bias.unsqueeze(2), self.out_weight, o.view(B, G, H * E).permute(1, 2, 0)
+            self.out_bias.unsqueeze(2), self.out_weight, o.reshape(B, G, H * E).permute(1, 2, 0)
         )
         h = h.to(self.bn_weight.dtype)
         if self.training:
@@ -597,11 +597,16 @@ def pool_project(a: Tensor, xh: Tensor, w: Tensor) -> Tensor:
     """Σ_t a[b,t,g,h] (W[g,h] x̂[b,t]) as pool-then-project: (B,T,G,H), (B,T,D),
     (G,H,E,D) → (B,G,H,E). Chunked on CPU (see ``_PoolProject``); one bmm and one einsum
     elsewhere (GPUs have the bandwidth, and fewer, larger kernels suit them better)."""
-    if a.device.type == "cpu" and a.dtype == xh.dtype == w.dtype and not _cpu_autocast():
+    if _use_chunks(a, xh, w):
         return _PoolProject.apply(a, xh, w)
     B, T, G, H = a.shape
     z = torch.bmm(a.reshape(B, T, G * H).transpose(1, 2), xh)  # (B, G*H, D)
     return torch.einsum("bghd,ghed->bghe", z.view(B, G, H, -1), w)
+
+
+def _use_chunks(a: Tensor, xh: Tensor, w: Tensor) -> bool:
+    """The chunked form on CPU (same dtypes, no autocast); the plain form elsewhere."""
+    return a.device.type == "cpu" and a.dtype == xh.dtype == w.dtype and not _cpu_autocast()
 
 
 def _cpu_autocast() -> bool:

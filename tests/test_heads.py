@@ -91,9 +91,19 @@ def _compare(heads: AttentiveHeads, refs: list, x: torch.Tensor, mask: torch.Ten
             torch.testing.assert_close(exported[key], ref_val, **TIGHT, msg=key)
 
 
+@pytest.fixture(params=["chunked", "plain"])
+def pool_path(request, monkeypatch) -> str:
+    """Both forms of the pooling: chunked (CPU) and one bmm + einsum (GPUs, autocast)."""
+    import featcache.heads as heads_mod
+
+    if request.param == "plain":
+        monkeypatch.setattr(heads_mod, "_use_chunks", lambda *_: False)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_fast_equals_reference(shape: tuple, mode: str) -> None:
+def test_fast_equals_reference(shape: tuple, mode: str, pool_path: str) -> None:
     G, B, T, D, H, C = shape
     refs = _random_refs(G, T, D, H, C, seed=T)
     heads = _stacked_from(refs, [0.0] * G)
@@ -104,7 +114,7 @@ def test_fast_equals_reference(shape: tuple, mode: str) -> None:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fast_equals_reference_with_dropout_mask(shape: tuple) -> None:
+def test_fast_equals_reference_with_dropout_mask(shape: tuple, pool_path: str) -> None:
     """Dropout > 0: the same (injected) inverted-dropout mask in both heads; Σ_t a ≠ 1."""
     G, B, T, D, H, C = shape
     p = torch.tensor([0.1, 0.3, 0.5][:G], dtype=F64)
@@ -275,3 +285,22 @@ def test_linear_heads_with_inputs_read_their_token(inputs: list[int]) -> None:
         heads(x[:, :2])  # token 2 missing
     with pytest.raises(ValueError):
         LinearHeads(3, D, C, [0, 1])
+
+
+def test_bf16_autocast_runs_and_tracks_fp32() -> None:
+    """Under autocast (bf16 here on CPU; bf16 on CUDA in training) the plain form runs,
+    forward and backward, and stays close to the fp32 result."""
+    torch.manual_seed(0)
+    heads = AttentiveHeads(3, 32, 8, 5, 8, [0.0, 0.1, 0.0])
+    x = torch.randn(16, 8, 32)
+    heads.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = heads(x, generator=torch.Generator().manual_seed(0))
+    out.float().sum().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in heads.parameters())
+    heads.eval()
+    with torch.no_grad():
+        ref = heads(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            low = heads(x)
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.1)

@@ -329,3 +329,21 @@ def test_multi_input_linear_grid_equals_per_token_fits() -> None:
     assert scores[2] > 90 and scores[2] > max(scores[:2] + scores[4:])
     with pytest.raises(ValueError):
         fit_grid(src, y, 3, "linear", points, cfg, inputs=[0, 5])
+
+
+def test_plain_pooling_path_trains_like_the_chunked_one(monkeypatch) -> None:
+    """GPUs take the plain pooling (one bmm + einsum), CPUs the chunked one: the same
+    training, up to float32 rounding."""
+    import featcache.heads as heads_mod
+
+    x, y = _toy_tokens(64, 4, 16, 3, k=1, seed=5)
+    cfg = TrainConfig(**FAST)
+    points = [{"lr": 1e-2, "wd": 1e-4, "dropout": 0.0}, {"lr": 1e-3, "wd": 1e-2, "dropout": 0.1}]
+    chunked = fit_grid(x, y, 3, "attentive", points, cfg)
+    monkeypatch.setattr(heads_mod, "_use_chunks", lambda *_: False)
+    plain = fit_grid(x, y, 3, "attentive", points, cfg)
+    torch.testing.assert_close(plain.curves, chunked.curves, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # batch statistics: blind to the BN null space's rounding walk
+        got = plain.heads.select([0]).train()(x)[0]
+        want = chunked.heads.select([0]).train()(x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
