@@ -184,12 +184,15 @@ class _Stager:
         if self.events[i] is not None:
             self.events[i].synchronize()  # this buffer's previous copy has landed
         n = int(rows.numel())
+        cuda = self.device.type == "cuda"
         buf = self.buffers[i]
         if buf is None or buf.shape[0] < n:
-            buf = torch.empty((n, *self.raw.shape[1:]), dtype=self.raw.dtype, pin_memory=True)
+            buf = torch.empty((n, *self.raw.shape[1:]), dtype=self.raw.dtype, pin_memory=cuda)
             self.buffers[i] = buf
         out = buf[:n]
         torch.index_select(self.raw, 0, rows, out=out)
+        if not cuda:  # (tests) nothing in flight: hand out a copy, keep the buffer
+            return out.clone()
         on_device = out.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()

@@ -303,16 +303,18 @@ def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None) -> Tensor
     return (nll * wb).sum(1) / wb.sum()
 
 
-def _jitter(xb: Tensor, std: float, p: float, gen: torch.Generator) -> Tensor:
+def _jitter(xb: Tensor, std: float, p: float, gen: torch.Generator,
+            draw_all: bool | None = None) -> Tensor:
     """Gaussian feature jitter: each sample gets N(0, std²) noise with probability p.
 
     In place (``xb`` must be a fresh batch). On CPU only the hit samples' noise is drawn
-    (sampling normals is a large part of a small probe's step); on a GPU noise is drawn
-    for every sample and masked, so the number of hits never has to reach the host.
+    (sampling normals is a large part of a small probe's step); on a GPU (``draw_all``)
+    noise is drawn for every sample and masked, so the number of hits never has to reach
+    the host.
     """
     B = xb.shape[0]
     hit = torch.rand(B, generator=gen, device=xb.device) < p
-    if xb.device.type == "cpu":
+    if not (xb.device.type != "cpu" if draw_all is None else draw_all):
         idx = hit.nonzero().squeeze(1)
         noise = torch.randn((idx.numel(), *xb.shape[1:]), generator=gen, dtype=xb.dtype)
         return xb.index_add_(0, idx, noise, alpha=std)

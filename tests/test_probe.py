@@ -251,6 +251,19 @@ def test_features_that_fit_nowhere_are_a_clear_error(planted):
     assert "more than the 1000 bytes of host memory" in str(exc.value)
 
 
+def test_stager_gathers_through_reused_buffers():
+    """The CUDA host path's staging (two pinned buffers, reused, grown when a batch is
+    larger), exercised on CPU where nothing is in flight."""
+    from featcache.features import _Stager
+
+    raw = torch.randn(50, 3, 4).half()
+    stager = _Stager(raw, torch.device("cpu"))
+    for rows in ([3, 1], [0, 49, 7], [5], list(range(40)), [2, 2]):
+        idx = torch.tensor(rows)
+        assert torch.equal(stager.copy(idx), raw[idx])
+    assert [b.shape[0] for b in stager.buffers] == [2, 40]  # alternating; grown when needed
+
+
 def test_feature_source_basics():
     raw = torch.randn(10, 3, 4).half()
     src = FeatureSource(raw)

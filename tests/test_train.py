@@ -148,9 +148,10 @@ def test_clipping_is_per_config() -> None:
     assert total.item() == pytest.approx(5.0, rel=1e-6)
 
 
-def test_jitter_statistics() -> None:
+@pytest.mark.parametrize("draw_all", [False, True])  # CPU: hits only; GPU: all, masked
+def test_jitter_statistics(draw_all: bool) -> None:
     x = torch.zeros(4000, 3, 8)
-    out = _jitter(x, 0.05, 0.5, torch.Generator().manual_seed(0))
+    out = _jitter(x, 0.05, 0.5, torch.Generator().manual_seed(0), draw_all)
     hit = out.flatten(1).abs().sum(1) > 0
     assert abs(hit.float().mean().item() - 0.5) < 0.03
     assert out[hit].std().item() == pytest.approx(0.05, rel=0.02)
