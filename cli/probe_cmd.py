@@ -71,6 +71,11 @@ def probe(
     memory_gb: Annotated[float | None, typer.Option(
         help="Memory budget for the grid's heads [default: half of free device memory].")
     ] = None,
+    feature_memory_gb: Annotated[float | None, typer.Option(
+        help="Keep the cached tokens on the device up to this size, else stream them from "
+             "host memory [default: half of free device memory].")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for torch during the run [default: torch's].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain finished runs.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
@@ -86,7 +91,8 @@ def probe(
         runs_root=runs, seeds=_ints(seeds, "--seeds"), grid=grid, epochs=epochs,
         batch_size=batch_size, lrs=_floats(lrs, "--lrs"), wds=_floats(wds, "--wds"),
         dropouts=_floats(dropouts, "--dropouts"), min_steps=min_steps, shots=shots,
-        token=token, device=device, memory_budget_gb=memory_gb, force=force,
+        token=token, device=device, memory_budget_gb=memory_gb,
+        feature_memory_gb=feature_memory_gb, threads=threads, force=force,
     )
     with Bars("epoch", enabled=not json_out) as bars:
         results = run_probe(opts, progress=bars)
