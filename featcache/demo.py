@@ -56,8 +56,10 @@ def run_demo(out: Path, model: str = DEMO_MODEL, dataset: str = "digits",
     started = time.perf_counter()
     for method in methods:
         with Bars("epoch", console=console) as bars:
+            # Heads this small gain nothing from intra-op threads, and on a busy 2-core
+            # machine spinning threads made the ALF grid over 10x slower: one thread.
             probe(ProbeOptions(method=method, cache_root=cache_root, grid=grid, epochs=epochs,
-                               min_steps=min_steps), progress=bars)
+                               min_steps=min_steps, threads=1), progress=bars)
     timings["probe_s"] = time.perf_counter() - started
 
     console.rule("[bold]3/3 report[/]")
