@@ -33,12 +33,12 @@ def report(
     """Tables, figures and CSV from every run record: mean ± std over seeds, gain over
     the linear probe, ALF attention, accuracy by depth with CKA, and the paper's numbers."""
     from featcache.report import (
-        default_runs_root,
         parse_formats,
         prepare_report,
         render_table,
         write_report,
     )
+    from featcache.runs import default_runs_root
 
     formats = parse_formats(fmt)
     root = runs if runs is not None else default_runs_root(cache)

@@ -15,7 +15,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -45,17 +44,7 @@ CKA_MAX_SAMPLES = 2000
 # --------------------------------------------------------------------------------------
 # Reading records
 # --------------------------------------------------------------------------------------
-def default_runs_root(cache_root: str | Path | None = None) -> Path:
-    """`<cache root>/runs`; the cache root is --cache, else the cache module's default."""
-    if cache_root is not None:
-        return Path(cache_root).expanduser() / "runs"
-    try:
-        from featcache.cache import default_cache_root
-    except ImportError:  # the cache module is optional for reading reports
-        env = os.environ.get("FEATCACHE_CACHE")
-        root = Path(env).expanduser() if env else Path.home() / ".cache" / "featcache"
-        return root / "runs"
-    return default_cache_root() / "runs"
+
 
 
 def no_runs_error(runs_root: str | Path) -> FeatcacheError:

@@ -19,9 +19,9 @@ from featcache.errors import FeatcacheError
 RECORD_FORMAT = 1
 
 
-def default_runs_root(cache_root: Path | None = None) -> Path:
+def default_runs_root(cache_root: str | Path | None = None) -> Path:
     """Runs live beside the caches they were trained on: <cache root>/runs."""
-    return Path(cache_root or default_cache_root()) / "runs"
+    return Path(cache_root or default_cache_root()).expanduser() / "runs"
 
 
 def run_name(method: str, layer_set: str, seed: int) -> str:
