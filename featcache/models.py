@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -181,6 +182,18 @@ class Backbone(nn.Module):
     def _run(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _register(self, module: nn.Module) -> None:
+        """Hook a tap point. The hook holds the backbone weakly: no reference cycle, so a
+        dropped backbone (and its weights) is freed at once, not at the next GC pass."""
+        owner = weakref.ref(self)
+
+        def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
+            backbone = owner()
+            if backbone is not None:
+                backbone._hook(mod, inputs, output)
+
+        module.register_forward_hook(hook)
+
     def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         out = output[0] if isinstance(output, tuple) else output
         self._taps.append(self._batch_first(out))
@@ -261,8 +274,7 @@ class TimmBackbone(Backbone):
         grid = m.patch_embed.grid_size
         self.n_tokens = self.n_prefix + int(grid[0]) * int(grid[1])
         for block in m.blocks:
-            point = block.norm2 if self.tap == "reference" else block
-            point.register_forward_hook(self._hook)
+            self._register(block.norm2 if self.tap == "reference" else block)
         # Models pooled by `avg` keep `norm` as Identity and normalise after pooling.
         self._post_norm = m.fc_norm if isinstance(m.norm, nn.Identity) else nn.Identity()
 
@@ -290,8 +302,7 @@ class OpenClipBackbone(Backbone):
         self.n_tokens = 1 + int(v.grid_size[0]) * int(v.grid_size[1])
         self._lnd = not getattr(v.transformer, "batch_first", True)
         for block in resblocks:
-            point = block.ln_2 if self.tap == "reference" else block
-            point.register_forward_hook(self._hook)
+            self._register(block.ln_2 if self.tap == "reference" else block)
 
     def _batch_first(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(0, 1) if self._lnd else x

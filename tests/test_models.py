@@ -277,3 +277,18 @@ def test_bad_model_kwargs_and_taps_are_clear_errors():
         create_backbone("timm:resnet18", "random")
     with pytest.raises(FeatcacheError, match="no such file"):
         create_backbone(TIMM_TINY, str(Path("/nonexistent/w.pt")))
+
+
+def test_a_dropped_backbone_is_freed_without_waiting_for_gc():
+    import gc
+    import weakref
+
+    backbone = create_backbone(TIMM_TINY, "random", "reference", TIMM_TINY_KW)
+    backbone.tokens(torch.randn(1, 3, 32, 32))
+    model = weakref.ref(backbone.model)
+    gc.disable()
+    try:
+        del backbone
+        assert model() is None  # no reference cycle through the hooks
+    finally:
+        gc.enable()
