@@ -513,10 +513,14 @@ class ReferenceAttentiveHead(nn.Module):
         return (logits, attn) if return_attention else logits
 
 
-# Scratch for one chunk of the pooled tokens (samples × configs·heads × D) on CPU: small
-# enough to stay in cache and to be reused, instead of a (B, G·H, D) tensor per step.
-_POOL_CHUNK_BYTES = 4 << 20
-_POOL_CHUNK_ROWS = 192  # configs·heads per chunk (whole configs)
+# Scratch for one chunk of the pooled tokens (samples × configs·heads × D) on CPU: reused,
+# instead of a (B, G·H, D) tensor per step (one in forward, two in backward). Three of the
+# six matmuls of a chunk have the chunk's samples as their M or K: below ~50 samples they
+# slow down 2-3x (ALF D = 768: 7 samples per chunk ran the projection at 28 GFLOP/s, 56 at
+# 68), so a chunk holds few configs and many samples: 4 ALF configs (96 rows) × 56 samples
+# at D = 768 in fp32 (113 at D = 384).
+_POOL_CHUNK_BYTES = 16 << 20
+_POOL_CHUNK_ROWS = 96  # configs·heads per chunk (whole configs)
 
 
 def _spans(n: int, size: int) -> list[tuple[int, int]]:
@@ -593,15 +597,45 @@ def _pool_chunks(B: int, G: int, H: int, D: int, itemsize: int) -> tuple[int, in
     return gc, bc
 
 
+def pool_scratch_bytes(B: int, H: int, D: int, itemsize: int = 4) -> int:
+    """Bytes of one chunk's scratch in the CPU pooling, the most any number of configs
+    gives (the forward holds one chunk, the backward two)."""
+    g_max = max(1, _POOL_CHUNK_ROWS // max(H, 1))
+    rows = max(gc * bc for gc, bc in (_pool_chunks(B, g, H, D, itemsize)
+                                      for g in range(1, g_max + 1)))
+    return rows * H * D * itemsize
+
+
 def pool_project(a: Tensor, xh: Tensor, w: Tensor) -> Tensor:
     """Σ_t a[b,t,g,h] (W[g,h] x̂[b,t]) as pool-then-project: (B,T,G,H), (B,T,D),
-    (G,H,E,D) → (B,G,H,E). Chunked on CPU (see ``_PoolProject``); one bmm and one einsum
-    elsewhere (GPUs have the bandwidth, and fewer, larger kernels suit them better)."""
+    (G,H,E,D) → (B,G,H,E). Chunked on CPU (see ``_PoolProject``); two bmm elsewhere
+    (GPUs have the bandwidth, and fewer, larger kernels suit them better).
+
+    The plain form: the pool is batched over samples, z (B, G·H, D); the projection over
+    heads, reading z as (G·H, B, D) (a strided view: each head's rows are contiguous, one
+    leading dimension apart). cuBLAS and CPU float32 GEMMs read that view in place, so z
+    is written once and never copied, and autograd saves the view itself. CPU GEMMs in
+    bf16/fp16 (oneDNN) want dense operands and would copy the view twice, the second time
+    transposed for the weight gradient (~1/3 of a bf16 step); there z is laid out as
+    (G·H, B, D) once, explicitly, and that copy is what autograd saves, whose transpose
+    the weight gradient then reads in place.
+    """
     if _use_chunks(a, xh, w):
         return _PoolProject.apply(a, xh, w)
     B, T, G, H = a.shape
+    E, D = w.shape[2], w.shape[3]
     z = torch.bmm(a.reshape(B, T, G * H).transpose(1, 2), xh)  # (B, G*H, D)
-    return torch.einsum("bghd,ghed->bghe", z.view(B, G, H, -1), w)
+    zt = z.transpose(0, 1)  # (G*H, B, D) view
+    if _dense_gemm_only(z):
+        zt = zt.contiguous()
+    o = torch.bmm(zt, w.reshape(G * H, E, D).transpose(1, 2))  # (G*H, B, E)
+    return o.view(G, H, B, E).permute(2, 0, 1, 3)
+
+
+def _dense_gemm_only(t: Tensor) -> bool:
+    """Whether batched GEMMs on ``t``'s device and dtype copy a strided operand (CPU in
+    reduced precision) rather than read it in place (CUDA; CPU float32/64)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _use_chunks(a: Tensor, xh: Tensor, w: Tensor) -> bool:

@@ -304,3 +304,36 @@ def test_bf16_autocast_runs_and_tracks_fp32() -> None:
         with torch.autocast("cpu", torch.bfloat16):
             low = heads(x)
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.1)
+
+
+def test_plain_pool_project_dense_layout_equals_reference(monkeypatch) -> None:
+    """The plain pooling lays the pooled tokens out densely where CPU GEMMs would copy a
+    strided view (bf16/fp16): that branch, forced in float64, is exact too."""
+    import featcache.heads as heads_mod
+
+    monkeypatch.setattr(heads_mod, "_use_chunks", lambda *_: False)
+    monkeypatch.setattr(heads_mod, "_dense_gemm_only", lambda *_: True)
+    G, B, T, D, H, C = 3, 9, 6, 16, 5, 4
+    p = torch.tensor([0.0, 0.1, 0.3], dtype=F64)
+    refs = _random_refs(G, T, D, H, C, seed=12)
+    keep = torch.rand(G, B, H, T, dtype=F64) >= p.view(G, 1, 1, 1)
+    _compare(_stacked_from(refs, p.tolist()), refs, torch.randn(B, T, D, dtype=F64),
+             keep / (1 - p.view(G, 1, 1, 1)))
+    a = torch.rand(B, T, G, H, dtype=F64, requires_grad=True)
+    xh = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+    w = torch.randn(G, H, 2, D, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(heads_mod.pool_project, (a, xh, w))
+
+
+def test_pool_chunks_hold_enough_samples() -> None:
+    """CPU pooling chunks keep ≥ 40 samples at ALF shapes (ViT-S/B/L) however many configs
+    are stacked (the matmuls over a chunk's samples slow down 2-3x at a few samples), and
+    the scratch bound covers every group size."""
+    import featcache.heads as heads_mod
+
+    for T, D in [(24, 768), (24, 384), (48, 1024)]:
+        for G in (1, 5, 8, 63):
+            gc, bc = heads_mod._pool_chunks(2048, G, T, D, 4)
+            assert bc >= 40 and gc * T <= max(T, heads_mod._POOL_CHUNK_ROWS)
+            assert gc * bc * T * D * 4 <= heads_mod.pool_scratch_bytes(2048, T, D, 4)
+    assert heads_mod._pool_chunks(2048, 8, 24, 768, 4)[1] >= 48

@@ -348,3 +348,23 @@ def test_plain_pooling_path_trains_like_the_chunked_one(monkeypatch) -> None:
         got = plain.heads.select([0]).train()(x)[0]
         want = chunked.heads.select([0]).train()(x)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_estimate_follows_the_pooling_path() -> None:
+    """CPU attentive training pools in reused chunks (no (B, H, D) tensor per config), CUDA
+    materialises the pooled tokens: the estimate counts what the path keeps, so the CPU
+    fits ~3x more configs per group at ALF's FER2013 shape (4 GiB: 4 groups, not 13)."""
+    from featcache.heads import pool_scratch_bytes
+    from featcache.train import _groups, estimate_memory
+
+    args = ("attentive", (24, 768), 7, 1914, 24)
+    cpu, gpu = estimate_memory(*args, device="cpu"), estimate_memory(*args, device="cuda")
+    assert estimate_memory(*args) == cpu  # default: CPU
+    assert gpu[0] > 3 * cpu[0]
+    assert cpu[1] == gpu[1] + 2 * pool_scratch_bytes(1914, 24, 768)
+    # measured peak RSS here: ~250 MiB + 124 MiB per config; the estimate keeps a margin
+    assert cpu[0] > 1.25 * 124 * 2**20 and cpu[1] > 2 * 250 * 2**20
+    assert [len(g) for g in _groups(63, *cpu, 4 << 30)] == [16, 16, 16, 15]
+    assert len(_groups(63, *gpu, 4 << 30)) == 13
+    lin = estimate_memory("linear", (768,), 7, 1914)
+    assert lin == estimate_memory("linear", (768,), 7, 1914, device="cuda")
