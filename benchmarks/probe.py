@@ -538,7 +538,7 @@ def section_fer(args: argparse.Namespace, dev: torch.device, amp: bool, res: dic
     n_tr = N - n_val
     plan_g, plan_r = plan_steps(n_tr, cfg), plan_steps(N, cfg)
     budget = cfg.memory_budget_bytes or default_memory_budget(dev)
-    per_cfg, shared = estimate_memory("attentive", (T, D), C, plan_g.batch_size, H)
+    per_cfg, shared = estimate_memory("attentive", (T, D), C, plan_g.batch_size, H, device=dev)
     sizes = _groups(len(points), per_cfg, shared, budget)
     log(f"\n(4) paper grid, ALF on a FER2013-sized set: {N} x {T} x {D}, {C} classes, "
         f"{len(points)} configs  [load {load()}]")
