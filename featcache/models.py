@@ -168,7 +168,9 @@ class Backbone(nn.Module):
         self.weights_id = weights_id
         self.transform = transform
         self.preprocess = preprocess
-        self._taps: list[torch.Tensor] = []
+        # (CLS, AP) per tapped block while `tokens()` runs; None otherwise, so that a forward
+        # called on `self.model` directly records (and keeps) nothing.
+        self._taps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._setup()
         self.layer_names = [f"block{i}" for i in range(self.n_blocks)] + ["final"]
         self.layer_dims = [self.width] * self.n_blocks + [self.final_dim]
@@ -195,8 +197,11 @@ class Backbone(nn.Module):
         module.register_forward_hook(hook)
 
     def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        if self._taps is None:
+            return
         out = output[0] if isinstance(output, tuple) else output
-        self._taps.append(self._batch_first(out))
+        # Reduced at once: only (B, D) pairs outlive the block, not (B, T, D) activations.
+        self._taps.append(self._reduce(self._batch_first(out)))
 
     def _batch_first(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -215,12 +220,11 @@ class Backbone(nn.Module):
         self._taps = []
         try:
             final = self._run(images)
-            taps = self._taps
+            pairs = self._taps
         finally:
-            self._taps = []
-        if len(taps) != self.n_blocks:
-            raise RuntimeError(f"expected {self.n_blocks} tapped blocks, got {len(taps)}")
-        pairs = [self._reduce(x) for x in taps]
+            self._taps = None
+        if len(pairs) != self.n_blocks:
+            raise RuntimeError(f"expected {self.n_blocks} tapped blocks, got {len(pairs)}")
         final_cls, final_ap, final_tokens = self._final(final)
         pairs.append((final_cls, final_ap))
         out = {

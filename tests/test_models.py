@@ -292,3 +292,14 @@ def test_a_dropped_backbone_is_freed_without_waiting_for_gc():
         assert model() is None  # no reference cycle through the hooks
     finally:
         gc.enable()
+
+
+def test_a_forward_outside_tokens_keeps_nothing(backbones):
+    """The hooks record only inside `tokens()`: calling the model itself (a user's own
+    forward, a benchmark's floor) must not pile up activations."""
+    backbone = backbones("timm", "residual")
+    with torch.no_grad():
+        for _ in range(3):
+            backbone.model.forward_features(torch.randn(2, 3, 32, 32))
+    assert backbone._taps is None
+    assert backbone.tokens(torch.randn(2, 3, 32, 32))["cls"].shape == (2, 4, 48)
