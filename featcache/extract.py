@@ -35,7 +35,7 @@ from featcache.cache import (
     write_lock,
 )
 from featcache.errors import FeatcacheError
-from featcache.models import Backbone, create_backbone
+from featcache.models import TAPS, Backbone, create_backbone, parse_weights, resolve_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -261,6 +261,11 @@ def extract(opts: ExtractOptions, progress: Any = None) -> list[ExtractResult]:
 
     if opts.batch_size < 1:
         raise FeatcacheError("--batch-size must be at least 1")
+    # Cheap checks first: a typo in the model, tap or weights must not wait for a download.
+    resolve_model(opts.model, opts.model_kwargs)
+    parse_weights(opts.weights)
+    if opts.tap not in TAPS:
+        raise FeatcacheError(f"unknown tap {opts.tap!r}: choose one of {', '.join(TAPS)}")
     with dist.session():
         device = resolve_device(opts.device)
         compute_dtype = resolve_dtype(opts.dtype, device)
