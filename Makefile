@@ -24,6 +24,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/probe.py
+	$(BIN)/python benchmarks/report.py
 
 docs: $(STAMP)
 	$(BIN)/python -m cli.docs > docs/cli.md
