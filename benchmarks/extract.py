@@ -241,15 +241,18 @@ def main() -> None:
     import torch
 
     from featcache.datasets import open_dataset
-    from featcache.extract import _default_workers
+    from featcache.extract import plan_workers
     from featcache.models import create_backbone
 
     info = cpu_info()
     info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                default_workers=_default_workers(), n=n, batch_size=bs, model=MODEL)
+                default_workers=plan_workers(torch.device("cpu"), None)[0], n=n,
+                batch_size=bs, model=MODEL)
     print(f"# {info['cpu']}, {info['cores']} cores, amx_bf16={info['amx_bf16']}, "
           f"avx512_bf16={info['avx512_bf16']}, load {info['load_avg']:.2f}; torch "
-          f"{torch.__version__}; N={n}, batch {bs}, {MODEL} random weights at 224 px")
+          f"{torch.__version__}, {torch.get_num_threads()} threads; N={n}, batch {bs}, "
+          f"{MODEL} random weights at 224 px; extract workers: "
+          f"{args.workers if args.workers is not None else info['default_workers']}")
     figures: dict[str, Any] = {"machine": info}
     with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp_text:
         tmp = Path(tmp_text)

@@ -250,9 +250,30 @@ def build_fingerprint(backbone: Backbone, dataset: Any, compute_dtype: torch.dty
     }
 
 
-def _default_workers() -> int:
+def _available_cpus() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cpus or 2) - 1))
+    return cpus or 1
+
+
+def plan_workers(device: torch.device, requested: int | None) -> tuple[int, int | None]:
+    """(DataLoader workers, intra-op threads while extracting; None: leave torch's).
+
+    On a GPU the CPU only decodes: CPUs - 1 workers (at most 8). On a CPU, decoding and the
+    backbone share the same cores, and a worker process preempting one of the compute
+    threads stalls the others at their next barrier: up to 4 cores, decoding inline in the
+    main process is faster (measured on 2 cores: 1.075x the bare forward against 1.11x
+    with one worker; docs/benchmarks.md). With more cores, one worker per 8 cores decodes
+    in parallel and the compute threads leave those cores to it.
+    """
+    cpus = _available_cpus()
+    if device.type != "cpu":
+        return (max(1, min(8, cpus - 1)) if requested is None else requested), None
+    if requested is None:
+        requested = 0 if cpus <= 4 else max(1, cpus // 8)
+    threads = None
+    if requested > 0 and cpus > 4:
+        threads = max(1, min(torch.get_num_threads(), cpus - requested))
+    return requested, threads
 
 
 def extract(opts: ExtractOptions, progress: Any = None) -> list[ExtractResult]:
@@ -438,7 +459,7 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
     layout = cache.layout
     size = _input_shape(backbone)
     prepared = _Prepared(dataset, backbone.transform, size)
-    workers = _default_workers() if opts.num_workers is None else opts.num_workers
+    workers, threads = plan_workers(device, opts.num_workers)
     loader = DataLoader(
         prepared,
         batch_sampler=ShardBatches(layout, shards, opts.batch_size),
@@ -453,6 +474,9 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
     writer = ShardWriter(cache)
     autocast = compute_dtype != torch.float32
     done_images = 0
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         for images, indices, errors in loader:
             bad = [e for e in errors if e]
@@ -481,6 +505,7 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
             if task is not None:
                 progress.advance(task, len(indices))
     finally:
+        torch.set_num_threads(old_threads)
         try:
             writer.close()
         finally:

@@ -333,3 +333,22 @@ def test_workers_and_default_options(wds_path, reference, tmp_path):
     cache = open_cache(result.path)
     assert cache.attrs["environment"]["world_size"] == 1
     assert cache.attrs["timings"]["extract_s"] > 0
+
+
+@pytest.mark.parametrize("cpus,requested,device,expected", [
+    (2, None, "cpu", (0, None)),  # decode inline: a worker would preempt a compute thread
+    (4, None, "cpu", (0, None)),
+    (16, None, "cpu", (2, 14)),  # one worker per 8 cores, the compute threads make room
+    (2, 1, "cpu", (1, None)),  # asked for: given, threads untouched on small machines
+    (32, 3, "cpu", (3, 16)),
+    (16, None, "cuda", (8, None)),  # on a GPU the CPUs only decode
+    (4, None, "cuda", (3, None)),
+])
+def test_plan_workers(monkeypatch, cpus, requested, device, expected):
+    import torch
+
+    import featcache.extract as fe
+
+    monkeypatch.setattr(fe, "_available_cpus", lambda: cpus)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert fe.plan_workers(torch.device(device), requested) == expected
