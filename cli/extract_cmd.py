@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from cli.common import console, print_json, user_errors
@@ -135,15 +136,19 @@ def ls(
     if not rows:
         console.print(f"no caches under {root}; make one with `featcache extract`")
         return
-    table = Table(title=f"caches under {root}")
-    for col in ("model dir", "dataset dir", "split", "tap", "N", "layers", "size", "complete"):
-        table.add_column(col, overflow="fold")
+    # Narrow enough for 80 columns; the tap shows in the model dir (`@residual`), and
+    # `ls --json` / `info` give everything else.
+    table = Table(title=f"caches under {root}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model dir", overflow="fold")
+    table.add_column("dataset dir", overflow="fold")
+    for col in ("split", "N", "size", "done"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("N", "size") else "left")
     for r in rows:
         done = f"{r['shards_done']}/{r['shards']} shards"
         status = "[green]yes[/]" if r["complete"] else f"[yellow]{done}[/]"
         path = Path(r["path"])
-        table.add_row(path.parent.parent.name, path.parent.name, path.name, r["tap"],
-                      str(r["n"]), str(r["layers"]), human_bytes(r["bytes"]), status)
+        table.add_row(path.parent.parent.name, path.parent.name, path.name, str(r["n"]),
+                      human_bytes(r["bytes"]), status)
     console.print(table)
     console.print("full paths and fingerprints: `featcache ls --json`, `featcache info PATH`")
 
