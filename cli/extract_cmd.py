@@ -61,9 +61,8 @@ def extract(
                         ] = True,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int | None, typer.Option(
-        help="DataLoader workers [default: on a GPU CPUs - 1 (at most 8); on a CPU none up "
-             "to 4 cores (decoding inline beats competing with the compute threads), else "
-             "CPUs / 8].")] = None,
+        help="DataLoader workers [default: on a GPU, CPUs - 1 (at most 8); on a CPU, 0 up "
+             "to 4 cores, else CPUs / 8].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(
         help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
