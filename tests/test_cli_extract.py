@@ -10,31 +10,14 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from cliutil import assert_user_error, run
 from conftest import CLIP_TINY, CLIP_TINY_KW, TIMM_TINY, TIMM_TINY_KW, model_args
-from typer.testing import CliRunner
-
-from cli.main import app
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 TINY = ["--model", TIMM_TINY, "--weights", "random", *model_args(TIMM_TINY_KW)]
 
 
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> str:
-    """Exit code 2, one `error:` line naming the problem, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

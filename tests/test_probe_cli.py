@@ -7,30 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+from cliutil import assert_user_error, run
 from probecache import SynthSpec, make_pair, make_split
-from typer.testing import CliRunner
-
-from cli.main import app
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 FAST = ["--grid", "quick", "--epochs", "2", "--min-steps", "10"]
 
 
-def run(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
