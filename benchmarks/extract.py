@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -36,23 +35,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import cpu_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 MODEL = "timm:vit_small_patch16_224"
-
-
-def cpu_info() -> dict[str, Any]:
-    flags: set[str] = set()
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.partition(":")[2].split())
-            elif line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return {"cpu": name, "cores": len(os.sched_getaffinity(0)), "amx_bf16": "amx_bf16" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "load_avg": os.getloadavg()[0]}
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> None:

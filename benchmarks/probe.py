@@ -51,7 +51,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import cpu_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from featcache.heads import AttentiveHeads, ReferenceAttentiveHead, head_dim_for  # noqa: E402
 from featcache.train import (  # noqa: E402
@@ -146,21 +146,6 @@ def table(rows: list[list[Any]], header: list[str]) -> None:
                              for i, (c, w) in enumerate(zip(r, widths, strict=True))))
         if j == 0:
             log("  " + "  ".join("-" * w for w in widths))
-
-
-def cpu_info() -> dict[str, Any]:
-    flags: set[str] = set()
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.partition(":")[2].split())
-            elif line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return {"cpu": name, "cores": len(os.sched_getaffinity(0)),
-            **{f: f in flags for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")}}
 
 
 def git_state() -> dict[str, Any]:
