@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
+from featcache.errors import FeatcacheError
+
 T = TypeVar("T")
 
 
@@ -85,3 +87,21 @@ def split_evenly(items: list[T], part: int, parts: int) -> list[T]:
     base, extra = divmod(len(items), parts)
     start = part * base + min(part, extra)
     return items[start:start + base + (1 if part < extra else 0)]
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`: this rank's GPU under torchrun, else the GPU if any, else the CPU."""
+    if device == "auto":
+        if is_distributed() and torch.cuda.is_available():
+            return torch.device("cuda", local_rank())
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FeatcacheError("--device cuda asked for, but torch sees no CUDA GPU; "
+                             "use --device cpu")
+    return resolved

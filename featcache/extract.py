@@ -80,21 +80,6 @@ class ExtractResult:
         return 0.0 if self.seconds <= 0 else self.n_written / self.seconds
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if dist.is_distributed() and torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FeatcacheError("--device cuda asked for, but torch sees no CUDA GPU; "
-                             "use --device cpu")
-    return resolved
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 autocast on CUDA (fp16 on GPUs without bf16), fp32 on CPU (bf16 pays off
     on CPUs with AMX, and somewhat with AVX512-BF16: ask for it with --dtype bf16)."""
@@ -288,7 +273,7 @@ def extract(opts: ExtractOptions, progress: Any = None) -> list[ExtractResult]:
     if opts.tap not in TAPS:
         raise FeatcacheError(f"unknown tap {opts.tap!r}: choose one of {', '.join(TAPS)}")
     with dist.session():
-        device = resolve_device(opts.device)
+        device = dist.resolve_device(opts.device)
         compute_dtype = resolve_dtype(opts.dtype, device)
         datasets = [open_dataset(opts.dataset, split, opts.data_root, opts.download)
                     for split in opts.splits]

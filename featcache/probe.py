@@ -21,6 +21,7 @@ import torch
 
 from featcache import __version__
 from featcache.cache import Cache, default_cache_root, find_caches, flatten
+from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
 from featcache.runs import default_runs_root, is_finished, run_dir, write_run
 
@@ -184,10 +185,6 @@ def load_tokens(cache: Cache, tokens: list[tuple[str, str]]) -> np.ndarray:
     return src.to_tensor().numpy()
 
 
-def load_last_tokens(cache: Cache) -> np.ndarray:
-    return load_tokens(cache, [("final", "all")])
-
-
 # -- splitting -------------------------------------------------------------------------
 
 def stratified_split(y: np.ndarray, val_fraction: float, seed: int
@@ -279,21 +276,6 @@ def check_options(opts: ProbeOptions) -> None:
         bad = [v for v in values if not ok(v)]
         if bad:
             raise FeatcacheError(f"{name} values must be {rule}, got {bad[0]:g}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FeatcacheError("--device cuda asked for, but torch sees no CUDA GPU; "
-                             "use --device cpu")
-    return resolved
 
 
 def _num_heads(method: str, n_tokens: int) -> int:

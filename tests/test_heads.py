@@ -21,13 +21,7 @@ TIGHT = dict(rtol=1e-9, atol=1e-10)
 SHAPES = [(3, 12, 24, 48, 24, 5), (2, 10, 50, 32, 8, 7)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds sync cost (10x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny shapes: one thread
 
 
 def _random_refs(G: int, T: int, D: int, H: int, C: int, seed: int) -> list[ReferenceAttentiveHead]:

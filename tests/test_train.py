@@ -33,13 +33,7 @@ FAST = dict(epochs=3, batch_size=32, min_total_steps=0)
 BN_NULL_SPACE = {"norm_v.bias", "out_proj.bias", "bn.running_mean"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds sync cost (10x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny shapes: one thread
 
 
 def test_grid_points() -> None:
