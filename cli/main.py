@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from cli import extract_cmd, probe_cmd, report_cmd
 
 app = typer.Typer(
     name="featcache",
@@ -14,16 +14,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Each module defines `register(app)`; a module still being written is simply absent.
-_COMMAND_MODULES = ("cli.extract_cmd", "cli.probe_cmd", "cli.report_cmd")
-
-for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as _exc:
-        if _exc.name != _name:
-            raise
-        continue
+# Each command module registers its own commands.
+for _module in (extract_cmd, probe_cmd, report_cmd):
     _module.register(app)
 
 
