@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m featcache.demo --out demo-out
+	$(BIN)/python -m featcache.offline_demo --out demo-out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,7 @@
 Everything is measured in one run on the same synthetic images (224x224 JPEGs in a
 temporary image folder) with a ViT-S/16-sized model at 224 px and random weights:
 
-  (a) wall time of `featcache.extract` (library call, default workers) against a bare loop
+  (a) wall time of `featcache.extraction` (library call, default workers) against a bare loop
       of `model.forward_features` over pre-decoded, pre-transformed tensors at the same
       batch size (the floor); runs alternate and the best of each is kept;
   (b) peak RSS of a fresh process extracting N and 4N images (streaming: the same);
@@ -70,12 +70,12 @@ def floor_seconds(backbone: Any, x: Any, batch_size: int) -> float:
 def extract_seconds(folder: Path, cache_root: Path, batch_size: int,
                     workers: int | None) -> tuple[float, float, Path]:
     """(library call wall time, the split's own extraction time, cache path)."""
-    from featcache.extract import ExtractOptions, extract
+    from featcache.extraction import ExtractOptions, extract
 
     shutil.rmtree(cache_root, ignore_errors=True)
-    opts = ExtractOptions(model=MODEL, dataset=f"imagefolder:{folder}", splits=("train",),
-                          weights="random", cache_root=cache_root, batch_size=batch_size,
-                          num_workers=workers)
+    opts = ExtractOptions(model=MODEL, dataset=f"imagefolder:{folder}", split=("train",),
+                          weights="random", cache=cache_root, batch_size=batch_size,
+                          workers=workers)
     t = time.perf_counter()
     (result,) = extract(opts)
     return time.perf_counter() - t, result.seconds, result.path
@@ -84,7 +84,7 @@ def extract_seconds(folder: Path, cache_root: Path, batch_size: int,
 MEMORY_CHILD = """
 import json, os, sys, threading, time
 sys.path.insert(0, {root!r})
-from featcache.extract import ExtractOptions, extract
+from featcache.extraction import ExtractOptions, extract
 
 def status_kib(pid, key):
     try:
@@ -122,8 +122,8 @@ def sample():  # main + DataLoader workers, 5 times a second
 
 threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
-extract(ExtractOptions(model={model!r}, dataset={dataset!r}, splits=("train",),
-                       weights="random", cache_root={cache!r}, batch_size={bs},
+extract(ExtractOptions(model={model!r}, dataset={dataset!r}, split=("train",),
+                       weights="random", cache={cache!r}, batch_size={bs},
                        shard_size={shard}))
 stop.set()
 print(json.dumps({{"main_mib": status_kib(os.getpid(), "VmHWM") / 1024,
@@ -225,9 +225,9 @@ def main() -> None:
 
     import torch
 
-    from featcache.datasets import open_dataset
-    from featcache.extract import plan_workers
-    from featcache.models import create_backbone
+    from featcache.backbones import create_backbone
+    from featcache.extraction import plan_workers
+    from featcache.sources import open_dataset
 
     info = cpu_info()
     info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),

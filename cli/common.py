@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -16,6 +17,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+Opts = TypeVar("Opts")
 
 
 def user_errors(func: F) -> F:
@@ -34,6 +36,14 @@ def user_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def options_from(cls: type[Opts], params: dict[str, Any]) -> Opts:
+    """The library's options object from a command's local names: its parameters carry
+    the options' own names (`--workers` is `workers`; `tests/test_cli_docs.py` checks it
+    for every command), anything else (`--json`, imports) is not an option."""
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in params.items() if k in fields})
 
 
 def print_json(obj: Any) -> None:

@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from cli.common import console, print_json, user_errors
-from featcache.errors import FeatcacheError
+from cli.common import console, options_from, print_json, user_errors
+from featcache.units import human_bytes
 
 CacheOpt = Annotated[Path | None, typer.Option(
     "--cache", help="Cache root [env FEATCACHE_CACHE; default ~/.cache/featcache].")]
-
-
-def parse_model_args(items: list[str] | None) -> dict[str, Any]:
-    """`key=value` pairs; values parsed as JSON when they parse (numbers, dicts), else text."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FeatcacheError(f"bad --model-arg {item!r}: use KEY=VALUE, e.g. img_size=224")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @user_errors
@@ -79,18 +56,11 @@ def extract(
 ) -> None:
     """Run a frozen backbone once over a dataset and cache per-layer CLS+AP tokens."""
     from featcache import distributed
-    from featcache.datasets import parse_splits
-    from featcache.extract import ExtractOptions
-    from featcache.extract import extract as run_extract
+    from featcache.extraction import ExtractOptions
+    from featcache.extraction import extract as run_extract
     from featcache.progress import Bars
 
-    opts = ExtractOptions(
-        model=model, dataset=dataset, splits=tuple(parse_splits(split)), weights=weights,
-        tap=tap, model_kwargs=parse_model_args(model_arg), cache_root=cache,
-        data_root=data_root, download=download, batch_size=batch_size, num_workers=workers,
-        device=device, dtype=dtype, all_tokens=all_tokens, overwrite=overwrite,
-        skip_bad=skip_bad, shard_size=shard_size,
-    )
+    opts = options_from(ExtractOptions, locals())
     # Under torchrun only rank 0 speaks (its bar counts its own share of the shards).
     show = not json_out and distributed.env_rank() == 0
     with Bars("img", enabled=show) as bars:
@@ -125,10 +95,11 @@ def ls(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the caches under the root: model, dataset, split, size, complete or not."""
-    from featcache.cache import default_cache_root, find_caches
+    from featcache.cache import default_cache_root
+    from featcache.cache import ls as list_caches
 
     root = cache or default_cache_root()
-    rows = [c.summary() for c in find_caches(root)]
+    rows = list_caches(root)
     if json_out:
         print_json(rows)
         return
@@ -158,25 +129,20 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one cache's fingerprint, layout and sizes."""
-    from featcache.cache import open_cache
+    from featcache.cache import info as cache_info
 
-    c = open_cache(path)
-    data = {**c.summary(), "layer_names": c.layer_names, "layer_dims": c.layer_dims,
-            "shard_size": c.layout.shard_size, "class_names": c.class_names,
-            "fingerprint": c.fingerprint,
-            "attrs": {k: v for k, v in c.attrs.items()
-                      if k not in ("fingerprint", "class_names", "layer_names", "layer_dims")}}
+    data = cache_info(path)
     if json_out:
         print_json(data)
         return
-    console.print(f"[bold]{c.path}[/]")
+    console.print(f"[bold]{data['path']}[/]")
     for key in ("model", "weights", "tap", "dataset", "split", "n", "layers", "dim",
                 "all_tokens", "complete"):
         console.print(f"  {key:>10}: {data[key]}")
     console.print(f"  {'shards':>10}: {data['shards_done']}/{data['shards']} done, "
                   f"{data['shard_size']} samples each")
     console.print(f"  {'size':>10}: {human_bytes(data['bytes'])}")
-    console.print(f"  {'layers':>10}: {', '.join(c.layer_names)}")
+    console.print(f"  {'layers':>10}: {', '.join(data['layer_names'])}")
     console.print("  full fingerprint: `featcache info PATH --json`")
 
 
@@ -188,23 +154,18 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Write a cache's arrays and attributes to another format (HDF5)."""
-    from featcache.cache import export_hdf5, open_cache
+    from featcache.cache import export as export_cache
 
-    if format.lower() not in ("hdf5", "h5"):
-        raise FeatcacheError(f"unknown export format {format!r}: hdf5 is supported")
-    c = open_cache(path)
-    target = out or Path(str(c.path).rstrip("/") + ".h5")
-    written = export_hdf5(c, target, overwrite=overwrite)
+    written = export_cache(path, format, out, overwrite)
     console.print(f"[green]wrote[/] {written} ({human_bytes(written.stat().st_size)})")
 
 
 @user_errors
 def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """The model registry (any other timm or open_clip ViT works by prefix)."""
-    from featcache.models import list_models
+    from featcache.backbones import models as model_rows
 
-    rows = [{"name": s.name, "backend": s.backend, "arch": s.arch, "pretrained": s.pretrained,
-             "probe_token": s.probe_token, "description": s.description} for s in list_models()]
+    rows = model_rows()
     if json_out:
         print_json(rows)
         return
@@ -221,11 +182,9 @@ def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 def datasets(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
              ) -> None:
     """The dataset registry (also imagefolder:PATH, wds:PATH, torchvision:NAME, ...)."""
-    from dataclasses import asdict
+    from featcache.sources import datasets as dataset_rows
 
-    from featcache.datasets import list_datasets
-
-    rows = [asdict(d) for d in list_datasets()]
+    rows = dataset_rows()
     if json_out:
         print_json(rows)
         return

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from cli.common import console, print_json, user_errors
-from featcache.errors import FeatcacheError
-
-
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) for v in values):
-        raise FeatcacheError(f"bad {what} {text!r}: use comma-separated numbers, "
-                             "e.g. 1e-3,1e-2")
-    return values
-
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values:
-        raise FeatcacheError(f"bad {what} {text!r}: use comma-separated integers, e.g. 0,1,2")
-    return values
+from cli.common import console, options_from, print_json, user_errors
 
 
 def _fmt(value: float | None) -> str:
@@ -80,20 +55,11 @@ def probe(
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
     """Train probes from the cache: the whole hyperparameter grid at once, select, refit."""
-    from featcache.probe import ProbeOptions
-    from featcache.probe import probe as run_probe
+    from featcache.probing import ProbeOptions
+    from featcache.probing import probe as run_probe
     from featcache.progress import Bars
 
-    if token not in (None, "cls", "ap"):
-        raise FeatcacheError(f"bad --token {token!r}: use cls or ap")
-    opts = ProbeOptions(
-        method=method, layers=layers, model=model, dataset=dataset, cache_root=cache,
-        runs_root=runs, seeds=_ints(seeds, "--seeds"), grid=grid, epochs=epochs,
-        batch_size=batch_size, lrs=_floats(lrs, "--lrs"), wds=_floats(wds, "--wds"),
-        dropouts=_floats(dropouts, "--dropouts"), min_steps=min_steps, shots=shots,
-        token=token, device=device, memory_budget_gb=memory_gb,
-        feature_memory_gb=feature_memory_gb, threads=threads, force=force,
-    )
+    opts = options_from(ProbeOptions, locals())
     with Bars("epoch", enabled=not json_out) as bars:
         results = run_probe(opts, progress=bars)
     rows = [{"model": r.model, "dataset": r.dataset, "method": r.method,
@@ -121,14 +87,15 @@ def probe(
 def runs(
     cache: Annotated[Path | None, typer.Option(help="Cache root (runs under CACHE/runs).")
                      ] = None,
-    runs_root: Annotated[Path | None, typer.Option("--runs", help="Runs root.")] = None,
+    runs: Annotated[Path | None, typer.Option(help="Runs root.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List trained runs with their test metrics."""
-    from featcache.runs import default_runs_root, list_runs, summary_row
+    from featcache.records import default_runs_root
+    from featcache.records import runs as run_rows
 
-    root = runs_root or default_runs_root(cache)
-    rows = [summary_row(r) for r in list_runs(root)]
+    root = runs or default_runs_root(cache)
+    rows = run_rows(cache, runs)
     if json_out:
         print_json(rows)
         return

@@ -1,33 +1,57 @@
 """featcache: cache every layer of a frozen ViT once, then train probes from the cache.
 
-The library behind the `featcache` CLI; every command has a function of the same name:
-`featcache.extract`, `featcache.probe`, `featcache.report`, plus `open_cache`,
-`create_backbone` and `open_dataset` for working with the pieces.
+The library behind the `featcache` CLI. Every command is a function of the same name with
+the command's options as keywords (`--workers` is `workers`):
+
+    import featcache
+    train, test = featcache.extract(model="dinov2-vit-b14", dataset="eurosat")
+    results = featcache.probe(method="alf")
+    featcache.report(out="report")
+
+No module of the package is named like a command, so `featcache.extract` is this
+function whatever was imported before. The pieces: `open_cache`, `create_backbone`,
+`open_dataset`, and the options classes `ExtractOptions` and `ProbeOptions`.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "extract": ("featcache.extract", "extract"),
-    "ExtractOptions": ("featcache.extract", "ExtractOptions"),
+# name → (module, attribute): the commands first, then the pieces.
+_LAZY: dict[str, tuple[str, str]] = {
+    "extract": ("featcache.extraction", "extract"),
+    "ls": ("featcache.cache", "ls"),
+    "info": ("featcache.cache", "info"),
+    "export": ("featcache.cache", "export"),
+    "models": ("featcache.backbones", "models"),
+    "datasets": ("featcache.sources", "datasets"),
+    "probe": ("featcache.probing", "probe"),
+    "runs": ("featcache.records", "runs"),
+    "report": ("featcache.reporting", "report"),
+    "ExtractOptions": ("featcache.extraction", "ExtractOptions"),
+    "ProbeOptions": ("featcache.probing", "ProbeOptions"),
     "open_cache": ("featcache.cache", "open_cache"),
     "find_caches": ("featcache.cache", "find_caches"),
-    "create_backbone": ("featcache.models", "create_backbone"),
-    "open_dataset": ("featcache.datasets", "open_dataset"),
-    "probe": ("featcache.probe", "probe"),
-    "report": ("featcache.report", "build_report"),
+    "create_backbone": ("featcache.backbones", "create_backbone"),
+    "open_dataset": ("featcache.sources", "open_dataset"),
+    "FeatcacheError": ("featcache.errors", "FeatcacheError"),
 }
+
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     """Import heavy modules (torch, zarr) only when their names are used."""
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value  # looked up once
+        return value
     raise AttributeError(f"module 'featcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -396,6 +396,35 @@ def find_caches(root: str | Path) -> list[Cache]:
     return found
 
 
+def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
+    """`featcache ls`: a summary row per cache under the root (default: the default root)."""
+    root = Path(cache).expanduser() if cache else default_cache_root()
+    return [c.summary() for c in find_caches(root)]
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    """`featcache info`: one cache's summary, layers, classes, fingerprint and attributes."""
+    c = open_cache(path)
+    shown = ("fingerprint", "class_names", "layer_names", "layer_dims")
+    return {**c.summary(), "layer_names": c.layer_names, "layer_dims": c.layer_dims,
+            "shard_size": c.layout.shard_size, "class_names": c.class_names,
+            "fingerprint": c.fingerprint,
+            "attrs": {k: v for k, v in c.attrs.items() if k not in shown}}
+
+
+EXPORT_FORMATS = ("hdf5",)
+
+
+def export(path: str | Path, format: str = "hdf5", out: str | Path | None = None,
+           overwrite: bool = False) -> Path:
+    """`featcache export`: write a complete cache to HDF5 (default: PATH.h5); returns the file."""
+    if format.lower() not in ("hdf5", "h5"):
+        raise FeatcacheError(f"unknown export format {format!r}: hdf5 is supported")
+    c = open_cache(path)
+    target = Path(out).expanduser() if out else Path(str(c.path).rstrip("/") + ".h5")
+    return export_hdf5(c, target, overwrite=overwrite)
+
+
 def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
     """The same arrays and attributes as HDF5 (thingsvision and friends read .hdf5)."""
     import json

@@ -227,7 +227,7 @@ def attention_heatmaps(records: Sequence[dict], dataset_label: Any = None) -> Fi
                 str(rec["dataset"])].append(att)
     if not groups:
         return None
-    from featcache.report import _dataset_sort
+    from featcache.reporting import _dataset_sort
 
     # One panel per model: ALF over all layers when run, else its widest layer set.
     best: dict[str, tuple[str, str]] = {}
@@ -304,7 +304,7 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
     """Per dataset of one model: probe accuracy by layer (left axis) beside CKA to the last
     layer (right axis), with the linear and ALF results as reference lines."""
     label = dataset_label or (lambda d: d)
-    from featcache.report import _dataset_sort
+    from featcache.reporting import _dataset_sort
 
     by_ds: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
@@ -427,7 +427,7 @@ def _depth_heatmaps(model_dir: str, curves: dict[str, dict[str, dict[str, float]
 # -- 4. paper -----------------------------------------------------------------------------
 def paper_scatter(rows: Sequence[dict]) -> Figure | None:
     """Your balanced accuracy against the published one, per (model, dataset, method)."""
-    from featcache.report import paper_pairs
+    from featcache.reporting import paper_pairs
 
     pairs = paper_pairs(rows)
     if not pairs:

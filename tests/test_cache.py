@@ -28,7 +28,7 @@ from featcache.cache import (
     write_lock,
 )
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractOptions, extract
+from featcache.extraction import ExtractOptions, extract
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -42,8 +42,8 @@ def cache_root(wds_path, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("caches")
     extract(ExtractOptions(model=TIMM_TINY, dataset=f"wds:{wds_path}", weights="random",
-                           model_kwargs=TIMM_TINY_KW, cache_root=root, batch_size=8,
-                           shard_size=16, num_workers=0, all_tokens=True))
+                           model_arg=TIMM_TINY_KW, cache=root, batch_size=8,
+                           shard_size=16, workers=0, all_tokens=True))
     torch.set_num_threads(threads)
     return root
 
@@ -244,9 +244,9 @@ def test_little_padding_on_disk(wds_path, tmp_path):
     """Zarr pads edge chunks to full size: the shard is capped at N and inner chunks are a
     few rows, so the stored bytes stay at the raw fp16 size (plus the shard index)."""
     (result,) = extract(ExtractOptions(model=TIMM_TINY, dataset=f"wds:{wds_path}",
-                                       splits=("test",), weights="random",
-                                       model_kwargs=TIMM_TINY_KW, cache_root=tmp_path,
-                                       num_workers=0, all_tokens=True))
+                                       split=("test",), weights="random",
+                                       model_arg=TIMM_TINY_KW, cache=tmp_path,
+                                       workers=0, all_tokens=True))
     cache = open_cache(result.path)
     assert cache.layout.shard_size == 20  # never more than N
     for name, row_bytes in (("cls", 4 * 48 * 2), ("ap", 4 * 48 * 2),

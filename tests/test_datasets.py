@@ -22,8 +22,9 @@ from fakedata import (
 )
 from PIL import Image
 
-from featcache import datasets as ds
-from featcache.datasets import (
+from featcache import sources as ds
+from featcache.errors import FeatcacheError
+from featcache.sources import (
     DatasetInfo,
     ImageDataset,
     default_data_root,
@@ -31,7 +32,6 @@ from featcache.datasets import (
     open_dataset,
     parse_splits,
 )
-from featcache.errors import FeatcacheError
 
 
 def pixels(img: Image.Image) -> np.ndarray:

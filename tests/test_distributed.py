@@ -16,7 +16,7 @@ from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 from featcache import distributed as dist
 from featcache.cache import Cache, open_cache
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractOptions, extract
+from featcache.extraction import ExtractOptions, extract
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -54,9 +54,9 @@ def test_without_torchrun_this_is_rank_0_of_1(monkeypatch):
 
 
 def opts(wds_path: Path, root: Path, **kw) -> ExtractOptions:
-    base = dict(model=TIMM_TINY, dataset=f"wds:{wds_path}", splits=("train",),
-                weights="random", model_kwargs=dict(TIMM_TINY_KW), cache_root=root,
-                batch_size=8, shard_size=16, num_workers=0, all_tokens=True)
+    base = dict(model=TIMM_TINY, dataset=f"wds:{wds_path}", split=("train",),
+                weights="random", model_arg=dict(TIMM_TINY_KW), cache=root,
+                batch_size=8, shard_size=16, workers=0, all_tokens=True)
     base.update(kw)
     return ExtractOptions(**base)
 
@@ -109,7 +109,7 @@ def test_torchrun_two_cpu_ranks_give_the_one_process_cache(wds_path, tmp_path):
     # only rank 0 speaks: one summary line per split, with every rank's shards counted
     assert run.stdout.count("wrote") == 2, run.stdout
     assert "5 shards on 2 ranks" in run.stdout and "3 shards on 2 ranks" in run.stdout
-    single = extract(opts(wds_path, tmp_path / "one", splits=("train", "test"), batch_size=4,
+    single = extract(opts(wds_path, tmp_path / "one", split=("train", "test"), batch_size=4,
                           shard_size=8))
     report = {}
     for one in single:

@@ -16,10 +16,10 @@ import pytest
 import zarr
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
-from featcache import datasets as ds
+from featcache import sources as ds
 from featcache.cache import Cache, Layout, open_cache, write_lock
 from featcache.errors import FeatcacheError, FingerprintMismatch
-from featcache.extract import ExtractOptions, ShardBatches, extract
+from featcache.extraction import ExtractOptions, ShardBatches, extract
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -27,9 +27,9 @@ ARRAYS = ("cls", "ap", "last_tokens", "labels", "valid", "done")
 
 
 def options(dataset: str, root: Path, **kw) -> ExtractOptions:
-    base = dict(model=TIMM_TINY, dataset=dataset, splits=("train",), weights="random",
-                model_kwargs=dict(TIMM_TINY_KW), cache_root=root, batch_size=8, shard_size=16,
-                num_workers=0, all_tokens=True)
+    base = dict(model=TIMM_TINY, dataset=dataset, split=("train",), weights="random",
+                model_arg=dict(TIMM_TINY_KW), cache=root, batch_size=8, shard_size=16,
+                workers=0, all_tokens=True)
     base.update(kw)
     return ExtractOptions(**base)
 
@@ -191,7 +191,7 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
 
 
 @pytest.mark.parametrize("change,setting", [
-    (dict(model_kwargs={**TIMM_TINY_KW, "depth": 2}), "model.model_kwargs.depth: 3 → 2"),
+    (dict(model_arg={**TIMM_TINY_KW, "depth": 2}), "model.model_kwargs.depth: 3 → 2"),
     (dict(dtype="bf16"), "compute_dtype: float32 → bfloat16"),
     (dict(all_tokens=False), "all_tokens: True → False"),
 ])
@@ -275,7 +275,7 @@ def test_a_second_extraction_at_once_is_refused(wds_path, reference, tmp_path):
             extract(options(f"wds:{wds_path}", root))
         with pytest.raises(FeatcacheError, match="another featcache process is writing"):
             extract(options(f"wds:{wds_path}", root, overwrite=True, tap="reference",
-                            model_kwargs={**TIMM_TINY_KW, "depth": 2}))
+                            model_arg={**TIMM_TINY_KW, "depth": 2}))
     finally:
         holder.kill()
         holder.wait()
@@ -327,7 +327,7 @@ def test_batches_never_cross_a_shard():
 
 def test_workers_and_default_options(wds_path, reference, tmp_path):
     """DataLoader workers (a separate process decoding) give the same bytes."""
-    (result,) = extract(options(f"wds:{wds_path}", tmp_path, num_workers=1))
+    (result,) = extract(options(f"wds:{wds_path}", tmp_path, workers=1))
     assert_bitwise_equal(result.path, reference)
     assert result.images_per_s > 0
     cache = open_cache(result.path)
@@ -347,7 +347,7 @@ def test_workers_and_default_options(wds_path, reference, tmp_path):
 def test_plan_workers(monkeypatch, cpus, requested, device, expected):
     import torch
 
-    import featcache.extract as fe
+    import featcache.extraction as fe
 
     monkeypatch.setattr(fe, "_available_cpus", lambda: cpus)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)

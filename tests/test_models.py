@@ -22,11 +22,11 @@ from conftest import (
     TIMM_TINY_KW,
 )
 
+from featcache.backbones import create_backbone, resolve_model
 from featcache.cache import model_dir_name, open_cache
-from featcache.datasets import open_dataset
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractOptions, extract
-from featcache.models import create_backbone, resolve_model
+from featcache.extraction import ExtractOptions, extract
+from featcache.sources import open_dataset
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -169,9 +169,9 @@ def test_avg_pooled_timm_model_uses_its_fc_norm():
 def test_cache_stores_independent_tokens(backbones, wds_path, tmp_path, key, tap):
     """What lands on disk (fp16) is the independent computation on the same images, rounded."""
     name, kwargs = MODELS[key]
-    opts = ExtractOptions(model=name, dataset=f"wds:{wds_path}", splits=("test",),
-                          weights="random", tap=tap, model_kwargs=kwargs,
-                          cache_root=tmp_path, batch_size=8, shard_size=16, num_workers=0,
+    opts = ExtractOptions(model=name, dataset=f"wds:{wds_path}", split=("test",),
+                          weights="random", tap=tap, model_arg=kwargs,
+                          cache=tmp_path, batch_size=8, shard_size=16, workers=0,
                           all_tokens=True)
     (result,) = extract(opts)
     cache = open_cache(result.path)

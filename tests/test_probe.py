@@ -20,7 +20,7 @@ from probecache import SynthSpec, expected_tokens, make_pair, make_split
 
 from featcache.errors import FeatcacheError
 from featcache.features import FeatureSource, load_source
-from featcache.probe import (
+from featcache.probing import (
     ProbeOptions,
     find_pairs,
     layer_set_names,
@@ -29,7 +29,7 @@ from featcache.probe import (
     stratified_split,
     token_list,
 )
-from featcache.runs import list_runs, read_run
+from featcache.records import list_runs, read_run
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -56,7 +56,7 @@ def planted_runs(planted) -> dict[str, dict]:
     try:
         for method, layers in (("linear", None), ("alf", None), ("concat", "quarterly"),
                                ("layers", None), ("attentive", None)):
-            (result,) = probe(ProbeOptions(method=method, layers=layers, cache_root=planted,
+            (result,) = probe(ProbeOptions(method=method, layers=layers, cache=planted,
                                            **QUICK))
             assert result.status == "trained"
             out[method] = read_run(result.path)
@@ -89,7 +89,7 @@ def test_linear_matches_sklearn_logistic_regression(tmp_path):
                      signal={("final", "cls"): 0.3}, class_balance=tuple(np.linspace(1, 3, 10)),
                      shard_size=256, seed=3)
     train, test = make_pair(tmp_path, spec)
-    (result,) = probe(ProbeOptions(method="linear", cache_root=tmp_path))  # the paper recipe
+    (result,) = probe(ProbeOptions(method="linear", cache=tmp_path))  # the paper recipe
     ours = result.metrics["balanced_top1"]
 
     x_tr, y_tr = expected_tokens(train, ["final.cls"])[:, 0], train.labels()
@@ -231,7 +231,7 @@ def test_host_streamed_placement_gives_identical_results(planted, tmp_path):
 
     runs = {}
     for name, gb in (("memory", None), ("host", 0.0)):
-        (r,) = probe(ProbeOptions(method="alf", cache_root=planted, runs_root=tmp_path / name,
+        (r,) = probe(ProbeOptions(method="alf", cache=planted, runs=tmp_path / name,
                                   feature_memory_gb=gb, lrs=(1e-2,), wds=(1e-4, 1e-2),
                                   dropouts=(0.0,), epochs=2, min_steps=20))
         runs[name] = read_run(r.path)
@@ -282,7 +282,7 @@ def test_feature_source_basics():
 # -- records -----------------------------------------------------------------------------
 
 def test_records_one_per_seed_skip_and_force(planted, tmp_path):
-    opts = ProbeOptions(method="linear", cache_root=planted, runs_root=tmp_path, seeds=(0, 1),
+    opts = ProbeOptions(method="linear", cache=planted, runs=tmp_path, seeds=(0, 1),
                         epochs=2, min_steps=10)
     first = probe(opts)
     assert [r.status for r in first] == ["trained", "trained"]
@@ -306,7 +306,7 @@ def test_a_killed_write_leaves_no_record(planted, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the user's Ctrl-C, mid-write
 
-    opts = ProbeOptions(method="linear", cache_root=planted, runs_root=tmp_path, epochs=2,
+    opts = ProbeOptions(method="linear", cache=planted, runs=tmp_path, epochs=2,
                         min_steps=10)
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
@@ -324,7 +324,7 @@ def test_a_killed_write_leaves_no_record(planted, tmp_path, monkeypatch):
 
 
 def test_shots_use_k_per_class(planted, tmp_path):
-    (r,) = probe(ProbeOptions(method="linear", cache_root=planted, runs_root=tmp_path, shots=6,
+    (r,) = probe(ProbeOptions(method="linear", cache=planted, runs=tmp_path, shots=6,
                               epochs=2, min_steps=10))
     rec = read_run(r.path)
     assert rec["n_train"] == 6 * PLANTED.n_classes and rec["config"]["shots"] == 6
@@ -341,12 +341,12 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 
 def test_bad_input_is_one_clear_line(planted, tmp_path):
     def fails(match: str, **kwargs) -> None:
-        opts = {"cache_root": planted, "runs_root": tmp_path / "runs", **QUICK, **kwargs}
+        opts = {"cache": planted, "runs": tmp_path / "runs", **QUICK, **kwargs}
         with pytest.raises(FeatcacheError, match=match) as exc:
             probe(ProbeOptions(**opts))
         one_line(exc)
 
-    fails("no caches under", cache_root=tmp_path / "empty")
+    fails("no caches under", cache=tmp_path / "empty")
     fails("unknown method 'mlp'", method="mlp")
     fails("unknown layer set 'everything'", method="alf", layers="everything")
     fails("layer 9 out of range", method="concat", layers="1,9")
@@ -365,7 +365,7 @@ def test_bad_input_is_one_clear_line(planted, tmp_path):
 def test_attentive_needs_all_tokens(tmp_path):
     make_pair(tmp_path, SynthSpec(n_train=40, n_test=20))
     with pytest.raises(FeatcacheError, match="--all-tokens") as exc:
-        probe(ProbeOptions(method="attentive", cache_root=tmp_path, **QUICK))
+        probe(ProbeOptions(method="attentive", cache=tmp_path, **QUICK))
     one_line(exc)
 
 
@@ -374,12 +374,12 @@ def test_incomplete_and_mismatched_caches(tmp_path):
     make_split(tmp_path, spec, "train", spec.n_train)
     make_split(tmp_path, spec, "test", spec.n_test, complete=False)
     with pytest.raises(FeatcacheError, match="incomplete") as exc:
-        probe(ProbeOptions(method="linear", cache_root=tmp_path))
+        probe(ProbeOptions(method="linear", cache=tmp_path))
     assert "featcache extract" in one_line(exc)
     make_split(tmp_path, spec, "test", spec.n_test, tap="residual")
     with pytest.raises(FeatcacheError, match=r"different settings \(model\.tap: "
                                              r"'reference' vs 'residual'\)") as exc:
-        probe(ProbeOptions(method="linear", cache_root=tmp_path))
+        probe(ProbeOptions(method="linear", cache=tmp_path))
     one_line(exc)
     make_split(tmp_path, spec, "test", spec.n_test)
     assert len(find_pairs(tmp_path)) == 1

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from featcache.errors import FeatcacheError
-from featcache.report import (
+from featcache.reporting import (
     build_report,
     load_records,
     prepare_report,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.report import build_report
+from featcache.reporting import build_report
 
 try:
     from tests.runrecords import write_realistic_set

@@ -205,6 +205,13 @@ def list_datasets() -> list[DatasetInfo]:
     return rows
 
 
+def datasets() -> list[dict[str, Any]]:
+    """`featcache datasets`: every name `open_dataset` knows, as rows."""
+    from dataclasses import asdict
+
+    return [asdict(d) for d in list_datasets()]
+
+
 # --------------------------------------------------------------------------- the dataset type
 
 

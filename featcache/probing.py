@@ -4,14 +4,14 @@ Never loads a backbone: everything comes from the cache. The tokens a method nee
 read once per split into a `featcache.features.FeatureSource` (float16, on the device or
 streamed from host memory; normalised per batch). `layers` trains every layer's linear
 grid in one pass (layers × hyperparameters on the config axis). One record per
-(cache pair, method, layer set, seed); see featcache.runs.
+(cache pair, method, layer set, seed); see featcache.records.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from featcache import __version__
 from featcache.cache import Cache, default_cache_root, find_caches, flatten
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
-from featcache.runs import default_runs_root, is_finished, run_dir, write_run
+from featcache.options import check_int, make_options, parse_floats, parse_ints
+from featcache.records import default_runs_root, is_finished, run_dir, write_run
 
 METHODS = ("linear", "concat", "attentive", "alf", "layers")
 LAYER_SETS = ("last", "middle+last", "quarterly", "all")
@@ -36,32 +37,40 @@ PAIR_FREE_KEYS = ("dataset.split", "dataset.n", "dataset.identity")
 
 @dataclass
 class ProbeOptions:
-    """Everything `featcache probe` takes; defaults follow the paper's reference recipe."""
+    """Everything `featcache probe` takes, under the CLI's names; defaults follow the
+    paper's reference recipe. List options take a sequence or the CLI's "a,b,c" text."""
 
     method: str = "alf"
     layers: str | None = None  # layer set; None → the method's default
     model: str | None = None  # only pairs of this model (registry/CLI name)
     dataset: str | None = None  # only pairs of this dataset
-    cache_root: Path | None = None
-    runs_root: Path | None = None
-    seeds: tuple[int, ...] = (0,)
+    cache: str | Path | None = None
+    runs: str | Path | None = None  # runs root (default: <cache>/runs)
+    seeds: str | Sequence[int] = (0,)
     grid: str = "paper"
     epochs: int | None = None
     batch_size: int | None = None
-    lrs: tuple[float, ...] | None = None
-    wds: tuple[float, ...] | None = None
-    dropouts: tuple[float, ...] | None = None
+    lrs: str | Sequence[float] | None = None
+    wds: str | Sequence[float] | None = None
+    dropouts: str | Sequence[float] | None = None
     min_steps: int | None = None
-    val_fraction: float = 0.2
     shots: int | None = None
     token: str | None = None  # linear/layers: "cls" or "ap" (default: the model's probe token)
     device: str = "auto"
-    memory_budget_gb: float | None = None  # the grid's heads (None: see TrainConfig)
+    memory_gb: float | None = None  # the grid's heads (None: see TrainConfig)
     feature_memory_gb: float | None = None  # tokens kept on the device (None: half its free)
     threads: int | None = None  # torch intra-op threads during the run (None: as set)
     force: bool = False
+    val_fraction: float = 0.2
     train_split: str = "train"
     test_split: str = "test"
+
+    def __post_init__(self) -> None:
+        """The CLI's texts ("0,1,2", "1e-3,1e-2") as tuples, checked once."""
+        self.seeds = parse_ints(self.seeds, "--seeds", 0)
+        self.lrs = parse_floats(self.lrs, "--lrs")
+        self.wds = parse_floats(self.wds, "--wds")
+        self.dropouts = parse_floats(self.dropouts, "--dropouts")
 
 
 @dataclass
@@ -227,8 +236,8 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     overrides = {"epochs": opts.epochs, "batch_size": opts.batch_size, "lrs": opts.lrs,
                  "wds": opts.wds, "dropouts": opts.dropouts, "min_total_steps": opts.min_steps}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    if opts.memory_budget_gb:
-        cfg = replace(cfg, memory_budget_bytes=int(opts.memory_budget_gb * 2**30))
+    if opts.memory_gb:
+        cfg = replace(cfg, memory_budget_bytes=int(opts.memory_gb * 2**30))
     return cfg
 
 
@@ -242,23 +251,19 @@ def check_options(opts: ProbeOptions) -> None:
         raise FeatcacheError("--method attentive reads every token of the last layer; "
                              "--layers does not apply (use --method alf for layer sets)")
     if opts.token not in (None, "cls", "ap"):
-        raise FeatcacheError(f"bad token {opts.token!r}: use cls or ap")
+        raise FeatcacheError(f"bad --token {opts.token!r}: use cls or ap")
     if not opts.seeds:
         raise FeatcacheError("no seeds given: use e.g. --seeds 0,1,2")
     if len(set(opts.seeds)) != len(opts.seeds):
         raise FeatcacheError(f"repeated seeds in {list(opts.seeds)}")
 
-    def positive(name: str, value: Any, low: float = 1) -> None:
-        if value is not None and value < low:
-            raise FeatcacheError(f"{name} must be at least {low:g}, got {value}")
-
-    positive("--epochs", opts.epochs)
-    positive("--batch-size", opts.batch_size, 2)
-    positive("--shots", opts.shots)
-    positive("--min-steps", opts.min_steps, 0)
-    positive("--threads", opts.threads)
-    if opts.memory_budget_gb is not None and opts.memory_budget_gb <= 0:
-        raise FeatcacheError(f"--memory-gb must be positive, got {opts.memory_budget_gb}")
+    check_int(opts.epochs, "--epochs")
+    check_int(opts.batch_size, "--batch-size", 2)
+    check_int(opts.shots, "--shots")
+    check_int(opts.min_steps, "--min-steps", 0)
+    check_int(opts.threads, "--threads")
+    if opts.memory_gb is not None and not opts.memory_gb > 0:
+        raise FeatcacheError(f"--memory-gb must be positive, got {opts.memory_gb}")
     if opts.feature_memory_gb is not None and opts.feature_memory_gb < 0:
         raise FeatcacheError(f"--feature-memory-gb must be ≥ 0, got {opts.feature_memory_gb}")
     if not 0 < opts.val_fraction < 1:
@@ -385,15 +390,21 @@ def all_test_metrics(final: Any, x_test: Any, y_test: torch.Tensor) -> list[dict
     return out
 
 
-# pytest would collect `test_metrics` from `from featcache.probe import *`-style imports
+# pytest would collect `test_metrics` from `from featcache.probing import *`-style imports
 test_metrics.__test__ = False  # type: ignore[attr-defined]
 
 
-def probe(opts: ProbeOptions, progress: Any = None) -> list[RunResult]:
-    """Train `opts.method` on every matching cache pair, for every seed; skip finished runs."""
+def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
+          **kwargs: Any) -> list[RunResult]:
+    """Train a method on every matching cache pair, for every seed; skip finished runs.
+
+    ``probe(method="alf", cache="cache")`` or ``probe(ProbeOptions(...))``: the keywords
+    are `featcache probe`'s options. ``progress``: a `featcache.progress.Bars`.
+    """
+    opts = make_options(ProbeOptions, options, kwargs)
     check_options(opts)
-    cache_root = Path(opts.cache_root) if opts.cache_root else default_cache_root()
-    runs_root = Path(opts.runs_root) if opts.runs_root else default_runs_root(cache_root)
+    cache_root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
+    runs_root = Path(opts.runs).expanduser() if opts.runs else default_runs_root(cache_root)
     pairs = find_pairs(cache_root, opts.model, opts.dataset, opts.train_split, opts.test_split)
     layer_set = opts.layers or DEFAULT_LAYER_SET[opts.method]
     if opts.method == "attentive":
@@ -427,7 +438,7 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
     path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed)
     base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
     if is_finished(path) and not opts.force:
-        from featcache.runs import read_run
+        from featcache.records import read_run
 
         old = read_run(path)
         return replace(base, metrics=old.get("metrics", {}), selected=old.get("selected", {}))

@@ -11,8 +11,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from featcache import distributed as dist
+from featcache.backbones import TAPS, Backbone, create_backbone, parse_weights, resolve_model
 from featcache.cache import (
     Cache,
     Layout,
@@ -28,6 +29,7 @@ from featcache.cache import (
     check_fingerprint,
     choose_shard_size,
     create_cache,
+    default_cache_root,
     model_dir_name,
     open_cache,
     remove_leftovers,
@@ -35,26 +37,30 @@ from featcache.cache import (
     write_lock,
 )
 from featcache.errors import FeatcacheError
-from featcache.models import TAPS, Backbone, create_backbone, parse_weights, resolve_model
+from featcache.options import check_int, make_options, parse_model_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class ExtractOptions:
-    """Everything `featcache extract` takes; defaults are the CLI's."""
+    """Everything `featcache extract` takes, under the CLI's names; defaults are the CLI's.
+
+    ``split``: "train,test" or a sequence of names; ``model_arg``: a dict of architecture
+    overrides or the CLI's KEY=VALUE texts.
+    """
 
     model: str
     dataset: str = "digits"
-    splits: tuple[str, ...] = ("train", "test")
+    split: str | Sequence[str] = "train,test"
     weights: str | None = None
     tap: str = "reference"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    cache_root: Path | None = None
-    data_root: Path | None = None
+    model_arg: dict[str, Any] | Sequence[str] | None = None
+    cache: str | Path | None = None
+    data_root: str | Path | None = None
     download: bool = True
     batch_size: int = 64
-    num_workers: int | None = None
+    workers: int | None = None
     device: str = "auto"
     dtype: str = "auto"
     all_tokens: bool = False
@@ -261,25 +267,35 @@ def plan_workers(device: torch.device, requested: int | None) -> tuple[int, int 
     return requested, threads
 
 
-def extract(opts: ExtractOptions, progress: Any = None) -> list[ExtractResult]:
-    """Extract every requested split; returns one result per split."""
-    from featcache.datasets import open_dataset
+def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
+            **kwargs: Any) -> list[ExtractResult]:
+    """Extract every requested split; returns one result per split.
 
-    if opts.batch_size < 1:
-        raise FeatcacheError("--batch-size must be at least 1")
+    ``extract(model="clip-vit-b16", dataset="fer2013")`` or ``extract(ExtractOptions(...))``:
+    the keywords are `featcache extract`'s options. ``progress``: a `featcache.progress.Bars`.
+    """
+    from featcache.sources import open_dataset, parse_splits
+
+    opts = make_options(ExtractOptions, options, kwargs)
+    check_int(opts.batch_size, "--batch-size")
+    check_int(opts.workers, "--workers", 0)
+    check_int(opts.shard_size, "--shard-size")
+    splits = parse_splits(opts.split if isinstance(opts.split, str) else ",".join(opts.split))
+    model_kwargs = parse_model_args(opts.model_arg)
     # Cheap checks first: a typo in the model, tap or weights must not wait for a download.
-    resolve_model(opts.model, opts.model_kwargs)
+    resolve_model(opts.model, model_kwargs)
     parse_weights(opts.weights)
     if opts.tap not in TAPS:
         raise FeatcacheError(f"unknown tap {opts.tap!r}: choose one of {', '.join(TAPS)}")
     with dist.session():
         device = dist.resolve_device(opts.device)
         compute_dtype = resolve_dtype(opts.dtype, device)
-        datasets = [open_dataset(opts.dataset, split, opts.data_root, opts.download)
-                    for split in opts.splits]
-        backbone = create_backbone(opts.model, opts.weights, opts.tap, opts.model_kwargs)
+        data_root = Path(opts.data_root) if opts.data_root is not None else None
+        datasets = [open_dataset(opts.dataset, split, data_root, opts.download)
+                    for split in splits]
+        backbone = create_backbone(opts.model, opts.weights, opts.tap, model_kwargs)
         backbone.to(device)
-        root = Path(opts.cache_root) if opts.cache_root else _default_root()
+        root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
         model_dir = model_dir_name(opts.model, opts.tap, backbone.weights_id)
         results = []
         for dataset in datasets:
@@ -308,12 +324,6 @@ def _short_name(name: str) -> str:
     return name
 
 
-def _default_root() -> Path:
-    from featcache.cache import default_cache_root
-
-    return default_cache_root()
-
-
 def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOptions,
                    fingerprint: dict[str, Any]) -> tuple[Cache, str]:
     """Open and check, or create, the cache (one process: rank 0)."""
@@ -331,8 +341,6 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
     per_sample = 2 * 2 * len(backbone.layer_names) * backbone.dim
     if opts.all_tokens:
         per_sample = max(per_sample, 2 * backbone.n_tokens * backbone.final_dim)
-    if opts.shard_size is not None and opts.shard_size < 1:
-        raise FeatcacheError("--shard-size must be at least 1")
     # never larger than the data: one shard then holds everything, with no padding
     shard_size = min(opts.shard_size or choose_shard_size(per_sample), len(dataset))
     layout = Layout(len(dataset), len(backbone.layer_names), backbone.dim, shard_size,
@@ -444,7 +452,7 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
     layout = cache.layout
     size = _input_shape(backbone)
     prepared = _Prepared(dataset, backbone.transform, size)
-    workers, threads = plan_workers(device, opts.num_workers)
+    workers, threads = plan_workers(device, opts.workers)
     loader = DataLoader(
         prepared,
         batch_sampler=ShardBatches(layout, shards, opts.batch_size),

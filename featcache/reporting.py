@@ -581,6 +581,7 @@ class ReportData:
     rows: list[dict]
     notes: list[str] = field(default_factory=list)
     cka: dict[tuple[str, str], dict] = field(default_factory=dict)
+    written: dict[str, Path] = field(default_factory=dict)  # {format: path} once written
 
     def as_json(self) -> dict[str, Any]:
         out = summary_json(self.rows, self.notes)
@@ -659,6 +660,22 @@ def write_report(data: ReportData, out_dir: str | Path,
             written["html"] = out / "report.html"
             written["html"].write_text(to_html(data, rendered), encoding="utf-8")
     return written
+
+
+def report(cache: str | Path | None = None, runs: str | Path | None = None,
+           out: str | Path = "report", format: str | Iterable[str] = FORMATS,
+           cka: bool = True) -> ReportData:
+    """`featcache report`: summarise every run record under the runs root (default
+    <cache root>/runs) and write the chosen formats into ``out`` (an empty ``format``
+    writes nothing). The files written are in the result's ``written``."""
+    from featcache.records import default_runs_root
+
+    formats = parse_formats(format)
+    root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
+    data = prepare_report(root, out, cka=cka)
+    if formats:
+        data.written = write_report(data, out, formats)
+    return data
 
 
 def build_report(runs_root: str | Path, out_dir: str | Path,

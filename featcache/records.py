@@ -144,6 +144,14 @@ def list_runs(runs_root: Path) -> list[dict[str, Any]]:
     return records
 
 
+def runs(cache: str | Path | None = None, runs: str | Path | None = None
+         ) -> list[dict[str, Any]]:
+    """`featcache runs`: a summary row per run record under the runs root (default
+    <cache root>/runs)."""
+    root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
+    return [summary_row(r) for r in list_runs(root)]
+
+
 def summary_row(record: dict[str, Any]) -> dict[str, Any]:
     """The line `featcache runs` prints for a record."""
     metrics = record.get("metrics") or {}

@@ -4,7 +4,7 @@ No weights or datasets can be fetched offline, so it runs a small randomly initi
 ViT on scikit-learn's bundled digits, through exactly the code paths real runs take.
 Online, `--model clip-vit-b16 --dataset fer2013` runs the same pipeline on real data.
 
-    python -m featcache.demo --out demo-out
+    python -m featcache.offline_demo --out demo-out
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ def run_demo(out: Path, model: str = DEMO_MODEL, dataset: str = "digits",
              epochs: int | None = None, min_steps: int | None = None,
              console: Console | None = None) -> dict[str, Any]:
     """Run the whole pipeline under `out` (cache in out/cache, report in out/report)."""
-    from featcache.extract import ExtractOptions, extract
-    from featcache.probe import ProbeOptions, probe
+    from featcache.extraction import ExtractOptions, extract
+    from featcache.probing import ProbeOptions, probe
     from featcache.progress import Bars
-    from featcache.report import build_report, prepare_report, render_table
-    from featcache.runs import default_runs_root
+    from featcache.records import default_runs_root
+    from featcache.reporting import build_report, prepare_report, render_table
 
     console = console or Console()
     out = Path(out)
@@ -46,7 +46,7 @@ def run_demo(out: Path, model: str = DEMO_MODEL, dataset: str = "digits",
     started = time.perf_counter()
     with Bars("img", console=console) as bars:
         results = extract(ExtractOptions(model=model, dataset=dataset, weights=weights,
-                                         model_kwargs=dict(kwargs or {}), cache_root=cache_root),
+                                         model_arg=dict(kwargs or {}), cache=cache_root),
                           progress=bars)
     timings["extract_s"] = time.perf_counter() - started
     for r in results:
@@ -58,7 +58,7 @@ def run_demo(out: Path, model: str = DEMO_MODEL, dataset: str = "digits",
         with Bars("epoch", console=console) as bars:
             # Heads this small gain nothing from intra-op threads, and on a busy 2-core
             # machine spinning threads made the ALF grid over 10x slower: one thread.
-            probe(ProbeOptions(method=method, cache_root=cache_root, grid=grid, epochs=epochs,
+            probe(ProbeOptions(method=method, cache=cache_root, grid=grid, epochs=epochs,
                                min_steps=min_steps, threads=1), progress=bars)
     timings["probe_s"] = time.perf_counter() - started
 
@@ -77,7 +77,7 @@ def run_demo(out: Path, model: str = DEMO_MODEL, dataset: str = "digits",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m featcache.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m featcache.offline_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--model", default=DEMO_MODEL)

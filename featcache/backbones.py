@@ -79,6 +79,13 @@ def list_models() -> list[ModelSpec]:
     return list(MODELS.values())
 
 
+def models() -> list[dict[str, Any]]:
+    """`featcache models`: the registry as rows (any other timm/open_clip ViT by prefix)."""
+    return [{"name": s.name, "backend": s.backend, "arch": s.arch, "pretrained": s.pretrained,
+             "probe_token": s.probe_token, "description": s.description}
+            for s in list_models()]
+
+
 def resolve_model(name: str, model_kwargs: dict[str, Any] | None = None) -> ModelSpec:
     """A registry name, `timm:ARCH[.TAG]` or `open_clip:ARCH[:PRETRAINED]` → a spec."""
     extra = dict(model_kwargs or {})
