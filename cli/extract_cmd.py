@@ -13,7 +13,7 @@ from cli.common import console, options_from, print_json, user_errors
 from featcache.units import human_bytes
 
 CacheOpt = Annotated[Path | None, typer.Option(
-    "--cache", help="Cache root [env FEATCACHE_CACHE; default ~/.cache/featcache].")]
+    "--cache", help="Cache root (env FEATCACHE_CACHE; default ~/.cache/featcache).")]
 
 
 @user_errors
@@ -25,7 +25,7 @@ def extract(
     ] = "digits",
     split: Annotated[str, typer.Option(help="Comma-separated splits.")] = "train,test",
     weights: Annotated[str | None, typer.Option(
-        help="Hub weights (default), a local checkpoint PATH, or random[:SEED].")] = None,
+        help="Hub weights (default), a local checkpoint PATH, or random or random:SEED.")] = None,
     tap: Annotated[str, typer.Option(
         help="reference: each block's norm2 (ln_2) output + final; residual: block outputs.")
     ] = "reference",
@@ -33,13 +33,13 @@ def extract(
         help="Architecture override KEY=VALUE (repeatable), e.g. img_size=224.")] = None,
     cache: CacheOpt = None,
     data_root: Annotated[Path | None, typer.Option(
-        help="Where datasets are downloaded [env FEATCACHE_DATA].")] = None,
+        help="Where datasets are downloaded (env FEATCACHE_DATA).")] = None,
     download: Annotated[bool, typer.Option(help="Download missing datasets from the hub.")
                         ] = True,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int | None, typer.Option(
-        help="DataLoader workers [default: on a GPU, CPUs - 1 (at most 8); on a CPU, 0 up "
-             "to 4 cores, else CPUs / 8].")] = None,
+        help="DataLoader workers (default: on a GPU, CPUs - 1, at most 8; on a CPU, 0 up "
+             "to 4 cores, else CPUs / 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(
         help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
@@ -51,7 +51,7 @@ def extract(
         "--skip-bad", help="Skip unreadable images (recorded in the cache) instead of stopping.")
     ] = False,
     shard_size: Annotated[int | None, typer.Option(
-        help="Samples per shard [default: sized to ~64 MiB, at most 1024].")] = None,
+        help="Samples per shard (default: sized to ~64 MiB, at most 1024).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Run a frozen backbone once over a dataset and cache per-layer CLS+AP tokens."""
@@ -150,7 +150,7 @@ def info(
 def export(
     path: Annotated[Path, typer.Argument(help="A cache directory.")],
     format: Annotated[str, typer.Option(help="Export format (hdf5).")] = "hdf5",
-    out: Annotated[Path | None, typer.Option(help="Output file [default: PATH.h5].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (default: PATH.h5).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Write a cache's arrays and attributes to another format (HDF5)."""

@@ -25,32 +25,32 @@ def probe(
     model: Annotated[str | None, typer.Option(help="Only caches of this model.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Only caches of this dataset.")] = None,
     cache: Annotated[Path | None, typer.Option(
-        help="Cache root [env FEATCACHE_CACHE; default ~/.cache/featcache].")] = None,
-    runs: Annotated[Path | None, typer.Option(help="Runs root [default: CACHE/runs].")] = None,
+        help="Cache root (env FEATCACHE_CACHE; default ~/.cache/featcache).")] = None,
+    runs: Annotated[Path | None, typer.Option(help="Runs root (default: CACHE/runs).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; mean ± std in reports.")
                      ] = "0",
     grid: Annotated[str, typer.Option(
         help="paper (3 lr × 7 wd × 3 dropout) or quick (small machines).")] = "paper",
-    epochs: Annotated[int | None, typer.Option(help="Epochs [recipe: 40].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [recipe: 2048].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (recipe: 40).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (recipe: 2048).")] = None,
     lrs: Annotated[str | None, typer.Option(help="Learning rates, e.g. 1e-1,1e-2,1e-3.")] = None,
     wds: Annotated[str | None, typer.Option(help="Weight decays, e.g. 1e-6,1e-3,1.")] = None,
     dropouts: Annotated[str | None, typer.Option(help="Attention dropouts, e.g. 0,0.1,0.3.")
                         ] = None,
-    min_steps: Annotated[int | None, typer.Option(help="Minimum total steps [recipe: 1000].")
+    min_steps: Annotated[int | None, typer.Option(help="Minimum total steps (recipe: 1000).")
                          ] = None,
     shots: Annotated[int | None, typer.Option(help="K training examples per class.")] = None,
     token: Annotated[str | None, typer.Option(
-        help="linear/layers: cls or ap [default: the model's own, AP for MAE].")] = None,
+        help="linear/layers: cls or ap (default: the model's own, AP for MAE).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     memory_gb: Annotated[float | None, typer.Option(
-        help="Memory budget for the grid's heads [default: half of free device memory].")
+        help="Memory budget for the grid's heads (default: half of free device memory).")
     ] = None,
     feature_memory_gb: Annotated[float | None, typer.Option(
         help="Keep the cached tokens on the device up to this size, else stream them from "
-             "host memory [default: half of free device memory].")] = None,
+             "host memory (default: half of free device memory).")] = None,
     threads: Annotated[int | None, typer.Option(
-        help="CPU threads for torch during the run [default: torch's].")] = None,
+        help="CPU threads for torch during the run (default: torch's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain finished runs.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from featcache.errors import FeatcacheError
+from featcache.hub import hub_access
 
 TAPS = ("reference", "residual")
 
@@ -366,11 +367,14 @@ def _check_open_clip_model(spec: ModelSpec, visual: nn.Module) -> None:
                              "open_clip's VisionTransformer; for a timm tower use timm:NAME")
 
 
-def _hub_error(spec: ModelSpec, exc: Exception) -> FeatcacheError:
+def _hub_error(spec: ModelSpec, exc: Exception, offline: str | None) -> FeatcacheError:
+    fix = "go online once, or pass --weights PATH (a local checkpoint) or --weights random"
+    if offline is not None:
+        return FeatcacheError(f"could not load the hub weights of {spec.name}: the hub is out "
+                              f"of reach ({offline}) and they are not in the local cache; {fix}")
     return FeatcacheError(
         f"could not load the hub weights of {spec.name} ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); go online once, or pass "
-        "--weights PATH (a local checkpoint) or --weights random")
+        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); {fix}")
 
 
 def _kwargs_error(spec: ModelSpec, exc: Exception) -> FeatcacheError:
@@ -422,12 +426,13 @@ def _build_timm(spec: ModelSpec, kind: str, value: Any) -> tuple[nn.Module, str]
         model = build(False)
         _load_state(model, value)
         return model, f"file:sha256:{file_sha256(value)}"
-    try:
-        model = build(True)
-    except FeatcacheError:
-        raise
-    except Exception as exc:  # network, missing weights: many exception types
-        raise _hub_error(spec, exc) from exc
+    with hub_access() as offline:
+        try:
+            model = build(True)
+        except FeatcacheError:
+            raise
+        except Exception as exc:  # network, missing weights: many exception types
+            raise _hub_error(spec, exc, offline) from None
     hub_id = model.pretrained_cfg.get("hf_hub_id")
     revision = _hub_revision(hub_id, ("model.safetensors", "pytorch_model.bin",
                                       "open_clip_model.safetensors"))
@@ -512,12 +517,13 @@ def _build_open_clip(spec: ModelSpec, kind: str, value: Any) -> tuple[nn.Module,
         if not spec.pretrained and not schema:
             raise FeatcacheError(f"{spec.name}: no pretrained tag; use open_clip:ARCH:PRETRAINED"
                                  " or --weights")
-        try:
-            model = build(None if schema else spec.pretrained)
-        except FeatcacheError:
-            raise
-        except Exception as exc:
-            raise _hub_error(spec, exc) from exc
+        with hub_access() as offline:
+            try:
+                model = build(None if schema else spec.pretrained)
+            except FeatcacheError:
+                raise
+            except Exception as exc:
+                raise _hub_error(spec, exc, offline) from None
         weights_id = f"hub:open_clip:{spec.arch}" + (f":{spec.pretrained}" if not schema else "")
         revision = _open_clip_revision(spec)
         if revision:

@@ -425,10 +425,39 @@ def _read_classnames(path: Path) -> list[str] | None:
     return lines
 
 
+def _nshards(split_dir: Path) -> int | None:
+    """The shard count `<split>/nshards.txt` names, or None without a (readable) one."""
+    try:
+        return int((split_dir / "nshards.txt").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _split_shards(split_dir: Path, name: str) -> list[Path]:
+    """The shards of a split. With `nshards.txt`, exactly 0.tar … (N-1).tar, CLIP_benchmark's
+    rule (any other .tar there is not part of the split); without it, every .tar in numeric
+    order."""
+    if not split_dir.is_dir():
+        return []
+    expected = _nshards(split_dir)
+    if expected is None:
+        return sorted((p for p in split_dir.glob("*.tar") if p.is_file()),
+                      key=lambda p: _natural_key(p.name))
+    shards = [split_dir / f"{k}.tar" for k in range(expected)]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise FeatcacheError(f"{name}: {split_dir / 'nshards.txt'} names {expected} shards "
+                             f"(0.tar … {expected - 1}.tar) but {len(missing)} are missing "
+                             f"({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}); "
+                             "the download looks incomplete (run again online to finish it)")
+    return shards
+
+
 class WebDataset(ImageDataset):
     """Hub-style tar shards: `root/classnames.txt`, `root/<split>/0.tar, 1.tar, ...`.
 
-    Order: shards in numeric order, samples in tar order. Labels come from the `.cls` members
+    Order: shards in numeric order (exactly those `nshards.txt` names, when it exists),
+    samples in tar order. Labels come from the `.cls` members
     read while indexing. Without classnames.txt the classes are "0".."C-1", C = 1 + the largest
     label over *all* splits present (so every split agrees).
     """
@@ -439,8 +468,7 @@ class WebDataset(ImageDataset):
         self.name = name
         self.split = split
         split_dir = self.root / split
-        shards = sorted((p for p in split_dir.glob("*.tar") if p.is_file()),
-                        key=lambda p: _natural_key(p.name)) if split_dir.is_dir() else []
+        shards = _split_shards(split_dir, name)
         if not shards:
             available = _tar_splits(self.root)
             if available:
@@ -448,16 +476,6 @@ class WebDataset(ImageDataset):
                                      f"available splits: {', '.join(available)}")
             raise FeatcacheError(f"{name}: no tar shards under {self.root} (expected "
                                  f"{split_dir}/0.tar, ... and {self.root}/classnames.txt)")
-        nshards_file = split_dir / "nshards.txt"
-        if nshards_file.is_file():
-            try:
-                expected = int(nshards_file.read_text().strip())
-            except ValueError:
-                expected = None
-            if expected is not None and expected > len(shards):
-                raise FeatcacheError(f"{name}: {nshards_file} says {expected} shards but only "
-                                     f"{len(shards)} .tar files are in {split_dir}; the download "
-                                     "looks incomplete (run again online to finish it)")
         self.shards = [p.name for p in shards]
         keys: list[str] = []
         shard_of: list[int] = []
@@ -1016,45 +1034,91 @@ def _open_hub(name: str, repo_id: str, local_dir: Path, split: str,
                                  f"{have} and downloads are off. {how}.")
         _hub_download(name, repo_id, local_dir, split, how)
     return WebDataset(local_dir, split, name=name, source="hf",
-                      location=f"https://huggingface.co/datasets/{repo_id}", repo_id=repo_id)
+                      location=f"https://huggingface.co/datasets/{repo_id}", repo_id=repo_id,
+                      revision=hub_revision(local_dir))
+
+
+HUB_RECORD = ".featcache-hub.json"
+
+
+def hub_revision(local_dir: Path) -> str | None:
+    """The hub commit a local copy was downloaded at: featcache's own record of it, else
+    the one huggingface_hub keeps beside a local-dir download; None when neither says."""
+    try:
+        return str(json.loads((local_dir / HUB_RECORD).read_text())["revision"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    meta = local_dir / ".cache" / "huggingface" / "download" / "classnames.txt.metadata"
+    try:
+        first = meta.read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        return None
+    return first if re.fullmatch(r"[0-9a-f]{40}", first) else None
 
 
 def _hub_split_complete(local_dir: Path, split: str) -> bool:
     """Is an earlier download of this split whole (classnames.txt, all shards nshards.txt names)?"""
     split_dir = local_dir / split
-    n_tars = sum(1 for _ in split_dir.glob("*.tar"))
-    if n_tars == 0 or not (local_dir / "classnames.txt").is_file():
+    if not (local_dir / "classnames.txt").is_file():
         return False
-    try:
-        return n_tars >= int((split_dir / "nshards.txt").read_text().strip())
-    except (OSError, ValueError):
-        return True  # no (readable) shard count: trust what is there
+    expected = _nshards(split_dir)
+    if expected is None:  # no (readable) shard count: trust what is there
+        return any(split_dir.glob("*.tar"))
+    return expected > 0 and all((split_dir / f"{k}.tar").is_file() for k in range(expected))
 
 
 def _hub_download(name: str, repo_id: str, local_dir: Path, split: str, how: str) -> None:
     """Fetch only this split and classnames.txt of the hub repo into local_dir."""
     import huggingface_hub
 
+    from featcache.hub import hub_access
+
+    with hub_access() as offline:
+        if offline is not None:
+            raise FeatcacheError(f"{name}: {local_dir / split}/*.tar is missing and the hub is "
+                                 f"out of reach ({offline}). {how}.")
+        try:
+            info = huggingface_hub.HfApi().dataset_info(repo_id)
+            files = [f.rfilename for f in info.siblings or []]
+        except Exception as exc:
+            raise FeatcacheError(f"{name}: {local_dir / split}/*.tar is missing and the hub "
+                                 f"could not be reached for {repo_id} ({type(exc).__name__}: "
+                                 f"{_first_line(exc)}). {how}.") from None
+        splits = sorted({f.split("/")[0] for f in files if "/" in f and f.endswith(".tar")})
+        if split not in splits:
+            raise FeatcacheError(f"{name}: no split {split!r} in {repo_id}; available splits: "
+                                 f"{', '.join(splits) or 'none'}")
+        revision = hub_revision(local_dir) or info.sha  # one revision for every split
+        try:
+            huggingface_hub.snapshot_download(
+                repo_id,
+                repo_type="dataset",
+                revision=revision,
+                allow_patterns=[f"{split}/*", "classnames.txt"],
+                local_dir=str(local_dir),
+            )
+        except Exception as exc:
+            raise FeatcacheError(f"{name}: downloading {split}/ of {repo_id} into {local_dir} "
+                                 f"failed ({type(exc).__name__}: {_first_line(exc)}). "
+                                 f"{how}.") from None
+    if revision:
+        _write_json_atomic(local_dir / HUB_RECORD, {"repo_id": repo_id, "revision": revision})
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        files = huggingface_hub.HfApi().list_repo_files(repo_id, repo_type="dataset")
-    except Exception as exc:
-        raise FeatcacheError(f"{name}: {local_dir / split}/*.tar is missing and the hub could not "
-                             f"be reached for {repo_id} ({type(exc).__name__}: {exc}). "
-                             f"{how}.") from exc
-    splits = sorted({f.split("/")[0] for f in files if "/" in f and f.endswith(".tar")})
-    if split not in splits:
-        raise FeatcacheError(f"{name}: no split {split!r} in {repo_id}; available splits: "
-                             f"{', '.join(splits) or 'none'}")
-    try:
-        huggingface_hub.snapshot_download(
-            repo_id,
-            repo_type="dataset",
-            allow_patterns=[f"{split}/*", "classnames.txt"],
-            local_dir=str(local_dir),
-        )
-    except Exception as exc:
-        raise FeatcacheError(f"{name}: downloading {split}/ of {repo_id} into {local_dir} "
-                             f"failed ({type(exc).__name__}: {exc}). {how}.") from exc
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FeatcacheError(f"cannot write {path}: {exc.strerror or exc}; is the data root "
+                             "writable?") from None
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 def _dataset_info_json() -> dict[str, Any]:

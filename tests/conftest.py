@@ -67,3 +67,12 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Pretend the hub answers (its calls are mocked by the test): featcache's quick
+    reachability look would otherwise see this offline machine and refuse at once."""
+    import featcache.hub
+
+    monkeypatch.setattr(featcache.hub, "offline_reason", lambda: None)

@@ -16,3 +16,71 @@ def test_every_command_is_documented() -> None:
     for command in ("extract", "ls", "info", "export", "models", "datasets", "probe", "runs",
                     "report"):
         assert f"## `featcache {command}`" in text
+
+
+def _commands():
+    import typer.main
+
+    from cli.main import app
+
+    group = typer.main.get_command(app)
+    ctx = group.context_class(group, info_name="featcache")
+    return [(name, group.get_command(ctx, name)) for name in group.list_commands(ctx)]
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_help_keeps_every_word(monkeypatch) -> None:
+    """Rich markup must not eat help text (a bracketed "[default: …]" once vanished)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    for name, command in _commands():
+        result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "2000",
+                                                           "TERMINAL_WIDTH": "2000"})
+        assert result.exit_code == 0, result.output
+        shown = _squash(result.output)
+        first = _squash((command.help or "").split("\n\n")[0])
+        assert first in shown, f"featcache {name} --help lost its summary"
+        for param in command.params:
+            text = _squash(getattr(param, "help", None) or "")
+            assert text in shown, f"featcache {name} --help lost {param.name}'s help {text!r}"
+
+
+def test_every_command_is_a_library_function_with_the_same_option_names() -> None:
+    """`--workers` ↔ `workers`: each command's options are keywords of the function of the
+    same name on the package (extract/probe: fields of their options class)."""
+    import dataclasses
+    import inspect
+
+    import featcache
+
+    classes = {"extract": featcache.ExtractOptions, "probe": featcache.ProbeOptions}
+    for name, command in _commands():
+        func = getattr(featcache, name)
+        assert inspect.isfunction(func), f"featcache.{name} is {func!r}, not a function"
+        assert name in featcache.__all__
+        if name in classes:
+            names = {f.name for f in dataclasses.fields(classes[name])}
+        else:
+            names = set(inspect.signature(func).parameters)
+        options = {p.name for p in command.params} - {"json_out", "help"}
+        assert options <= names, f"featcache.{name} lacks {sorted(options - names)}"
+
+
+def test_no_submodule_shadows_a_command() -> None:
+    """Importing every module of the package leaves every command a function."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import featcache
+
+    for info in pkgutil.walk_packages(featcache.__path__, "featcache."):
+        importlib.import_module(info.name)
+    for name, _ in _commands():
+        assert inspect.isfunction(getattr(featcache, name)), name

@@ -6,6 +6,7 @@ import json
 import pickle
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import numpy as np
@@ -227,8 +228,12 @@ def test_wds_errors(tmp_path):
         open_dataset(f"wds:{tmp_path / 'empty'}", "train")
     make_wds(tmp_path / "partial", splits={"train": 4}, shards=2)
     (tmp_path / "partial" / "train" / "1.tar").unlink()
-    with pytest.raises(FeatcacheError, match="says 2 shards but only 1"):
+    with pytest.raises(FeatcacheError, match=r"names 2 shards .* 1 are missing \(1\.tar\)"):
         open_dataset(f"wds:{tmp_path / 'partial'}", "train")
+    # CLIP_benchmark's rule: exactly the shards nshards.txt names, whatever else lies there
+    make_wds(tmp_path / "extra", splits={"train": 6}, shards=2)
+    (tmp_path / "extra" / "train" / "nshards.txt").write_text("1\n")
+    assert len(open_dataset(f"wds:{tmp_path / 'extra'}", "train")) == 3
     # a label outside classnames.txt
     make_wds(tmp_path / "lab", splits={"train": 4}, n_classes=3, shards=1)
     (tmp_path / "lab" / "classnames.txt").write_text("a\nb\n")
@@ -286,24 +291,34 @@ def test_hub_dataset_missing_without_download(tmp_path):
         open_dataset("svhn", "train", data_root=tmp_path, download=False)
 
 
-def test_hub_download_fetches_only_the_split(tmp_path, monkeypatch):
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_dataset_info(files: list[str]):
+    def info(self, repo_id, **kw):
+        return SimpleNamespace(sha=REVISION, siblings=[SimpleNamespace(rfilename=f)
+                                                       for f in files])
+    return info
+
+
+def test_hub_download_fetches_only_the_split(tmp_path, monkeypatch, hub_online):
     calls = []
 
-    def fake_list(self, repo_id, repo_type=None, **kw):
-        assert repo_type == "dataset"
-        return ["classnames.txt", "train/0.tar", "train/nshards.txt", "test/0.tar", "README.md"]
-
-    def fake_snapshot(repo_id, repo_type=None, allow_patterns=None, local_dir=None, **kw):
-        calls.append((repo_id, repo_type, sorted(allow_patterns), Path(local_dir)))
+    def fake_snapshot(repo_id, repo_type=None, allow_patterns=None, local_dir=None,
+                      revision=None, **kw):
+        calls.append((repo_id, repo_type, sorted(allow_patterns), Path(local_dir), revision))
         make_wds(Path(local_dir), splits={"train": 5}, n_classes=10, shards=1)
         return local_dir
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", fake_list)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", fake_dataset_info(
+        ["classnames.txt", "train/0.tar", "train/nshards.txt", "test/0.tar", "README.md"]))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     dset = open_dataset("stl10", "train", data_root=tmp_path)
     assert len(dset) == 5
     assert calls == [("clip-benchmark/wds_stl10", "dataset", ["classnames.txt", "train/*"],
-                      tmp_path / "stl10")]
+                      tmp_path / "stl10", REVISION)]
+    # the commit it came from is part of the data's identity (so of a cache's fingerprint)
+    assert dset.identity["revision"] == REVISION
     open_dataset("stl10", "train", data_root=tmp_path)  # already there: no second download
     assert len(calls) == 1
     with pytest.raises(FeatcacheError, match="available splits: test, train"):
@@ -316,11 +331,11 @@ def test_hub_download_fetches_only_the_split(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
+def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch, hub_online):
     def offline(self, *a, **kw):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
     with pytest.raises(FeatcacheError) as err:
         open_dataset("dtd", "test", data_root=tmp_path)
     msg = str(err.value)
