@@ -85,7 +85,11 @@ TORCHVISION_DATASETS: dict[str, tuple[tuple[str, ...], int, str]] = {
     "pcam": (("train", "val", "test"), 2, "PatchCamelyon (torchvision's HDF5 files)"),
 }
 
-FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+# The hub's classes (`clip-benchmark/wds_fer2013`, CLIP_benchmark's class names: its
+# ImageFolder's alphabetical folders), which the paper used; Kaggle's CSV numbers the same
+# emotions angry, disgust, fear, happy, sad, surprise, neutral. Kaggle id -> hub id:
+FER2013_CLASSES = ["angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised"]
+FER2013_FROM_KAGGLE = (0, 1, 2, 3, 5, 6, 4)
 # FER2013 splits. "test" = PublicTest + PrivateTest, as in torchvision's FER2013 and the
 # CLIP benchmark (hence the paper); the Kaggle val/test protocol uses the two halves.
 FER2013_SPLITS: dict[str, tuple[str, ...]] = {
@@ -195,7 +199,8 @@ def list_datasets() -> list[DatasetInfo]:
     templates = [
         ("wds:PATH", "local tar shards: PATH/classnames.txt, PATH/<split>/0.tar, 1.tar, ..."),
         ("imagefolder:PATH", "PATH/<split>/<class>/<image>; classes from the train split"),
-        ("fer2013csv:PATH", "Kaggle's fer2013.csv; splits train, test (=public+private), "
+        ("fer2013csv:PATH", "Kaggle's fer2013.csv with the hub's class order (as the paper); "
+                            "splits train, test (=public+private), "
                             "publictest, privatetest"),
         ("hf:OWNER/REPO", "any hub dataset repo in the CLIP-benchmark webdataset layout"),
     ]
@@ -634,6 +639,9 @@ def _find_fer_csv(path: Path) -> Path:
 class FerCsvDataset(ImageDataset):
     """Kaggle's FER2013 CSV (columns emotion, pixels, Usage; icml_face_data.csv works too).
 
+    Labels and class names are the hub's (angry, disgusted, fearful, happy, neutral, sad,
+    surprised), not Kaggle's numbering, so a CSV run compares with hub runs and the paper.
+
     Splits: `train` = Training (28,709); `test` = PublicTest + PrivateTest (7,178), which is
     what torchvision's FER2013 and the CLIP benchmark (so the paper) use; `publictest` and
     `privatetest` give the halves for the Kaggle val/test protocol. Only byte offsets of the
@@ -683,7 +691,7 @@ class FerCsvDataset(ImageDataset):
                                          f"0..{len(FER2013_CLASSES) - 1}")
                 offsets.append(start)
                 lines.append(lineno)
-                labels.append(label)
+                labels.append(FER2013_FROM_KAGGLE[label])
         if not labels:
             raise FeatcacheError(f"{self.path}: no rows with Usage in "
                                  f"{', '.join(FER2013_SPLITS[split])} (split {split!r})")

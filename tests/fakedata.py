@@ -19,6 +19,9 @@ import numpy as np
 from PIL import Image
 
 FER_USAGES = ("Training", "PublicTest", "PrivateTest")
+# Kaggle's emotion ids 0..6 and the hub's class list (CLIP_benchmark's `en_classnames.json`).
+FER_KAGGLE_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+FER_HUB_NAMES = ("angry", "disgusted", "fearful", "happy", "neutral", "sad", "surprised")
 
 
 @dataclass
@@ -183,13 +186,15 @@ def make_fer_csv(path: Path, counts: Mapping[str, int] | None = None, seed: int 
         per_usage[usage].append((int(y), gray, r + 2))  # line 1 is the header
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(rows) + "\n")
-    data = FakeData(path, ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"])
+    data = FakeData(path, list(FER_HUB_NAMES))
+    to_hub = [next(i for i, h in enumerate(FER_HUB_NAMES) if h.startswith(k[:5]))
+              for k in FER_KAGGLE_NAMES]
     groups = {"train": ("Training",), "test": ("PublicTest", "PrivateTest"),
               "publictest": ("PublicTest",), "privatetest": ("PrivateTest",)}
     for split, wanted in groups.items():
         items = sorted((it for u in wanted for it in per_usage[u]), key=lambda it: it[2])
         data.splits[split] = FakeSplit(
-            np.array([it[0] for it in items], dtype=np.int64),
+            np.array([to_hub[it[0]] for it in items], dtype=np.int64),
             [it[1] for it in items],
             [f"{split}/{path.name}:{it[2]}" for it in items],
         )
