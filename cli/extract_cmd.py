@@ -142,6 +142,7 @@ def info(
     console.print(f"  {'shards':>10}: {data['shards_done']}/{data['shards']} done, "
                   f"{data['shard_size']} samples each")
     console.print(f"  {'size':>10}: {human_bytes(data['bytes'])}")
+    console.print(f"  {'transform':>10}: {data['transform']}", soft_wrap=True)
     console.print(f"  {'layers':>10}: {', '.join(data['layer_names'])}")
     console.print("  full fingerprint: `featcache info PATH --json`")
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,17 @@ class ModelSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     probe_token: str = "cls"  # the token the paper's linear baseline reads (AP for MAE)
     description: str = ""
+    # None: the backend's own preprocessing (timm's data config, open_clip's transform);
+    # "thingsvision": the authors' transform for DINOv2 and MAE (see THINGSVISION)
+    preprocess: str | None = None
+    # Run at this size by interpolating the position embeddings once, the way DINOv2's own
+    # torch-hub model does at run time (the authors' source); None: the model's size
+    run_size: int | None = None
 
 
-def _timm(name: str, arch: str, desc: str, probe_token: str = "cls", **kw: Any) -> ModelSpec:
-    return ModelSpec(name, "timm", arch, None, kw, probe_token, desc)
+def _timm(name: str, arch: str, desc: str, probe_token: str = "cls",
+          preprocess: str | None = None, run_size: int | None = None, **kw: Any) -> ModelSpec:
+    return ModelSpec(name, "timm", arch, None, kw, probe_token, desc, preprocess, run_size)
 
 
 def _clip(name: str, arch: str, desc: str) -> ModelSpec:
@@ -47,31 +54,32 @@ def _clip(name: str, arch: str, desc: str) -> ModelSpec:
 
 
 # The paper's models (paper.md), plus MAE from its appendix and DINOv2 with registers.
-# DINOv2 runs at 224 px (timm's default tag is 518 px); the fingerprint records it.
+# DINOv2 and MAE go through the authors' transform (thingsvision's default); DINOv2 runs
+# at 224 px with its 518-px position embeddings interpolated as its torch-hub model does.
+_DINO = dict(preprocess="thingsvision", run_size=224)
 MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in [
         _clip("clip-vit-b32", "ViT-B-32", "OpenCLIP ViT-B/32, OpenAI weights"),
         _clip("clip-vit-b16", "ViT-B-16", "OpenCLIP ViT-B/16, OpenAI weights"),
         _clip("clip-vit-l14", "ViT-L-14", "OpenCLIP ViT-L/14, OpenAI weights"),
-        _timm("dinov2-vit-s14", "vit_small_patch14_dinov2.lvd142m", "DINOv2 ViT-S/14",
-              img_size=224),
-        _timm("dinov2-vit-b14", "vit_base_patch14_dinov2.lvd142m", "DINOv2 ViT-B/14",
-              img_size=224),
-        _timm("dinov2-vit-l14", "vit_large_patch14_dinov2.lvd142m", "DINOv2 ViT-L/14",
-              img_size=224),
+        _timm("dinov2-vit-s14", "vit_small_patch14_dinov2.lvd142m", "DINOv2 ViT-S/14", **_DINO),
+        _timm("dinov2-vit-b14", "vit_base_patch14_dinov2.lvd142m", "DINOv2 ViT-B/14", **_DINO),
+        _timm("dinov2-vit-l14", "vit_large_patch14_dinov2.lvd142m", "DINOv2 ViT-L/14", **_DINO),
         _timm("dinov2reg-vit-s14", "vit_small_patch14_reg4_dinov2.lvd142m",
-              "DINOv2 ViT-S/14 with 4 register tokens", img_size=224),
+              "DINOv2 ViT-S/14 with 4 register tokens", **_DINO),
         _timm("dinov2reg-vit-b14", "vit_base_patch14_reg4_dinov2.lvd142m",
-              "DINOv2 ViT-B/14 with 4 register tokens", img_size=224),
+              "DINOv2 ViT-B/14 with 4 register tokens", **_DINO),
         _timm("vit-s16", "vit_small_patch16_224.augreg_in21k_ft_in1k",
               "supervised ViT-S/16 (AugReg, IN-21k → IN-1k)"),
         _timm("vit-b16", "vit_base_patch16_224.augreg2_in21k_ft_in1k",
               "supervised ViT-B/16 (AugReg2, IN-21k → IN-1k)"),
         _timm("vit-l16", "vit_large_patch16_224.augreg_in21k_ft_in1k",
               "supervised ViT-L/16 (AugReg, IN-21k → IN-1k)"),
-        _timm("mae-vit-b16", "vit_base_patch16_224.mae", "MAE ViT-B/16 (probed on AP)", "ap"),
-        _timm("mae-vit-l16", "vit_large_patch16_224.mae", "MAE ViT-L/16 (probed on AP)", "ap"),
+        _timm("mae-vit-b16", "vit_base_patch16_224.mae", "MAE ViT-B/16 (probed on AP)", "ap",
+              preprocess="thingsvision"),
+        _timm("mae-vit-l16", "vit_large_patch16_224.mae", "MAE ViT-L/16 (probed on AP)", "ap",
+              preprocess="thingsvision"),
     ]
 }
 
@@ -92,8 +100,7 @@ def resolve_model(name: str, model_kwargs: dict[str, Any] | None = None) -> Mode
     extra = dict(model_kwargs or {})
     if name in MODELS:
         spec = MODELS[name]
-        return ModelSpec(spec.name, spec.backend, spec.arch, spec.pretrained,
-                         {**spec.kwargs, **extra}, spec.probe_token, spec.description)
+        return replace(spec, kwargs={**spec.kwargs, **extra})
     if name.startswith("timm:"):
         arch = name[5:]
         _check_timm_arch(arch)
@@ -259,6 +266,8 @@ class Backbone(nn.Module):
             "weights": self.weights_id,
             "tap": self.tap,
             "preprocess": self.preprocess,
+            **({"pos_embed": pos} if (pos := getattr(self.model, "featcache_pos_embed", None))
+               else {}),
             "layer_names": self.layer_names,
             "layer_dims": self.layer_dims,
             "n_prefix_tokens": self.n_prefix,
@@ -337,7 +346,10 @@ def create_backbone(name: str, weights: str | None = None, tap: str = "reference
     if spec.backend == "timm":
         model, weights_id = _build_timm(spec, kind, value)
         _check_timm_model(spec, model, tap)
-        transform, preprocess = _timm_preprocess(model)
+        if spec.run_size is not None and "img_size" not in spec.kwargs:
+            resize_pos_embed_like_dinov2_hub(model, spec.run_size)
+        transform, preprocess = (thingsvision_preprocess() if spec.preprocess == "thingsvision"
+                                 else _timm_preprocess(model))
         return TimmBackbone(spec, model, tap, weights_id, transform, preprocess)
     model, weights_id = _build_open_clip(spec, kind, value)
     _check_open_clip_model(spec, model)
@@ -545,6 +557,92 @@ def _open_clip_revision(spec: ModelSpec) -> str | None:
                                             "open_clip_config.json"))
     except Exception:
         return None
+
+
+# thingsvision's default transform, which the authors' extraction applies to DINOv2 and MAE
+# (`get_transformations(resize_dim=256, crop_dim=224)`: Resize(256) on the shorter side with
+# torchvision's default bilinear interpolation, CenterCrop(224), ToTensor, ImageNet mean/std).
+THINGSVISION = {
+    "recipe": "thingsvision-default",
+    "input_size": [3, 224, 224],
+    "resize": 256,
+    "resize_mode": "shortest",
+    "interpolation": "bilinear",
+    "crop": 224,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+
+def thingsvision_preprocess() -> tuple[Callable, dict[str, Any]]:
+    from torchvision import transforms as T
+
+    cfg = THINGSVISION
+    transform = T.Compose([
+        T.Resize(cfg["resize"], interpolation=T.InterpolationMode.BILINEAR),
+        T.CenterCrop(cfg["crop"]),
+        T.ToTensor(),
+        T.Normalize(cfg["mean"], cfg["std"]),
+    ])
+    return transform, _jsonable(cfg)
+
+
+# DINOv2's torch-hub model (`interpolate_pos_encoding`, hub defaults interpolate_offset=0.1,
+# interpolate_antialias=False): bicubic, scale factor (new + 0.1) / old, no antialias, in
+# float32. timm resamples at load to the exact size with antialias, which gives other
+# embeddings (docs/method.md measures the gap); featcache follows the authors' source.
+DINOV2_INTERPOLATE_OFFSET = 0.1
+
+
+def resize_pos_embed_like_dinov2_hub(model: nn.Module, size: int) -> None:
+    """Run a timm ViT built at its native size (DINOv2: 518 px) at `size` px, with position
+    embeddings interpolated once the way DINOv2's hub model does it on every forward."""
+    import torch.nn.functional as F
+
+    grid_old = tuple(int(g) for g in model.patch_embed.grid_size)
+    patch = int(model.patch_embed.patch_size[0])
+    new = size // patch
+    if grid_old == (new, new):
+        return
+    model.featcache_pos_embed = (f"dinov2-hub: {grid_old[0]}x{grid_old[1]} -> {new}x{new}, "
+                                 f"bicubic, scale ({new}+{DINOV2_INTERPOLATE_OFFSET})/"
+                                 f"{grid_old[0]}, no antialias")
+    old = model.pos_embed.detach()
+    n_patch = grid_old[0] * grid_old[1]
+    prefix, grid = old[:, : old.shape[1] - n_patch], old[:, old.shape[1] - n_patch:]
+    dim = grid.shape[-1]
+    scale = (new + DINOV2_INTERPOLATE_OFFSET) / grid_old[0]
+    resized = F.interpolate(
+        grid.float().reshape(1, grid_old[0], grid_old[1], dim).permute(0, 3, 1, 2),
+        scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    if tuple(resized.shape[-2:]) != (new, new):
+        raise RuntimeError(f"position embeddings came out {tuple(resized.shape[-2:])}, "
+                           f"expected {(new, new)}")
+    resized = resized.permute(0, 2, 3, 1).reshape(1, new * new, dim).to(old.dtype)
+    model.set_input_size(img_size=(size, size))  # patch grid, sizes and config
+    with torch.no_grad():
+        model.pos_embed.copy_(torch.cat([prefix, resized], dim=1))
+
+
+def describe_preprocess(pp: dict[str, Any]) -> str:
+    """One line for people: what an image goes through before the backbone."""
+    def nums(values: Any) -> str:
+        return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+    norm = f"mean {nums(pp.get('mean', []))}, std {nums(pp.get('std', []))}"
+    if pp.get("recipe") == "thingsvision-default":
+        return (f"Resize({pp['resize']}, shorter side, {pp['interpolation']}) → "
+                f"CenterCrop({pp['crop']}) → {norm} (thingsvision's default, as the authors)")
+    if "input_size" in pp:  # a timm data config
+        size = pp["input_size"][-1]
+        crop_pct = float(pp.get("crop_pct", 1.0))
+        resize = int(size / crop_pct) if pp.get("crop_mode", "center") == "center" else size
+        return (f"Resize({resize}, {pp.get('interpolation')}) → CenterCrop({size}) → {norm} "
+                "(timm's config)")
+    size = pp.get("size")
+    size = size[-1] if isinstance(size, list) else size
+    return (f"Resize({size}, {pp.get('resize_mode', 'shortest')}, {pp.get('interpolation')}) "
+            f"→ CenterCrop({size}) → {norm} (open_clip's)")
 
 
 def _timm_preprocess(model: nn.Module) -> tuple[Callable, dict[str, Any]]:

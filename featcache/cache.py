@@ -404,9 +404,13 @@ def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
 
 def info(path: str | Path) -> dict[str, Any]:
     """`featcache info`: one cache's summary, layers, classes, fingerprint and attributes."""
+    from featcache.backbones import describe_preprocess
+
     c = open_cache(path)
     shown = ("fingerprint", "class_names", "layer_names", "layer_dims")
-    return {**c.summary(), "layer_names": c.layer_names, "layer_dims": c.layer_dims,
+    pp = c.fingerprint.get("model", {}).get("preprocess") or {}
+    return {**c.summary(), "transform": describe_preprocess(pp) if pp else None,
+            "layer_names": c.layer_names, "layer_dims": c.layer_dims,
             "shard_size": c.layout.shard_size, "class_names": c.class_names,
             "fingerprint": c.fingerprint,
             "attrs": {k: v for k, v in c.attrs.items() if k not in shown}}

@@ -46,7 +46,7 @@ def test_hub_mode_is_restored(fresh, monkeypatch):
     before = constants.HF_HUB_OFFLINE
     with hub.hub_access() as reason:
         assert reason and constants.HF_HUB_OFFLINE is True
-    assert constants.HF_HUB_OFFLINE == before
+    assert before == constants.HF_HUB_OFFLINE
 
 
 def test_hub_weights_offline_fail_fast_in_one_line(fresh, monkeypatch):

@@ -303,3 +303,60 @@ def test_a_forward_outside_tokens_keeps_nothing(backbones):
             backbone.model.forward_features(torch.randn(2, 3, 32, 32))
     assert backbone._taps is None
     assert backbone.tokens(torch.randn(2, 3, 32, 32))["cls"].shape == (2, 4, 48)
+
+
+# ---------------------------------------------------------------- the authors' preprocessing
+
+
+def test_dinov2_and_mae_use_the_authors_transform():
+    """thingsvision's default, which the authors' extraction applies to DINOv2 and MAE:
+    computed here by hand with PIL on a 300x500 image (shorter side to 256, bilinear;
+    centre 224x224; ImageNet mean/std)."""
+    from PIL import Image
+
+    from featcache.backbones import THINGSVISION
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    resized = np.asarray(image.resize((426, 256), Image.BILINEAR), dtype=np.float32) / 255
+    crop = resized[16:240, 101:325]
+    expected = (crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    for name in ("dinov2-vit-s14", "mae-vit-b16"):
+        backbone = create_backbone(name, "random", model_kwargs={"depth": 1})
+        assert backbone.preprocess == THINGSVISION
+        assert backbone.describe()["preprocess"]["recipe"] == "thingsvision-default"
+        out = backbone.transform(image).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+    # the supervised ViTs and CLIP keep their own (which is what the authors used for them)
+    assert resolve_model("vit-b16").preprocess is None
+    assert resolve_model("clip-vit-b16").preprocess is None
+
+
+def test_dinov2_position_embeddings_are_interpolated_like_its_hub_model():
+    """DINOv2's torch-hub model interpolates its 37x37 (518 px) grid at run time: bicubic,
+    scale factor (16 + 0.1) / 37, no antialias. featcache does the same once."""
+    import timm
+    import torch.nn.functional as F
+
+    backbone = create_backbone("dinov2-vit-s14", "random:0", model_kwargs={"depth": 1})
+    ours = backbone.model.pos_embed.detach()
+    assert ours.shape == (1, 257, 384)
+    assert backbone.n_tokens == 257 and backbone.model.patch_embed.img_size == (224, 224)
+    with torch.random.fork_rng():  # the same random draw, at the native 518 px
+        torch.manual_seed(0)
+        again = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                                  depth=1)
+    same_draw = again.pos_embed.detach()[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    hub = F.interpolate(same_draw, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic",
+                        antialias=False).permute(0, 2, 3, 1).reshape(1, 256, -1)
+    torch.testing.assert_close(ours[:, 1:], hub)
+    torch.testing.assert_close(ours[:, :1], again.pos_embed.detach()[:, :1])
+    # timm's own resampling (exact size, antialias) is different: the choice matters
+    from timm.layers import resample_abs_pos_embed
+
+    timm_way = resample_abs_pos_embed(again.pos_embed.detach(), (16, 16), (37, 37))
+    assert not torch.allclose(timm_way, ours)
+    assert "bicubic" in backbone.describe()["pos_embed"]
+    x = torch.randn(1, 3, 224, 224)
+    assert backbone.tokens(x)["cls"].shape == (1, 2, 384)
