@@ -52,6 +52,10 @@ def probe(
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch during the run (default: torch's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain finished runs.")] = False,
+    protocol: Annotated[str, typer.Option(
+        help="paper: as the authors' code (validation on jittered features, all-tokens "
+             "features normalised per channel); clean: validation on clean features, every "
+             "token normalised.")] = "paper",
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
     """Train probes from the cache: the whole hyperparameter grid at once, select, refit."""

@@ -1,8 +1,10 @@
 """Features for probing: the tokens a method needs, read once from the cache, served in batches.
 
 A `FeatureSource` holds the raw tokens (N, T, D) exactly as the cache stores them
-(float16) and hands out batches as float32 on the compute device, each token vector
-L2-normalised inside `gather` (per layer and token kind, as the paper). Normalising per
+(float16) and hands out batches as float32 on the compute device, L2-normalised inside
+`gather`: each token vector (per layer and token kind, as the paper), or, for the
+authors' all-tokens baseline, each channel across the T tokens (their `normalize(dim=1)`
+on (N, T, D) features; `NORMALISE`). Normalising per
 batch, on the compute device, from the same float16 values means both placements below
 give bit-identical batches, so a probe's result never depends on where its features sat.
 
@@ -48,6 +50,9 @@ __all__ = [
 ]
 
 NORM_EPS = 1e-12
+# How a sample's (T, D) tokens are L2-normalised: "token": each token vector (over D);
+# "channel": each channel over the T tokens (the authors' all-tokens features); None: not.
+NORMALISE = ("token", "channel", None)
 HOST_FRACTION = 0.8  # of MemAvailable the raw tokens may take
 DEVICE_FRACTION = 0.5  # of free device memory (the rest is for the grid's heads)
 
@@ -57,16 +62,21 @@ class FeatureSource:
 
     ``rows`` (optional) maps this source's sample i to row ``rows[i]`` of ``raw``:
     subsets (train/validation split, k-shot, valid rows) share one raw tensor.
-    ``normalise``: L2-normalise each token vector (last axis) in ``gather``.
+    ``normalise``: one of `NORMALISE` (True is "token", False is None), applied in
+    ``gather``.
     """
 
     def __init__(self, raw: Tensor, device: torch.device | str | None = None,
-                 normalise: bool = True, rows: Tensor | None = None,
+                 normalise: bool | str | None = "token", rows: Tensor | None = None,
                  placement: str | None = None) -> None:
         if raw.dim() < 2:
             raise ValueError(f"need (N, ...) features, got shape {tuple(raw.shape)}")
         if not raw.is_floating_point():
             raise ValueError("features must be floating point")
+        normalise = {True: "token", False: None}.get(normalise, normalise)  # type: ignore
+        if normalise not in NORMALISE or (normalise == "channel" and raw.dim() < 3):
+            raise ValueError(f"normalise must be one of {NORMALISE} (channel: (N, T, D) "
+                             f"features), got {normalise!r}")
         self.raw = raw
         self.device = torch.device(device) if device is not None else raw.device
         self.normalise = normalise
@@ -160,8 +170,9 @@ class FeatureSource:
         is the result (a float32 view of the raw tokens is copied before it is returned)."""
         out = xb.to(self.device, torch.float32, non_blocking=True)
         owned = fresh or out.data_ptr() != xb.data_ptr() or out.device != xb.device
-        if self.normalise:
-            norm = torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+        if self.normalise is not None:
+            axis = -1 if self.normalise == "token" else -2
+            norm = torch.linalg.vector_norm(out, dim=axis, keepdim=True).clamp_min_(NORM_EPS)
             return out.div_(norm) if owned else out / norm
         return out
 
@@ -256,7 +267,7 @@ def _size(n: int) -> str:
 
 def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
                 budget_bytes: int | None = None, host_budget_bytes: int | None = None,
-                normalise: bool = True) -> FeatureSource:
+                normalise: bool | str | None = "token") -> FeatureSource:
     """The cache's tokens, in order, as a FeatureSource over all N samples.
 
     ``tokens``: (layer name, "cls" | "ap") pairs, or ``[("final", "all")]`` for every

@@ -25,6 +25,8 @@ matplotlib.use("Agg", force=False)
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from featcache.columns import baseline_of, is_baseline  # noqa: E402
+
 DPI = 100
 ANNOTATE_LIMIT = 400  # cells per figure above which only summary cells get numbers
 LINE_PANELS_MAX = 6  # datasets per model drawn as line panels; more become heatmaps
@@ -94,7 +96,7 @@ def _models(rows: Sequence[dict]) -> list[str]:
 # -- 1. gains --------------------------------------------------------------------------
 def gain_overview(rows: Sequence[dict]) -> Figure | None:
     """Mean gain over linear per method, one group of bars per model (error: std over datasets)."""
-    cols = [c for c in (list(rows[0]["cells"]) if rows else []) if c != "linear"]
+    cols = [c for c in (list(rows[0]["cells"]) if rows else []) if not is_baseline(c)]
     models = _models(rows)
     stats: dict[tuple[str, str], list[float]] = defaultdict(list)
     for row in rows:
@@ -135,9 +137,9 @@ def gain_overview(rows: Sequence[dict]) -> Figure | None:
 
 def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
     """Per model: datasets × methods, coloured and labelled by gain over linear; — = not run."""
-    cols = [c for c in (list(rows[0]["cells"]) if rows else []) if c != "linear"]
+    cols = [c for c in (list(rows[0]["cells"]) if rows else []) if not is_baseline(c)]
     models = _models(rows)
-    if not cols or not any(r["cells"].get("linear") for r in rows):
+    if not cols or not any(r["cells"].get(baseline_of(c)) for r in rows for c in cols):
         return None
     mats = {}
     for model in models:

@@ -31,6 +31,10 @@ LAYER_SETS = ("last", "middle+last", "quarterly", "all")
 DEFAULT_LAYER_SET = {"linear": "last", "concat": "all", "alf": "all", "attentive": "last",
                      "layers": "every"}
 GRIDS = ("paper", "quick")
+# paper: what the authors' code does (validation scored on jittered features; all-tokens
+# features normalised per channel across the tokens); clean: validation on clean
+# features, every token vector normalised. docs/method.md lists every known difference.
+PROTOCOLS = ("paper", "clean")
 # Settings a train and a test cache may differ in; anything else must match.
 PAIR_FREE_KEYS = ("dataset.split", "dataset.n", "dataset.identity")
 
@@ -61,6 +65,7 @@ class ProbeOptions:
     feature_memory_gb: float | None = None  # tokens kept on the device (None: half its free)
     threads: int | None = None  # torch intra-op threads during the run (None: as set)
     force: bool = False
+    protocol: str = "paper"
     val_fraction: float = 0.2
     train_split: str = "train"
     test_split: str = "test"
@@ -198,13 +203,16 @@ def load_tokens(cache: Cache, tokens: list[tuple[str, str]]) -> np.ndarray:
 
 def stratified_split(y: np.ndarray, val_fraction: float, seed: int
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of train and validation parts (stratified when every class allows it)."""
+    """Indices of train and validation parts (stratified when every class allows it).
+
+    The validation size is sklearn's for a fractional `test_size`, ceil(N · fraction), as
+    in the authors' code (at least one sample per class when stratified)."""
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(y))
     counts = np.bincount(y)
     stratify = y if counts[counts > 0].min() >= 2 else None
-    n_val = max(1, int(round(len(y) * val_fraction)))
+    n_val = max(1, math.ceil(len(y) * val_fraction))
     if stratify is not None:
         n_val = max(n_val, int((counts > 0).sum()))
     if n_val >= len(y):
@@ -247,6 +255,9 @@ def check_options(opts: ProbeOptions) -> None:
         raise FeatcacheError(f"unknown method {opts.method!r}: choose {', '.join(METHODS)}")
     if opts.grid not in GRIDS:
         raise FeatcacheError(f"unknown grid {opts.grid!r}: choose {', '.join(GRIDS)}")
+    if opts.protocol not in PROTOCOLS:
+        raise FeatcacheError(f"unknown protocol {opts.protocol!r}: choose "
+                             f"{', '.join(PROTOCOLS)}")
     if opts.method == "attentive" and opts.layers not in (None, "last"):
         raise FeatcacheError("--method attentive reads every token of the last layer; "
                              "--layers does not apply (use --method alf for layer sets)")
@@ -283,6 +294,13 @@ def check_options(opts: ProbeOptions) -> None:
             raise FeatcacheError(f"{name} values must be {rule}, got {bad[0]:g}")
 
 
+def feature_normalisation(method: str, protocol: str) -> str:
+    """How a sample's tokens are L2-normalised: per token vector, except the paper
+    protocol's all-tokens baseline, which the authors normalise per channel across the
+    tokens (`normalize(dim=1)` on (N, T, D))."""
+    return "channel" if method == "attentive" and protocol == "paper" else "token"
+
+
 def _num_heads(method: str, n_tokens: int) -> int:
     """ALF: one head per input token (24 for ViT-B); all tokens of the last layer: 8."""
     return 8 if method == "attentive" else n_tokens
@@ -297,10 +315,11 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
                    timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Grid on 80 %, select by validation balanced top-1, refit the winner on 100 %.
 
-    ``x_train``: a tensor (used as it is) or a `FeatureSource`; ``opts`` needs only
-    ``val_fraction``. Returns grid (points with their validation score), selected point,
-    its validation metrics and the refitted head (``final``). ``timings`` gets grid_s,
-    select_s and refit_s added.
+    ``x_train``: a tensor (used as it is) or a `FeatureSource`; ``opts`` needs
+    ``val_fraction`` and ``protocol`` ("paper": validation scored on jittered features, as
+    the authors; "clean" or absent: on clean ones). Returns grid (points with their
+    validation score), selected point, its validation metrics and the refitted head
+    (``final``). ``timings`` gets grid_s, select_s and refit_s added.
     """
     from featcache.features import as_source
     from featcache.train import fit_grid, grid_points
@@ -316,7 +335,7 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
                     num_heads=num_heads, progress=progress)
     timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
     clock = time.perf_counter()
-    val = grid.evaluate(src.subset(va), y_dev[va_t])
+    val = grid.evaluate(src.subset(va), y_dev[va_t], jitter=_val_jitter(opts, cfg))
     scores = np.asarray(val["balanced_top1"], dtype=float)
     best = int(np.argmax(scores))  # ties: the first in grid order (largest lr, smallest wd)
     table = [{**p, "val_balanced_top1": float(v)} for p, v in zip(points, scores, strict=True)]
@@ -328,6 +347,16 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
     val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
     return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final}
+
+
+def _val_jitter(opts: Any, cfg: Any) -> Any:
+    """The paper protocol scores validation on jittered features (the authors cut it from
+    their training dataset object, whose transform adds the jitter)."""
+    from featcache.train import validation_jitter
+
+    if getattr(opts, "protocol", "clean") != "paper" or not cfg.jitter_p or not cfg.jitter_std:
+        return None
+    return validation_jitter(cfg)
 
 
 def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, cfg: Any,
@@ -354,7 +383,7 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
                     progress=progress, inputs=inputs)
     timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
     clock = time.perf_counter()
-    val = grid.evaluate(src.subset(va), y_dev[va_t])
+    val = grid.evaluate(src.subset(va), y_dev[va_t], jitter=_val_jitter(opts, cfg))
     del grid
     scores = np.asarray(val["balanced_top1"], dtype=float).reshape(L, P)
     best = [int(np.argmax(row)) for row in scores]
@@ -460,8 +489,9 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
         token_names = [f"{name}.{kind}" for name, kind in tokens]
     budget = budget_from_gb(opts.feature_memory_gb)
     clock = time.perf_counter()
-    src_train = load_source(train, tokens, device, budget).subset(keep_train)
-    src_test = load_source(test, tokens, device, budget).subset(keep_test)
+    norm = feature_normalisation(opts.method, opts.protocol)
+    src_train = load_source(train, tokens, device, budget, normalise=norm).subset(keep_train)
+    src_test = load_source(test, tokens, device, budget, normalise=norm).subset(keep_test)
     timings["load_s"] = time.perf_counter() - clock
     y_tr = torch.as_tensor(y_train_np[keep_train], device=device)
     y_te = torch.as_tensor(y_test_np[keep_test], device=device)
@@ -549,6 +579,8 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
         "n_train": int(len(y_tr)),
         "n_test": int(len(y_te)),
         "n_classes": n_classes,
+        "protocol": opts.protocol,
+        "normalisation": norm,
         "config": {**_cfg_dict(cfg), "val_fraction": opts.val_fraction, "shots": opts.shots,
                    "grid_name": opts.grid, "device": str(device),
                    "feature_placement": src_train.placement,

@@ -22,20 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featcache.columns import (
+    baseline_of,
+    column_key,
+    column_sort,
+    is_baseline,
+    run_variant,
+    with_variant,
+)
 from featcache.errors import FeatcacheError
 from featcache.reference import (
     PAPER_DATASETS,
     PAPER_MODELS,
     display_name,
     normalize_dataset,
-    normalize_layer_set,
     paper_model,
     paper_number,
 )
 
 FORMATS = ("html", "md", "csv")
-METHOD_ORDER = ("linear", "attentive", "concat", "alf", "layers")
-LAYER_SET_ORDER = ("last", "middle+last", "quarterly", "all")
 METRIC = "balanced_top1"
 CKA_FILE = "cka.json"
 CKA_MAX_SAMPLES = 2000
@@ -55,24 +60,6 @@ def no_runs_error(runs_root: str | Path) -> FeatcacheError:
         f"{where} (looked for <model>/<dataset>/<run>/record.json); make runs with "
         "`featcache extract --model M --dataset D` then `featcache probe --method linear`, "
         "or point --cache/--runs at the root that holds them")
-
-
-def column_key(method: str, layer_set: str | None) -> str:
-    """The table column a run belongs to: "linear", "attentive", "concat:all", "alf:all"."""
-    m = str(method).strip().lower()
-    if m in ("linear", "layers"):
-        return m
-    ls = normalize_layer_set(layer_set) or (str(layer_set) if layer_set else None)
-    if m == "attentive":
-        return "attentive" if ls in (None, "last") else f"attentive:{ls}"
-    return f"{m}:{ls or 'all'}"
-
-
-def _column_sort(key: str) -> tuple[int, int, str]:
-    method, _, ls = key.partition(":")
-    mi = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    li = LAYER_SET_ORDER.index(ls) if ls in LAYER_SET_ORDER else len(LAYER_SET_ORDER)
-    return (mi, li, key)
 
 
 def _dataset_sort(dataset: str) -> tuple[int, str]:
@@ -166,7 +153,9 @@ def _derive(rec: dict) -> dict:
     rec.setdefault("model_dir", rec.get("model"))
     rec.setdefault("seed", 0)
     metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
-    rec["_column"] = column_key(str(rec.get("method")), rec.get("layer_set"))
+    rec["_variant"] = run_variant(rec)
+    rec["_column"] = with_variant(column_key(str(rec.get("method")), rec.get("layer_set")),
+                                  rec["_variant"])
     rec["_value"], rec["_best_layer"] = _run_value(rec, metrics)
     return rec
 
@@ -244,7 +233,7 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
             seeds[seed] = newer
         else:
             seeds[seed] = rec
-    ordered = sorted(columns, key=_column_sort)
+    ordered = sorted(columns, key=column_sort)
     rows: list[dict] = []
     for (model_dir, dataset) in sorted(groups, key=lambda k: (k[0], _dataset_sort(k[1]))):
         by_col = groups[(model_dir, dataset)]
@@ -271,11 +260,11 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
                 "std": std,
                 "gain": None,
                 "paper": (paper_number(model, dataset, first["method"], first.get("layer_set"))
-                          if first["method"] != "layers" else None),
+                          if first["method"] != "layers" and not first["_variant"] else None),
                 "best_layer": max(set(best), key=best.count) if best else None,
             }
-        base = cells.get("linear")
-        for cell in cells.values():
+        for col, cell in cells.items():
+            base = cells.get(baseline_of(col))
             if cell is not None and base is not None:
                 cell["gain"] = cell["mean"] - base["mean"]
         taps = sorted({str(r.get("tap")) for runs in by_col.values() for r in runs.values()
@@ -342,7 +331,7 @@ def missing_notes(rows: Sequence[dict], limit: int = 8) -> list[str]:
                                                 if len(lacking) > limit else "")
         notes.append(f"{col} not run for {len(lacking)} of {len(rows)} model/dataset "
                      f"pairs: {shown}")
-    if rows and "linear" not in columns_of(rows):
+    if rows and not any(is_baseline(c) for c in columns_of(rows)):
         notes.append("no linear baseline runs: gains cannot be computed "
                      "(`featcache probe --method linear`)")
     return notes
@@ -390,7 +379,7 @@ def summary_table(rows: Sequence[dict], title: str | None = None) -> Any:
                 cells.append("[dim]—[/]")
                 continue
             lines = [fmt_cell(cell).replace(" ± ", "±")]
-            if col != "linear" and cell["gain"] is not None:
+            if not is_baseline(col) and cell["gain"] is not None:
                 colour = "green" if cell["gain"] >= 0 else "red"
                 lines.append(f"[{colour}]{fmt_gain(cell['gain'])}[/]")
             if cell.get("best_layer"):
@@ -420,30 +409,32 @@ def render_table(rows: Sequence[dict], console: Any = None, notes: Sequence[str]
 # CSV
 # --------------------------------------------------------------------------------------
 _CSV_FIRST = ("model", "model_dir", "dataset", "tap", "weights", "method", "layer_set",
-              "column", "seed", "n_tokens", "test_balanced_top1", "test_top1",
+              "column", "protocol", "seed", "n_tokens", "test_balanced_top1", "test_top1",
               "test_balanced_top5", "test_top5", "best_layer", "gain_over_linear",
               "paper_balanced_top1")
 
 
 def csv_rows(records: Sequence[dict], rows: Sequence[dict] = ()) -> list[dict[str, Any]]:
     """One flat dict per run: identity, every test/val metric, the selected hyperparameters."""
-    linear = {(r["model_dir"], r["dataset"]): r["cells"].get("linear") for r in rows}
+    cells = {(r["model_dir"], r["dataset"]): r["cells"] for r in rows}
     out = []
     for rec in sorted(records, key=lambda r: (str(r["model_dir"]), _dataset_sort(r["dataset"]),
-                                             _column_sort(r["_column"]), r.get("seed") or 0)):
-        base = linear.get((rec["model_dir"], rec["dataset"]))
+                                             column_sort(r["_column"]), r.get("seed") or 0)):
+        base = cells.get((rec["model_dir"], rec["dataset"]), {}).get(baseline_of(rec["_column"]))
         row: dict[str, Any] = {
             "model": rec.get("model"), "model_dir": rec.get("model_dir"),
             "dataset": rec.get("dataset"), "tap": rec.get("tap"), "weights": rec.get("weights"),
             "method": rec.get("method"), "layer_set": rec.get("layer_set"),
-            "column": rec["_column"], "seed": rec.get("seed"),
+            "column": rec["_column"], "protocol": rec.get("protocol"),
+            "seed": rec.get("seed"),
             "n_tokens": len(rec["tokens"]) if isinstance(rec.get("tokens"), list) else None,
             "best_layer": rec.get("_best_layer"),
             "gain_over_linear": (rec["_value"] - base["mean"]
                                  if base and rec["_value"] is not None else None),
             "paper_balanced_top1": (paper_number(str(rec["model"]), rec["dataset"],
                                                  rec["method"], rec.get("layer_set"))
-                                    if rec["method"] != "layers" else None),
+                                    if rec["method"] != "layers" and not rec["_variant"]
+                                    else None),
         }
         for prefix, key in (("test", "metrics"), ("val", "val_metrics"),
                             ("selected", "selected")):
@@ -698,7 +689,7 @@ def _cell_text(cell: dict | None, col: str) -> str:
     if cell is None:
         return "—"
     text = f"{fmt_cell(cell)} (n={cell['n']})"
-    if col != "linear" and cell["gain"] is not None:
+    if not is_baseline(col) and cell["gain"] is not None:
         text += f" {fmt_gain(cell['gain'])}"
     if cell.get("best_layer"):
         text += f" @{cell['best_layer']}"
@@ -729,7 +720,7 @@ _PAPER_SCOPE = ("The paper reports " + ", ".join(PAPER_MODELS) + " (reference ta
 
 
 def _gain_or_dash(pair: dict, key: str) -> str:
-    return "—" if pair.get(key) is None or pair["column"] == "linear" else f"{pair[key]:+.2f}"
+    return "—" if pair.get(key) is None or is_baseline(pair["column"]) else f"{pair[key]:+.2f}"
 
 
 _LEGEND = ("Test balanced top-1 accuracy (%): mean ± sample std over seeds (n = seeds); "
@@ -761,7 +752,7 @@ def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
                 parts.append("—")
                 continue
             text = f"{c['mean']:.2f}"
-            if col != "linear" and c["gain"] is not None:
+            if not is_baseline(col) and c["gain"] is not None:
                 text += f" ({fmt_gain(c['gain'])})"
             text += f" [{c['n_datasets']}/{entry['n_datasets']}]"
             if c["paper"] is not None:
@@ -823,7 +814,7 @@ def _html_cell(cell: dict | None, col: str) -> str:
     if cell is None:
         return '<td class="absent" title="not run">—</td>'
     parts = [_esc(fmt_cell(cell)), f'<span class="sub"> n={cell["n"]}</span>']
-    if col != "linear" and cell["gain"] is not None:
+    if not is_baseline(col) and cell["gain"] is not None:
         cls = "pos" if cell["gain"] >= 0 else "neg"
         parts.append(f'<br><span class="gain {cls}">{_esc(fmt_gain(cell["gain"]))}</span>')
     if cell.get("best_layer"):
@@ -860,7 +851,7 @@ def to_html(data: ReportData, figures: Sequence[Any] = ()) -> str:
                 continue
             txt = f"{c['mean']:.2f} <span class=\"sub\">[{c['n_datasets']}/" \
                   f"{entry['n_datasets']}]</span>"
-            if col != "linear" and c["gain"] is not None:
+            if not is_baseline(col) and c["gain"] is not None:
                 cls = "pos" if c["gain"] >= 0 else "neg"
                 txt += f'<br><span class="gain {cls}">{fmt_gain(c["gain"])}</span>'
             if c["paper"] is not None:

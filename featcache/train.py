@@ -35,6 +35,8 @@ from featcache.metrics import MetricAccumulator
 
 __all__ = [
     "TrainConfig",
+    "Jitter",
+    "validation_jitter",
     "StepPlan",
     "FittedGrid",
     "BatchedAdamW",
@@ -340,6 +342,12 @@ def _stream_seeds(seed: int) -> tuple[int, int, int]:
     return tuple(int(s.generate_state(1, np.uint64)[0] >> 1) for s in ss)
 
 
+def validation_jitter(cfg: TrainConfig) -> Jitter:
+    """The jitter the authors' validation features get (a fourth stream of the seed)."""
+    state = np.random.SeedSequence(cfg.seed).spawn(4)[3].generate_state(1, np.uint64)[0]
+    return Jitter(cfg.jitter_std, cfg.jitter_p, int(state >> 1))
+
+
 def estimate_memory(
     head: str,
     sample_shape: Sequence[int],
@@ -405,6 +413,15 @@ def _groups(n_points: int, per_config: int, shared: int, budget: int) -> list[li
     return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
 
 
+@dataclass(frozen=True)
+class Jitter:
+    """Gaussian feature jitter for scoring: N(0, std²) per sample with probability p."""
+
+    std: float
+    p: float
+    seed: int
+
+
 @dataclass
 class FittedGrid:
     """A trained grid: the stacked head (configs in ``points`` order) and its curves.
@@ -438,11 +455,13 @@ class FittedGrid:
         configs: Sequence[int] | None,
         fn: Callable[[list[int], Tensor | tuple[Tensor, Tensor], slice], None],
         return_attention: bool = False,
+        jitter: Jitter | None = None,
     ) -> None:
         """Eval-mode forward over batches of samples × chunks of ``group_size`` configs;
         ``fn`` gets (global config indices of the chunk, head output, sample slice).
-        Each batch is formed once (read, normalised, copied) for every chunk."""
+        Each batch is formed once (read, normalised, copied, jittered) for every chunk."""
         src = as_source(x)
+        gen = None if jitter is None else _generator(src.device, jitter.seed)
         n = self.heads.n_configs
         wanted = list(range(n)) if configs is None else list(configs)
         chunks = [wanted[i : i + self.group_size] for i in range(0, len(wanted), self.group_size)]
@@ -452,6 +471,8 @@ class FittedGrid:
             heads = [self.heads if idx == list(range(n)) else self.heads.select(idx).eval()
                      for idx in chunks]
             for s, xb in src.batches(batch_size):
+                if gen is not None and jitter is not None:  # a batch may be a view: copy
+                    xb = _jitter(xb.clone(), jitter.std, jitter.p, gen)
                 if self.flatten:
                     xb = xb.flatten(1)
                 for idx, head in zip(chunks, heads, strict=True):
@@ -488,8 +509,11 @@ class FittedGrid:
         y: Tensor,
         batch_size: int = 4096,
         configs: Sequence[int] | None = None,
+        jitter: Jitter | None = None,
     ) -> dict:
-        """``classification_metrics`` for every config, streamed (no (G, N, C) tensor)."""
+        """``classification_metrics`` for every config, streamed (no (G, N, C) tensor).
+        ``jitter``: score on jittered features (the authors' validation; one seeded draw
+        that every config sees)."""
         src = as_source(x)
         wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
         y = torch.as_tensor(y).to(src.device).long()
@@ -499,7 +523,7 @@ class FittedGrid:
             acc = accs.setdefault(idx[0], MetricAccumulator(self.heads.n_classes))
             acc.update(o.float(), y[s])
 
-        self._forward_chunks(src, batch_size, wanted, score)
+        self._forward_chunks(src, batch_size, wanted, score, jitter=jitter)
         parts = [accs[k].compute() for k in sorted(accs)]
         merged = {
             key: [v for p in parts for v in p[key]] for key in parts[0] if key not in ("k", "n")

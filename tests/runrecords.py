@@ -40,6 +40,7 @@ def base_record() -> dict[str, Any]:
         "model": "clip-vit-b16", "model_dir": "clip-vit-b16", "dataset": "fer2013",
         "tap": "reference", "weights": "hub:openai",
         "method": "linear", "layer_set": "last", "tokens": ["final.cls"], "seed": 0,
+        "protocol": "paper",
         "config": {"epochs": 40, "batch_size": 2048, "lrs": [0.1, 0.01, 0.001],
                    "wds": [1e-6, 1e-4], "dropouts": [0.0]},
         "caches": {"train": "/nonexistent/train", "test": "/nonexistent/test"},

@@ -210,7 +210,9 @@ def test_bad_and_sparse_records_are_tolerated(tmp_path: Path) -> None:
     data = prepare_report(runs, tmp_path / "out", cka=False)
     assert any("unreadable" in n for n in data.notes)
     row = next(r for r in data.rows if r["model"] == "m")
-    assert row["cells"]["alf:all"]["std"] is None and row["cells"]["linear"] is None
+    # a record that names no protocol predates them: validation was scored on clean features
+    old = "alf:all [protocol=clean]"
+    assert row["cells"][old]["std"] is None and row["cells"]["linear"] is None
     written = build_report(runs, tmp_path / "out", formats="md,csv", cka=False)
     assert set(written) >= {"md", "csv"} and "html" not in written
 
@@ -228,13 +230,14 @@ def test_duplicate_seed_uses_newest(tmp_path: Path) -> None:
 
 
 def test_summarize_accepts_plain_dicts() -> None:
-    raw = [{"model": "m", "dataset": "d", "method": "linear", "seed": s,
+    raw = [{"model": "m", "dataset": "d", "method": "linear", "seed": s, "protocol": "paper",
             "metrics": {"balanced_top1": v}} for s, v in ((0, 50.0), (1, 52.0))]
     cell = summarize(raw)[0]["cells"]["linear"]
     assert (cell["n"], cell["mean"]) == (2, 51.0)
     assert cell["std"] == pytest.approx(statistics.stdev([50.0, 52.0]))
     # a per-layer record without validation scores or metrics: best test layer, said so
-    layers = {"model": "m", "dataset": "d", "method": "layers", "per_layer": [
+    layers = {"model": "m", "dataset": "d", "method": "layers", "protocol": "paper",
+              "per_layer": [
         {"layer": "block3", "token": "ap", "balanced_top1": 40.0},
         {"layer": "block9", "token": "cls", "balanced_top1": 45.0}]}
     cell = summarize([layers])[0]["cells"]["layers"]

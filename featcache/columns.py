@@ -1,0 +1,60 @@
+"""Report columns: which runs share a table cell, and which linear baseline a gain is over.
+
+A column is a method with its layer set ("alf:all", "concat:quarterly", "linear") plus,
+when a run's settings differ from the paper's recipe, a variant label in brackets
+("linear [protocol=clean]"). Runs of different columns are never averaged together.
+"""
+
+from __future__ import annotations
+
+from featcache.reference import normalize_layer_set
+
+METHOD_ORDER = ("linear", "attentive", "concat", "alf", "layers")
+LAYER_SET_ORDER = ("last", "middle+last", "quarterly", "all")
+
+
+def column_key(method: str, layer_set: str | None) -> str:
+    """The table column a run belongs to: "linear", "attentive", "concat:all", "alf:all"."""
+    m = str(method).strip().lower()
+    if m in ("linear", "layers"):
+        return m
+    ls = normalize_layer_set(layer_set) or (str(layer_set) if layer_set else None)
+    if m == "attentive":
+        return "attentive" if ls in (None, "last") else f"attentive:{ls}"
+    return f"{m}:{ls or 'all'}"
+
+
+def run_variant(rec: dict) -> str:
+    """What sets a run's numbers apart from the paper's recipe, as a short label ("" for
+    none). Runs of different variants never share a cell; gains are taken over the
+    linear baseline of the same variant. Records from before protocols existed scored
+    validation on clean features: "protocol=clean"."""
+    protocol = rec.get("protocol") or "clean"
+    return "" if protocol == "paper" else f"protocol={protocol}"
+
+
+def split_column(col: str) -> tuple[str, str]:
+    """"alf:all [protocol=clean]" → ("alf:all", "protocol=clean")."""
+    base, _, rest = col.partition(" [")
+    return base, rest[:-1] if rest.endswith("]") else rest
+
+
+def with_variant(base: str, variant: str) -> str:
+    return f"{base} [{variant}]" if variant else base
+
+
+def is_baseline(col: str) -> bool:
+    """The linear probe's column (of any variant): the one gains are taken over."""
+    return split_column(col)[0] == "linear"
+
+
+def baseline_of(col: str) -> str:
+    """The linear column a column's gains are measured against (same variant)."""
+    return with_variant("linear", split_column(col)[1])
+
+
+def column_sort(key: str) -> tuple[int, int, str]:
+    method, _, ls = split_column(key)[0].partition(":")
+    mi = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    li = LAYER_SET_ORDER.index(ls) if ls in LAYER_SET_ORDER else len(LAYER_SET_ORDER)
+    return (mi, li, key)
