@@ -76,11 +76,22 @@ PAPER_DATASETS: dict[str, tuple[str, str]] = {
     "dmlab": ("vtab-dmlab", "wds/vtab/dmlab"),
 }
 
+_VTAB_SPLITS = ("train", "val", "trainval", "test")
+_VTAB_TEXT = ("; VTAB's splits, as the paper: train = the first 90 % of the official train "
+              "split in TFDS's order ({n}), val = the other 10 %, trainval = all, test = the "
+              "official test")
 TORCHVISION_DATASETS: dict[str, tuple[tuple[str, ...], int, str]] = {
     # name -> (splits, number of classes, description)
-    "cifar10": (("train", "test"), 10, "CIFAR-10 (torchvision's python batches)"),
-    "cifar100": (("train", "test"), 100, "CIFAR-100, fine labels (torchvision's python files)"),
-    "svhn": (("train", "test", "extra"), 10, "SVHN cropped digits (torchvision's .mat files)"),
+    "cifar10": (("train", "test"), 10, "CIFAR-10, the official full train split (50,000; "
+                "not the paper's: see vtab-cifar10)"),
+    "cifar100": (("train", "test"), 100, "CIFAR-100, fine labels, the official full train "
+                 "split (50,000; not the paper's: see vtab-cifar100)"),
+    "svhn": (("train", "test", "extra"), 10, "SVHN cropped digits, the official full train "
+             "split (73,257; not the paper's: see vtab-svhn)"),
+    "vtab-cifar10": (_VTAB_SPLITS, 10, "CIFAR-10" + _VTAB_TEXT.format(n="45,000")),
+    "vtab-cifar100": (_VTAB_SPLITS, 100, "CIFAR-100" + _VTAB_TEXT.format(n="45,000")),
+    "vtab-svhn": (_VTAB_SPLITS, 10, "SVHN" + _VTAB_TEXT.format(n="65,931") +
+                  " (which images is exact; their order may differ, see docs/method.md)"),
     "stl10": (("train", "test"), 10, "STL-10 labelled splits (torchvision's binaries)"),
     "pcam": (("train", "val", "test"), 2, "PatchCamelyon (torchvision's HDF5 files)"),
 }
@@ -797,8 +808,31 @@ _STL10_FILES = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", 
 _PCAM_FILES = {"train": "train", "val": "valid", "test": "test"}
 
 
+def tfds_order(n: int, split: str) -> np.ndarray:
+    """The order TensorFlow Datasets stores examples 0..n-1 of a split in: by the MD5 of
+    the split name followed by the example's key (CIFAR's and SVHN's builders key each
+    example by its position in the original files), ascending. VTAB's train split is the
+    first 90 % of this order. Checked against published TFDS CIFAR-10 ids in the tests."""
+    salt = split.encode()
+    keys = [int(hashlib.md5(salt + str(i).encode()).hexdigest(), 16) for i in range(n)]
+    return np.asarray(sorted(range(n), key=keys.__getitem__), dtype=np.int64)
+
+
+def vtab_rows(n: int, split: str) -> np.ndarray:
+    """Rows of the original files in a VTAB split (train/val/trainval of the official train
+    split, or test of the official test split), in TFDS's order."""
+    if split == "test":
+        return tfds_order(n, "test")
+    order = tfds_order(n, "train")
+    cut = 90 * n // 100  # task_adaptation: "train[:{}]".format(90 * n // 100)
+    return {"train": order[:cut], "val": order[cut:], "trainval": order}[split]
+
+
 def _tv_files(tv_name: str, root: Path, split: str) -> list[Path]:
     """The files a torchvision dataset's split needs, laid out as torchvision writes them."""
+    if tv_name.startswith("vtab-"):
+        return _tv_files(tv_name.removeprefix("vtab-"), root,
+                         "test" if split == "test" else "train")
     if tv_name in _CIFAR:
         folder, files, _, meta, _ = _CIFAR[tv_name]
         return [root / folder / f for f in [*files[split], meta]]
@@ -816,6 +850,8 @@ def _tv_download(tv_name: str, root: Path, split: str) -> None:
     """Let torchvision fetch (and md5-check) its files; featcache then reads them itself."""
     import torchvision.datasets as tvd
 
+    if tv_name.startswith("vtab-"):
+        tv_name, split = tv_name.removeprefix("vtab-"), "test" if split == "test" else "train"
     root.mkdir(parents=True, exist_ok=True)
     if tv_name == "cifar10":
         tvd.CIFAR10(str(root), train=split == "train", download=True)
@@ -841,16 +877,28 @@ class TorchvisionDataset(ArrayDataset):
     _transient = ("_images", "_h5")
 
     def __init__(self, tv_name: str, root: Path, split: str) -> None:
-        self.tv_name = tv_name
+        name = f"torchvision:{tv_name}"
+        vtab = tv_name.startswith("vtab-")
+        self.tv_name = tv_name.removeprefix("vtab-")
         self.root = Path(root)
         self.files = _tv_files(tv_name, self.root, split)
-        name = f"torchvision:{tv_name}"
-        labels, class_names, images = self._labels_and_names(split)
+        file_split = ("test" if split == "test" else "train") if vtab else split
+        labels, class_names, images = self._labels_and_names(file_split)
+        # VTAB: a subset of the official split's rows, in TFDS's order
+        self._rows = vtab_rows(len(labels), split) if vtab else None
+        if self._rows is not None:
+            labels = labels[self._rows]
+            images = None if images is None else images[self._rows]
         super().__init__(name, split, class_names, labels, images)
         self._h5 = None
-        self._set_identity("torchvision", f"torchvision:{tv_name}",
+        self._set_identity("torchvision", name,
                            [(str(p.relative_to(self.root)), p.stat().st_size)
-                            for p in self.files])
+                            for p in self.files]
+                           + ([self._rows.tobytes()] if self._rows is not None else []))
+
+    def _file_row(self, i: int) -> int:
+        """Sample i's row in the original files."""
+        return int(self._rows[i]) if self._rows is not None else int(i)
 
     def _labels_and_names(self, split: str) -> tuple[np.ndarray, list[str], np.ndarray | None]:
         if self.tv_name in _CIFAR:
@@ -886,20 +934,22 @@ class TorchvisionDataset(ArrayDataset):
 
     def _load_images(self) -> np.ndarray:
         if self.tv_name in _CIFAR:
-            return self._cifar_images([_unpickle(p) for p in self.files[:-1]])
-        from scipy.io import loadmat
+            images = self._cifar_images([_unpickle(p) for p in self.files[:-1]])
+        else:
+            from scipy.io import loadmat
 
-        x = loadmat(str(self.files[0]), variable_names=["X"])["X"]  # (32, 32, 3, N)
-        return np.ascontiguousarray(np.transpose(x, (3, 0, 1, 2)))
+            x = loadmat(str(self.files[0]), variable_names=["X"])["X"]  # (32, 32, 3, N)
+            images = np.transpose(x, (3, 0, 1, 2))
+        return np.ascontiguousarray(images if self._rows is None else images[self._rows])
 
     def key(self, i: int) -> str:
-        return f"{self.split}/{i}"
+        return f"{self.split}/{self._file_row(i)}"
 
     def _read(self, i: int) -> Image.Image:
         if self.tv_name == "stl10":
             n = 3 * 96 * 96
             with open(self.files[0], "rb") as f:
-                f.seek(i * n)
+                f.seek(self._file_row(i) * n)
                 raw = np.frombuffer(f.read(n), dtype=np.uint8)
             # stored channel-major and column-major: [c][x][y] -> [y][x][c]
             return Image.fromarray(np.ascontiguousarray(raw.reshape(3, 96, 96).transpose(2, 1, 0)))
@@ -909,7 +959,7 @@ class TorchvisionDataset(ArrayDataset):
                 import h5py
 
                 h5 = self._h5 = (os.getpid(), h5py.File(self.files[0], "r"))
-            return Image.fromarray(np.asarray(h5[1]["x"][i], dtype=np.uint8))
+            return Image.fromarray(np.asarray(h5[1]["x"][self._file_row(i)], dtype=np.uint8))
         return super()._read(i)
 
 

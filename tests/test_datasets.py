@@ -437,6 +437,47 @@ def test_torchvision_files_offline(tmp_path, tv_name):
         open_dataset(f"torchvision:{tv_name}", "nosuch", data_root=tmp_path)
 
 
+def test_tfds_order_matches_published_cifar10_ids():
+    """TFDS's CIFAR-10 train ids as other projects print them (`train_16399`,
+    `train_01680`, ...) and its first test id (`test_09933`), against our recipe."""
+    from featcache.sources import tfds_order, vtab_rows
+
+    assert tfds_order(50000, "train")[:12].tolist() == [
+        16399, 1680, 47917, 17307, 27051, 48736, 26263, 1456, 19135, 31598, 12970, 4223]
+    assert tfds_order(10000, "test")[0] == 9933
+    # VTAB's sizes (the paper's dataset_info.json): 45,000 and 65,931
+    assert len(vtab_rows(50000, "train")) == 45000 and len(vtab_rows(50000, "val")) == 5000
+    assert len(vtab_rows(73257, "train")) == 65931
+    assert sorted(vtab_rows(50000, "trainval").tolist()) == list(range(50000))
+
+
+@pytest.mark.parametrize("tv_name", ["cifar10", "svhn"])
+def test_vtab_variant_is_the_tfds_ordered_subset(tmp_path, tv_name):
+    from featcache.sources import tfds_order
+
+    fake = BUILDERS[tv_name](tmp_path / "torchvision")
+    full = fake.splits["train"]
+    n = len(full.labels)
+    order = tfds_order(n, "train")
+    cut = 90 * n // 100
+    for split, rows in (("train", order[:cut]), ("val", order[cut:]), ("trainval", order)):
+        dset = open_dataset(f"torchvision:vtab-{tv_name}", split, data_root=tmp_path,
+                            download=False)
+        assert dset.name == f"torchvision:vtab-{tv_name}"
+        np.testing.assert_array_equal(dset.labels, full.labels[rows])
+        for i, row in enumerate(rows):
+            np.testing.assert_array_equal(pixels(dset.load(i)), full.images[row])
+            assert dset.key(i) == f"{split}/{row}"
+    test = open_dataset(f"torchvision:vtab-{tv_name}", "test", data_root=tmp_path)
+    np.testing.assert_array_equal(
+        test.labels, fake.splits["test"].labels[tfds_order(len(test), "test")])
+    roundtrip(dset)
+    # which is which, said plainly
+    rows_by_name = {r.name: r for r in list_datasets()}
+    assert "not the paper's" in rows_by_name[f"torchvision:{tv_name}"].description
+    assert "as the paper" in rows_by_name[f"torchvision:vtab-{tv_name}"].description
+
+
 def test_torchvision_download_failure_is_clear(tmp_path, monkeypatch):
     def broken(tv_name, root, split):
         raise OSError("network unreachable")
