@@ -4,11 +4,17 @@ The shard (a block of `shard_size` consecutive samples) is the unit of writing: 
 array's zarr shard covers exactly those rows, one writer owns a shard, and its done flag
 is set only after its write returned. Inner chunks hold one layer each, so a probe that
 needs a few layers reads only those bytes. See docs/cache-format.md.
+
+Nothing damaged reads as data (format 2): every inner chunk carries a crc32c checksum, a
+missing chunk reads as NaN (features) or -1 (labels), which the readers refuse, a flagged
+shard whose files are gone is an error, and any failure to decode stored bytes becomes
+one line naming the cache, the array and the shard, with the fix (`featcache verify`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import math
 import os
@@ -22,12 +28,18 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from featcache import __version__
 from featcache.errors import FeatcacheError, FingerprintMismatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crc32c on every chunk, fills that cannot pass for data
+READABLE_FORMATS = (1, 2)
 FEATURE_KINDS = ("cls", "ap")
+TOKEN_KIND = "last_tokens"
+# Written shard by shard (with the done flag after them); `done` itself is the flag.
+SHARD_ARRAYS = ("cls", "ap", "last_tokens", "labels", "valid")
+LABEL_FILL = -1
 SHARD_TARGET_BYTES = 64 << 20  # the largest array's shard stays near this size
 MAX_SHARD_SIZE = 1024
 CHUNK_ROWS = 64  # rows of one inner chunk of cls/ap (one layer wide)
@@ -126,7 +138,7 @@ class Layout:
 
 
 class Cache:
-    """An opened cache: metadata in memory, arrays read on demand."""
+    """An opened cache: metadata in memory, arrays read on demand, damage refused."""
 
     def __init__(self, path: Path, mode: str = "r") -> None:
         """`mode` "r" (readers: probe, report) or "r+" (the extractor, which writes)."""
@@ -134,23 +146,74 @@ class Cache:
         self.mode = mode
         try:
             self.group = zarr.open_group(str(self.path), mode=mode)
-        except Exception:
+        except FileNotFoundError:
             raise FeatcacheError(f"{self.path} is not a featcache cache (no Zarr group there);"
                                  " see `featcache ls`") from None
-        attrs = dict(self.group.attrs)
+        except PermissionError as exc:
+            raise FeatcacheError(f"cannot open {self.path}: {exc.strerror or exc}; check its "
+                                 "permissions") from None
+        except Exception as exc:  # malformed zarr.json: bad JSON, wrong fields
+            raise self.metadata_error("zarr.json", exc) from None
+        try:
+            attrs = dict(self.group.attrs)
+        except Exception as exc:
+            raise self.metadata_error("zarr.json", exc) from None
         if "featcache" not in attrs:
             raise FeatcacheError(f"{self.path} is a Zarr group but not a featcache cache")
-        fmt = attrs["featcache"].get("format")
-        if fmt != FORMAT_VERSION:
+        fmt = attrs["featcache"].get("format") if isinstance(attrs["featcache"], dict) else None
+        if fmt not in READABLE_FORMATS:
             raise FeatcacheError(f"{self.path}: cache format {fmt}, this featcache reads "
-                                 f"{FORMAT_VERSION}; re-extract with --overwrite")
+                                 f"{', '.join(map(str, READABLE_FORMATS))}; re-extract with "
+                                 "--overwrite")
+        self.format: int = fmt
         self.attrs = attrs
-        self.fingerprint: dict[str, Any] = attrs["fingerprint"]
-        self.layer_names: list[str] = attrs["layer_names"]
-        self.layer_dims: list[int] = attrs["layer_dims"]
-        self.class_names: list[str] = attrs["class_names"]
-        self.layout = Layout(attrs["n"], len(self.layer_names), attrs["dim"], attrs["shard_size"],
-                             attrs.get("n_tokens"), attrs.get("token_dim"))
+        try:
+            self.fingerprint: dict[str, Any] = _typed(attrs["fingerprint"], dict)
+            self.layer_names: list[str] = _typed(attrs["layer_names"], list)
+            self.layer_dims: list[int] = _typed(attrs["layer_dims"], list)
+            self.class_names: list[str] = _typed(attrs["class_names"], list)
+            self.layout = Layout(int(attrs["n"]), len(self.layer_names), int(attrs["dim"]),
+                                 int(attrs["shard_size"]), _int_or_none(attrs.get("n_tokens")),
+                                 _int_or_none(attrs.get("token_dim")))
+            self.fingerprint["model"]["model"], self.fingerprint["dataset"]["name"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self.metadata_error("zarr.json", f"attribute {exc} missing or of the "
+                                      "wrong type") from None
+        if self.layout.n < 1 or self.layout.shard_size < 1:
+            raise self.metadata_error("zarr.json", "n and shard_size must be positive")
+        self._check_arrays()
+
+    def metadata_error(self, where: str, why: Any) -> FeatcacheError:
+        text = str(why).splitlines()[0][:160] if str(why) else type(why).__name__
+        return FeatcacheError(f"the metadata of {self.path} is damaged ({where}: {text}); "
+                              "it cannot be repaired shard by shard: re-extract it with "
+                              "--overwrite")
+
+    def _check_arrays(self) -> None:
+        """Every array exists with the shape and dtype the attributes imply: an edited or
+        truncated array zarr.json is named here, not found later as odd numbers."""
+        lay = self.layout
+        expected: dict[str, tuple[tuple[int, ...], str]] = {
+            "cls": ((lay.n, lay.n_layers, lay.dim), "float16"),
+            "ap": ((lay.n, lay.n_layers, lay.dim), "float16"),
+            "labels": ((lay.n,), "int64"),
+            "valid": ((lay.n,), "bool"),
+            "done": ((lay.n_shards,), "bool"),
+        }
+        if lay.n_tokens is not None:
+            expected[TOKEN_KIND] = ((lay.n, lay.n_tokens, lay.token_dim or 0), "float16")
+        for name, (shape, dtype) in expected.items():
+            try:
+                array = self.group[name]
+                got_shape, got_dtype = tuple(array.shape), str(array.dtype)
+            except KeyError:
+                raise self.metadata_error(name, "the array is missing") from None
+            except Exception as exc:
+                raise self.metadata_error(f"{name}/zarr.json", exc) from None
+            if got_shape != shape or got_dtype != dtype:
+                raise self.metadata_error(
+                    f"{name}/zarr.json", f"shape {got_shape} {got_dtype}, the cache's "
+                    f"attributes imply {shape} {dtype}")
 
     # -- metadata ---------------------------------------------------------------------
     @property
@@ -163,7 +226,9 @@ class Cache:
 
     @property
     def complete(self) -> bool:
-        return bool(self.group.attrs.get("complete", False))
+        """Finalised and every shard's done flag set (a lost flag makes it incomplete
+        again, so that `extract` recomputes that shard)."""
+        return bool(self.group.attrs.get("complete", False)) and bool(self.done().all())
 
     @property
     def has_all_tokens(self) -> bool:
@@ -181,8 +246,23 @@ class Cache:
     def split(self) -> str:
         return self.fingerprint["dataset"]["split"]
 
+    @property
+    def arrays(self) -> list[str]:
+        """The arrays written shard by shard that this cache has."""
+        return [a for a in SHARD_ARRAYS if a != TOKEN_KIND or self.has_all_tokens]
+
     def done(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        """Which shards are written. A flag that cannot be read counts as not written, so
+        the extractor recomputes that shard rather than trusting it."""
+        array = self.group["done"]
+        try:
+            return np.asarray(array[:], dtype=bool)
+        except Exception:
+            out = np.zeros(self.layout.n_shards, dtype=bool)
+            for k in range(self.layout.n_shards):
+                with contextlib.suppress(Exception):
+                    out[k] = bool(array[k])
+            return out
 
     def summary(self) -> dict[str, Any]:
         """The row `featcache ls` prints for this cache."""
@@ -191,27 +271,94 @@ class Cache:
         return {
             "path": str(self.path),
             "model": fp["model"]["model"],
-            "weights": fp["model"]["weights"],
-            "tap": fp["model"]["tap"],
+            "weights": fp["model"].get("weights"),
+            "tap": fp["model"].get("tap"),
             "dataset": fp["dataset"]["name"],
-            "split": fp["dataset"]["split"],
+            "split": fp["dataset"].get("split"),
             "n": self.n,
             "layers": len(self.layer_names),
             "dim": self.dim,
             "all_tokens": self.has_all_tokens,
-            "complete": self.complete,
+            "complete": bool(self.group.attrs.get("complete", False)) and bool(done.all()),
             "shards_done": int(done.sum()),
             "shards": int(done.size),
+            "format": self.format,
             "bytes": disk_bytes(self.path),
         }
 
+    # -- where the bytes are ----------------------------------------------------------
+    def shard_file(self, name: str, shard: int) -> Path:
+        """The file holding shard `shard` of array `name` (zarr's chunk key of the
+        array's outer grid: one file per shard for sharded arrays, per chunk otherwise)."""
+        array = self.group[name]
+        index = (shard,) + (0,) * (len(array.shape) - 1)
+        key = array.metadata.chunk_key_encoding.encode_chunk_key(index)
+        return self.path / name / key
+
+    def missing_files(self, shards: list[int] | None = None) -> list[tuple[str, int]]:
+        """(array, shard) pairs whose file is absent although the shard is flagged done."""
+        done = self.done()
+        wanted = np.flatnonzero(done) if shards is None else [s for s in shards if done[s]]
+        return [(name, int(k)) for k in wanted for name in self.arrays
+                if not self.shard_file(name, int(k)).is_file()]
+
+    def check_files(self) -> None:
+        """Refuse a cache whose flagged shards lost files (they would read as fill)."""
+        missing = self.missing_files()
+        if missing:
+            name, shard = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise self.damage(name, shard, f"its file {self.shard_file(name, shard)} is "
+                              f"missing{more}")
+
+    def damage(self, name: str, shard: int, why: str) -> FeatcacheError:
+        """The one line for a damaged shard: what, where, and how to fix it."""
+        rows = self.layout.rows(shard)
+        return FeatcacheError(
+            f"{self.path}: shard {shard} of '{name}' (samples {rows.start}–{rows.stop - 1}) "
+            f"is damaged: {why}. Run `featcache verify {self.path} --repair`, then the same "
+            "`featcache extract` command, to recompute it")
+
+    def shards_of(self, rows: slice) -> range:
+        s = self.layout.shard_size
+        return range(rows.start // s, (max(rows.start, rows.stop - 1)) // s + 1)
+
     # -- data -------------------------------------------------------------------------
+    def _read(self, name: str, rows: slice, selection: Any = None) -> np.ndarray:
+        """Rows of an array; bytes that fail to decode (a checksum, a truncated file)
+        become the damage line for the first bad shard."""
+        array = self.group[name]
+        try:
+            if selection is None:
+                return np.asarray(array[rows])
+            return np.asarray(array.get_orthogonal_selection((rows, *selection)))
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            for k in self.shards_of(rows):
+                try:
+                    array[self.layout.rows(k)]
+                except Exception as inner:
+                    raise self.damage(name, k, _reason(inner)) from None
+            raise self.damage(name, self.shards_of(rows)[0], _reason(exc)) from None
+
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][:], dtype=np.int64)
+        """Class indices, checked: a label outside the classes (-1: a lost chunk) is
+        refused with its shard named."""
+        labels = self._read("labels", slice(0, self.n)).astype(np.int64)
+        bad = np.flatnonzero((labels < 0) | (labels >= len(self.class_names)))
+        if bad.size:
+            i = int(bad[0])
+            shard = i // self.layout.shard_size
+            why = ("its chunk is missing (labels read as -1)" if labels[i] == LABEL_FILL
+                   else f"label {labels[i]} of sample {i} is not one of the "
+                        f"{len(self.class_names)} classes")
+            raise self.damage("labels", shard, why)
+        return labels
 
     def valid(self) -> np.ndarray:
         """False where an unreadable image was skipped (features are zeros there)."""
-        return np.asarray(self.group["valid"][:], dtype=bool)
+        return self._read("valid", slice(0, self.n)).astype(bool)
 
     def layer_index(self, names: list[str]) -> list[int]:
         missing = [n for n in names if n not in self.layer_names]
@@ -221,18 +368,34 @@ class Cache:
         return [self.layer_names.index(n) for n in names]
 
     def read(self, kind: str, layers: list[int] | None = None,
-             rows: slice | None = None) -> np.ndarray:
-        """(rows, layers, dim) float16 for kind "cls"/"ap"; (rows, T, D) for "last_tokens"."""
-        if kind not in (*FEATURE_KINDS, "last_tokens"):
+             rows: slice | None = None, check: bool = True) -> np.ndarray:
+        """(rows, layers, dim) float16 for kind "cls"/"ap"; (rows, T, D) for "last_tokens".
+
+        ``check``: refuse values that are not finite (NaN is what a missing chunk reads
+        as; the extractor never stores a non-finite value)."""
+        if kind not in (*FEATURE_KINDS, TOKEN_KIND):
             raise ValueError(f"unknown kind {kind!r}")
-        if kind == "last_tokens" and not self.has_all_tokens:
+        if kind == TOKEN_KIND and not self.has_all_tokens:
             raise FeatcacheError(f"{self.path} holds no last-layer tokens; re-extract with "
                                  "--all-tokens")
-        array = self.group[kind]
         rows = rows if rows is not None else slice(0, self.n)
-        if kind == "last_tokens" or layers is None:
-            return np.asarray(array[rows])
-        return np.asarray(array.get_orthogonal_selection((rows, list(layers), slice(None))))
+        if kind == TOKEN_KIND or layers is None:
+            out = self._read(kind, rows)
+        else:
+            out = self._read(kind, rows, (list(layers), slice(None)))
+        if check:
+            self.check_finite(kind, out, rows.start)
+        return out
+
+    def check_finite(self, kind: str, values: np.ndarray, start: int) -> None:
+        finite = np.isfinite(values)
+        if finite.all():
+            return
+        row = int(np.argwhere(~finite)[0][0]) + start
+        shard = row // self.layout.shard_size
+        what = ("a missing inner chunk (it reads as NaN)" if np.isnan(values).any()
+                else "an infinite value")
+        raise self.damage(kind, shard, f"sample {row} holds {what}")
 
     # -- writing ----------------------------------------------------------------------
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
@@ -245,15 +408,50 @@ class Cache:
             self.group[name][rows] = data
         self.group["done"][shard] = True
 
+    def clear_shards(self, shards: list[int]) -> None:
+        """Forget shards (`verify --repair`): their done flags go first, then their files,
+        so an interrupted repair never leaves a flagged shard without its data."""
+        if not shards:
+            return
+        self.update_attrs({"complete": False})
+        for k in shards:
+            self.group["done"][k] = False
+        for k in shards:
+            for name in self.arrays:
+                with contextlib.suppress(FileNotFoundError):
+                    self.shard_file(name, k).unlink()
+
+    def update_attrs(self, attrs: dict[str, Any]) -> None:
+        """Change attributes (zarr ≥ 3.1.3 rewrites zarr.json atomically: a temporary file
+        renamed into place)."""
+        self.group.attrs.update(attrs)
+        self.attrs.update(attrs)
+
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> bool:
         """Mark complete when every shard is done; returns whether it is."""
         done = self.done()
         attrs = dict(extra_attrs or {})
         attrs["complete"] = bool(done.all())
         attrs["n_skipped"] = int((~self.valid()).sum()) if done.all() else None
-        self.group.attrs.update(attrs)
-        self.attrs.update(attrs)
+        self.update_attrs(attrs)
         return attrs["complete"]
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise TypeError(f"{type(value).__name__} where {kind.__name__} was expected")
+    return value
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if "checksum" in text.lower():
+        return "its checksum does not match (flipped or truncated bytes)"
+    return f"its bytes cannot be decoded ({type(exc).__name__}: {text[:120]})"
 
 
 def disk_bytes(path: Path) -> int:
@@ -283,22 +481,26 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
     # Zarr writes an edge chunk at its full size: inner chunks of a few rows keep the
     # padding of the last, partial shard small (at most CHUNK_ROWS - 1 rows).
     rows = _inner_rows(s, min(CHUNK_ROWS, n))
+    # crc32c on every inner chunk: a flipped or truncated byte fails the read. Fills that
+    # cannot pass for data: NaN features and label -1 are refused by the readers.
+    checked = [Crc32cCodec()]
     for kind in FEATURE_KINDS:
         group.create_array(kind, shape=(n, lay.n_layers, lay.dim), dtype="float16",
                            chunks=(rows, 1, lay.dim), shards=(s, lay.n_layers, lay.dim),
-                           compressors=None, fill_value=0.0)
+                           compressors=checked, fill_value=np.nan)
     if lay.n_tokens is not None:
         token_rows = _inner_rows(s, min(TOKEN_CHUNK_ROWS, n))
-        group.create_array("last_tokens", shape=(n, lay.n_tokens, lay.token_dim),
+        group.create_array(TOKEN_KIND, shape=(n, lay.n_tokens, lay.token_dim),
                            dtype="float16", chunks=(token_rows, lay.n_tokens, lay.token_dim),
-                           shards=(s, lay.n_tokens, lay.token_dim), compressors=None,
-                           fill_value=0.0)
-    group.create_array("labels", data=np.asarray(labels, dtype=np.int64), chunks=(s,),
-                       compressors=None)
-    group.create_array("valid", shape=(n,), dtype="bool", chunks=(s,), compressors=None,
+                           shards=(s, lay.n_tokens, lay.token_dim), compressors=checked,
+                           fill_value=np.nan)
+    labels_array = group.create_array("labels", shape=(n,), dtype="int64", chunks=(s,),
+                                      compressors=checked, fill_value=LABEL_FILL)
+    labels_array[:] = np.asarray(labels, dtype=np.int64)
+    group.create_array("valid", shape=(n,), dtype="bool", chunks=(s,), compressors=checked,
                        fill_value=True)
     group.create_array("done", shape=(lay.n_shards,), dtype="bool", chunks=(1,),
-                       compressors=None, fill_value=False)
+                       compressors=checked, fill_value=False)
     group.attrs.update({
         "featcache": {"format": FORMAT_VERSION, "version": __version__},
         "fingerprint": fingerprint,
@@ -315,10 +517,9 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra_attrs or {}),
     })
-    if path.exists():
-        _swap_in(tmp, path)
-    else:
-        os.replace(tmp, path)
+    if path.exists():  # a half-made replacement (`.NAME.next`) of ours: start it again
+        shutil.rmtree(path)
+    os.replace(tmp, path)
     return Cache(path, "r+")
 
 
@@ -328,11 +529,20 @@ def _inner_rows(shard_size: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(shard_size, limit)) + 1) if shard_size % d == 0)
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace an existing cache (--overwrite): rename old aside, new in, delete old."""
+def next_path(path: Path) -> Path:
+    """Where `--overwrite` builds a replacement: beside the old cache, which stays in place
+    (and usable) until the new one is complete. A killed replacement resumes from here."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.next")
+
+
+def promote(new: Path, path: Path) -> None:
+    """Put a complete replacement in place of the old cache: old aside, new in, old gone.
+    A kill between the two renames is finished by `recover_leftovers`."""
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.replace(path, old)
-    os.replace(tmp, path)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -348,25 +558,68 @@ def check_fingerprint(cache: Cache, fingerprint: dict[str, Any]) -> None:
 
 
 def remove_leftovers(path: Path) -> list[Path]:
-    """Delete half-built (`.NAME.tmp-PID`) and half-replaced (`.NAME.old-PID`) siblings of a
-    cache that a killed run left behind. Call only while holding `write_lock(path)`."""
+    """Tidy up after a killed writer. Call only while holding `write_lock(path)`:
+
+    - half-built caches (`.NAME.tmp-PID`) are deleted;
+    - a replacement killed between its two renames is finished: with the old cache moved
+      aside (`.NAME.old-PID`) and no cache at NAME, the complete `.NAME.next` goes in, or,
+      without one, the old cache comes back; once NAME exists, old copies are deleted;
+    - zarr's unfinished file writes (`*.partial`) inside the cache or its replacement go.
+    `.NAME.next` itself is kept: the next `--overwrite` run resumes it."""
     path = Path(path)
-    gone = []
-    if path.parent.is_dir():
-        for kind in ("tmp", "old"):
-            for stale in path.parent.glob(f".{path.name}.{kind}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-                gone.append(stale)
+    gone: list[Path] = []
+    if not path.parent.is_dir():
+        return gone
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+        gone.append(stale)
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    nxt = next_path(path)
+    if olds and not path.exists():
+        if (nxt / "zarr.json").is_file() and _is_complete(nxt):
+            os.replace(nxt, path)
+        else:
+            os.replace(olds.pop(), path)
+    for stale in olds:
+        if stale.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+            gone.append(stale)
+    for folder in (path, nxt):
+        if folder.is_dir():
+            for partial in folder.rglob("*.partial"):
+                partial.unlink(missing_ok=True)
+                gone.append(partial)
     return gone
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        return Cache(path).complete
+    except FeatcacheError:
+        return False
+
+
+class NotWritable(FeatcacheError):
+    """The cache's folder cannot be written (read-only, no permission)."""
 
 
 @contextlib.contextmanager
 def write_lock(path: Path) -> Iterator[None]:
     """One writer per cache at a time, across processes (advisory flock beside the cache)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f".{path.name}.lock")
-    with open(lock_path, "a+") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")  # noqa: SIM115 (closed below, after the yield)
+    except IsADirectoryError:
+        raise FeatcacheError(f"{lock_path} (featcache's lock file for {path}) is a directory;"
+                             " remove it and run again") from None
+    except (PermissionError, OSError) as exc:
+        if isinstance(exc, PermissionError) or exc.errno in (errno.EROFS, errno.EACCES):
+            raise NotWritable(f"cannot write in {path.parent}: {exc.strerror}; choose a "
+                              "writable --cache root") from None
+        raise
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -375,24 +628,40 @@ def write_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def find_caches(root: str | Path) -> list[Cache]:
-    """Every cache under a root (a cache is a directory holding a featcache zarr.json)."""
+def find_caches(root: str | Path, problems: list[str] | None = None) -> list[Cache]:
+    """Every cache under a root (a cache is a directory holding a featcache zarr.json).
+
+    A cache that cannot be opened (damaged metadata, an unreadable folder) is left out and
+    described in ``problems``, so that callers can say why it is not there."""
     root = Path(root).expanduser()
+    notes = problems if problems is not None else []
+    if root.exists() and not root.is_dir():
+        raise FeatcacheError(f"the cache root {root} is a file, not a folder; point --cache "
+                             "at a folder")
     if not root.is_dir():
         return []
     found = []
-    for meta in sorted(root.rglob("zarr.json")):
-        folder = meta.parent
-        if folder.name.startswith(".") or any(p.name.startswith(".") for p in folder.parents
-                                               if root in p.parents):
+
+    def unreadable(exc: OSError) -> None:
+        notes.append(f"cannot read {exc.filename}: {exc.strerror}")
+
+    for folder, dirnames, filenames in os.walk(root, onerror=unreadable):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if "zarr.json" not in filenames:
             continue
+        meta = Path(folder) / "zarr.json"
         try:
-            text = meta.read_text()
-        except OSError:
+            text = meta.read_text(errors="replace")
+        except OSError as exc:
+            notes.append(f"cannot read {meta}: {exc.strerror}")
             continue
-        if '"featcache"' in text and '"node_type": "group"' in text:
-            with contextlib.suppress(FeatcacheError):
-                found.append(Cache(folder))
+        if '"featcache"' not in text:
+            continue
+        dirnames[:] = []  # a cache's arrays are not caches
+        try:
+            found.append(Cache(Path(folder)))
+        except FeatcacheError as exc:
+            notes.append(str(exc))
     return found
 
 

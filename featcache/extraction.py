@@ -23,20 +23,24 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from featcache import distributed as dist
 from featcache.backbones import TAPS, Backbone, create_backbone, parse_weights, resolve_model
 from featcache.cache import (
+    FORMAT_VERSION,
     Cache,
     Layout,
+    NotWritable,
     cache_path,
     check_fingerprint,
     choose_shard_size,
     create_cache,
     default_cache_root,
     model_dir_name,
+    next_path,
     open_cache,
+    promote,
     remove_leftovers,
     slug,
     write_lock,
 )
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, FingerprintMismatch
 from featcache.options import check_int, make_options, parse_model_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -324,18 +328,46 @@ def _short_name(name: str) -> str:
     return name
 
 
+def _open_existing(path: Path, fingerprint: dict[str, Any]) -> tuple[Cache | None, str]:
+    """The cache at `path` if it can be added to ("" when it matches), else why not."""
+    try:
+        cache = open_cache(path, "r+")
+    except FeatcacheError as exc:  # damaged metadata, an older reader's format
+        return None, str(exc)
+    if cache.format != FORMAT_VERSION:
+        return None, (f"{path} is a format-{cache.format} cache from an older featcache "
+                      f"(it stays readable; new shards need format {FORMAT_VERSION})")
+    try:
+        check_fingerprint(cache, fingerprint)
+    except FeatcacheError as exc:
+        return None, str(exc)
+    return cache, ""
+
+
 def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOptions,
                    fingerprint: dict[str, Any]) -> tuple[Cache, str]:
-    """Open and check, or create, the cache (one process: rank 0)."""
+    """Open and check, or create, the cache (one process: rank 0).
+
+    `--overwrite` never deletes the old cache before the new one is complete: the new one
+    is built beside it (`.NAME.next`, resumed if a kill interrupted it) and put in place
+    by `_finish` only when its last shard is written."""
+    target = path
     if (path / "zarr.json").exists():
-        cache = open_cache(path, "r+")
-        try:
-            check_fingerprint(cache, fingerprint)
-        except FeatcacheError:
-            if not opts.overwrite:
-                raise
-        else:
+        cache, why = _open_existing(path, fingerprint)
+        if cache is not None:
             return cache, ("complete" if cache.complete else "resumed")
+        if not opts.overwrite:
+            pending = (" An unfinished replacement is kept beside it: --overwrite resumes it."
+                       if (next_path(path) / "zarr.json").exists() else "")
+            if "Pass --overwrite" in why:
+                raise FingerprintMismatch(why + pending)
+            raise FeatcacheError(f"{why}. Pass --overwrite to replace it (the old cache stays "
+                                 f"until the new one is complete).{pending}")
+        target = next_path(path)
+        if (target / "zarr.json").exists():
+            cache, _ = _open_existing(target, fingerprint)
+            if cache is not None:
+                return cache, "resumed"
     token_dim = backbone.final_dim if opts.all_tokens else None
     n_tokens = backbone.n_tokens if opts.all_tokens else None
     per_sample = 2 * 2 * len(backbone.layer_names) * backbone.dim
@@ -345,10 +377,21 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
     shard_size = min(opts.shard_size or choose_shard_size(per_sample), len(dataset))
     layout = Layout(len(dataset), len(backbone.layer_names), backbone.dim, shard_size,
                     n_tokens, token_dim)
-    cache = create_cache(path, fingerprint, layout, dataset.labels, list(dataset.class_names),
-                         backbone.layer_names, backbone.layer_dims,
+    cache = create_cache(target, fingerprint, layout, dataset.labels,
+                         list(dataset.class_names), backbone.layer_names, backbone.layer_dims,
                          {"probe_token": backbone.spec.probe_token})
     return cache, "written"
+
+
+def _complete_read_only(path: Path, fingerprint: dict[str, Any]) -> bool:
+    """A complete, matching cache in a folder that cannot be written: nothing to do, and
+    nothing needs the lock."""
+    if not (path / "zarr.json").exists():
+        return False
+    cache, why = _open_existing(path, fingerprint)
+    if cache is None:
+        raise FeatcacheError(why)
+    return cache.complete
 
 
 def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOptions,
@@ -363,24 +406,33 @@ def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
     rank, world = dist.rank(), dist.world_size()
     with contextlib.ExitStack() as stack:
         status, message, cache, failure = "error", "", None, None
+        target = str(path)
         if rank == 0:
             try:
-                stack.enter_context(write_lock(path))
-                remove_leftovers(path)
-                cache, status = _prepare_cache(backbone, dataset, path, opts, fingerprint)
+                try:
+                    stack.enter_context(write_lock(path))
+                except NotWritable:
+                    if not _complete_read_only(path, fingerprint):
+                        raise
+                    status = "complete"
+                else:
+                    remove_leftovers(path)
+                    cache, status = _prepare_cache(backbone, dataset, path, opts, fingerprint)
+                    target = str(cache.path)
             except BaseException as exc:  # every rank must hear of it, or they would wait
                 failure, message = exc, (str(exc) if isinstance(exc, FeatcacheError)
                                          else f"{type(exc).__name__}: {exc}")
-        status, message = dist.broadcast_object((status, message))
+        status, message, target = dist.broadcast_object((status, message, target))
         if failure is not None:
             raise failure
         if status == "error":
             raise FeatcacheError(f"rank 0 could not prepare {path}: {message}")
-        if cache is None:
-            cache = open_cache(path, "r+")
         if status == "complete":
+            done = cache or open_cache(path)
             return ExtractResult(path, dataset.split, len(dataset), "complete", 0, 0.0,
-                                 int(cache.attrs.get("n_skipped") or 0))
+                                 int(done.attrs.get("n_skipped") or 0))
+        if cache is None:
+            cache = open_cache(target, "r+")
         # Rank 0's view, broadcast: a rank that looked later could see shards another rank
         # had already finished, split a shorter list, and leave a shard to nobody.
         todo = [int(s) for s in np.flatnonzero(~cache.done())] if rank == 0 else []
@@ -408,6 +460,8 @@ def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
             missing = int((~cache.done()).sum())
             raise FeatcacheError(f"{path}: {missing} shards are still missing after extraction;"
                                  " re-run the same command to finish them")
+        if cache.path != path:  # a complete replacement (--overwrite) takes the old's place
+            promote(cache.path, path)
     return ExtractResult(path, dataset.split, len(dataset), status, written, seconds,
                          len(skipped), n_written, world)
 
@@ -489,6 +543,8 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
             host: dict[str, Any] = {k: v.to(torch.float16).to("cpu", non_blocking=True)
                                     for k, v in arrays.items()}
             host["valid"] = valid.numpy()
+            # labels too, so a shard cleared by `verify --repair` is whole again once rewritten
+            host["labels"] = np.asarray(dataset.labels[indices.numpy()], dtype=np.int64)
             ready = None
             if device.type == "cuda":
                 ready = torch.cuda.Event()

@@ -100,21 +100,30 @@ def test_metadata_and_summary(train_cache, wds_data):
 
 
 def test_zarr_array_layout(train_cache):
-    """Shards of whole samples (the unit of writing); inner chunks of one layer each."""
+    """Shards of whole samples (the unit of writing); inner chunks of one layer each; a
+    crc32c per chunk; fills that cannot pass for data (format 2)."""
+    from zarr.codecs import Crc32cCodec
+
     group = zarr.open_group(str(train_cache.path), mode="r")
+    for kind in ("cls", "ap", "last_tokens"):
+        arr = group[kind]
+        assert arr.dtype == np.float16 and arr.compressors == (Crc32cCodec(),)
+        assert np.isnan(arr.fill_value)
     for kind in ("cls", "ap"):
         arr = group[kind]
-        assert arr.shape == (40, 4, 48) and arr.dtype == np.float16
+        assert arr.shape == (40, 4, 48)
         assert arr.shards == (16, 4, 48)
         assert arr.chunks == (16, 1, 48)
-        assert arr.compressors == ()
     assert group["last_tokens"].chunks == (16, 17, 48)
     assert group["last_tokens"].shards == (16, 17, 48)
     assert group["labels"].dtype == np.int64 and group["labels"].chunks == (16,)
+    assert group["labels"].fill_value == -1
     assert group["valid"].dtype == np.bool_ and group["valid"].chunks == (16,)
     assert group["done"].shape == (3,) and group["done"].chunks == (1,)
+    for kind in ("labels", "valid", "done"):
+        assert group[kind].compressors == (Crc32cCodec(),)
     attrs = group.attrs.asdict()
-    assert attrs["featcache"]["format"] == 1
+    assert attrs["featcache"]["format"] == 2
     assert attrs["complete"] is True and attrs["n_shards"] == 3 and attrs["shard_size"] == 16
 
 

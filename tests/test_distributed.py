@@ -75,10 +75,12 @@ def test_ranks_write_only_their_shards_and_only_rank_0_finalises(wds_path, tmp_p
         extract(opts(wds_path, tmp_path / "c"))  # rank 1 never ran: rank 0 says so
     path = tmp_path / "c" / ref.path.relative_to(tmp_path / "ref")
     assert open_cache(path).done().tolist() == [True, True, False]
-    # rank 1 gets rank 0's broadcasts: the status, then the shards left before anyone wrote
+    # rank 1 gets rank 0's broadcasts: the status and the path it writes, then the shards
+    # left before anyone wrote
     monkeypatch.setattr(dist, "rank", lambda: 1)
     monkeypatch.setattr(dist, "broadcast_object",
-                        lambda obj: ("written", "") if isinstance(obj, tuple) else [0, 1, 2])
+                        lambda obj: ("written", "", str(path)) if isinstance(obj, tuple)
+                        else [0, 1, 2])
     monkeypatch.setattr(Cache, "done", lambda self: np.zeros(3, dtype=bool))
     (part,) = extract(opts(wds_path, tmp_path / "c"))
     assert (part.status, part.shards_written, part.n_written) == ("partial", 1, 8)
