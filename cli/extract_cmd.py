@@ -197,6 +197,48 @@ def datasets(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
     console.print(table)
 
 
+@user_errors
+def verify(
+    path: Annotated[Path | None, typer.Argument(
+        help="A cache directory; leave out to verify every cache under --cache.")] = None,
+    cache: CacheOpt = None,
+    repair: Annotated[bool, typer.Option(
+        "--repair", help="Clear the damaged shards' done flags (and files), so that the same "
+        "`featcache extract` command recomputes exactly those.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Read every shard of a cache: checksums, files of flagged shards, finite values,
+    labels in range. Exit 2 when something is damaged (and not repaired)."""
+    from featcache.verify import verify as run_verify
+
+    results = run_verify(path, cache, repair)
+    if json_out:
+        print_json([r.as_json() for r in results])
+    else:
+        for r in results:
+            if r.metadata:
+                console.print(f"[red]damaged[/] {r.path}: {r.metadata}", soft_wrap=True)
+                continue
+            if r.ok:
+                todo = (f"; {r.unwritten} not written yet, finish with: {r.extract_command}"
+                        if r.unwritten else "")
+                console.print(f"[green]ok[/] {r.path} ({r.shards} shards{todo})",
+                              soft_wrap=True, highlight=False)
+                continue
+            shards = ", ".join(f"{k} ({'; '.join(why)})" for k, why in sorted(r.damaged.items()))
+            verb = "[yellow]repaired[/]" if r.repaired else "[red]damaged[/]"
+            console.print(f"{verb} {r.path}: shard{'s' if len(r.damaged) > 1 else ''} "
+                          f"{shards}", soft_wrap=True)
+            if r.repaired:
+                console.print(f"  their flags are cleared; recompute them with: "
+                              f"{r.extract_command}", soft_wrap=True, highlight=False)
+            else:
+                console.print(f"  fix: featcache verify {r.path} --repair, then: "
+                              f"{r.extract_command}", soft_wrap=True, highlight=False)
+    if any(r.metadata or (not r.ok and not r.repaired) for r in results):
+        raise typer.Exit(2)
+
+
 def register(app: typer.Typer) -> None:
-    for func in (extract, ls, info, export, models, datasets):
+    for func in (extract, ls, info, export, verify, models, datasets):
         app.command()(func)

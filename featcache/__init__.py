@@ -26,6 +26,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ls": ("featcache.cache", "ls"),
     "info": ("featcache.cache", "info"),
     "export": ("featcache.cache", "export"),
+    "verify": ("featcache.verify", "verify"),
     "models": ("featcache.backbones", "models"),
     "datasets": ("featcache.sources", "datasets"),
     "probe": ("featcache.probing", "probe"),

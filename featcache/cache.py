@@ -251,6 +251,14 @@ class Cache:
         """The arrays written shard by shard that this cache has."""
         return [a for a in SHARD_ARRAYS if a != TOKEN_KIND or self.has_all_tokens]
 
+    @property
+    def file_checked_arrays(self) -> list[str]:
+        """Arrays whose every written shard has a file. Format 1 stored no chunk equal to
+        its fill (an all-valid `valid` chunk, an all-skipped shard's zeros)."""
+        if self.format >= 2:
+            return self.arrays
+        return [a for a in self.arrays if a in (*FEATURE_KINDS, "labels")]
+
     def done(self) -> np.ndarray:
         """Which shards are written. A flag that cannot be read counts as not written, so
         the extractor recomputes that shard rather than trusting it."""
@@ -299,7 +307,7 @@ class Cache:
         """(array, shard) pairs whose file is absent although the shard is flagged done."""
         done = self.done()
         wanted = np.flatnonzero(done) if shards is None else [s for s in shards if done[s]]
-        return [(name, int(k)) for k in wanted for name in self.arrays
+        return [(name, int(k)) for k in wanted for name in self.file_checked_arrays
                 if not self.shard_file(name, int(k)).is_file()]
 
     def check_files(self) -> None:
@@ -405,8 +413,14 @@ class Cache:
             if data.shape[0] != rows.stop - rows.start:
                 raise ValueError(f"shard {shard}: {name} has {data.shape[0]} rows, "
                                  f"expected {rows.stop - rows.start}")
-            self.group[name][rows] = data
-        self.group["done"][shard] = True
+            self._writable(name)[rows] = data
+        self._writable("done")[shard] = True
+
+    def _writable(self, name: str) -> Any:
+        """An array that stores every chunk it is given, even one equal to the fill value
+        (zarr skips those by default, and the setting is not stored with the array): so a
+        flagged shard's files always exist, and a missing one is damage."""
+        return self.group[name].with_config({"write_empty_chunks": True})
 
     def clear_shards(self, shards: list[int]) -> None:
         """Forget shards (`verify --repair`): their done flags go first, then their files,
@@ -415,7 +429,7 @@ class Cache:
             return
         self.update_attrs({"complete": False})
         for k in shards:
-            self.group["done"][k] = False
+            self._writable("done")[k] = False
         for k in shards:
             for name in self.arrays:
                 with contextlib.suppress(FileNotFoundError):
@@ -483,24 +497,25 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
     rows = _inner_rows(s, min(CHUNK_ROWS, n))
     # crc32c on every inner chunk: a flipped or truncated byte fails the read. Fills that
     # cannot pass for data: NaN features and label -1 are refused by the readers.
-    checked = [Crc32cCodec()]
+    # Every written chunk is stored, even one equal to the fill (see Cache._writable).
+    checked = {"compressors": [Crc32cCodec()], "config": {"write_empty_chunks": True}}
     for kind in FEATURE_KINDS:
         group.create_array(kind, shape=(n, lay.n_layers, lay.dim), dtype="float16",
                            chunks=(rows, 1, lay.dim), shards=(s, lay.n_layers, lay.dim),
-                           compressors=checked, fill_value=np.nan)
+                           fill_value=np.nan, **checked)
     if lay.n_tokens is not None:
         token_rows = _inner_rows(s, min(TOKEN_CHUNK_ROWS, n))
         group.create_array(TOKEN_KIND, shape=(n, lay.n_tokens, lay.token_dim),
                            dtype="float16", chunks=(token_rows, lay.n_tokens, lay.token_dim),
-                           shards=(s, lay.n_tokens, lay.token_dim), compressors=checked,
-                           fill_value=np.nan)
+                           shards=(s, lay.n_tokens, lay.token_dim), fill_value=np.nan,
+                           **checked)
     labels_array = group.create_array("labels", shape=(n,), dtype="int64", chunks=(s,),
-                                      compressors=checked, fill_value=LABEL_FILL)
+                                      fill_value=LABEL_FILL, **checked)
     labels_array[:] = np.asarray(labels, dtype=np.int64)
-    group.create_array("valid", shape=(n,), dtype="bool", chunks=(s,), compressors=checked,
-                       fill_value=True)
+    group.create_array("valid", shape=(n,), dtype="bool", chunks=(s,), fill_value=True,
+                       **checked)
     group.create_array("done", shape=(lay.n_shards,), dtype="bool", chunks=(1,),
-                       compressors=checked, fill_value=False)
+                       fill_value=False, **checked)
     group.attrs.update({
         "featcache": {"format": FORMAT_VERSION, "version": __version__},
         "fingerprint": fingerprint,
@@ -628,11 +643,12 @@ def write_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def find_caches(root: str | Path, problems: list[str] | None = None) -> list[Cache]:
+def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
+                ) -> list[Cache]:
     """Every cache under a root (a cache is a directory holding a featcache zarr.json).
 
     A cache that cannot be opened (damaged metadata, an unreadable folder) is left out and
-    described in ``problems``, so that callers can say why it is not there."""
+    described in ``problems`` as (path, why), so that callers can say why it is not there."""
     root = Path(root).expanduser()
     notes = problems if problems is not None else []
     if root.exists() and not root.is_dir():
@@ -643,7 +659,8 @@ def find_caches(root: str | Path, problems: list[str] | None = None) -> list[Cac
     found = []
 
     def unreadable(exc: OSError) -> None:
-        notes.append(f"cannot read {exc.filename}: {exc.strerror}")
+        notes.append((Path(exc.filename or root), f"cannot read {exc.filename}: "
+                      f"{exc.strerror}"))
 
     for folder, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -653,7 +670,7 @@ def find_caches(root: str | Path, problems: list[str] | None = None) -> list[Cac
         try:
             text = meta.read_text(errors="replace")
         except OSError as exc:
-            notes.append(f"cannot read {meta}: {exc.strerror}")
+            notes.append((meta.parent, f"cannot read {meta}: {exc.strerror}"))
             continue
         if '"featcache"' not in text:
             continue
@@ -661,7 +678,7 @@ def find_caches(root: str | Path, problems: list[str] | None = None) -> list[Cac
         try:
             found.append(Cache(Path(folder)))
         except FeatcacheError as exc:
-            notes.append(str(exc))
+            notes.append((Path(folder), str(exc)))
     return found
 
 

@@ -97,8 +97,12 @@ class RunResult:
 def find_pairs(cache_root: Path, model: str | None = None, dataset: str | None = None,
                train_split: str = "train", test_split: str = "test") -> list[tuple[Cache, Cache]]:
     """Every complete (train, test) cache pair under the root, filtered by model/dataset."""
-    caches = find_caches(cache_root)
+    damaged: list[tuple[Path, str]] = []
+    caches = find_caches(cache_root, damaged)
+    broken = {where: why for where, why in damaged}
     if not caches:
+        if damaged:
+            raise FeatcacheError(damaged[0][1])
         raise FeatcacheError(f"no caches under {cache_root}; make some with `featcache extract` "
                              "(or point --cache at the root you extracted into)")
     groups: dict[Path, dict[str, Cache]] = {}
@@ -118,7 +122,7 @@ def find_pairs(cache_root: Path, model: str | None = None, dataset: str | None =
         train, test = splits.get(train_split), splits.get(test_split)
         if train is None or test is None:
             missing = train_split if train is None else test_split
-            problems.append(f"{folder} has no {missing!r} split")
+            problems.append(broken.get(folder / missing, f"{folder} has no {missing!r} split"))
             continue
         unfinished = [c for c in (train, test) if not c.complete]
         if unfinished:
@@ -126,6 +130,8 @@ def find_pairs(cache_root: Path, model: str | None = None, dataset: str | None =
                             " command to finish it)")
             continue
         check_pair(train, test)
+        for cache in (train, test):  # a flagged shard without its files would read as fill
+            cache.check_files()
         pairs.append((train, test))
     if not pairs:
         raise FeatcacheError(f"no complete {train_split}+{test_split} cache pair: {problems[0]}")

@@ -133,6 +133,9 @@ def make_split(root: Path, spec: SynthSpec, split: str, n: int, dataset: str = "
     cache = create_cache(path, fp, layout, y, fp["dataset"]["class_names"], names,
                          [spec.dim] * len(names), {"probe_token": spec.probe_token})
     shards = range(layout.n_shards - (0 if complete else 1))
+    # every array of a shard, as the extractor writes them
+    arrays["labels"] = np.asarray(y, dtype=np.int64)
+    arrays["valid"] = np.ones(n, dtype=bool)
     for shard in shards:
         rows = layout.rows(shard)
         cache.write_shard(shard, {k: v[rows] for k, v in arrays.items()})
