@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, FeatcacheWarning
 
 console = Console()
 err_console = Console(stderr=True)
@@ -21,21 +23,70 @@ Opts = TypeVar("Opts")
 
 
 def user_errors(func: F) -> F:
-    """Turn a FeatcacheError into one red line on stderr and exit code 2 (no traceback)."""
+    """Turn a FeatcacheError, or anything the disk says (full, read-only, permissions), into
+    one red line on stderr and exit code 2 (no traceback); show featcache's warnings as
+    yellow lines, each once."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except FeatcacheError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: what was finished is kept; "
-                              "re-run the same command to resume.")
-            raise typer.Exit(130) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", FeatcacheWarning)
+            warnings.showwarning = _show_warning(warnings.showwarning)
+            try:
+                return func(*args, **kwargs)
+            except FeatcacheError as exc:
+                _error(str(exc))
+            except OSError as exc:  # a disk or a path the user gave: never a traceback
+                _error(disk_error(exc))
+            except MemoryError:
+                _error("out of memory: use fewer layers (--layers), fewer samples (--shots), "
+                       "a smaller --batch-size or --memory-gb, or a larger machine")
+            except KeyboardInterrupt:
+                err_console.print("[yellow]interrupted[/]: what was finished is kept; "
+                                  "re-run the same command to resume.")
+                raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _error(text: str) -> None:
+    err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
+
+
+def disk_error(exc: OSError) -> str:
+    """One line for an OSError: what failed, where, and what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    fixes = {
+        errno.ENOSPC: "the disk is full: free space and run the same command again (finished "
+                      "work is kept)",
+        errno.EDQUOT: "the disk quota is used up: free space and run the same command again",
+        errno.EROFS: "the file system is read-only: choose a writable folder",
+        errno.EACCES: "no permission: fix the permissions or choose another folder",
+        errno.EPERM: "not permitted: fix the permissions or choose another folder",
+        errno.ENOENT: "no such file or folder: check the path",
+        errno.ENOTDIR: "a file stands where a folder was expected: check the path",
+        errno.EISDIR: "a folder stands where a file was expected: check the path",
+        errno.ELOOP: "a symbolic link loops: fix or remove it",
+    }
+    fix = fixes.get(exc.errno or -1, "check the path, its permissions and free disk space")
+    return f"{what}{where}; {fix}"
+
+
+def _show_warning(original: Any) -> Any:
+    shown: set[str] = set()
+
+    def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, FeatcacheWarning):
+            return original(message, category, *args, **kwargs)
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+        return None
+
+    return show
 
 
 def options_from(cls: type[Opts], params: dict[str, Any]) -> Opts:

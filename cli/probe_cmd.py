@@ -8,11 +8,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import console, options_from, print_json, user_errors
+from cli.common import console, err_console, options_from, print_json, user_errors
 
 
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+def _fmt(value: object) -> str:
+    """A metric for the table ("—" for none, and for a record that holds no number)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{value:.2f}" if ok else "—"
 
 
 @user_errors
@@ -99,7 +101,13 @@ def runs(
     from featcache.records import runs as run_rows
 
     root = runs or default_runs_root(cache)
-    rows = run_rows(cache, runs)
+    problems: list[str] = []
+    rows = run_rows(cache, runs, problems)
+    for note in problems[:5]:
+        err_console.print(f"[yellow]skipped:[/] {note}", highlight=False, soft_wrap=True)
+    if problems:
+        err_console.print(f"[yellow]{len(problems)} unreadable record(s) skipped[/]"
+                          + (f" ({len(problems) - 5} not shown)" if len(problems) > 5 else ""))
     if json_out:
         print_json(rows)
         return
@@ -107,12 +115,13 @@ def runs(
         console.print(f"no runs under {root}; train some with `featcache probe`")
         return
     table = Table(title=f"runs under {root}")
-    for col in ("model", "dataset", "method", "layers", "seed", "balanced top-1", "top-1"):
+    for col in ("model", "dataset", "method", "layers", "variant", "seed", "balanced top-1",
+                "top-1"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(str(r["model"]), str(r["dataset"]), str(r["method"]),
-                      str(r["layer_set"]), str(r["seed"]), _fmt(r["balanced_top1"]),
-                      _fmt(r["top1"]))
+                      str(r["layer_set"]), r["variant"] or "paper recipe", str(r["seed"]),
+                      _fmt(r["balanced_top1"]), _fmt(r["top1"]))
     console.print(table)
 
 

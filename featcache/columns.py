@@ -26,11 +26,26 @@ def column_key(method: str, layer_set: str | None) -> str:
 
 def run_variant(rec: dict) -> str:
     """What sets a run's numbers apart from the paper's recipe, as a short label ("" for
-    none). Runs of different variants never share a cell; gains are taken over the
-    linear baseline of the same variant. Records from before protocols existed scored
-    validation on clean features: "protocol=clean"."""
+    none): the options its user set (`grid=quick, shots=5`), and its precision when not
+    float32. Runs of different variants never share a cell; gains are taken over the
+    linear baseline of the same variant. Records from before run identities existed name
+    only their protocol (those from before protocols scored validation on clean features:
+    "protocol=clean")."""
+    options = rec.get("options")
+    if isinstance(options, dict):
+        parts = [f"{k}={_short(v)}" for k, v in sorted(options.items())]
+        settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
+        if settings.get("precision") not in (None, "fp32"):
+            parts.append(f"precision={settings['precision']}")
+        return ", ".join(parts)
     protocol = rec.get("protocol") or "clean"
     return "" if protocol == "paper" else f"protocol={protocol}"
+
+
+def _short(value: object) -> str:
+    if isinstance(value, list):
+        return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def split_column(col: str) -> tuple[str, str]:

@@ -10,6 +10,7 @@ grid in one pass (layers × hyperparameters on the config axis). One record per
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +23,7 @@ import torch
 from featcache import __version__
 from featcache.cache import Cache, default_cache_root, find_caches, flatten
 from featcache.distributed import resolve_device
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, warn
 from featcache.options import check_int, make_options, parse_floats, parse_ints
 from featcache.records import default_runs_root, is_finished, run_dir, write_run
 
@@ -229,7 +230,12 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int
 
 
 def sample_shots(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
-    """K examples per class (all of a class that has fewer), seeded."""
+    """K examples per class (all of a class that has fewer, with a warning), seeded."""
+    counts = np.bincount(y)
+    short = [int(c) for c in np.unique(y) if counts[c] < shots]
+    if short:
+        warn(f"--shots {shots}: {len(short)} class(es) have fewer training samples (class "
+             f"{short[0]} has {counts[short[0]]}); all of theirs are used")
     rng = np.random.default_rng(seed)
     picks = [rng.permutation(np.flatnonzero(y == c))[:shots] for c in np.unique(y)]
     return np.sort(np.concatenate(picks))
@@ -447,7 +453,13 @@ def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
     cache_root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
     runs_root = Path(opts.runs).expanduser() if opts.runs else default_runs_root(cache_root)
     pairs = find_pairs(cache_root, opts.model, opts.dataset, opts.train_split, opts.test_split)
-    layer_set = opts.layers or DEFAULT_LAYER_SET[opts.method]
+    if opts.layers is not None and not opts.layers.strip():
+        warn(f"--layers is empty: using {opts.method}'s default layer set "
+             f"'{DEFAULT_LAYER_SET[opts.method]}'")
+    if opts.token is not None and opts.method not in ("linear", "layers"):
+        warn(f"--token applies to linear and layers only; {opts.method} reads "
+             f"{'every token of the last layer' if opts.method == 'attentive' else 'CLS and AP'}")
+    layer_set = (opts.layers or "").strip() or DEFAULT_LAYER_SET[opts.method]
     if opts.method == "attentive":
         lacking = [c.path for t, s in pairs for c in (t, s) if not c.has_all_tokens]
         if lacking:
@@ -456,49 +468,146 @@ def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
     for train, _ in pairs:  # validate the layer set before any training starts
         layer_set_names(layer_set, train.layer_names)
     device = resolve_device(opts.device)
+    ensure_writable(runs_root)  # before any training, not after it
     threads = torch.get_num_threads()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     try:
-        results = []
-        for train, test in pairs:
-            for seed in opts.seeds:
-                results.append(run_one(train, test, opts, layer_set, seed, runs_root, device,
-                                       progress))
+        results: list[RunResult] = []
+        jobs = [(train, test, seed) for train, test in pairs for seed in opts.seeds]
+        for train, test, seed in jobs:
+            results.append(run_one(train, test, opts, layer_set, seed, runs_root, device,
+                                   progress))
+        # Runs another process was training: wait for it, then take its record (or train
+        # the run here if that process died without finishing it). No work is done twice.
+        for i, (train, test, seed) in enumerate(jobs):
+            if results[i].status == "busy":
+                from featcache.records import wait_for_run
+
+                wait_for_run(results[i].path)
+                results[i] = run_one(train, test, opts, layer_set, seed, runs_root, device,
+                                     progress)
         return results
     finally:
         torch.set_num_threads(threads)
 
 
+def ensure_writable(root: Path) -> None:
+    """Fail before training, not after it, when the run records could not be written."""
+    probe_file = Path(root) / f".featcache-write-test-{os.getpid()}"
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        probe_file.write_bytes(b"")
+        probe_file.unlink()
+    except OSError as exc:
+        raise FeatcacheError(f"cannot write run records under {root}: "
+                             f"{exc.strerror or exc}; pass --runs DIR (a writable folder) or "
+                             "fix its permissions") from None
+
+
+def run_tokens(method: str, layer_set: str, cache: Cache, token: str | None
+               ) -> tuple[list[tuple[str, str]], list[str]]:
+    """What the head reads from the cache, and the record's names for those tokens."""
+    if method == "attentive":
+        return [("final", "all")], [f"final.token{i}" for i in range(cache.layout.n_tokens or 0)]
+    tokens = token_list(method, layer_set, cache, token)
+    return tokens, [f"{name}.{kind}" for name, kind in tokens]
+
+
+def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list[str],
+                 train: Cache, test: Cache, device: torch.device) -> dict[str, Any]:
+    """Every setting that changes a run's numbers, but its seed: its identity (see
+    `featcache.records.settings_id`). Left out, because they provably do not change them:
+    the memory budgets and grouping (a config trained in any group equals it alone), the
+    feature placement (device or host-streamed batches are bit-identical), the thread
+    count, and dropout values for linear heads (which have no dropout)."""
+    attentive = opts.method in ("alf", "attentive")
+    recipe = {k: getattr(cfg, k) for k in (
+        "epochs", "batch_size", "min_steps_per_epoch", "min_total_steps", "lrs", "wds",
+        "min_lr", "grad_clip", "jitter_std", "jitter_p", "class_weighted")}
+    if attentive:
+        recipe["dropouts"] = cfg.dropouts
+    from featcache.records import settings_id
+
+    return {
+        "method": opts.method,
+        "layer_set": layer_set,
+        "tokens": token_names,
+        "heads": _num_heads(opts.method, len(token_names)) if attentive else None,
+        "protocol": opts.protocol,
+        "normalisation": feature_normalisation(opts.method, opts.protocol),
+        "shots": opts.shots,
+        "val_fraction": opts.val_fraction,
+        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
+        "precision": "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32",
+        "caches": {"train": settings_id(train.fingerprint), "test": settings_id(test.fingerprint)},
+    }
+
+
+def variant_options(opts: ProbeOptions) -> dict[str, Any]:
+    """The options a user set away from the paper's recipe: what the report and `runs`
+    name a run's variant by (`grid=quick, shots=5`)."""
+    out: dict[str, Any] = {}
+    if opts.grid != "paper":
+        out["grid"] = opts.grid
+    for key in ("epochs", "batch_size", "lrs", "wds", "dropouts", "min_steps", "shots",
+                "token"):
+        value = getattr(opts, key)
+        if value is not None and not (key == "dropouts" and opts.method not in
+                                      ("alf", "attentive")):
+            out[key] = list(value) if isinstance(value, tuple) else value
+    if opts.protocol != "paper":
+        out["protocol"] = opts.protocol
+    if opts.val_fraction != ProbeOptions.val_fraction:
+        out["val_fraction"] = opts.val_fraction
+    return out
+
+
 def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed: int,
             runs_root: Path, device: torch.device, progress: Any = None) -> RunResult:
-    """One record: (pair, method, layer set, seed)."""
+    """One record: (pair, method, layer set, settings, seed). Returns status "busy" when
+    another process is training the same run right now."""
+    from featcache.records import read_run, run_lock, settings_id
+
+    model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
+    cfg = train_config(opts, seed)
+    tokens, token_names = run_tokens(opts.method, layer_set, train, opts.token)
+    settings = run_settings(opts, cfg, layer_set, token_names, train, test, device)
+    ident = settings_id(settings)
+    path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed, ident)
+    base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
+    with run_lock(path) as mine:
+        if not mine:
+            return replace(base, status="busy")
+        if is_finished(path) and not opts.force:
+            old = read_run(path)
+            return replace(base, metrics=old.get("metrics", {}),
+                           selected=old.get("selected", {}))
+        extra = {"settings": settings, "settings_id": ident, "options": variant_options(opts)}
+        return _train_run(train, test, opts, layer_set, seed, path, device, progress, cfg,
+                          tokens, token_names, extra, base)
+
+
+def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed: int,
+               path: Path, device: torch.device, progress: Any, cfg: Any,
+               tokens: list[tuple[str, str]], token_names: list[str], identity: dict,
+               base: RunResult) -> RunResult:
     from featcache.features import budget_from_gb, load_source
 
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
-    path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed)
-    base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
-    if is_finished(path) and not opts.force:
-        from featcache.records import read_run
-
-        old = read_run(path)
-        return replace(base, metrics=old.get("metrics", {}), selected=old.get("selected", {}))
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    cfg = train_config(opts, seed)
     n_classes = len(train.class_names)
     y_train_np, y_test_np = train.labels(), test.labels()
     keep_train = np.flatnonzero(train.valid())
     keep_test = np.flatnonzero(test.valid())
     if opts.shots:
         keep_train = keep_train[sample_shots(y_train_np[keep_train], opts.shots, seed)]
-
-    if opts.method == "attentive":
-        tokens = [("final", "all")]
-        token_names = [f"final.token{i}" for i in range(train.layout.n_tokens or 0)]
-    else:
-        tokens = token_list(opts.method, layer_set, train, opts.token)
-        token_names = [f"{name}.{kind}" for name, kind in tokens]
+    present = np.unique(y_train_np[keep_train])
+    if len(present) < 2:
+        raise FeatcacheError(f"{train.path}: the training data hold {len(present)} class "
+                             f"({', '.join(train.class_names[c] for c in present) or 'none'}); "
+                             "a probe needs at least 2 to mean anything")
     budget = budget_from_gb(opts.feature_memory_gb)
     clock = time.perf_counter()
     norm = feature_normalisation(opts.method, opts.protocol)
@@ -599,6 +708,7 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
                    "torch_threads": torch.get_num_threads()},
         "caches": {"train": str(train.path), "test": str(test.path)},
         "fingerprints": {"train": train.fingerprint, "test": test.fingerprint},
+        **identity,
         **record,
         "timings": {"total_s": seconds, **{k: round(v, 4) for k, v in timings.items()}},
     }

@@ -6,17 +6,22 @@ weights. A record directory appears complete or not at all (built aside, then re
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from featcache.cache import default_cache_root, slug
 from featcache.errors import FeatcacheError
 
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 2: the run's identity (`settings`, `settings_id`) is recorded
+SETTINGS_ID_LENGTH = 10
 
 
 def default_runs_root(cache_root: str | Path | None = None) -> Path:
@@ -24,13 +29,59 @@ def default_runs_root(cache_root: str | Path | None = None) -> Path:
     return Path(cache_root or default_cache_root()).expanduser() / "runs"
 
 
-def run_name(method: str, layer_set: str, seed: int) -> str:
-    return f"{method}-{slug(layer_set.replace(',', '_'))}-seed{seed}"
+def settings_id(settings: dict[str, Any]) -> str:
+    """A run's identity without its seed: a hash of every setting that changes its numbers
+    (`featcache.probing.run_settings`). Runs that differ in any of them are different runs,
+    side by side on disk, never averaged together."""
+    blob = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:SETTINGS_ID_LENGTH]
+
+
+def run_name(method: str, layer_set: str, seed: int, ident: str | None = None) -> str:
+    """`alf-all-<settings id>-seed0` (records before run identities: no id)."""
+    middle = f"-{ident}" if ident else ""
+    return f"{method}-{slug(layer_set.replace(',', '_'))}{middle}-seed{seed}"
 
 
 def run_dir(runs_root: Path, model_dir: str, dataset_dir: str, method: str, layer_set: str,
-            seed: int) -> Path:
-    return Path(runs_root) / model_dir / dataset_dir / run_name(method, layer_set, seed)
+            seed: int, ident: str | None = None) -> Path:
+    return Path(runs_root) / model_dir / dataset_dir / run_name(method, layer_set, seed, ident)
+
+
+@contextlib.contextmanager
+def run_lock(path: Path) -> Iterator[bool]:
+    """Claim a run across processes (a flock beside its folder). Yields False when another
+    process holds it: that process is training it right now.
+
+    The lock file is removed by its holder once done, so no empty files pile up beside
+    the records: a process already waiting on the removed file then finds the record
+    written (and skips the run) or, after a failed run, trains it itself."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")  # noqa: SIM115 (closed below)
+    except IsADirectoryError:
+        raise FeatcacheError(f"{lock} (featcache's lock for this run) is a directory; remove "
+                             "it and run again") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def wait_for_run(path: Path) -> None:
+    """Block until no process holds the run's lock (another probe finishing it)."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
 
 
 def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None = None) -> Path:
@@ -112,12 +163,23 @@ def _jsonable(obj: Any) -> Any:
 
 
 def read_run(path: Path) -> dict[str, Any]:
+    """A record as a dict; a damaged one is one line saying how to get it back."""
     path = Path(path)
     file = path / "record.json" if path.is_dir() else path
+    fix = (f"delete {file.parent} and run the same `featcache probe` command again (or pass "
+           "--force) to retrain it")
     try:
         record = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FeatcacheError(f"cannot read run record {file}: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise FeatcacheError(f"cannot read run record {file} ({why}); {fix}") from None
+    if not isinstance(record, dict):
+        raise FeatcacheError(f"run record {file} holds a JSON {type(record).__name__}, not an "
+                             f"object; {fix}")
+    for key, kind in (("metrics", dict), ("selected", (dict, type(None))), ("seed", int)):
+        if key in record and not isinstance(record[key], kind):
+            raise FeatcacheError(f"run record {file}: '{key}' is a "
+                                 f"{type(record[key]).__name__}; {fix}")
     record["path"] = str(file.parent)
     return record
 
@@ -128,9 +190,13 @@ def is_finished(path: Path) -> bool:
     return (Path(path) / "record.json").is_file()
 
 
-def list_runs(runs_root: Path) -> list[dict[str, Any]]:
-    """Every readable record under a root (half-written temporaries are invisible)."""
+def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every readable record under a root (half-written temporaries are invisible); the
+    unreadable ones are skipped and described in ``problems``."""
     root = Path(runs_root)
+    notes = problems if problems is not None else []
+    if root.exists() and not root.is_dir():
+        raise FeatcacheError(f"the runs root {root} is a file, not a folder")
     if not root.is_dir():
         return []
     records = []
@@ -139,27 +205,31 @@ def list_runs(runs_root: Path) -> list[dict[str, Any]]:
             continue
         try:
             records.append(read_run(file))
-        except FeatcacheError:
-            continue
+        except FeatcacheError as exc:
+            notes.append(str(exc))
     return records
 
 
-def runs(cache: str | Path | None = None, runs: str | Path | None = None
-         ) -> list[dict[str, Any]]:
+def runs(cache: str | Path | None = None, runs: str | Path | None = None,
+         problems: list[str] | None = None) -> list[dict[str, Any]]:
     """`featcache runs`: a summary row per run record under the runs root (default
-    <cache root>/runs)."""
+    <cache root>/runs); records that cannot be read are described in ``problems``."""
     root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
-    return [summary_row(r) for r in list_runs(root)]
+    return [summary_row(r) for r in list_runs(root, problems)]
 
 
 def summary_row(record: dict[str, Any]) -> dict[str, Any]:
     """The line `featcache runs` prints for a record."""
+    from featcache.columns import run_variant
+
     metrics = record.get("metrics") or {}
     return {
         "model": record.get("model"),
         "dataset": record.get("dataset"),
         "method": record.get("method"),
         "layer_set": record.get("layer_set"),
+        "variant": run_variant(record),
+        "settings_id": record.get("settings_id"),
         "seed": record.get("seed"),
         "balanced_top1": metrics.get("balanced_top1"),
         "top1": metrics.get("top1"),

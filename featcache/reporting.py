@@ -204,6 +204,49 @@ def _created(rec: dict) -> str:
     return str(rec.get("created") or "")
 
 
+def _cache_ids(rec: dict) -> str | None:
+    settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
+    caches = settings.get("caches") if isinstance(settings.get("caches"), dict) else None
+    return None if caches is None else f"{caches.get('train')}/{caches.get('test')}"
+
+
+def separate_variants(records: list[dict], notes: list[str]) -> None:
+    """Keep apart, in their own columns, runs whose labels alone would not: runs trained
+    on an earlier cache at the same path (labelled `cache=<id>`) and runs whose settings
+    differ in something the label does not name (labelled `#<settings id>`)."""
+    by_pair: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for rec in records:
+        by_pair[(str(rec["model_dir"]), str(rec["dataset"]))].append(rec)
+    for (model_dir, dataset), recs in by_pair.items():
+        with_ids = [r for r in recs if _cache_ids(r)]
+        if with_ids:
+            current = _cache_ids(max(with_ids, key=_created))
+            old = [r for r in with_ids if _cache_ids(r) != current]
+            for rec in old:
+                _relabel(rec, f"cache={str(_cache_ids(rec))[:6]}")
+            if old:
+                notes.append(f"{model_dir}/{dataset}: {len(old)} runs were trained on an "
+                             "earlier cache at the same path; they stand apart (cache=…)")
+        ids: dict[str, set[str]] = defaultdict(set)
+        for rec in recs:
+            if rec.get("settings_id"):
+                ids[rec["_column"]].add(str(rec["settings_id"]))
+        for col, seen in ids.items():
+            if len(seen) < 2:
+                continue
+            for rec in recs:
+                if rec["_column"] == col and rec.get("settings_id"):
+                    _relabel(rec, f"#{str(rec['settings_id'])[:6]}")
+            notes.append(f"{model_dir}/{dataset} {col}: runs with different settings share "
+                         "a label; each settings id has its own column (#…)")
+
+
+def _relabel(rec: dict, extra: str) -> None:
+    rec["_variant"] = ", ".join(v for v in (rec["_variant"], extra) if v)
+    rec["_column"] = with_variant(
+        column_key(str(rec.get("method")), rec.get("layer_set")), rec["_variant"])
+
+
 def summarize(records: Iterable[dict], problems: list[str] | None = None) -> list[dict]:
     """One row per (model, dataset) with a cell per method column, in a stable order.
 
@@ -213,12 +256,12 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
     listed in its `missing`. When one seed was run twice, the newest record counts.
     """
     notes = problems if problems is not None else []
+    records = [rec if "_column" in rec else _derive(rec) for rec in records]
+    separate_variants(records, notes)
     groups: dict[tuple[str, str], dict[str, dict[int, dict]]] = defaultdict(
         lambda: defaultdict(dict))
     columns: set[str] = set()
     for rec in records:
-        if "_column" not in rec:
-            _derive(rec)
         if rec.get("_value") is None:
             continue
         key = (str(rec["model_dir"]), str(rec["dataset"]))

@@ -22,6 +22,7 @@ Names accepted by `open_dataset` (see `list_datasets()` / `featcache datasets`):
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import io
 import json
@@ -39,7 +40,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, warn
 
 __all__ = [
     "DatasetInfo",
@@ -331,12 +332,35 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for every model; palette transparency goes through RGBA to avoid PIL's warning."""
+    """RGB for every model; palette transparency goes through RGBA to avoid PIL's warning.
+
+    High bit depths are scaled, not clipped (PIL's own conversion turns a 16-bit PNG white
+    and a [0, 1] float TIFF black): 16-bit integers by 255/65535; 32-bit integers by the
+    smallest of 8/16/32-bit ranges that holds the image; floats in [0, 1] by 255, in
+    [0, 255] as they are, anything else from its own min..max."""
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img)), mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in "iu":
+        top = int(values.max(initial=0))
+        scale = next(r for r in (255, 65535, 2**32 - 1) if top <= r)
+        return np.rint(values.astype(np.float64) * (255.0 / scale)).clip(0, 255).astype(np.uint8)
+    values = np.nan_to_num(values.astype(np.float64))
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if low >= 0.0 and high <= 1.0:
+        out = values * 255.0
+    elif low >= 0.0 and high <= 255.0:
+        out = values
+    else:
+        out = (values - low) * (255.0 / max(high - low, 1e-12))
+    return np.rint(out).clip(0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- webdataset tars
@@ -561,6 +585,34 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _walk_images(class_dir: Path, split_dir: Path, name: str) -> list[tuple[str, int]]:
+    """(path relative to the split, size) of every image file under a class folder, in
+    order. An unreadable folder, a broken or looping symbolic link is an error naming it:
+    a silently skipped folder would leave its class short of images."""
+    def refuse(exc: OSError) -> None:
+        raise FeatcacheError(f"{name}: cannot read folder {exc.filename}: {exc.strerror}; fix "
+                             "its permissions (or remove it)")
+
+    found: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=refuse):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, split_dir)
+        for fname in filenames:
+            if not _is_image_file(fname):
+                continue
+            full = os.path.join(dirpath, fname)
+            try:
+                size = os.stat(full).st_size
+            except OSError as exc:
+                kind = ("a symbolic link that loops" if exc.errno == errno.ELOOP
+                        else "a broken symbolic link" if os.path.islink(full)
+                        else f"unreadable ({exc.strerror})")
+                raise FeatcacheError(f"{name}: {full} is {kind}; fix or remove it") from None
+            found.append((os.path.join(rel_dir, fname).replace(os.sep, "/"), size))
+    found.sort()
+    return found
+
+
 class ImageFolderDataset(ImageDataset):
     """`root/<split>/<class>/<images>` (sub-folders inside a class are walked too).
 
@@ -582,6 +634,7 @@ class ImageFolderDataset(ImageDataset):
         if not split_dir.is_dir():
             raise FeatcacheError(f"{name}: no split {split!r} (no folder {split_dir}); "
                                  f"available splits: {', '.join(splits) or 'none'}")
+        class_root = self.root / "train" if (self.root / "train").is_dir() else split_dir
         if (self.root / "train").is_dir():
             classes = _class_dirs(self.root / "train")
             extra = sorted(set(_class_dirs(split_dir)) - set(classes))
@@ -594,27 +647,33 @@ class ImageFolderDataset(ImageDataset):
         if not classes:
             raise FeatcacheError(f"{name}: no class folders in {split_dir} (expected "
                                  f"{split_dir}/<class>/<image files>)")
+        if len(classes) < 2:
+            raise FeatcacheError(f"{name}: one class folder ({classes[0]!r}) in {class_root}; "
+                                 "a probe needs at least 2 classes")
         self.class_names = classes
         relpaths: list[str] = []
         labels: list[int] = []
         digest: list[Any] = []
+        empty: list[str] = []
         for label, cls in enumerate(classes):
             class_dir = split_dir / cls
             if not class_dir.is_dir():
                 continue
-            found: list[tuple[str, int]] = []
-            for dirpath, dirnames, filenames in os.walk(class_dir):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                rel_dir = os.path.relpath(dirpath, split_dir)
-                for fname in filenames:
-                    if _is_image_file(fname):
-                        rel = os.path.join(rel_dir, fname).replace(os.sep, "/")
-                        found.append((rel, os.stat(os.path.join(dirpath, fname)).st_size))
-            found.sort()
+            found = _walk_images(class_dir, split_dir, name)
+            if not found:
+                empty.append(cls)
             for rel, size in found:
                 relpaths.append(rel)
                 labels.append(label)
                 digest.append((rel, size))
+        if empty and split == "train":
+            more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise FeatcacheError(f"{name}: class folder {split_dir / empty[0]} holds no image "
+                                 f"files{more}; add images or remove the folder (an empty "
+                                 "class would be a class the probe never sees)")
+        if empty:
+            warn(f"{name}: split {split!r} has no images of class(es) "
+                 f"{', '.join(repr(c) for c in empty[:5])}; their test accuracy is not defined")
         if not relpaths:
             raise FeatcacheError(f"{name}: no image files in {split_dir}/<class>/ (extensions: "
                                  f"{', '.join(sorted(IMAGE_EXTENSIONS))})")

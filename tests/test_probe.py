@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -287,7 +288,9 @@ def test_records_one_per_seed_skip_and_force(planted, tmp_path):
                         epochs=2, min_steps=10)
     first = probe(opts)
     assert [r.status for r in first] == ["trained", "trained"]
-    assert [r.path.name for r in first] == ["linear-last-seed0", "linear-last-seed1"]
+    ident = read_run(first[0].path)["settings_id"]
+    assert [r.path.name for r in first] == [f"linear-last-{ident}-seed0",
+                                            f"linear-last-{ident}-seed1"]
     assert len(list_runs(tmp_path)) == 2
     stamp = (first[0].path / "record.json").stat().st_mtime_ns
     again = probe(opts)
@@ -297,7 +300,7 @@ def test_records_one_per_seed_skip_and_force(planted, tmp_path):
     forced = probe(ProbeOptions(**{**opts.__dict__, "force": True, "seeds": (1,)}))
     assert [r.status for r in forced] == ["trained"]
     other = probe(ProbeOptions(**{**opts.__dict__, "layers": "3,final"}))
-    assert other[0].path.name == "linear-3_final-seed0"
+    assert re.fullmatch(r"linear-3_final-[0-9a-f]{10}-seed0", other[0].path.name)
     assert len(list_runs(tmp_path)) == 4
 
 
@@ -313,15 +316,15 @@ def test_a_killed_write_leaves_no_record(planted, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         probe(opts)
     folder = tmp_path / "synth-vit" / "synth"
-    assert not (folder / "linear-last-seed0").exists()
     leftovers = [p.name for p in folder.iterdir()]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".linear-last-seed0.tmp-")
+    assert len(leftovers) == 1 and re.fullmatch(r"\.linear-last-[0-9a-f]{10}-seed0\.tmp-\d+",
+                                                 leftovers[0])
     assert (folder / leftovers[0] / "record.json").is_file()  # half-built, hidden
     assert list_runs(tmp_path) == []
     monkeypatch.undo()
     (result,) = probe(opts)
     assert result.status == "trained"
-    assert [p.name for p in folder.iterdir()] == ["linear-last-seed0"]
+    assert [p.name for p in folder.iterdir()] == [result.path.name]  # nothing else left
 
 
 def test_shots_use_k_per_class(planted, tmp_path):

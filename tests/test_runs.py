@@ -12,6 +12,7 @@ import torch
 
 from featcache.errors import FeatcacheError
 from featcache.records import (
+    RECORD_FORMAT,
     default_runs_root,
     is_finished,
     list_runs,
@@ -52,7 +53,7 @@ def test_write_read_list_and_strict_json(tmp_path):
     text = (path / "record.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     rec = read_run(path)
-    assert rec["format"] == 1 and rec["curves"]["train_loss"] == [1.0, None, None]
+    assert rec["format"] == RECORD_FORMAT and rec["curves"]["train_loss"] == [1.0, None, None]
     assert rec["where"] == str(tmp_path) and rec["path"] == str(path)
     from safetensors.torch import load_file
 
