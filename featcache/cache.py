@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from featcache import __version__
+from featcache import __version__, atomic
 from featcache.errors import FeatcacheError, FingerprintMismatch
 
 FORMAT_VERSION = 2  # 2: crc32c on every chunk, fills that cannot pass for data
@@ -722,14 +722,20 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
     import h5py
 
     out = Path(out)
+    if out.is_dir():
+        raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. "
+                             f"{out / (cache.path.name + '.h5')}")
     if out.exists() and not overwrite:
         raise FeatcacheError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FeatcacheError(f"the folder of --out, {out.parent}, does not exist; create it "
+                             "first")
     if not cache.complete:
         raise FeatcacheError(f"{cache.path} is not complete; finish it with `featcache extract` "
                              "first (re-run the same command)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as h5:
-        for name in (*FEATURE_KINDS, "last_tokens", "labels", "valid"):
+    cache.check_files()
+    with atomic.atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
+        for name in (*FEATURE_KINDS, TOKEN_KIND, "labels", "valid"):
             if name not in cache.group:
                 continue
             src = cache.group[name]
@@ -737,10 +743,14 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
                                     chunks=_h5_chunks(src.shape, src.dtype.itemsize))
             step = cache.layout.shard_size
             for start in range(0, src.shape[0], step):
-                dst[start:start + step] = src[start:start + step]
+                rows = slice(start, min(src.shape[0], start + step))
+                values = cache._read(name, rows)  # damage is an error, never exported
+                if values.dtype.kind == "f":
+                    cache.check_finite(name, values, start)
+                dst[rows] = values
+        cache.labels()  # labels in range
         for key, value in cache.group.attrs.items():
             h5.attrs[key] = json.dumps(value) if not isinstance(value, (int, float, str)) else value
-    os.replace(tmp, out)
     return out
 
 

@@ -102,6 +102,11 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise FeatcacheError(f"bad --device {device!r}: use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FeatcacheError("--device cuda asked for, but torch sees no CUDA GPU; "
+        raise FeatcacheError(f"--device {device} asked for, but torch sees no CUDA GPU; "
                              "use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None \
+            and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise FeatcacheError(f"--device {device}: this machine has {count} CUDA GPU"
+                             f"{'s' if count != 1 else ''} (cuda:0 … cuda:{count - 1})")
     return resolved

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from featcache import atomic
 from featcache.cache import default_cache_root, slug
 from featcache.errors import FeatcacheError
 
@@ -91,22 +92,16 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     record = {"format": RECORD_FORMAT, **record}
     text = json.dumps(_finite(record), indent=1, default=_jsonable, allow_nan=False)
-    (tmp / "record.json").write_text(text)
-    if tensors:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  str(tmp / "head.safetensors"))
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    # a failure (full disk, Ctrl-C) removes the half-built folder; only a kill leaves
+    # one, hidden, for `recover` to clear
+    with atomic.atomic_path(path) as tmp:
+        tmp.mkdir()
+        (tmp / "record.json").write_text(text)
+        if tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      str(tmp / "head.safetensors"))
     return path
 
 

@@ -13,6 +13,7 @@ import csv
 import datetime as _dt
 import hashlib
 import html
+import io
 import json
 import math
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featcache import atomic
 from featcache.columns import (
     baseline_of,
     column_key,
@@ -504,12 +506,12 @@ def write_csv(records: Sequence[dict], path: Path, rows: Sequence[dict] = ()) ->
     keys: list[str] = list(_CSV_FIRST)
     for row in flat:
         keys.extend(k for k in row if k not in keys)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        for row in flat:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in keys})
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    for row in flat:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in keys})
+    return atomic.write_text(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------
@@ -581,7 +583,7 @@ def layer_cka(records: Sequence[dict], out_dir: Path | None, compute: bool = Tru
     if changed and store_path is not None:
         try:
             store_path.parent.mkdir(parents=True, exist_ok=True)
-            store_path.write_text(json.dumps(store, indent=1), encoding="utf-8")
+            atomic.write_text(store_path, json.dumps(store, indent=1))
         except OSError as exc:
             notes.append(f"could not keep CKA values in {store_path}: {exc}")
     return out
@@ -685,14 +687,14 @@ def write_report(data: ReportData, out_dir: str | Path,
             fig_dir = out / "figures"
             fig_dir.mkdir(exist_ok=True)
             for fig in rendered:
-                (fig_dir / fig.filename).write_bytes(fig.png)
+                atomic.write_bytes(fig_dir / fig.filename, fig.png)
             if rendered:
                 written["figures"] = fig_dir
             written["md"] = out / "report.md"
-            written["md"].write_text(to_markdown(data, rendered), encoding="utf-8")
+            atomic.write_text(written["md"], to_markdown(data, rendered))
         if "html" in fmts:
             written["html"] = out / "report.html"
-            written["html"].write_text(to_html(data, rendered), encoding="utf-8")
+            atomic.write_text(written["html"], to_html(data, rendered))
     return written
 
 

@@ -21,6 +21,7 @@ Names accepted by `open_dataset` (see `list_datasets()` / `featcache datasets`):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import hashlib
@@ -40,6 +41,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
+from featcache import atomic
 from featcache.errors import FeatcacheError, warn
 
 __all__ = [
@@ -439,12 +441,8 @@ def _load_or_build_index(path: Path) -> list[list[Any]]:
     samples = _index_tar(path)
     payload = {"format": _INDEX_FORMAT, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                "samples": samples}
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    try:  # best effort: a read-only dataset is simply indexed again next time
-        tmp.write_text(json.dumps(payload, separators=(",", ":")))
-        os.replace(tmp, cache)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a read-only dataset is simply indexed again next time
+        atomic.write_text(cache, json.dumps(payload, separators=(",", ":")))
     return samples
 
 
@@ -1223,12 +1221,9 @@ def _hub_download(name: str, repo_id: str, local_dir: Path, split: str, how: str
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(obj))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise FeatcacheError(f"cannot write {path}: {exc.strerror or exc}; is the data root "
                              "writable?") from None
 
