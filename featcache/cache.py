@@ -620,7 +620,8 @@ class NotWritable(FeatcacheError):
 
 @contextlib.contextmanager
 def write_lock(path: Path) -> Iterator[None]:
-    """One writer per cache at a time, across processes (advisory flock beside the cache)."""
+    """One writer per cache at a time, across processes (an advisory flock on
+    `.NAME.lock` beside the cache, removed when the writer is done)."""
     path = Path(path)
     lock_path = path.with_name(f".{path.name}.lock")
     try:
@@ -640,7 +641,10 @@ def write_lock(path: Path) -> Iterator[None]:
         except BlockingIOError:
             raise FeatcacheError(f"another featcache process is writing {path} right now; "
                                  "wait for it to finish (nothing was changed)") from None
-        yield
+        try:
+            yield
+        finally:  # no empty lock files left beside the caches (a second writer never waits)
+            lock_path.unlink(missing_ok=True)
 
 
 def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
@@ -672,7 +676,10 @@ def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
         except OSError as exc:
             notes.append((meta.parent, f"cannot read {meta}: {exc.strerror}"))
             continue
-        if '"featcache"' not in text:
+        # a featcache group says so; one whose zarr.json is too damaged to say so still
+        # has the arrays (and is reported, rather than silently missing)
+        arrays = all(d in dirnames for d in ("cls", "ap", "done"))
+        if '"featcache"' not in text and not arrays:
             continue
         dirnames[:] = []  # a cache's arrays are not caches
         try:

@@ -388,10 +388,8 @@ def _complete_read_only(path: Path, fingerprint: dict[str, Any]) -> bool:
     nothing needs the lock."""
     if not (path / "zarr.json").exists():
         return False
-    cache, why = _open_existing(path, fingerprint)
-    if cache is None:
-        raise FeatcacheError(why)
-    return cache.complete
+    cache, _ = _open_existing(path, fingerprint)
+    return cache is not None and cache.complete
 
 
 def _extract_split(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOptions,

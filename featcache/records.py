@@ -167,7 +167,8 @@ def read_run(path: Path) -> dict[str, Any]:
         record = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        raise FeatcacheError(f"cannot read run record {file} ({why}); {fix}") from None
+        raise FeatcacheError(f"cannot read run record {file}: unreadable ({why}); "
+                             f"{fix}") from None
     if not isinstance(record, dict):
         raise FeatcacheError(f"run record {file} holds a JSON {type(record).__name__}, not an "
                              f"object; {fix}")

@@ -33,6 +33,7 @@ from featcache.columns import (
     with_variant,
 )
 from featcache.errors import FeatcacheError
+from featcache.records import SETTINGS_ID_LENGTH, read_run
 from featcache.reference import (
     PAPER_DATASETS,
     PAPER_MODELS,
@@ -79,7 +80,8 @@ def _num(value: Any) -> float | None:
 
 
 def _from_path(rel: Path) -> dict[str, Any]:
-    """What a run's directory name says: <model_dir>/<dataset>/<method>-<layerset>-seed<k>."""
+    """What a run's directory name says:
+    <model_dir>/<dataset>/<method>-<layerset>[-<settings id>]-seed<k>."""
     parts = rel.parts[:-1]
     out: dict[str, Any] = {}
     if len(parts) >= 3:
@@ -88,6 +90,7 @@ def _from_path(rel: Path) -> dict[str, Any]:
         stem, _, seed = name.rpartition("-seed")
         if stem and seed.isdigit():
             out["seed"] = int(seed)
+            stem = re.sub(r"-[0-9a-f]{%d}$" % SETTINGS_ID_LENGTH, "", stem)
             method, _, ls = stem.partition("-")
             out["method"] = method
             if ls:
@@ -112,14 +115,11 @@ def load_records(runs_root: str | Path, problems: list[str] | None = None) -> li
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # a run being written (or replaced) right now: not a record yet
         try:
-            with open(path, encoding="utf-8") as fh:
-                rec = json.load(fh)
-        except (OSError, ValueError) as exc:
-            notes.append(f"skipped {path}: unreadable ({type(exc).__name__}: {exc})")
+            rec = read_run(path)
+        except FeatcacheError as exc:
+            notes.append(f"skipped: {exc}")
             continue
-        if not isinstance(rec, dict):
-            notes.append(f"skipped {path}: not a JSON object")
-            continue
+        rec.pop("path", None)
         guessed = _from_path(path.relative_to(root))
         for key, value in guessed.items():
             if rec.get(key) in (None, ""):

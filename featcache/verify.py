@@ -121,7 +121,7 @@ def verify_cache(path: str | Path, repair: bool = False) -> VerifyResult:
             cache.clear_shards(sorted(damaged))
         result.repaired = sorted(damaged)
     result.unwritten = int((~cache.done()).sum())
-    if result.unwritten:
+    if result.unwritten or damaged:
         result.extract_command = extract_command(cache)
     return result
 
