@@ -90,7 +90,7 @@ def _from_path(rel: Path) -> dict[str, Any]:
         stem, _, seed = name.rpartition("-seed")
         if stem and seed.isdigit():
             out["seed"] = int(seed)
-            stem = re.sub(r"-[0-9a-f]{%d}$" % SETTINGS_ID_LENGTH, "", stem)
+            stem = re.sub(rf"-[0-9a-f]{{{SETTINGS_ID_LENGTH}}}$", "", stem)
             method, _, ls = stem.partition("-")
             out["method"] = method
             if ls:
