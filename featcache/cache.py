@@ -253,11 +253,10 @@ class Cache:
 
     @property
     def file_checked_arrays(self) -> list[str]:
-        """Arrays whose every written shard has a file. Format 1 stored no chunk equal to
-        its fill (an all-valid `valid` chunk, an all-skipped shard's zeros)."""
-        if self.format >= 2:
-            return self.arrays
-        return [a for a in self.arrays if a in (*FEATURE_KINDS, "labels")]
+        """Arrays whose every written shard has a file of its own. Format 1 promised no
+        such thing (chunks equal to the fill were not stored; other tools may chunk as
+        they like), so its files are not checked."""
+        return self.arrays if self.format >= 2 else []
 
     def done(self) -> np.ndarray:
         """Which shards are written. A flag that cannot be read counts as not written, so
@@ -483,8 +482,11 @@ def open_cache(path: str | Path, mode: str = "r") -> Cache:
 
 def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels: np.ndarray,
                  class_names: list[str], layer_names: list[str], layer_dims: list[int],
-                 extra_attrs: dict[str, Any] | None = None) -> Cache:
-    """Build the group in a temporary directory, then rename it into place (atomic)."""
+                 extra_attrs: dict[str, Any] | None = None, checksums: bool = True) -> Cache:
+    """Build the group in a temporary directory, then rename it into place (atomic).
+
+    ``checksums=False`` leaves out the crc32c codec; only `benchmarks/checksum.py` uses it,
+    to measure what the checksums cost."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -498,7 +500,8 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
     # crc32c on every inner chunk: a flipped or truncated byte fails the read. Fills that
     # cannot pass for data: NaN features and label -1 are refused by the readers.
     # Every written chunk is stored, even one equal to the fill (see Cache._writable).
-    checked = {"compressors": [Crc32cCodec()], "config": {"write_empty_chunks": True}}
+    checked = {"compressors": [Crc32cCodec()] if checksums else None,
+               "config": {"write_empty_chunks": True}}
     for kind in FEATURE_KINDS:
         group.create_array(kind, shape=(n, lay.n_layers, lay.dim), dtype="float16",
                            chunks=(rows, 1, lay.dim), shards=(s, lay.n_layers, lay.dim),
