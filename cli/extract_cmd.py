@@ -143,6 +143,10 @@ def info(
                   f"{data['shard_size']} samples each")
     console.print(f"  {'size':>10}: {human_bytes(data['bytes'])}")
     console.print(f"  {'transform':>10}: {data['transform']}", soft_wrap=True)
+    if data["missing_files"]:
+        console.print(f"  [red]{'damaged':>10}[/]: {len(data['missing_files'])} flagged shard "
+                      f"files are missing ({', '.join(data['missing_files'][:3])}); run "
+                      f"`featcache verify {data['path']}`", soft_wrap=True, highlight=False)
     console.print(f"  {'layers':>10}: {', '.join(data['layer_names'])}")
     console.print("  full fingerprint: `featcache info PATH --json`")
 

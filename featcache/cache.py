@@ -705,7 +705,9 @@ def info(path: str | Path) -> dict[str, Any]:
     c = open_cache(path)
     shown = ("fingerprint", "class_names", "layer_names", "layer_dims")
     pp = c.fingerprint.get("model", {}).get("preprocess") or {}
+    missing = c.missing_files()
     return {**c.summary(), "transform": describe_preprocess(pp) if pp else None,
+            "missing_files": [f"{name} shard {k}" for name, k in missing],
             "layer_names": c.layer_names, "layer_dims": c.layer_dims,
             "shard_size": c.layout.shard_size, "class_names": c.class_names,
             "fingerprint": c.fingerprint,
