@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m featcache.offline_demo --out demo-out
+	$(BIN)/featcache demo --out demo-out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/report.py
 
 docs: $(STAMP)
-	$(BIN)/python -m cli.docs > docs/cli.md
+	$(BIN)/python -m featcache.cli.docs > docs/cli.md
 
 # A picture of the demo's HTML report, rendered by headless Chromium (Debian's package).
 screenshot: demo

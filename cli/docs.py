@@ -1,6 +1,6 @@
 """docs/cli.md, generated from the Typer app itself so the reference cannot drift.
 
-    python -m cli.docs > docs/cli.md      (a test fails when the file is stale)
+    python -m featcache.cli.docs > docs/cli.md      (a test fails when the file is stale)
 """
 
 from __future__ import annotations
@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import typer.main
-
-from cli.main import app
+from featcache.cli.main import app
 
 HEADER = """# CLI reference
 
-Generated from the Typer app by `python -m cli.docs > docs/cli.md` (`make docs`);
+Generated from the Typer app by `python -m featcache.cli.docs > docs/cli.md` (`make docs`);
 `tests/test_cli_docs.py` fails when this file and the code disagree.
 Every command is a thin shell over the library: the same names work from Python
 (`featcache.extract`, `featcache.probe`, `featcache.report`, ...).

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from featcache.cli.common import console, options_from, print_json, user_errors
 from rich import box
 from rich.table import Table
 
-from cli.common import console, options_from, print_json, user_errors
 from featcache.units import human_bytes
 
 CacheOpt = Annotated[Path | None, typer.Option(

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from featcache.cli.common import console, err_console, options_from, print_json, user_errors
 from rich.table import Table
-
-from cli.common import console, err_console, options_from, print_json, user_errors
 
 
 def _fmt(value: object) -> str:

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import console, err_console, print_json, user_errors
+from featcache.cli.common import console, err_console, print_json, user_errors
 
 
 @user_errors

@@ -32,6 +32,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "probe": ("featcache.probing", "probe"),
     "runs": ("featcache.records", "runs"),
     "report": ("featcache.reporting", "report"),
+    "demo": ("featcache.offline_demo", "demo"),
     "ExtractOptions": ("featcache.extraction", "ExtractOptions"),
     "ProbeOptions": ("featcache.probing", "ProbeOptions"),
     "open_cache": ("featcache.cache", "open_cache"),

@@ -2,21 +2,19 @@
 
 No weights or datasets can be fetched offline, so it runs a small randomly initialised
 ViT on scikit-learn's bundled digits, through exactly the code paths real runs take.
-Online, `--model clip-vit-b16 --dataset fer2013` runs the same pipeline on real data.
+Online, `--model clip-vit-b16 --weights hub --dataset fer2013` runs the same pipeline on
+real data.
 
-    python -m featcache.offline_demo --out demo-out
+    featcache demo --out demo-out          (make demo)
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-
-from featcache.errors import FeatcacheError
 
 DEMO_MODEL = "timm:vit_tiny_patch16_224"
 # 12 blocks of width 192 at 64 px (8-px patches: 64 patch tokens): ALF reads 24 tokens.
@@ -24,12 +22,16 @@ DEMO_MODEL_KWARGS: dict[str, Any] = {"img_size": 64, "patch_size": 8}
 DEMO_METHODS = ("linear", "concat", "alf", "layers")
 
 
-def run_demo(out: Path, model: str = DEMO_MODEL, dataset: str = "digits",
-             weights: str | None = "random", model_kwargs: dict[str, Any] | None = None,
-             methods: tuple[str, ...] = DEMO_METHODS, grid: str = "quick",
-             epochs: int | None = None, min_steps: int | None = None,
-             console: Console | None = None) -> dict[str, Any]:
-    """Run the whole pipeline under `out` (cache in out/cache, report in out/report)."""
+def demo(out: str | Path = "demo-out", model: str = DEMO_MODEL, dataset: str = "digits",
+         weights: str | None = "random", grid: str = "quick",
+         model_arg: dict[str, Any] | None = None, methods: tuple[str, ...] = DEMO_METHODS,
+         epochs: int | None = None, min_steps: int | None = None,
+         console: Console | None = None) -> dict[str, Any]:
+    """`featcache demo`: the whole pipeline under `out` (cache in out/cache, report in
+    out/report). ``weights`` "hub" (or None) uses the hub weights."""
+    if weights == "hub":
+        weights = None
+    model_kwargs = model_arg
     from featcache.extraction import ExtractOptions, extract
     from featcache.probing import ProbeOptions, probe
     from featcache.progress import Bars
@@ -74,27 +76,3 @@ def run_demo(out: Path, model: str = DEMO_MODEL, dataset: str = "digits",
                   f"(extract {timings['extract_s']:.0f} s, probe {timings['probe_s']:.0f} s, "
                   f"report {timings['report_s']:.0f} s). Open {written.get('html')} in a browser.")
     return {"written": written, "timings": timings, "cache_root": cache_root}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m featcache.offline_demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo-out"))
-    parser.add_argument("--model", default=DEMO_MODEL)
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--weights", default="random",
-                        help="random[:SEED] (offline default), hub, or a checkpoint path")
-    parser.add_argument("--grid", default="quick", choices=("quick", "paper"))
-    args = parser.parse_args(argv)
-    weights = None if args.weights == "hub" else args.weights
-    console = Console()
-    try:
-        run_demo(args.out, args.model, args.dataset, weights, grid=args.grid, console=console)
-    except FeatcacheError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from featcache.cli.main import app
 from typer.testing import CliRunner
-
-from cli.main import app
 
 
 def run(*args: object):

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from cli.docs import render
+from featcache.cli.docs import render
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
@@ -20,8 +20,7 @@ def test_every_command_is_documented() -> None:
 
 def _commands():
     import typer.main
-
-    from cli.main import app
+    from featcache.cli.main import app
 
     group = typer.main.get_command(app)
     ctx = group.context_class(group, info_name="featcache")
@@ -34,9 +33,8 @@ def _squash(text: str) -> str:
 
 def test_help_keeps_every_word(monkeypatch) -> None:
     """Rich markup must not eat help text (a bracketed "[default: …]" once vanished)."""
+    from featcache.cli.main import app
     from typer.testing import CliRunner
-
-    from cli.main import app
 
     runner = CliRunner()
     for name, command in _commands():

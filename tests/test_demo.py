@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from featcache.offline_demo import run_demo
+from featcache.offline_demo import demo as run_demo
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 3}
 
@@ -18,7 +18,7 @@ TINY = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(out, model_kwargs=TINY, epochs=2, min_steps=20,
+    return run_demo(out, model_arg=TINY, epochs=2, min_steps=20,
                     console=Console(file=open(out / "log.txt", "w"), width=120))
 
 

@@ -100,7 +100,7 @@ def test_ranks_write_only_their_shards_and_only_rank_0_finalises(wds_path, tmp_p
 def test_torchrun_two_cpu_ranks_give_the_one_process_cache(wds_path, tmp_path):
     root = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "cli.main", "extract", "--model", TIMM_TINY, "--weights", "random",
+           "2", "-m", "featcache", "extract", "--model", TIMM_TINY, "--weights", "random",
            *model_args(TIMM_TINY_KW), "--dataset", f"wds:{wds_path}", "--split", "train,test",
            "--cache", str(root), "--batch-size", "4", "--shard-size", "8", "--all-tokens",
            "--workers", "0"]

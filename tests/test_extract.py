@@ -153,7 +153,7 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
             "w = c.Cache.write_shard\n"
             "def slow(self, *a):\n    w(self, *a); time.sleep(0.5)\n"
             "c.Cache.write_shard = slow\n"
-            "from cli.main import app; sys.argv[0] = 'featcache'; app()\n")
+            "from featcache.cli.main import app; sys.argv[0] = 'featcache'; app()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", slow, *cli], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -176,7 +176,7 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
     assert child.returncode == -signal.SIGKILL
     before = zarr.open_array(str(path / "done"), mode="r")[...]
     assert 1 <= before.sum() < 3
-    rerun = subprocess.run([sys.executable, "-m", "cli.main", *cli], env=env,
+    rerun = subprocess.run([sys.executable, "-m", "featcache", *cli], env=env,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     import json
@@ -185,7 +185,7 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
     assert row["status"] == "resumed"
     assert row["shards_written"] == 3 - int(before.sum())
     assert_bitwise_equal(path, reference)
-    final = subprocess.run([sys.executable, "-m", "cli.main", *cli[:-1]], env=env,
+    final = subprocess.run([sys.executable, "-m", "featcache", *cli[:-1]], env=env,
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0 and "already complete" in final.stdout
 

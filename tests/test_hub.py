@@ -69,7 +69,7 @@ def test_cli_without_network_is_quick_and_quiet(tmp_path):
            "FEATCACHE_CACHE": str(tmp_path / "cache")}
     env.pop("HF_HUB_OFFLINE", None)
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "cli.main", "extract", "--model", "vit-s16",
+    run = subprocess.run([sys.executable, "-m", "featcache", "extract", "--model", "vit-s16",
                           "--dataset", "digits"], env=env, capture_output=True, text=True,
                          timeout=120)
     seconds = time.perf_counter() - started

@@ -302,7 +302,7 @@ def test_hundreds_of_runs_summarise_fast(tmp_path: Path) -> None:
 
 
 def test_cli_report(built: tuple[Path, Path, dict], tmp_path: Path) -> None:
-    from cli.main import app
+    from featcache.cli.main import app
 
     runs, _, _ = built
     runner = CliRunner()
