@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featcache.backbones import (  # noqa: E402
-    TimmBackbone,
+from featcache.backbones import resolve_model  # noqa: E402
+from featcache.backbones.preprocess import (  # noqa: E402
     resize_pos_embed_like_dinov2_hub,
-    resolve_model,
     thingsvision_preprocess,
 )
+from featcache.backbones.timm_backend import TimmBackbone  # noqa: E402
 
 
 def smooth_(pos: torch.Tensor, grid: int) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from featcache.backbones import MODELS  # noqa: E402
+from featcache.registry import MODELS  # noqa: E402
 from featcache.reporting import build_report, prepare_report  # noqa: E402
 from tests.runrecords import tokens_for, write_record  # noqa: E402
 

@@ -700,7 +700,7 @@ def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
 
 def info(path: str | Path) -> dict[str, Any]:
     """`featcache info`: one cache's summary, layers, classes, fingerprint and attributes."""
-    from featcache.backbones import describe_preprocess
+    from featcache.backbones.preprocess import describe_preprocess
 
     c = open_cache(path)
     shown = ("fingerprint", "class_names", "layer_names", "layer_dims")

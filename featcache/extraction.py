@@ -21,7 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from featcache import distributed as dist
-from featcache.backbones import TAPS, Backbone, create_backbone, parse_weights, resolve_model
+from featcache.backbones import create_backbone, parse_weights, resolve_model
+from featcache.backbones.base import Backbone
+from featcache.backbones.spec import check_tap
 from featcache.cache import (
     FORMAT_VERSION,
     Cache,
@@ -289,8 +291,7 @@ def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
     # Cheap checks first: a typo in the model, tap or weights must not wait for a download.
     resolve_model(opts.model, model_kwargs)
     parse_weights(opts.weights)
-    if opts.tap not in TAPS:
-        raise FeatcacheError(f"unknown tap {opts.tap!r}: choose one of {', '.join(TAPS)}")
+    check_tap(opts.tap)
     with dist.session():
         device = dist.resolve_device(opts.device)
         compute_dtype = resolve_dtype(opts.dtype, device)
@@ -502,7 +503,7 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
     if not shards:
         return 0, 0
     layout = cache.layout
-    size = _input_shape(backbone)
+    size = backbone.input_size
     prepared = _Prepared(dataset, backbone.transform, size)
     workers, threads = plan_workers(device, opts.workers)
     loader = DataLoader(
@@ -559,11 +560,3 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
             if task is not None:
                 progress.stop(task)
     return writer.shards_written, done_images
-
-
-def _input_shape(backbone: Backbone) -> tuple[int, int, int]:
-    pp = backbone.preprocess
-    if "input_size" in pp:
-        return tuple(pp["input_size"])  # type: ignore[return-value]
-    height, width = pp["size"] if isinstance(pp["size"], list) else (pp["size"], pp["size"])
-    return (3, int(height), int(width))

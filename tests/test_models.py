@@ -314,7 +314,7 @@ def test_dinov2_and_mae_use_the_authors_transform():
     centre 224x224; ImageNet mean/std)."""
     from PIL import Image
 
-    from featcache.backbones import THINGSVISION
+    from featcache.backbones.preprocess import THINGSVISION
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)

@@ -32,8 +32,14 @@ def test_python_m_featcache_is_the_cli():
 
 @pytest.mark.slow
 def test_wheel_installs_cli_under_featcache(tmp_path):
+    source = tmp_path / "src"  # a copy of the tracked files: building leaves build/ behind
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((ROOT / name).read_bytes())
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                            "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                            "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("featcache-*.whl")

@@ -1,0 +1,75 @@
+"""The paper's models and datasets, as one table of data (`data/catalogue.json`).
+
+Everything that needs to know them reads this: the model registry (names, backends, hub
+tags, preprocessing), the dataset registry (hub repositories, display names, domains,
+sizes, other spellings) and the paper's reference numbers (the models' ids in its
+tables). Importing this module registers the models.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from featcache.registry import MODELS
+
+
+@dataclass(frozen=True)
+class PaperDataset:
+    """One of the paper's 20 datasets (CLIP-benchmark webdatasets on the hub)."""
+
+    name: str  # featcache's short name: "fer2013"
+    hub: str  # the hub repository: "clip-benchmark/wds_fer2013"
+    paper_key: str  # the authors' key: "wds/fer2013"
+    display: str  # the paper's spelling: "FER2013"
+    domain: str
+    classes: int
+    train_size: int
+    aliases: tuple[str, ...] = ()
+
+
+def data_text(*parts: str) -> str:
+    """Shipped package data (the source tree's when the package is not installed)."""
+    try:
+        return resources.files("featcache").joinpath("data", *parts).read_text(encoding="utf-8")
+    except (OSError, TypeError, ModuleNotFoundError, NotADirectoryError):
+        return Path(__file__).with_name("data").joinpath(*parts).read_text(encoding="utf-8")
+
+
+def data_listing(folder: str) -> list[str]:
+    """File names in a package-data folder (same fallback as `data_text`)."""
+    try:
+        node = resources.files("featcache").joinpath("data", folder)
+        return sorted(p.name for p in node.iterdir())
+    except (OSError, TypeError, ModuleNotFoundError, NotADirectoryError):
+        return sorted(p.name for p in Path(__file__).with_name("data").joinpath(folder).iterdir())
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict[str, Any]:
+    return json.loads(data_text("catalogue.json"))
+
+
+@functools.lru_cache(maxsize=1)
+def paper_datasets() -> dict[str, PaperDataset]:
+    """The paper's datasets by short name, in the paper's order."""
+    return {d["name"]: PaperDataset(**{**d, "aliases": tuple(d.get("aliases", ()))})
+            for d in _table()["datasets"]}
+
+
+def model_entries() -> list[dict[str, Any]]:
+    return [dict(m) for m in _table()["models"]]
+
+
+def _register_models() -> None:
+    from featcache.backbones.spec import ModelSpec
+
+    for entry in model_entries():
+        MODELS.add(entry["name"], ModelSpec(**entry))
+
+
+_register_models()
