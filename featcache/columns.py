@@ -9,19 +9,20 @@ from __future__ import annotations
 
 from featcache.reference import normalize_layer_set
 
-METHOD_ORDER = ("linear", "attentive", "concat", "alf", "layers")
 LAYER_SET_ORDER = ("last", "middle+last", "quarterly", "all")
 
 
 def column_key(method: str, layer_set: str | None) -> str:
-    """The table column a run belongs to: "linear", "attentive", "concat:all", "alf:all"."""
+    """The table column a run belongs to: "linear", "attentive", "concat:all", "alf:all"
+    (the method's spec decides; a method not registered here shows its layer set)."""
+    from featcache.methods import method_of
+
+    spec = method_of(method)
+    if spec is not None:
+        return spec.column(layer_set)
     m = str(method).strip().lower()
-    if m in ("linear", "layers"):
-        return m
     ls = normalize_layer_set(layer_set) or (str(layer_set) if layer_set else None)
-    if m == "attentive":
-        return "attentive" if ls in (None, "last") else f"attentive:{ls}"
-    return f"{m}:{ls or 'all'}"
+    return f"{m}:{ls}" if ls else m
 
 
 def run_variant(rec: dict) -> str:
@@ -69,7 +70,11 @@ def baseline_of(col: str) -> str:
 
 
 def column_sort(key: str) -> tuple[int, int, str]:
+    """Methods in registration order (linear first), then layer sets in the paper's order."""
+    from featcache.registry import METHODS
+
+    order = METHODS.names()
     method, _, ls = split_column(key)[0].partition(":")
-    mi = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    mi = order.index(method) if method in order else len(order)
     li = LAYER_SET_ORDER.index(ls) if ls in LAYER_SET_ORDER else len(LAYER_SET_ORDER)
     return (mi, li, key)

@@ -39,11 +39,11 @@ from featcache.cache import (
     open_cache,
     promote,
     remove_leftovers,
-    slug,
     write_lock,
 )
 from featcache.errors import FeatcacheError, FingerprintMismatch
 from featcache.options import check_int, make_options, parse_model_args
+from featcache.sources import dataset_dir_name, short_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -310,25 +310,6 @@ def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
         return results
 
 
-def dataset_dir_name(name: str) -> str:
-    """`fer2013` for registry names; `wds-<folder>-<8 hex of the full path>` for local
-    data (`wds:PATH`, `imagefolder:PATH`, ...), short and still unique per location."""
-    import hashlib
-
-    prefix, sep, rest = name.partition(":")
-    if sep and prefix in ("wds", "imagefolder", "fer2013csv"):
-        digest = hashlib.sha256(rest.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-        return slug(f"{prefix}-{Path(rest).name or 'root'}-{digest}")
-    return slug(name.replace(":", "-").replace("/", "-"))
-
-
-def _short_name(name: str) -> str:
-    prefix, sep, rest = name.partition(":")
-    if sep and prefix in ("wds", "imagefolder", "fer2013csv"):
-        return f"{prefix}:{Path(rest).name}"
-    return name
-
-
 def _open_existing(path: Path, fingerprint: dict[str, Any]) -> tuple[Cache | None, str]:
     """The cache at `path` if it can be added to ("" when it matches), else why not."""
     try:
@@ -515,7 +496,7 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
         prefetch_factor=2 if workers > 0 else None,  # 2 batches per worker keep it busy
     )
     total = sum(layout.rows(s).stop - layout.rows(s).start for s in shards)
-    label = f"{_short_name(dataset.name)} {dataset.split}"
+    label = f"{short_name(dataset.name)} {dataset.split}"
     task = progress.start(label, total) if progress else None
     writer = ShardWriter(cache)
     autocast = compute_dtype != torch.float32

@@ -24,13 +24,13 @@ from featcache import __version__
 from featcache.cache import Cache, default_cache_root, find_caches, flatten
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
+from featcache.heads import HEADS
+from featcache.methods import Method, get_method
 from featcache.options import check_int, make_options, parse_floats, parse_ints
 from featcache.records import default_runs_root, is_finished, run_dir, write_run
+from featcache.registry import METHODS
 
-METHODS = ("linear", "concat", "attentive", "alf", "layers")
 LAYER_SETS = ("last", "middle+last", "quarterly", "all")
-DEFAULT_LAYER_SET = {"linear": "last", "concat": "all", "alf": "all", "attentive": "last",
-                     "layers": "every"}
 GRIDS = ("paper", "quick")
 # paper: what the authors' code does (validation scored on jittered features; all-tokens
 # features normalised per channel across the tokens); clean: validation on clean
@@ -185,12 +185,12 @@ def layer_set_names(layer_set: str, layer_names: list[str]) -> list[str]:
     return names
 
 
-def token_list(method: str, layer_set: str, cache: Cache, token: str | None = None
+def token_list(method: str | Method, layer_set: str, cache: Cache, token: str | None = None
                ) -> list[tuple[str, str]]:
     """The head's input tokens in order: (layer name, "cls" | "ap")."""
     probe_token = token or cache.attrs.get("probe_token", "cls")
     layers = layer_set_names(layer_set, cache.layer_names)
-    if method in ("linear", "layers"):
+    if get_method(method).tokens == "probe":
         return [(name, probe_token) for name in layers]
     return [(name, kind) for name in layers for kind in ("cls", "ap")]
 
@@ -264,15 +264,17 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
 def check_options(opts: ProbeOptions) -> None:
     """Every option a user can get wrong, as one clear line, before anything is read."""
     if opts.method not in METHODS:
-        raise FeatcacheError(f"unknown method {opts.method!r}: choose {', '.join(METHODS)}")
+        raise FeatcacheError(f"unknown method {opts.method!r}: choose "
+                             f"{', '.join(METHODS.names())}")
     if opts.grid not in GRIDS:
         raise FeatcacheError(f"unknown grid {opts.grid!r}: choose {', '.join(GRIDS)}")
     if opts.protocol not in PROTOCOLS:
         raise FeatcacheError(f"unknown protocol {opts.protocol!r}: choose "
                              f"{', '.join(PROTOCOLS)}")
-    if opts.method == "attentive" and opts.layers not in (None, "last"):
-        raise FeatcacheError("--method attentive reads every token of the last layer; "
-                             "--layers does not apply (use --method alf for layer sets)")
+    spec = get_method(opts.method)
+    if not spec.takes_layers and opts.layers not in (None, spec.default_layers):
+        raise FeatcacheError(f"--method {spec.name} reads {spec.description}; --layers does "
+                             "not apply (use --method alf for layer sets)")
     if opts.token not in (None, "cls", "ap"):
         raise FeatcacheError(f"bad --token {opts.token!r}: use cls or ap")
     if not opts.seeds:
@@ -307,15 +309,8 @@ def check_options(opts: ProbeOptions) -> None:
 
 
 def feature_normalisation(method: str, protocol: str) -> str:
-    """How a sample's tokens are L2-normalised: per token vector, except the paper
-    protocol's all-tokens baseline, which the authors normalise per channel across the
-    tokens (`normalize(dim=1)` on (N, T, D))."""
-    return "channel" if method == "attentive" and protocol == "paper" else "token"
-
-
-def _num_heads(method: str, n_tokens: int) -> int:
-    """ALF: one head per input token (24 for ViT-B); all tokens of the last layer: 8."""
-    return 8 if method == "attentive" else n_tokens
+    """How a method's tokens are L2-normalised under a protocol (`Method.normalisation`)."""
+    return get_method(method).normalisation(protocol)
 
 
 METRIC_KEYS = ("top1", "top5", "balanced_top1", "balanced_top5")
@@ -341,7 +336,7 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     tr, va = stratified_split(y_train.cpu().numpy(), opts.val_fraction, seed)
     y_dev = y_train.to(src.device)
     tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
-    points = grid_points(cfg, attentive=head == "attentive")
+    points = grid_points(cfg, attentive=HEADS[head].has_dropout)
     clock = time.perf_counter()
     grid = fit_grid(src.subset(tr), y_dev[tr_t], n_classes, head, points, cfg,
                     num_heads=num_heads, progress=progress)
@@ -450,17 +445,20 @@ def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
     """
     opts = make_options(ProbeOptions, options, kwargs)
     check_options(opts)
+    spec = get_method(opts.method)
     cache_root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
     runs_root = Path(opts.runs).expanduser() if opts.runs else default_runs_root(cache_root)
     pairs = find_pairs(cache_root, opts.model, opts.dataset, opts.train_split, opts.test_split)
     if opts.layers is not None and not opts.layers.strip():
         warn(f"--layers is empty: using {opts.method}'s default layer set "
-             f"'{DEFAULT_LAYER_SET[opts.method]}'")
-    if opts.token is not None and opts.method not in ("linear", "layers"):
-        warn(f"--token applies to linear and layers only; {opts.method} reads "
-             f"{'every token of the last layer' if opts.method == 'attentive' else 'CLS and AP'}")
-    layer_set = (opts.layers or "").strip() or DEFAULT_LAYER_SET[opts.method]
-    if opts.method == "attentive":
+             f"'{spec.default_layers}'")
+    if opts.token is not None and spec.tokens != "probe":
+        names = [n for n, m in METHODS.items() if m.tokens == "probe"]
+        probes = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        warn(f"--token applies to {probes} only; {opts.method} reads "
+             f"{'every token of the last layer' if spec.needs_all_tokens else 'CLS and AP'}")
+    layer_set = (opts.layers or "").strip() or spec.default_layers
+    if spec.needs_all_tokens:
         lacking = [c.path for t, s in pairs for c in (t, s) if not c.has_all_tokens]
         if lacking:
             raise FeatcacheError(f"--method attentive needs every token of the last layer, and "
@@ -508,7 +506,7 @@ def ensure_writable(root: Path) -> None:
 def run_tokens(method: str, layer_set: str, cache: Cache, token: str | None
                ) -> tuple[list[tuple[str, str]], list[str]]:
     """What the head reads from the cache, and the record's names for those tokens."""
-    if method == "attentive":
+    if get_method(method).needs_all_tokens:
         return [("final", "all")], [f"final.token{i}" for i in range(cache.layout.n_tokens or 0)]
     tokens = token_list(method, layer_set, cache, token)
     return tokens, [f"{name}.{kind}" for name, kind in tokens]
@@ -521,11 +519,11 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
     the memory budgets and grouping (a config trained in any group equals it alone), the
     feature placement (device or host-streamed batches are bit-identical), the thread
     count, and dropout values for linear heads (which have no dropout)."""
-    attentive = opts.method in ("alf", "attentive")
+    spec = get_method(opts.method)
     recipe = {k: getattr(cfg, k) for k in (
         "epochs", "batch_size", "min_steps_per_epoch", "min_total_steps", "lrs", "wds",
         "min_lr", "grad_clip", "jitter_std", "jitter_p", "class_weighted")}
-    if attentive:
+    if spec.attentive:
         recipe["dropouts"] = cfg.dropouts
     from featcache.records import settings_id
 
@@ -533,9 +531,9 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         "method": opts.method,
         "layer_set": layer_set,
         "tokens": token_names,
-        "heads": _num_heads(opts.method, len(token_names)) if attentive else None,
+        "heads": spec.num_heads(len(token_names)),
         "protocol": opts.protocol,
-        "normalisation": feature_normalisation(opts.method, opts.protocol),
+        "normalisation": spec.normalisation(opts.protocol),
         "shots": opts.shots,
         "val_fraction": opts.val_fraction,
         "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
@@ -553,8 +551,8 @@ def variant_options(opts: ProbeOptions) -> dict[str, Any]:
     for key in ("epochs", "batch_size", "lrs", "wds", "dropouts", "min_steps", "shots",
                 "token"):
         value = getattr(opts, key)
-        if value is not None and not (key == "dropouts" and opts.method not in
-                                      ("alf", "attentive")):
+        if value is not None and not (key == "dropouts"
+                                      and not get_method(opts.method).attentive):
             out[key] = list(value) if isinstance(value, tuple) else value
     if opts.protocol != "paper":
         out["protocol"] = opts.protocol
@@ -635,7 +633,8 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
     record: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     torch.manual_seed(seed)
-    if opts.method == "layers":
+    spec = get_method(opts.method)
+    if spec.per_layer:
         fit = fit_and_select_layers(src_train, y_tr, n_classes, cfg, opts, seed, tick, timings)
         clock = time.perf_counter()
         tests = all_test_metrics(fit["final"], src_test, y_te)
@@ -661,16 +660,15 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
         tensors = {f"{name}.{kind}.{key}": value for i, (name, kind) in enumerate(tokens)
                    for key, value in fit["final"].export(i).items()}
     else:
-        head = "attentive" if opts.method in ("alf", "attentive") else "linear"
-        num_heads = _num_heads(opts.method, src_train.sample_shape[0]) \
-            if head == "attentive" else None
+        head = spec.head
+        num_heads = spec.num_heads(src_train.sample_shape[0])
         fit = fit_and_select(src_train, y_tr, n_classes, head, cfg, opts, seed, num_heads,
                              tick, timings)
         final = fit["final"]
         clock = time.perf_counter()
         metrics = test_metrics(final, src_test, y_te)
         attention = None
-        if head == "attentive":
+        if spec.attentive:
             weights = final.attention(src_test)[0].numpy().astype(float)
             attention = {"tokens": token_names, "mean": weights.tolist()}
         timings["test_s"] = time.perf_counter() - clock

@@ -26,7 +26,8 @@ T = TypeVar("T")
 PLUGIN_GROUP = "featcache.plugins"
 
 # Modules that register featcache's own entries, imported before any lookup.
-_BUILTINS = ("featcache.catalogue", "featcache.backbones")
+_BUILTINS = ("featcache.catalogue", "featcache.backbones", "featcache.sources",
+             "featcache.methods")
 _loaded = False
 _loading = False
 
@@ -81,6 +82,7 @@ class Registry(Generic[T]):
 MODELS: Registry[Any] = Registry("model", "`featcache models`")
 BACKENDS: Registry[Any] = Registry("backend", "docs/extending.md")
 SOURCES: Registry[Any] = Registry("dataset source", "`featcache datasets`")
+DATASETS: Registry[Any] = Registry("dataset", "`featcache datasets`")
 METHODS: Registry[Any] = Registry("method", "`featcache probe --help`")
 FIGURES: Registry[Any] = Registry("report figure", "docs/extending.md")
 

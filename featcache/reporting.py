@@ -35,11 +35,11 @@ from featcache.columns import (
 from featcache.errors import FeatcacheError
 from featcache.records import SETTINGS_ID_LENGTH, read_run
 from featcache.reference import (
-    PAPER_DATASETS,
-    PAPER_MODELS,
     display_name,
     normalize_dataset,
+    paper_dataset_names,
     paper_model,
+    paper_models,
     paper_number,
 )
 
@@ -67,7 +67,8 @@ def no_runs_error(runs_root: str | Path) -> FeatcacheError:
 
 def _dataset_sort(dataset: str) -> tuple[int, str]:
     d = normalize_dataset(dataset)
-    return (PAPER_DATASETS.index(d) if d in PAPER_DATASETS else len(PAPER_DATASETS), dataset)
+    names = paper_dataset_names()
+    return (names.index(d) if d in names else len(names), dataset)
 
 
 def _num(value: Any) -> float | None:
@@ -758,8 +759,8 @@ def paper_pairs(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-_PAPER_SCOPE = ("The paper reports " + ", ".join(PAPER_MODELS) + " (reference tap) on "
-                + ", ".join(d for d in PAPER_DATASETS if d != "imagenet1k")
+_PAPER_SCOPE = ("The paper reports " + ", ".join(paper_models()) + " (reference tap) on "
+                + ", ".join(d for d in paper_dataset_names() if d != "imagenet1k")
                 + " with methods linear, attentive, concat and alf (layer sets last, "
                   "middle+last, quarterly, all).")
 

@@ -24,13 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featcache.features import FeatureSource, as_source
-from featcache.heads import (
-    AttentiveHeads,
-    LinearHeads,
-    attention_summary,
-    head_dim_for,
-    pool_scratch_bytes,
-)
+from featcache.heads import HEADS, AttentiveHeads, StackedHeads, attention_summary
 from featcache.metrics import MetricAccumulator
 
 __all__ = [
@@ -50,7 +44,6 @@ __all__ = [
     "fit_grid",
 ]
 
-HEAD_KINDS = ("linear", "attentive")
 _CPU_MEMORY_BASE = 8 * 1024**3
 _MEMORY_FRACTION = 0.5
 
@@ -356,45 +349,19 @@ def estimate_memory(
     num_heads: int | None = None,
     *,
     device: torch.device | str | None = None,
+    inputs: Sequence[int] | None = None,
 ) -> tuple[int, int]:
     """Training bytes of a step on ``device`` (default CPU): (per config, shared by the
-    group), counted in fp32 with a margin.
+    group), counted in fp32 with a margin; the head kind's own estimate
+    (`StackedHeads.memory`)."""
+    return _head_kind(head).memory(sample_shape, n_classes, batch_size, num_heads, device,
+                                   inputs)
 
-    Per config: parameters, gradients, the two Adam moments and one spare copy (autocast
-    weight copies on CUDA; W_v diag(γ_v) and its gradient on CPU), and the activations of
-    one batch. Shared: the batch, its jitter noise, the shared LayerNorm output (and for
-    attentive heads on CPU the pooling's scratch chunks).
 
-    Attentive heads take a different pooling path per device (``heads.pool_project``), and
-    that sets the largest term. On CUDA (and under autocast) the pooled tokens (B, H, D)
-    per config are materialised, kept for backward and met by a gradient of the same size:
-    3·B·H·D counted. On CPU they exist only as two reused chunks (shared), and what a config
-    keeps is B·T·H attention-sized tensors (scores, softmax, mask, weights and their
-    gradients: 6 counted), B·H·E pooled-and-projected values (3) and B·D BatchNorm
-    inputs/outputs (4). At ALF's FER2013 shape (B = 1914, T = H = 24, D = 768, C = 7) that is
-    172 MiB per config against 124 MiB measured (peak RSS slope over groups of 1 to 13
-    configs), and a shared 570 MiB against ~250 MiB measured.
-    """
-    B, C, f = batch_size, n_classes, 4
-    if head == "linear":
-        (d,) = sample_shape
-        params = C * d + C
-        acts = 4 * B * C
-        shared = 3 * B * d
-    elif head == "attentive":
-        T, D = sample_shape
-        H = num_heads or T
-        HE = H * head_dim_for(D, H)
-        params = 4 * HE * D + C * D + C + 11 * D
-        shared = 4 * B * T * D
-        if torch.device(device if device is not None else "cpu").type == "cpu":
-            acts = 6 * B * T * H + 3 * B * HE + 4 * B * D + 4 * B * C
-            shared += 2 * pool_scratch_bytes(B, H, D, f) // f
-        else:
-            acts = 6 * B * T * H + 3 * B * H * D + 6 * B * HE + 8 * B * D + 4 * B * C
-    else:
-        raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
-    return f * (5 * params + acts), f * shared
+def _head_kind(head: str) -> type[StackedHeads]:
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {tuple(HEADS)}, got {head!r}")
+    return HEADS[head]
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -431,7 +398,7 @@ class FittedGrid:
     (B, T, D) source batch flattened to (B, T·D)).
     """
 
-    heads: LinearHeads | AttentiveHeads
+    heads: StackedHeads
     points: list[dict]
     curves: Tensor  # (G, epochs): per config, per epoch mean train loss (CPU, float32)
     plan: StepPlan
@@ -577,26 +544,14 @@ def fit_grid(
     in ``points`` order.
     """
     cfg = cfg or TrainConfig()
-    if head not in HEAD_KINDS:
-        raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
+    kind = _head_kind(head)
     if not points:
         raise ValueError("empty grid")
     src = as_source(x)
     shape = src.sample_shape
-    plain = not isinstance(x, FeatureSource)
-    if inputs is not None:
-        if head != "linear":
-            raise ValueError("inputs (a token per config) are for linear heads only")
-        if len(inputs) != len(points):
-            raise ValueError(f"{len(inputs)} inputs for {len(points)} points")
-        if len(shape) != 2 or not all(0 <= int(i) < shape[0] for i in inputs):
-            raise ValueError(f"inputs need (N, T, D) features with token indices < T, got "
-                             f"{(len(src), *shape)}")
-    elif head == "linear" and len(shape) != 1 and (plain or len(shape) != 2):
-        raise ValueError(f"linear head needs x of 2 dims, got {(len(src), *shape)}")
-    if head == "attentive" and len(shape) != 2:
-        raise ValueError(f"attentive head needs x of 3 dims, got {(len(src), *shape)}")
-    flatten = head == "linear" and inputs is None and len(shape) == 2
+    if inputs is not None and len(inputs) != len(points):
+        raise ValueError(f"{len(inputs)} inputs for {len(points)} points")
+    flatten = kind.check_input(shape, inputs, plain=not isinstance(x, FeatureSource))
     device = src.device
     y = torch.as_tensor(y).to(device).long().flatten()
     N = len(src)
@@ -609,30 +564,13 @@ def fit_grid(
     G = len(points)
     lrs = [float(p["lr"]) for p in points]
     wds = [float(p["wd"]) for p in points]
-    drops = [float(p.get("dropout", 0.0)) for p in points]
-    if head == "attentive":
-        T, D = shape
-        num_heads = num_heads or T
-        est_shape: tuple[int, ...] = shape
-    else:
-        d_in = shape[-1] if inputs is not None else math.prod(shape)
-        est_shape = (d_in,)
-    per_cfg, shared = estimate_memory(head, est_shape, n_classes, plan.batch_size, num_heads,
-                                      device=device)
-    if head == "linear" and len(shape) == 2:
-        shared += 4 * 3 * plan.batch_size * math.prod(shape)  # the (B, T, D) batch itself
+    per_cfg, shared = kind.memory(shape, n_classes, plan.batch_size, num_heads, device, inputs)
     budget = cfg.memory_budget_bytes or default_memory_budget(device)
     groups = _groups(G, per_cfg, shared, budget)
 
-    def make(idx: list[int]) -> LinearHeads | AttentiveHeads:
+    def make(idx: list[int]) -> StackedHeads:
         gen = torch.Generator().manual_seed(cfg.seed)  # every group: the same init draw
-        if head == "linear":
-            sub = None if inputs is None else [int(inputs[i]) for i in idx]
-            return LinearHeads(len(idx), d_in, n_classes, sub, generator=gen, device=device)
-        return AttentiveHeads(
-            len(idx), D, T, n_classes, num_heads, [drops[i] for i in idx],
-            generator=gen, device=device,
-        )
+        return kind.build_group(idx, points, shape, n_classes, num_heads, inputs, gen, device)
 
     parts, curves = [], []
     for gi, idx in enumerate(groups):
@@ -660,7 +598,7 @@ def fit_grid(
 
 
 def _train_group(
-    heads: LinearHeads | AttentiveHeads,
+    heads: StackedHeads,
     src: FeatureSource,
     y: Tensor,
     weight: Tensor | None,

@@ -23,7 +23,7 @@ from fakedata import (
 )
 from PIL import Image
 
-from featcache import sources as ds
+from featcache.catalogue import paper_datasets
 from featcache.errors import FeatcacheError
 from featcache.sources import (
     DatasetInfo,
@@ -32,7 +32,10 @@ from featcache.sources import (
     list_datasets,
     open_dataset,
     parse_splits,
+    tvfiles,
+    webdataset,
 )
+from featcache.sources.webdataset import INDEX_SUFFIX
 
 
 def pixels(img: Image.Image) -> np.ndarray:
@@ -89,7 +92,7 @@ def test_list_datasets_covers_the_paper():
     rows = {r.name: r for r in list_datasets()}
     assert all(isinstance(r, DatasetInfo) for r in rows.values())
     paper = [r for r in rows.values() if r.paper]
-    assert [r.name for r in paper] == list(ds.PAPER_DATASETS)
+    assert [r.name for r in paper] == list(paper_datasets())
     assert len(paper) == 20
     assert rows["fer2013"].n_classes == 7 and rows["fer2013"].domain == "Structured"
     assert rows["fer2013"].source == "hf:clip-benchmark/wds_fer2013"
@@ -170,12 +173,12 @@ def test_wds_shards_sorted_numerically_and_index_cached(tmp_path, monkeypatch):
     fake = make_wds(tmp_path, splits={"train": 24}, shards=12)
     first = open_dataset(f"wds:{tmp_path}", "train")
     check_split(first, fake.splits["train"])  # 10.tar and 11.tar come after 2.tar
-    assert (tmp_path / "train" / f"0.tar{ds.INDEX_SUFFIX}").is_file()
+    assert (tmp_path / "train" / f"0.tar{INDEX_SUFFIX}").is_file()
 
     def no_rescan(path):
         raise AssertionError(f"{path} was indexed again")
 
-    monkeypatch.setattr(ds, "_index_tar", no_rescan)
+    monkeypatch.setattr(webdataset, "_index_tar", no_rescan)
     second = open_dataset(f"wds:{tmp_path}", "train")
     assert second.identity == first.identity
     np.testing.assert_array_equal(second.labels, first.labels)
@@ -440,7 +443,7 @@ def test_torchvision_files_offline(tmp_path, tv_name):
 def test_tfds_order_matches_published_cifar10_ids():
     """TFDS's CIFAR-10 train ids as other projects print them (`train_16399`,
     `train_01680`, ...) and its first test id (`test_09933`), against our recipe."""
-    from featcache.sources import tfds_order, vtab_rows
+    from featcache.sources.tvfiles import tfds_order, vtab_rows
 
     assert tfds_order(50000, "train")[:12].tolist() == [
         16399, 1680, 47917, 17307, 27051, 48736, 26263, 1456, 19135, 31598, 12970, 4223]
@@ -453,7 +456,7 @@ def test_tfds_order_matches_published_cifar10_ids():
 
 @pytest.mark.parametrize("tv_name", ["cifar10", "svhn"])
 def test_vtab_variant_is_the_tfds_ordered_subset(tmp_path, tv_name):
-    from featcache.sources import tfds_order
+    from featcache.sources.tvfiles import tfds_order
 
     fake = BUILDERS[tv_name](tmp_path / "torchvision")
     full = fake.splits["train"]
@@ -482,7 +485,7 @@ def test_torchvision_download_failure_is_clear(tmp_path, monkeypatch):
     def broken(tv_name, root, split):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(ds, "_tv_download", broken)
+    monkeypatch.setattr(tvfiles, "_tv_download", broken)
     with pytest.raises(FeatcacheError, match=r"could not download torchvision:cifar10.*unreach"):
         open_dataset("torchvision:cifar10", "train", data_root=tmp_path)
 

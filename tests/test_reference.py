@@ -23,8 +23,8 @@ METHODS = (("linear", "last"), ("attentive", "last"), ("concat", "all"), ("alf",
 
 @pytest.mark.parametrize("model", sorted(HEADLINE))
 def test_means_match_headline_table(model: str) -> None:
-    names = [d for d in ref.PAPER_DATASETS if d != "imagenet1k"]
-    assert sorted(ref.paper_datasets(model)) == sorted(names)
+    names = [d for d in ref.paper_dataset_names() if d != "imagenet1k"]
+    assert sorted(ref.paper_datasets_of(model)) == sorted(names)
     for (method, layer_set), expected in zip(METHODS, HEADLINE[model], strict=True):
         values = [ref.paper_number(model, d, method, layer_set) for d in names]
         assert None not in values, (model, method)
@@ -48,10 +48,10 @@ def test_single_numbers_and_absences() -> None:
 
 
 def test_every_paper_dataset_maps() -> None:
-    for model in ref.PAPER_MODELS:
+    for model in ref.paper_models():
         table = ref.paper_tables()[ref.paper_model(model)]
         for experiment, by_dataset in table.items():
-            assert set(by_dataset) <= set(ref.PAPER_DATASETS), (model, experiment)
+            assert set(by_dataset) <= set(ref.paper_dataset_names()), (model, experiment)
     assert ref.display_name("dmlab") == "Dmlab"
     assert ref.display_name("voc2007") == "PASCAL VOC 2007"
     assert ref.display_name("my-own-set") == "my-own-set"

@@ -329,7 +329,7 @@ def test_multi_input_linear_grid_equals_per_token_fits() -> None:
 def test_plain_pooling_path_trains_like_the_chunked_one(monkeypatch) -> None:
     """GPUs take the plain pooling (one bmm + einsum), CPUs the chunked one: the same
     training, up to float32 rounding."""
-    import featcache.heads as heads_mod
+    import featcache.heads.pooling as heads_mod
 
     x, y = _toy_tokens(64, 4, 16, 3, k=1, seed=5)
     cfg = TrainConfig(**FAST)
