@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,8 +158,64 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def read_run(path: Path) -> dict[str, Any]:
-    """A record as a dict; a damaged one is one line saying how to get it back."""
+class RunRecord(dict):
+    """A run's `record.json`: a dict, as the JSON is, with its identity as properties.
+
+    `read_run` reads one (checked: a damaged record is one line saying how to get it
+    back); `list_runs` reads every record under a runs root, for `featcache runs` and the
+    report alike. A record that lacks an identity key takes it from its folder's name
+    (`parse_run_name`)."""
+
+    @property
+    def model(self) -> str:
+        return str(self.get("model") or "")
+
+    @property
+    def dataset(self) -> str:
+        return str(self.get("dataset") or "")
+
+    @property
+    def method(self) -> str:
+        return str(self.get("method") or "")
+
+    @property
+    def layer_set(self) -> str | None:
+        return self.get("layer_set")
+
+    @property
+    def seed(self) -> int:
+        return int(self.get("seed") or 0)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.get("metrics") or {}
+
+    @property
+    def folder(self) -> Path:
+        return Path(self["path"])
+
+
+def parse_run_name(name: str) -> dict[str, Any]:
+    """What a run folder's name says (`run_name` backwards):
+    `<method>-<layer set>[-<settings id>]-seed<k>` → method, layer_set, settings_id, seed."""
+    out: dict[str, Any] = {}
+    stem, _, seed = name.rpartition("-seed")
+    if not stem or not seed.isdigit():
+        return out
+    out["seed"] = int(seed)
+    match = re.search(rf"-([0-9a-f]{{{SETTINGS_ID_LENGTH}}})$", stem)
+    if match:
+        out["settings_id"] = match.group(1)
+        stem = stem[: match.start()]
+    method, _, layer_set = stem.partition("-")
+    out["method"] = method
+    if layer_set:
+        out["layer_set"] = layer_set
+    return out
+
+
+def read_run(path: Path) -> RunRecord:
+    """A record; a damaged one is one line saying how to get it back."""
     path = Path(path)
     file = path / "record.json" if path.is_dir() else path
     fix = (f"delete {file.parent} and run the same `featcache probe` command again (or pass "
@@ -177,7 +234,7 @@ def read_run(path: Path) -> dict[str, Any]:
             raise FeatcacheError(f"run record {file}: '{key}' is a "
                                  f"{type(record[key]).__name__}; {fix}")
     record["path"] = str(file.parent)
-    return record
+    return RunRecord(record)
 
 
 def is_finished(path: Path) -> bool:
@@ -186,23 +243,52 @@ def is_finished(path: Path) -> bool:
     return (Path(path) / "record.json").is_file()
 
 
-def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every readable record under a root (half-written temporaries are invisible); the
-    unreadable ones are skipped and described in ``problems``."""
-    root = Path(runs_root)
+def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[RunRecord]:
+    """Every readable record under a root, at its fixed depth
+    (`<model_dir>/<dataset>/<run>/record.json`: never a walk into caches); half-written
+    temporaries are invisible. Unreadable records, and records whose identity neither they
+    nor their folder name say, are skipped and described in ``problems``."""
+    from featcache.methods import method_of
+
+    root = Path(runs_root).expanduser()
     notes = problems if problems is not None else []
     if root.exists() and not root.is_dir():
         raise FeatcacheError(f"the runs root {root} is a file, not a folder")
     if not root.is_dir():
         return []
     records = []
-    for file in sorted(root.rglob("record.json")):
-        if any(part.startswith(".") for part in file.relative_to(root).parts):
-            continue
+    for file in sorted(root.glob("*/*/*/record.json")):
+        rel = file.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # a run being written (or replaced) right now: not a record yet
         try:
-            records.append(read_run(file))
+            rec = read_run(file)
         except FeatcacheError as exc:
-            notes.append(str(exc))
+            notes.append(f"skipped: {exc}")
+            continue
+        guessed = {"model_dir": rel.parts[0], "dataset": rel.parts[1],
+                   **parse_run_name(rel.parts[2])}
+        for key, value in guessed.items():
+            if rec.get(key) in (None, ""):
+                rec[key] = value
+        rec["model"] = rec.get("model") or rec.get("model_dir")
+        rec["model_dir"] = rec.get("model_dir") or rec.get("model")
+        missing = [k for k in ("model", "dataset", "method") if not rec.get(k)]
+        if missing:
+            notes.append(f"skipped {file}: no {', '.join(missing)} in the record or its path")
+            continue
+        fmt = rec.get("format", 1)
+        if isinstance(fmt, int) and fmt > RECORD_FORMAT:
+            notes.append(f"{file}: record format {fmt} is newer than this featcache knows "
+                         f"({RECORD_FORMAT}); read what is recognisable")
+        rec["method"] = str(rec["method"]).lower()
+        spec = method_of(rec["method"])
+        if rec.get("layer_set") is None and spec is not None and spec.show_layers != "always":
+            rec["layer_set"] = spec.default_layers
+        rec.setdefault("seed", 0)
+        if rec["seed"] is None:
+            rec["seed"] = 0
+        records.append(rec)
     return records
 
 

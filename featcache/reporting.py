@@ -33,7 +33,7 @@ from featcache.columns import (
     with_variant,
 )
 from featcache.errors import FeatcacheError
-from featcache.records import SETTINGS_ID_LENGTH, read_run
+from featcache.records import list_runs
 from featcache.reference import (
     display_name,
     normalize_dataset,
@@ -80,79 +80,25 @@ def _num(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _from_path(rel: Path) -> dict[str, Any]:
-    """What a run's directory name says:
-    <model_dir>/<dataset>/<method>-<layerset>[-<settings id>]-seed<k>."""
-    parts = rel.parts[:-1]
-    out: dict[str, Any] = {}
-    if len(parts) >= 3:
-        out["model_dir"], out["dataset"] = parts[-3], parts[-2]
-        name = parts[-1]
-        stem, _, seed = name.rpartition("-seed")
-        if stem and seed.isdigit():
-            out["seed"] = int(seed)
-            stem = re.sub(rf"-[0-9a-f]{{{SETTINGS_ID_LENGTH}}}$", "", stem)
-            method, _, ls = stem.partition("-")
-            out["method"] = method
-            if ls:
-                out["layer_set"] = ls
-    return out
-
-
 def load_records(runs_root: str | Path, problems: list[str] | None = None) -> list[dict]:
-    """Every readable `record.json` under `runs_root`, each with derived `_`-keys added.
+    """Every readable run record under `runs_root` (`featcache.records.list_runs`, the same
+    loader as `featcache runs`), each with the report's derived `_`-keys added.
 
     An unreadable or incomplete record is skipped and described in `problems` (never an
-    exception): one bad file must not hide a hundred good ones. Missing optional keys
-    are tolerated; identity keys missing from the JSON are taken from the run's path.
-    """
+    exception): one bad file must not hide a hundred good ones."""
     notes = problems if problems is not None else []
-    root = Path(runs_root).expanduser()
-    if not root.is_dir():
-        return []
-    records: list[dict] = []
-    # Fixed depth (<model_dir>/<dataset>/<run>/record.json): never walks into Zarr stores.
-    for path in sorted(root.glob("*/*/*/record.json")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue  # a run being written (or replaced) right now: not a record yet
-        try:
-            rec = read_run(path)
-        except FeatcacheError as exc:
-            notes.append(f"skipped: {exc}")
-            continue
-        rec.pop("path", None)
-        guessed = _from_path(path.relative_to(root))
-        for key, value in guessed.items():
-            if rec.get(key) in (None, ""):
-                rec[key] = value
-        if not rec.get("model"):
-            rec["model"] = rec.get("model_dir")
-        if not rec.get("model_dir"):
-            rec["model_dir"] = rec.get("model")
-        missing = [k for k in ("model", "dataset", "method") if not rec.get(k)]
-        if missing:
-            notes.append(f"skipped {path}: no {', '.join(missing)} in the record or its path")
-            continue
-        fmt = rec.get("format", 1)
-        if isinstance(fmt, int) and fmt > 1:
-            notes.append(f"{path}: record format {fmt} is newer than this report knows (1); "
-                         "read what is recognisable")
-        rec["method"] = str(rec["method"]).lower()
-        if rec.get("layer_set") is None and rec["method"] in ("linear", "attentive"):
-            rec["layer_set"] = "last"
-        if rec.get("seed") is None:
-            rec["seed"] = 0
-        rec["_path"] = str(path.parent)
+    records = list_runs(Path(runs_root), notes)
+    for rec in records:
         _derive(rec)
         if rec["_value"] is None:
-            notes.append(f"{path}: no test {METRIC} in the record; listed in results.csv only")
-        records.append(rec)
+            notes.append(f"{rec['path']}: no test {METRIC} in the record; listed in "
+                         "results.csv only")
     return records
 
 
 def _derive(rec: dict) -> dict:
     """Add the report's derived keys (column, value, best layer) to a record in place."""
-    rec.setdefault("_path", str(rec.get("path") or ""))
+    rec.setdefault("path", "")
     rec.setdefault("model_dir", rec.get("model"))
     rec.setdefault("seed", 0)
     metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
@@ -275,7 +221,7 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
         if seed in seeds:
             older, newer = sorted((seeds[seed], rec), key=_created)
             notes.append(f"{key[0]}/{key[1]} {col} seed {seed} was run twice; using "
-                         f"{newer['_path']}")
+                         f"{newer['path']}")
             seeds[seed] = newer
         else:
             seeds[seed] = rec
@@ -496,7 +442,7 @@ def csv_rows(records: Sequence[dict], rows: Sequence[dict] = ()) -> list[dict[st
                     row[f"time_{name}"] = value
         row["created"] = rec.get("created")
         row["featcache_version"] = rec.get("featcache_version")
-        row["path"] = rec["_path"]
+        row["path"] = rec["path"]
         out.append(row)
     return out
 
