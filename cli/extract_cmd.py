@@ -10,7 +10,7 @@ from featcache.cli.common import console, options_from, print_json, user_errors
 from rich import box
 from rich.table import Table
 
-from featcache.units import human_bytes
+from featcache.text import human_bytes
 
 CacheOpt = Annotated[Path | None, typer.Option(
     "--cache", help="Cache root (env FEATCACHE_CACHE; default ~/.cache/featcache).")]

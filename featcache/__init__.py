@@ -40,6 +40,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     "create_backbone": ("featcache.backbones", "create_backbone"),
     "open_dataset": ("featcache.sources", "open_dataset"),
     "FeatcacheError": ("featcache.errors", "FeatcacheError"),
+    "register_model": ("featcache.backbones.spec", "register_model"),
+    "register_backend": ("featcache.backbones.spec", "register_backend"),
+    "register_dataset_source": ("featcache.sources", "register_dataset_source"),
+    "register_method": ("featcache.methods", "register_method"),
+    "Method": ("featcache.methods", "Method"),
+    "register_figure": ("featcache.figures", "register_figure"),
+    "plugins": ("featcache.registry", "plugins"),
 }
 
 __all__ = [*_LAZY, "__version__"]

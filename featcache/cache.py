@@ -18,7 +18,6 @@ import errno
 import fcntl
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from zarr.codecs import Crc32cCodec
 
 from featcache import __version__, atomic
 from featcache.errors import FeatcacheError, FingerprintMismatch
+from featcache.text import slug
 
 FORMAT_VERSION = 2  # 2: crc32c on every chunk, fills that cannot pass for data
 READABLE_FORMATS = (1, 2)
@@ -53,11 +53,6 @@ def default_cache_root() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "featcache"
-
-
-def slug(text: str) -> str:
-    """A readable, filesystem-safe directory name."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "x"
 
 
 def model_dir_name(model: str, tap: str, weights_id: str) -> str:

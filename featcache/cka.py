@@ -7,9 +7,16 @@ user's own cache without touching the backbone.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from featcache import atomic
+from featcache.errors import FeatcacheError
 
 
 class CacheLike(Protocol):
@@ -110,3 +117,104 @@ def layer_cka_to_last(cache: CacheLike, kind: str = "cls", max_samples: int = 20
         else:
             out.append(float(np.linalg.norm(last.T @ x) ** 2 / denom))
     return out
+
+
+# -- the report's layer similarities (only for pairs with per-layer runs; kept in cka.json)
+
+
+CKA_FILE = "cka.json"
+CKA_MAX_SAMPLES = 2000
+
+
+def _cka_key(cache_path: str, fingerprint: Any, kind: str) -> str:
+    blob = json.dumps([cache_path, fingerprint, kind, CKA_MAX_SAMPLES], sort_keys=True,
+                      default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def layer_cka(records: Sequence[dict], out_dir: Path | None, compute: bool = True,
+              open_cache: Callable[[str], Any] | None = None,
+              problems: list[str] | None = None) -> dict[tuple[str, str], dict]:
+    """{(model_dir, dataset): {"layers": [...], "cls": [...], "ap": [...]}} for depth plots.
+
+    (Imported lazily by the report: only reports with per-layer runs need it.)
+
+    Values come from `<out>/cka.json` when present for the same cache and fingerprint;
+    otherwise, when `compute` is true, from the test cache (train when no test) of the
+    pair's `layers` runs. A pair whose cache cannot be opened is noted and left out.
+    """
+    from featcache.summary import per_layer
+
+    notes = problems if problems is not None else []
+    store_path = out_dir / CKA_FILE if out_dir is not None else None
+    store: dict[str, Any] = {}
+    if store_path is not None and store_path.is_file():
+        try:
+            store = json.loads(store_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            store = {}
+    pairs: dict[tuple[str, str], dict] = {}
+    for rec in records:
+        if per_layer(rec.get("method")):
+            pairs.setdefault((str(rec["model_dir"]), str(rec["dataset"])), rec)
+    out: dict[tuple[str, str], dict] = {}
+    skipped: list[str] = []
+    changed = False
+    for (model_dir, dataset), rec in sorted(pairs.items()):
+        caches = rec.get("caches") if isinstance(rec.get("caches"), dict) else {}
+        split = "test" if caches.get("test") else "train"
+        path = caches.get(split)
+        if not path:
+            skipped.append(f"{model_dir}/{dataset}: the record names no cache")
+            continue
+        fps = rec.get("fingerprints") if isinstance(rec.get("fingerprints"), dict) else {}
+        key = _cka_key(str(path), fps.get(split), "cls+ap")
+        if key in store:
+            out[(model_dir, dataset)] = store[key]
+            continue
+        if not compute:
+            continue
+        try:
+            result = _compute_cka(str(path), open_cache)
+        except FeatcacheError as exc:
+            skipped.append(f"{model_dir}/{dataset}: {exc}")
+            continue
+        except Exception as exc:  # a broken cache must not sink the whole report
+            skipped.append(f"{model_dir}/{dataset}: cannot read {path} "
+                           f"({type(exc).__name__}: {exc})")
+            continue
+        result.update({"model_dir": model_dir, "dataset": dataset, "cache": str(path)})
+        store[key] = result
+        out[(model_dir, dataset)] = result
+        changed = True
+    if len(skipped) <= 3:
+        notes.extend(f"CKA skipped for {s}" for s in skipped)
+    else:
+        notes.append(f"CKA skipped for {len(skipped)} of {len(pairs)} model/dataset pairs "
+                     f"with per-layer runs, e.g. {skipped[0]}; depth plots show accuracy only "
+                     "(use --no-cka to skip the attempt)")
+    if changed and store_path is not None:
+        try:
+            store_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(store_path, json.dumps(store, indent=1))
+        except OSError as exc:
+            notes.append(f"could not keep CKA values in {store_path}: {exc}")
+    return out
+
+
+def _compute_cka(path: str, open_cache: Callable[[str], Any] | None) -> dict[str, Any]:
+    from featcache.cka import layer_cka_to_last
+
+    if open_cache is None:
+        if not Path(path).exists():
+            raise FeatcacheError(f"cache {path} not found (moved or on another machine?)")
+        from featcache.cache import open_cache as _open
+
+        open_cache = _open
+    cache = open_cache(path)
+    return {"layers": list(cache.layer_names),
+            "cls": layer_cka_to_last(cache, "cls", CKA_MAX_SAMPLES),
+            "ap": layer_cka_to_last(cache, "ap", CKA_MAX_SAMPLES),
+            "max_samples": CKA_MAX_SAMPLES}
+
+

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from featcache.errors import FeatcacheError
+from featcache.text import human_bytes
 
 __all__ = [
     "FeatureSource",
@@ -256,13 +257,6 @@ def default_feature_budget(device: torch.device) -> int:
     return int(HOST_FRACTION * available_host_memory())
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
 # -- reading from the cache ---------------------------------------------------------------
 
 def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
@@ -290,8 +284,9 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
         if nbytes > host_budget:
             raise FeatcacheError(
                 f"the {n_tok} tokens × {dim} of {n} samples in {cache.path} need "
-                f"{_size(nbytes)} (float16), more than the {_size(host_budget)} of host memory"
-                " available for them; probe fewer layers (--layers) or fewer samples "
+                f"{human_bytes(nbytes)} (float16), more than the {human_bytes(host_budget)} "
+                "of host memory available for them; probe fewer layers (--layers) or fewer "
+                "samples "
                 "(--shots), or use a machine with more memory")
     target = device if placement == "device" else torch.device("cpu")
     pin = placement == "host" and device.type == "cuda"

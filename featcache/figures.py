@@ -14,7 +14,7 @@ import io
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,11 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from featcache.columns import baseline_of, is_baseline  # noqa: E402
+from featcache.methods import method_of  # noqa: E402
+from featcache.reference import display_name  # noqa: E402
+from featcache.registry import FIGURES  # noqa: E402
+from featcache.summary import dataset_sort, paper_pairs, per_layer  # noqa: E402
+from featcache.text import slug  # noqa: E402
 
 DPI = 100
 ANNOTATE_LIMIT = 400  # cells per figure above which only summary cells get numbers
@@ -74,10 +79,6 @@ def _layer_pos(name: str) -> float:
 
 def _short_layer(name: str) -> str:
     return re.sub(r"^block", "b", name)
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
 def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
@@ -221,7 +222,8 @@ def attention_heatmaps(records: Sequence[dict], dataset_label: Any = None) -> Fi
     groups: dict[tuple[str, str], dict[str, list[tuple[list[str], list[float]]]]] = (
         defaultdict(lambda: defaultdict(list)))
     for rec in records:
-        if rec.get("method") != "alf":
+        spec = method_of(rec.get("method"))
+        if spec is None or not spec.heatmap:
             continue
         att = _attention_of(rec)
         if att is not None:
@@ -229,7 +231,6 @@ def attention_heatmaps(records: Sequence[dict], dataset_label: Any = None) -> Fi
                 str(rec["dataset"])].append(att)
     if not groups:
         return None
-    from featcache.reporting import _dataset_sort
 
     # One panel per model: ALF over all layers when run, else its widest layer set.
     best: dict[str, tuple[str, str]] = {}
@@ -247,7 +248,7 @@ def attention_heatmaps(records: Sequence[dict], dataset_label: Any = None) -> Fi
         for runs in by_ds.values():
             for toks, _ in runs:
                 tokens.extend(t for t in toks if t not in tokens)
-        datasets = sorted(by_ds, key=_dataset_sort)
+        datasets = sorted(by_ds, key=dataset_sort)
         mat = np.full((len(datasets), len(tokens)), np.nan)
         for i, ds in enumerate(datasets):
             acc = np.zeros(len(tokens))
@@ -306,13 +307,12 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
     """Per dataset of one model: probe accuracy by layer (left axis) beside CKA to the last
     layer (right axis), with the linear and ALF results as reference lines."""
     label = dataset_label or (lambda d: d)
-    from featcache.reporting import _dataset_sort
 
     by_ds: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
-        if rec.get("method") == "layers" and str(rec["model_dir"]) == model_dir:
+        if per_layer(rec.get("method")) and str(rec["model_dir"]) == model_dir:
             by_ds[str(rec["dataset"])].append(rec)
-    datasets = sorted((d for d in by_ds if _per_layer_curves(by_ds[d])), key=_dataset_sort)
+    datasets = sorted((d for d in by_ds if _per_layer_curves(by_ds[d])), key=dataset_sort)
     if not datasets:
         return None
     if len(datasets) > LINE_PANELS_MAX:
@@ -429,7 +429,6 @@ def _depth_heatmaps(model_dir: str, curves: dict[str, dict[str, dict[str, float]
 # -- 4. paper -----------------------------------------------------------------------------
 def paper_scatter(rows: Sequence[dict]) -> Figure | None:
     """Your balanced accuracy against the published one, per (model, dataset, method)."""
-    from featcache.reporting import paper_pairs
 
     pairs = paper_pairs(rows)
     if not pairs:
@@ -474,36 +473,81 @@ def paper_scatter(rows: Sequence[dict]) -> Figure | None:
 
 
 # -- all --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FigureInput:
+    """What a figure is drawn from: the summary rows, the run records and the layer CKA."""
+
+    rows: Sequence[dict]
+    records: Sequence[dict]
+    cka: dict[tuple[str, str], dict]
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A report figure. ``draw(FigureInput)`` returns a matplotlib Figure, or None when the
+    records hold nothing for it; with ``per_model`` it is drawn once per model,
+    ``draw(FigureInput, model_dir)``. The file is `<name>.png` (`<name>_<model>.png`)."""
+
+    name: str
+    draw: Callable[..., Figure | None]
+    title: str
+    question: str
+    per_model: bool = False
+
+
+def register_figure(name: str, draw: Callable[..., Figure | None] | None = None, *,
+                    title: str, question: str = "", per_model: bool = False,
+                    replace_existing: bool = False) -> Any:
+    """Add a figure to every report (`featcache report`'s HTML and Markdown): called with
+    ``draw`` or used as a decorator on it."""
+    def add(func: Callable[..., Figure | None]) -> Callable[..., Figure | None]:
+        FIGURES.add(name, FigureSpec(name, func, title, question, per_model),
+                    replace=replace_existing)
+        return func
+
+    return add(draw) if draw is not None else add
+
+
 def all_figures(rows: Sequence[dict], records: Sequence[dict],
                 cka: dict[tuple[str, str], dict]) -> list[RenderedFigure]:
-    """Every figure the records support, rendered to PNG (figures are closed after)."""
-    from featcache.reference import display_name
-
+    """Every registered figure the records support, rendered to PNG (closed after)."""
+    data = FigureInput(rows, records, cka)
     out: list[RenderedFigure] = []
-
-    def add(fig: Figure | None, title: str, question: str, filename: str) -> None:
-        if fig is not None:
-            out.append(RenderedFigure(title, question, filename, to_png(fig)))
-            fig.clear()
-
-    add(gain_overview(rows), "Gain over the linear baseline, per model",
-        "Does reading more layers (concat, ALF) beat the last-layer CLS linear probe, on "
-        "average over your datasets? Bars: mean gain; whiskers: std over datasets.",
-        "gain_overview.png")
-    add(gain_heatmap(rows), "Gain over the linear baseline, per dataset",
-        "Where does it help? Gain in points of balanced accuracy per dataset and method "
-        "(last row: mean); grey — = method not run for that pair.", "gain_heatmap.png")
-    add(attention_heatmaps(records, display_name), "ALF attention over input tokens",
-        "Which layers does the attentive layer-fusion head read for each task? Mean "
-        "attention weight per input token (CLS/AP of each layer), averaged over test "
-        "images and seeds (numbers: %).", "alf_attention.png")
-    for model in _models(rows):
-        add(depth_figure(model, records, rows, cka, display_name),
-            f"Accuracy by depth beside CKA — {model}",
-            "Are early layers dissimilar to the last one (low CKA, grey) while still "
-            "predictive (per-layer linear probes)? Dashed: linear baseline; dotted: ALF.",
-            f"depth_{_safe(model)}.png")
-    add(paper_scatter(rows), "Your numbers beside the paper's",
-        "For models and datasets in Ciernik et al. (2026): does your balanced accuracy "
-        "match the published one? Points on the diagonal agree.", "paper_comparison.png")
+    for _, spec in FIGURES.items():
+        drawn = ([(f"{spec.title} — {m}", f"{spec.name}_{slug(m)}.png", spec.draw(data, m))
+                  for m in _models(rows)] if spec.per_model
+                 else [(spec.title, f"{spec.name}.png", spec.draw(data))])
+        for title, filename, fig in drawn:
+            if fig is not None:
+                out.append(RenderedFigure(title, spec.question, filename, to_png(fig)))
+                fig.clear()
     return out
+
+
+register_figure(
+    "gain_overview", lambda d: gain_overview(d.rows),
+    title="Gain over the linear baseline, per model",
+    question="Does reading more layers (concat, ALF) beat the last-layer CLS linear probe, "
+    "on average over your datasets? Bars: mean gain; whiskers: std over datasets.")
+register_figure(
+    "gain_heatmap", lambda d: gain_heatmap(d.rows),
+    title="Gain over the linear baseline, per dataset",
+    question="Where does it help? Gain in points of balanced accuracy per dataset and method "
+    "(last row: mean); grey — = method not run for that pair.")
+register_figure(
+    "alf_attention", lambda d: attention_heatmaps(d.records, display_name),
+    title="ALF attention over input tokens",
+    question="Which layers does the attentive layer-fusion head read for each task? Mean "
+    "attention weight per input token (CLS/AP of each layer), averaged over test images "
+    "and seeds (numbers: %).")
+register_figure(
+    "depth", lambda d, model: depth_figure(model, d.records, d.rows, d.cka, display_name),
+    title="Accuracy by depth beside CKA",
+    question="Are early layers dissimilar to the last one (low CKA, grey) while still "
+    "predictive (per-layer linear probes)? Dashed: linear baseline; dotted: ALF.",
+    per_model=True)
+register_figure(
+    "paper_comparison", lambda d: paper_scatter(d.rows),
+    title="Your numbers beside the paper's",
+    question="For models and datasets in Ciernik et al. (2026): does your balanced accuracy "
+    "match the published one? Points on the diagonal agree.")

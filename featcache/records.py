@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from featcache import atomic
-from featcache.cache import default_cache_root, slug
+from featcache.cache import default_cache_root
 from featcache.errors import FeatcacheError
+from featcache.text import slug
 
 RECORD_FORMAT = 2  # 2: the run's identity (`settings`, `settings_id`) is recorded
 SETTINGS_ID_LENGTH = 10

@@ -26,6 +26,8 @@ T = TypeVar("T")
 PLUGIN_GROUP = "featcache.plugins"
 
 # Modules that register featcache's own entries, imported before any lookup.
+# (The built-in figures register when `featcache.figures` is imported, by the report:
+# matplotlib stays out of everything else.)
 _BUILTINS = ("featcache.catalogue", "featcache.backbones", "featcache.sources",
              "featcache.methods")
 _loaded = False

@@ -249,7 +249,7 @@ def test_features_that_fit_nowhere_are_a_clear_error(planted):
     tokens = token_list("alf", "all", train)
     with pytest.raises(FeatcacheError) as exc:
         load_source(train, tokens, torch.device("cpu"), budget_bytes=0, host_budget_bytes=1000)
-    assert "400 samples" in one_line(exc) and "need 200.0 KB (float16)" in str(exc.value)
+    assert "400 samples" in one_line(exc) and "need 200.0 KiB (float16)" in str(exc.value)
     assert "more than the 1000 bytes of host memory" in str(exc.value)
 
 

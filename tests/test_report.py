@@ -16,13 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from featcache.errors import FeatcacheError
-from featcache.reporting import (
-    build_report,
-    load_records,
-    prepare_report,
-    summarize,
-    summary_table,
-)
+from featcache.pages import summary_table
+from featcache.reporting import build_report, prepare_report
+from featcache.summary import load_records, summarize
 
 try:
     from tests.runrecords import MISSING, write_realistic_set, write_record

@@ -111,7 +111,7 @@ def parse_dataset_name(name: str) -> tuple[SourceSpec | None, str]:
 def dataset_dir_name(name: str) -> str:
     """`fer2013` for registry names; `wds-<folder>-<8 hex of the full path>` for local
     data (`wds:PATH`, `imagefolder:PATH`, ...), short and still unique per location."""
-    from featcache.cache import slug
+    from featcache.text import slug
 
     spec, rest = parse_dataset_name(name)
     if spec is not None and spec.local_path:
