@@ -96,7 +96,7 @@ def ls(
 ) -> None:
     """List the caches under the root: model, dataset, split, size, complete or not."""
     from featcache.cache import default_cache_root
-    from featcache.cache import ls as list_caches
+    from featcache.cache_commands import ls as list_caches
 
     root = cache or default_cache_root()
     rows = list_caches(root)
@@ -129,7 +129,7 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one cache's fingerprint, layout and sizes."""
-    from featcache.cache import info as cache_info
+    from featcache.cache_commands import info as cache_info
 
     data = cache_info(path)
     if json_out:
@@ -159,7 +159,7 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Write a cache's arrays and attributes to another format (HDF5)."""
-    from featcache.cache import export as export_cache
+    from featcache.cache_commands import export as export_cache
 
     written = export_cache(path, format, out, overwrite)
     console.print(f"[green]wrote[/] {written} ({human_bytes(written.stat().st_size)})")

@@ -23,9 +23,9 @@ __version__ = "0.1.0"
 # name → (module, attribute): the commands first, then the pieces.
 _LAZY: dict[str, tuple[str, str]] = {
     "extract": ("featcache.extraction", "extract"),
-    "ls": ("featcache.cache", "ls"),
-    "info": ("featcache.cache", "info"),
-    "export": ("featcache.cache", "export"),
+    "ls": ("featcache.cache_commands", "ls"),
+    "info": ("featcache.cache_commands", "info"),
+    "export": ("featcache.cache_commands", "export"),
     "verify": ("featcache.verify", "verify"),
     "models": ("featcache.backbones", "models"),
     "datasets": ("featcache.sources", "datasets"),

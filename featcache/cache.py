@@ -14,13 +14,10 @@ one line naming the cache, the array and the shard, with the fix (`featcache ver
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +26,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from featcache import __version__, atomic
-from featcache.errors import FeatcacheError, FingerprintMismatch
+from featcache import __version__
+from featcache.errors import FeatcacheError
 from featcache.text import slug
 
 FORMAT_VERSION = 2  # 2: crc32c on every chunk, fills that cannot pass for data
@@ -75,42 +72,6 @@ def choose_shard_size(bytes_per_sample: int) -> int:
     """The largest power of two ≤ 1024 whose shard of the widest array stays ~64 MiB."""
     fit = max(1, SHARD_TARGET_BYTES // max(1, bytes_per_sample))
     return int(min(MAX_SHARD_SIZE, 2 ** int(math.log2(fit))))
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict → {"a.b.c": value}, for naming the setting that differs."""
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
-# Recorded for people, not compared: where the data sat when the cache was made (a moved
-# copy of the same files has the same content hash, `dataset.identity.sha256`).
-INFORMATIONAL_KEYS = frozenset({"dataset.identity.location"})
-
-
-def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human lines `key: old → new` for every setting that differs."""
-    a, b = flatten(old), flatten(new)
-    for key in INFORMATIONAL_KEYS:
-        a.pop(key, None)
-        b.pop(key, None)
-    lines = []
-    # Settings first; what follows from them (layer lists, token counts) last.
-    derived = ("layer_names", "layer_dims", "n_tokens", "n_prefix_tokens")
-    for key in sorted(set(a) | set(b), key=lambda k: (k.rsplit(".", 1)[-1] in derived, k)):
-        before, after = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if before != after:
-            lines.append(f"{key}: {_short(before)} → {_short(after)}")
-    return lines
-
-
-def _short(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -542,109 +503,6 @@ def _inner_rows(shard_size: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(shard_size, limit)) + 1) if shard_size % d == 0)
 
 
-def next_path(path: Path) -> Path:
-    """Where `--overwrite` builds a replacement: beside the old cache, which stays in place
-    (and usable) until the new one is complete. A killed replacement resumes from here."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.next")
-
-
-def promote(new: Path, path: Path) -> None:
-    """Put a complete replacement in place of the old cache: old aside, new in, old gone.
-    A kill between the two renames is finished by `recover_leftovers`."""
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def check_fingerprint(cache: Cache, fingerprint: dict[str, Any]) -> None:
-    """Refuse a cache built with other settings, naming the first settings that differ."""
-    diff = fingerprint_diff(cache.fingerprint, fingerprint)
-    if diff:
-        shown = "; ".join(diff[:3])
-        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
-        raise FingerprintMismatch(
-            f"{cache.path} holds a cache built with other settings: {shown}{more}. "
-            "Pass --overwrite to replace it, or --cache DIR to keep both; it was left untouched")
-
-
-def remove_leftovers(path: Path) -> list[Path]:
-    """Tidy up after a killed writer. Call only while holding `write_lock(path)`:
-
-    - half-built caches (`.NAME.tmp-PID`) are deleted;
-    - a replacement killed between its two renames is finished: with the old cache moved
-      aside (`.NAME.old-PID`) and no cache at NAME, the complete `.NAME.next` goes in, or,
-      without one, the old cache comes back; once NAME exists, old copies are deleted;
-    - zarr's unfinished file writes (`*.partial`) inside the cache or its replacement go.
-    `.NAME.next` itself is kept: the next `--overwrite` run resumes it."""
-    path = Path(path)
-    gone: list[Path] = []
-    if not path.parent.is_dir():
-        return gone
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-        gone.append(stale)
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
-    nxt = next_path(path)
-    if olds and not path.exists():
-        if (nxt / "zarr.json").is_file() and _is_complete(nxt):
-            os.replace(nxt, path)
-        else:
-            os.replace(olds.pop(), path)
-    for stale in olds:
-        if stale.exists():
-            shutil.rmtree(stale, ignore_errors=True)
-            gone.append(stale)
-    for folder in (path, nxt):
-        if folder.is_dir():
-            for partial in folder.rglob("*.partial"):
-                partial.unlink(missing_ok=True)
-                gone.append(partial)
-    return gone
-
-
-def _is_complete(path: Path) -> bool:
-    try:
-        return Cache(path).complete
-    except FeatcacheError:
-        return False
-
-
-class NotWritable(FeatcacheError):
-    """The cache's folder cannot be written (read-only, no permission)."""
-
-
-@contextlib.contextmanager
-def write_lock(path: Path) -> Iterator[None]:
-    """One writer per cache at a time, across processes (an advisory flock on
-    `.NAME.lock` beside the cache, removed when the writer is done)."""
-    path = Path(path)
-    lock_path = path.with_name(f".{path.name}.lock")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a+")  # noqa: SIM115 (closed below, after the yield)
-    except IsADirectoryError:
-        raise FeatcacheError(f"{lock_path} (featcache's lock file for {path}) is a directory;"
-                             " remove it and run again") from None
-    except (PermissionError, OSError) as exc:
-        if isinstance(exc, PermissionError) or exc.errno in (errno.EROFS, errno.EACCES):
-            raise NotWritable(f"cannot write in {path.parent}: {exc.strerror}; choose a "
-                              "writable --cache root") from None
-        raise
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FeatcacheError(f"another featcache process is writing {path} right now; "
-                                 "wait for it to finish (nothing was changed)") from None
-        try:
-            yield
-        finally:  # no empty lock files left beside the caches (a second writer never waits)
-            lock_path.unlink(missing_ok=True)
-
-
 def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
                 ) -> list[Cache]:
     """Every cache under a root (a cache is a directory holding a featcache zarr.json).
@@ -685,87 +543,3 @@ def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
         except FeatcacheError as exc:
             notes.append((Path(folder), str(exc)))
     return found
-
-
-def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
-    """`featcache ls`: a summary row per cache under the root (default: the default root)."""
-    root = Path(cache).expanduser() if cache else default_cache_root()
-    return [c.summary() for c in find_caches(root)]
-
-
-def info(path: str | Path) -> dict[str, Any]:
-    """`featcache info`: one cache's summary, layers, classes, fingerprint and attributes."""
-    from featcache.backbones.preprocess import describe_preprocess
-
-    c = open_cache(path)
-    shown = ("fingerprint", "class_names", "layer_names", "layer_dims")
-    pp = c.fingerprint.get("model", {}).get("preprocess") or {}
-    missing = c.missing_files()
-    return {**c.summary(), "transform": describe_preprocess(pp) if pp else None,
-            "missing_files": [f"{name} shard {k}" for name, k in missing],
-            "layer_names": c.layer_names, "layer_dims": c.layer_dims,
-            "shard_size": c.layout.shard_size, "class_names": c.class_names,
-            "fingerprint": c.fingerprint,
-            "attrs": {k: v for k, v in c.attrs.items() if k not in shown}}
-
-
-EXPORT_FORMATS = ("hdf5",)
-
-
-def export(path: str | Path, format: str = "hdf5", out: str | Path | None = None,
-           overwrite: bool = False) -> Path:
-    """`featcache export`: write a complete cache to HDF5 (default: PATH.h5); returns the file."""
-    if format.lower() not in ("hdf5", "h5"):
-        raise FeatcacheError(f"unknown export format {format!r}: hdf5 is supported")
-    c = open_cache(path)
-    target = Path(out).expanduser() if out else Path(str(c.path).rstrip("/") + ".h5")
-    return export_hdf5(c, target, overwrite=overwrite)
-
-
-def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
-    """The same arrays and attributes as HDF5 (thingsvision and friends read .hdf5)."""
-    import json
-
-    import h5py
-
-    out = Path(out)
-    if out.is_dir():
-        raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. "
-                             f"{out / (cache.path.name + '.h5')}")
-    if out.exists() and not overwrite:
-        raise FeatcacheError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise FeatcacheError(f"the folder of --out, {out.parent}, does not exist; create it "
-                             "first")
-    if not cache.complete:
-        raise FeatcacheError(f"{cache.path} is not complete; finish it with `featcache extract` "
-                             "first (re-run the same command)")
-    cache.check_files()
-    with atomic.atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
-        for name in (*FEATURE_KINDS, TOKEN_KIND, "labels", "valid"):
-            if name not in cache.group:
-                continue
-            src = cache.group[name]
-            dst = h5.create_dataset(name, shape=src.shape, dtype=src.dtype,
-                                    chunks=_h5_chunks(src.shape, src.dtype.itemsize))
-            step = cache.layout.shard_size
-            for start in range(0, src.shape[0], step):
-                rows = slice(start, min(src.shape[0], start + step))
-                values = cache._read(name, rows)  # damage is an error, never exported
-                if values.dtype.kind == "f":
-                    cache.check_finite(name, values, start)
-                dst[rows] = values
-        cache.labels()  # labels in range
-        for key, value in cache.group.attrs.items():
-            h5.attrs[key] = json.dumps(value) if not isinstance(value, (int, float, str)) else value
-    return out
-
-
-def _h5_chunks(shape: tuple[int, ...], itemsize: int = 2) -> tuple[int, ...] | None:
-    """Whole rows per chunk, about 4 MiB each (HDF5 reads whole chunks)."""
-    if shape[0] == 0:
-        return None
-    if len(shape) == 1:
-        return (min(shape[0], 1 << 16),)
-    row = max(1, int(np.prod(shape[1:])) * itemsize)
-    return (max(1, min(shape[0], (4 << 20) // row)), *shape[1:])

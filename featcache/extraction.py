@@ -28,20 +28,16 @@ from featcache.cache import (
     FORMAT_VERSION,
     Cache,
     Layout,
-    NotWritable,
     cache_path,
-    check_fingerprint,
     choose_shard_size,
     create_cache,
     default_cache_root,
     model_dir_name,
-    next_path,
     open_cache,
-    promote,
-    remove_leftovers,
-    write_lock,
 )
+from featcache.cache_files import NotWritable, next_path, promote, remove_leftovers, write_lock
 from featcache.errors import FeatcacheError, FingerprintMismatch
+from featcache.fingerprint import check_fingerprint
 from featcache.options import check_int, make_options, parse_model_args
 from featcache.sources import dataset_dir_name, short_name
 

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from featcache import __version__
-from featcache.cache import Cache, default_cache_root, find_caches, flatten
+from featcache.cache import Cache, default_cache_root, find_caches
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
+from featcache.fingerprint import flatten
 from featcache.heads import HEADS
 from featcache.methods import Method, get_method
 from featcache.options import check_int, make_options, parse_floats, parse_ints

@@ -19,16 +19,15 @@ from featcache.cache import (
     cache_path,
     choose_shard_size,
     default_cache_root,
-    export_hdf5,
     find_caches,
-    fingerprint_diff,
     model_dir_name,
     open_cache,
-    remove_leftovers,
-    write_lock,
 )
+from featcache.cache_commands import export_hdf5
+from featcache.cache_files import remove_leftovers, write_lock
 from featcache.errors import FeatcacheError
 from featcache.extraction import ExtractOptions, extract
+from featcache.fingerprint import fingerprint_diff
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -17,7 +17,8 @@ import zarr
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
 from featcache import sources as ds
-from featcache.cache import Cache, Layout, open_cache, write_lock
+from featcache.cache import Cache, Layout, open_cache
+from featcache.cache_files import write_lock
 from featcache.errors import FeatcacheError, FingerprintMismatch
 from featcache.extraction import ExtractOptions, ShardBatches, extract
 
@@ -246,7 +247,7 @@ def test_other_tap_or_seed_is_a_distinct_cache(wds_path, reference, tmp_path):
     assert len({residual.path, seed.path, path}) == 3
     assert snapshot(path) == before
     # and the fingerprint check names them, should two ever meet at one path
-    from featcache.cache import check_fingerprint
+    from featcache.fingerprint import check_fingerprint
 
     fp = open_cache(path).fingerprint
     other = {**fp, "model": {**fp["model"], "tap": "residual", "weights": "random:1"}}

@@ -1,0 +1,104 @@
+"""`featcache ls`, `info` and `export`: what is cached, one cache in detail, and a cache
+written to HDF5 (thingsvision and friends read .hdf5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache import atomic
+from featcache.cache import (
+    FEATURE_KINDS,
+    TOKEN_KIND,
+    Cache,
+    default_cache_root,
+    find_caches,
+    open_cache,
+)
+from featcache.errors import FeatcacheError
+
+
+def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
+    """`featcache ls`: a summary row per cache under the root (default: the default root)."""
+    root = Path(cache).expanduser() if cache else default_cache_root()
+    return [c.summary() for c in find_caches(root)]
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    """`featcache info`: one cache's summary, layers, classes, fingerprint and attributes."""
+    from featcache.backbones.preprocess import describe_preprocess
+
+    c = open_cache(path)
+    shown = ("fingerprint", "class_names", "layer_names", "layer_dims")
+    pp = c.fingerprint.get("model", {}).get("preprocess") or {}
+    missing = c.missing_files()
+    return {**c.summary(), "transform": describe_preprocess(pp) if pp else None,
+            "missing_files": [f"{name} shard {k}" for name, k in missing],
+            "layer_names": c.layer_names, "layer_dims": c.layer_dims,
+            "shard_size": c.layout.shard_size, "class_names": c.class_names,
+            "fingerprint": c.fingerprint,
+            "attrs": {k: v for k, v in c.attrs.items() if k not in shown}}
+
+
+EXPORT_FORMATS = ("hdf5",)
+
+
+def export(path: str | Path, format: str = "hdf5", out: str | Path | None = None,
+           overwrite: bool = False) -> Path:
+    """`featcache export`: write a complete cache to HDF5 (default: PATH.h5); returns the file."""
+    if format.lower() not in ("hdf5", "h5"):
+        raise FeatcacheError(f"unknown export format {format!r}: hdf5 is supported")
+    c = open_cache(path)
+    target = Path(out).expanduser() if out else Path(str(c.path).rstrip("/") + ".h5")
+    return export_hdf5(c, target, overwrite=overwrite)
+
+
+def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
+    """The same arrays and attributes as HDF5 (thingsvision and friends read .hdf5)."""
+
+    import h5py
+
+    out = Path(out)
+    if out.is_dir():
+        raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. "
+                             f"{out / (cache.path.name + '.h5')}")
+    if out.exists() and not overwrite:
+        raise FeatcacheError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FeatcacheError(f"the folder of --out, {out.parent}, does not exist; create it "
+                             "first")
+    if not cache.complete:
+        raise FeatcacheError(f"{cache.path} is not complete; finish it with `featcache extract` "
+                             "first (re-run the same command)")
+    cache.check_files()
+    with atomic.atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
+        for name in (*FEATURE_KINDS, TOKEN_KIND, "labels", "valid"):
+            if name not in cache.group:
+                continue
+            src = cache.group[name]
+            dst = h5.create_dataset(name, shape=src.shape, dtype=src.dtype,
+                                    chunks=_h5_chunks(src.shape, src.dtype.itemsize))
+            step = cache.layout.shard_size
+            for start in range(0, src.shape[0], step):
+                rows = slice(start, min(src.shape[0], start + step))
+                values = cache._read(name, rows)  # damage is an error, never exported
+                if values.dtype.kind == "f":
+                    cache.check_finite(name, values, start)
+                dst[rows] = values
+        cache.labels()  # labels in range
+        for key, value in cache.group.attrs.items():
+            h5.attrs[key] = json.dumps(value) if not isinstance(value, (int, float, str)) else value
+    return out
+
+
+def _h5_chunks(shape: tuple[int, ...], itemsize: int = 2) -> tuple[int, ...] | None:
+    """Whole rows per chunk, about 4 MiB each (HDF5 reads whole chunks)."""
+    if shape[0] == 0:
+        return None
+    if len(shape) == 1:
+        return (min(shape[0], 1 << 16),)
+    row = max(1, int(np.prod(shape[1:])) * itemsize)
+    return (max(1, min(shape[0], (4 << 20) // row)), *shape[1:])

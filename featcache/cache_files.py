@@ -1,0 +1,110 @@
+"""The files beside a cache while it is written: the writer's lock, a replacement being
+built (`.NAME.next`), and what a killed writer leaves behind (`remove_leftovers`)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from featcache.errors import FeatcacheError
+
+
+def next_path(path: Path) -> Path:
+    """Where `--overwrite` builds a replacement: beside the old cache, which stays in place
+    (and usable) until the new one is complete. A killed replacement resumes from here."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.next")
+
+
+def promote(new: Path, path: Path) -> None:
+    """Put a complete replacement in place of the old cache: old aside, new in, old gone.
+    A kill between the two renames is finished by `recover_leftovers`."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Tidy up after a killed writer. Call only while holding `write_lock(path)`:
+
+    - half-built caches (`.NAME.tmp-PID`) are deleted;
+    - a replacement killed between its two renames is finished: with the old cache moved
+      aside (`.NAME.old-PID`) and no cache at NAME, the complete `.NAME.next` goes in, or,
+      without one, the old cache comes back; once NAME exists, old copies are deleted;
+    - zarr's unfinished file writes (`*.partial`) inside the cache or its replacement go.
+    `.NAME.next` itself is kept: the next `--overwrite` run resumes it."""
+    path = Path(path)
+    gone: list[Path] = []
+    if not path.parent.is_dir():
+        return gone
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+        gone.append(stale)
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    nxt = next_path(path)
+    if olds and not path.exists():
+        if (nxt / "zarr.json").is_file() and _is_complete(nxt):
+            os.replace(nxt, path)
+        else:
+            os.replace(olds.pop(), path)
+    for stale in olds:
+        if stale.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+            gone.append(stale)
+    for folder in (path, nxt):
+        if folder.is_dir():
+            for partial in folder.rglob("*.partial"):
+                partial.unlink(missing_ok=True)
+                gone.append(partial)
+    return gone
+
+
+def _is_complete(path: Path) -> bool:
+    from featcache.cache import Cache
+
+    try:
+        return Cache(path).complete
+    except FeatcacheError:
+        return False
+
+
+class NotWritable(FeatcacheError):
+    """The cache's folder cannot be written (read-only, no permission)."""
+
+
+@contextlib.contextmanager
+def write_lock(path: Path) -> Iterator[None]:
+    """One writer per cache at a time, across processes (an advisory flock on
+    `.NAME.lock` beside the cache, removed when the writer is done)."""
+    path = Path(path)
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")  # noqa: SIM115 (closed below, after the yield)
+    except IsADirectoryError:
+        raise FeatcacheError(f"{lock_path} (featcache's lock file for {path}) is a directory;"
+                             " remove it and run again") from None
+    except (PermissionError, OSError) as exc:
+        if isinstance(exc, PermissionError) or exc.errno in (errno.EROFS, errno.EACCES):
+            raise NotWritable(f"cannot write in {path.parent}: {exc.strerror}; choose a "
+                              "writable --cache root") from None
+        raise
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FeatcacheError(f"another featcache process is writing {path} right now; "
+                                 "wait for it to finish (nothing was changed)") from None
+        try:
+            yield
+        finally:  # no empty lock files left beside the caches (a second writer never waits)
+            lock_path.unlink(missing_ok=True)
+
+
