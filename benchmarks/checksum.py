@@ -32,7 +32,7 @@ from machine import cpu_info  # noqa: E402
 
 from featcache.cache import Layout, create_cache, disk_bytes, open_cache  # noqa: E402
 from featcache.features import load_source  # noqa: E402
-from featcache.probing import token_list  # noqa: E402
+from featcache.pairs import token_list  # noqa: E402
 
 
 def build(root: Path, n: int, checksums: bool) -> Path:

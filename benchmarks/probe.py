@@ -627,7 +627,7 @@ def section_fer(args: argparse.Namespace, dev: torch.device, amp: bool, res: dic
 
     # end to end where it fits (CUDA by default)
     if args.fer == "full" or (args.fer == "auto" and dev.type == "cuda"):
-        from featcache.probing import fit_and_select
+        from featcache.selection import fit_and_select
 
         x = tokens(N, T, D, dev, seed=3)
         y = torch.randint(0, C, (N,), device=dev)

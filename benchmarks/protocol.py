@@ -33,13 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featcache.extraction import extract  # noqa: E402
 from featcache.features import FeatureSource, load_source  # noqa: E402
 from featcache.offline_demo import DEMO_MODEL, DEMO_MODEL_KWARGS  # noqa: E402
-from featcache.probing import (  # noqa: E402
-    ProbeOptions,
-    fit_and_select,
-    test_metrics,
-    token_list,
-    train_config,
-)
+from featcache.pairs import token_list  # noqa: E402
+from featcache.probing import ProbeOptions, train_config  # noqa: E402
+from featcache.selection import fit_and_select, test_metrics  # noqa: E402
 
 
 def score(src_train, y_train, src_test, y_test, head: str, opts: ProbeOptions, seed: int,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,24 +21,28 @@ import numpy as np
 import torch
 
 from featcache import __version__
-from featcache.cache import Cache, default_cache_root, find_caches
+from featcache.cache import Cache, default_cache_root
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
-from featcache.fingerprint import flatten
-from featcache.heads import HEADS
-from featcache.methods import Method, get_method
+from featcache.methods import get_method
 from featcache.options import check_int, make_options, parse_floats, parse_ints
+from featcache.pairs import find_pairs, layer_set_names, run_tokens
 from featcache.records import default_runs_root, is_finished, run_dir, write_run
 from featcache.registry import METHODS
+from featcache.selection import (
+    METRIC_KEYS,
+    all_test_metrics,
+    fit_and_select,
+    fit_and_select_layers,
+    sample_shots,
+    test_metrics,
+)
 
-LAYER_SETS = ("last", "middle+last", "quarterly", "all")
 GRIDS = ("paper", "quick")
 # paper: what the authors' code does (validation scored on jittered features; all-tokens
 # features normalised per channel across the tokens); clean: validation on clean
 # features, every token vector normalised. docs/method.md lists every known difference.
 PROTOCOLS = ("paper", "clean")
-# Settings a train and a test cache may differ in; anything else must match.
-PAIR_FREE_KEYS = ("dataset.split", "dataset.n", "dataset.identity")
 
 
 @dataclass
@@ -92,154 +96,6 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     selected: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-# -- choosing caches and tokens ----------------------------------------------------------
-
-def find_pairs(cache_root: Path, model: str | None = None, dataset: str | None = None,
-               train_split: str = "train", test_split: str = "test") -> list[tuple[Cache, Cache]]:
-    """Every complete (train, test) cache pair under the root, filtered by model/dataset."""
-    damaged: list[tuple[Path, str]] = []
-    caches = find_caches(cache_root, damaged)
-    broken = {where: why for where, why in damaged}
-    if not caches:
-        if damaged:
-            raise FeatcacheError(damaged[0][1])
-        raise FeatcacheError(f"no caches under {cache_root}; make some with `featcache extract` "
-                             "(or point --cache at the root you extracted into)")
-    groups: dict[Path, dict[str, Cache]] = {}
-    for c in caches:
-        if model and model not in (c.model, c.path.parent.parent.name):
-            continue
-        if dataset and dataset not in (c.dataset, c.path.parent.name):
-            continue
-        groups.setdefault(c.path.parent, {})[c.split] = c
-    if not groups:
-        what = " and ".join(f"{k} {v!r}" for k, v in (("model", model), ("dataset", dataset)) if v)
-        have = sorted({f"{c.model}/{c.dataset}" for c in caches})
-        raise FeatcacheError(f"no cache of {what} under {cache_root}; there are: "
-                             f"{', '.join(have[:6])}{' …' if len(have) > 6 else ''}")
-    pairs, problems = [], []
-    for folder, splits in sorted(groups.items()):
-        train, test = splits.get(train_split), splits.get(test_split)
-        if train is None or test is None:
-            missing = train_split if train is None else test_split
-            problems.append(broken.get(folder / missing, f"{folder} has no {missing!r} split"))
-            continue
-        unfinished = [c for c in (train, test) if not c.complete]
-        if unfinished:
-            problems.append(f"{unfinished[0].path} is incomplete (re-run its `featcache extract`"
-                            " command to finish it)")
-            continue
-        check_pair(train, test)
-        for cache in (train, test):  # a flagged shard without its files would read as fill
-            cache.check_files()
-        pairs.append((train, test))
-    if not pairs:
-        raise FeatcacheError(f"no complete {train_split}+{test_split} cache pair: {problems[0]}")
-    return pairs
-
-
-def check_pair(train: Cache, test: Cache) -> None:
-    """Train and test must come from the same model, tap, weights and preprocessing."""
-    a, b = flatten(train.fingerprint), flatten(test.fingerprint)
-    for key in sorted(set(a) | set(b)):
-        if key.startswith(PAIR_FREE_KEYS):
-            continue
-        if a.get(key) != b.get(key):
-            raise FeatcacheError(
-                f"{train.path} and {test.path} were built with different settings ({key}: "
-                f"{a.get(key)!r} vs {b.get(key)!r}); re-extract one of them with the same options")
-
-
-def layer_set_names(layer_set: str, layer_names: list[str]) -> list[str]:
-    """Named set → layer names. The paper's "all" is blocks 1..L-1 plus the final output."""
-    blocks = [n for n in layer_names if n.startswith("block")]
-    n_blocks = len(blocks)
-    if layer_set == "last":
-        return ["final"]
-    if layer_set == "all":
-        return [*blocks[1:], "final"]
-    if layer_set == "every":
-        return list(layer_names)
-    if layer_set == "middle+last":
-        return [f"block{n_blocks // 2}", "final"]
-    if layer_set == "quarterly":
-        picks = sorted({round(n_blocks * q) for q in (0.25, 0.5, 0.75)} - {n_blocks})
-        return [*(f"block{i}" for i in picks), "final"]
-    names = []
-    for item in layer_set.split(","):
-        item = item.strip()
-        if item.lstrip("-").isdigit():
-            index = int(item)
-            if not -len(layer_names) <= index < len(layer_names):
-                raise FeatcacheError(f"layer {index} out of range: this cache has "
-                                     f"{len(layer_names)} layers ({layer_names[0]} … final)")
-            names.append(layer_names[index])
-        elif item in layer_names:
-            names.append(item)
-        else:
-            raise FeatcacheError(
-                f"unknown layer set {layer_set!r}: use {', '.join(LAYER_SETS)}, indices like "
-                f"3,7,-1, or names like block3,final (this cache has block0..block{n_blocks - 1},"
-                " final)")
-    return names
-
-
-def token_list(method: str | Method, layer_set: str, cache: Cache, token: str | None = None
-               ) -> list[tuple[str, str]]:
-    """The head's input tokens in order: (layer name, "cls" | "ap")."""
-    probe_token = token or cache.attrs.get("probe_token", "cls")
-    layers = layer_set_names(layer_set, cache.layer_names)
-    if get_method(method).tokens == "probe":
-        return [(name, probe_token) for name in layers]
-    return [(name, kind) for name in layers for kind in ("cls", "ap")]
-
-
-def load_tokens(cache: Cache, tokens: list[tuple[str, str]]) -> np.ndarray:
-    """(N, T, D) float32, each token vector L2-normalised (per layer and kind, as the paper).
-
-    For inspection and independent references; probing itself keeps the cache's float16
-    values in a `FeatureSource` and normalises per batch (`load_source`)."""
-    from featcache.features import load_source
-
-    src = load_source(cache, tokens, torch.device("cpu"))
-    return src.to_tensor().numpy()
-
-
-# -- splitting -------------------------------------------------------------------------
-
-def stratified_split(y: np.ndarray, val_fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of train and validation parts (stratified when every class allows it).
-
-    The validation size is sklearn's for a fractional `test_size`, ceil(N · fraction), as
-    in the authors' code (at least one sample per class when stratified)."""
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(y))
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
-    n_val = max(1, math.ceil(len(y) * val_fraction))
-    if stratify is not None:
-        n_val = max(n_val, int((counts > 0).sum()))
-    if n_val >= len(y):
-        raise FeatcacheError(f"too few training samples ({len(y)}) for a validation split")
-    train_idx, val_idx = train_test_split(index, test_size=n_val, random_state=seed,
-                                          stratify=stratify)
-    return np.sort(train_idx), np.sort(val_idx)
-
-
-def sample_shots(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
-    """K examples per class (all of a class that has fewer, with a warning), seeded."""
-    counts = np.bincount(y)
-    short = [int(c) for c in np.unique(y) if counts[c] < shots]
-    if short:
-        warn(f"--shots {shots}: {len(short)} class(es) have fewer training samples (class "
-             f"{short[0]} has {counts[short[0]]}); all of theirs are used")
-    rng = np.random.default_rng(seed)
-    picks = [rng.permutation(np.flatnonzero(y == c))[:shots] for c in np.unique(y)]
-    return np.sort(np.concatenate(picks))
 
 
 # -- the recipe --------------------------------------------------------------------------
@@ -314,129 +170,6 @@ def feature_normalisation(method: str, protocol: str) -> str:
     return get_method(method).normalisation(protocol)
 
 
-METRIC_KEYS = ("top1", "top5", "balanced_top1", "balanced_top5")
-
-
-def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes: int,
-                   head: str, cfg: Any, opts: Any, seed: int, num_heads: int | None,
-                   progress: Callable[[dict], None] | None = None,
-                   timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """Grid on 80 %, select by validation balanced top-1, refit the winner on 100 %.
-
-    ``x_train``: a tensor (used as it is) or a `FeatureSource`; ``opts`` needs
-    ``val_fraction`` and ``protocol`` ("paper": validation scored on jittered features, as
-    the authors; "clean" or absent: on clean ones). Returns grid (points with their
-    validation score), selected point, its validation metrics and the refitted head
-    (``final``). ``timings`` gets grid_s, select_s and refit_s added.
-    """
-    from featcache.features import as_source
-    from featcache.train import fit_grid, grid_points
-
-    timings = {} if timings is None else timings
-    src = as_source(x_train)
-    tr, va = stratified_split(y_train.cpu().numpy(), opts.val_fraction, seed)
-    y_dev = y_train.to(src.device)
-    tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
-    points = grid_points(cfg, attentive=HEADS[head].has_dropout)
-    clock = time.perf_counter()
-    grid = fit_grid(src.subset(tr), y_dev[tr_t], n_classes, head, points, cfg,
-                    num_heads=num_heads, progress=progress)
-    timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
-    clock = time.perf_counter()
-    val = grid.evaluate(src.subset(va), y_dev[va_t], jitter=_val_jitter(opts, cfg))
-    scores = np.asarray(val["balanced_top1"], dtype=float)
-    best = int(np.argmax(scores))  # ties: the first in grid order (largest lr, smallest wd)
-    table = [{**p, "val_balanced_top1": float(v)} for p, v in zip(points, scores, strict=True)]
-    del grid
-    timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
-    clock = time.perf_counter()
-    final = fit_grid(src, y_dev, n_classes, head, [points[best]], cfg,
-                     num_heads=num_heads, progress=progress)
-    timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
-    val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
-    return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final}
-
-
-def _val_jitter(opts: Any, cfg: Any) -> Any:
-    """The paper protocol scores validation on jittered features (the authors cut it from
-    their training dataset object, whose transform adds the jitter)."""
-    from featcache.train import validation_jitter
-
-    if getattr(opts, "protocol", "clean") != "paper" or not cfg.jitter_p or not cfg.jitter_std:
-        return None
-    return validation_jitter(cfg)
-
-
-def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, cfg: Any,
-                          opts: Any, seed: int, progress: Callable[[dict], None] | None = None,
-                          timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """Per-layer linear probes, every layer in one grid: config (l, p) reads token l with
-    hyperparameters p (layers × points on the config axis). Selection is per layer; the
-    refit trains each layer's winner, again all layers at once. ``final``'s config l is
-    layer l's probe."""
-    from featcache.features import as_source
-    from featcache.train import fit_grid, grid_points
-
-    timings = {} if timings is None else timings
-    src = as_source(x_train)
-    L = src.sample_shape[0]
-    tr, va = stratified_split(y_train.cpu().numpy(), opts.val_fraction, seed)
-    y_dev = y_train.to(src.device)
-    tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
-    points = grid_points(cfg, attentive=False)
-    P = len(points)
-    inputs = [layer for layer in range(L) for _ in points]
-    clock = time.perf_counter()
-    grid = fit_grid(src.subset(tr), y_dev[tr_t], n_classes, "linear", points * L, cfg,
-                    progress=progress, inputs=inputs)
-    timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
-    clock = time.perf_counter()
-    val = grid.evaluate(src.subset(va), y_dev[va_t], jitter=_val_jitter(opts, cfg))
-    del grid
-    scores = np.asarray(val["balanced_top1"], dtype=float).reshape(L, P)
-    best = [int(np.argmax(row)) for row in scores]
-    timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
-    clock = time.perf_counter()
-    final = fit_grid(src, y_dev, n_classes, "linear", [points[b] for b in best], cfg,
-                     progress=progress, inputs=list(range(L)))
-    timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
-    return {
-        "grid": [[{**p, "val_balanced_top1": float(v)} for p, v in zip(points, row, strict=True)]
-                 for row in scores],
-        "selected": [points[b] for b in best],
-        "val_metrics": [{k: float(val[k][layer * P + b]) for k in METRIC_KEYS}
-                        for layer, b in enumerate(best)],
-        "final": final,
-    }
-
-
-def test_metrics(final: Any, x_test: Any, y_test: torch.Tensor, config: int = 0
-                 ) -> dict[str, Any]:
-    """One config's test metrics (percent) and per-class accuracy."""
-    return all_test_metrics(final, x_test, y_test)[config]
-
-
-TOP5_MIN_CLASSES = 6  # with 5 classes or fewer every top-5 is trivially right
-
-
-def all_test_metrics(final: Any, x_test: Any, y_test: torch.Tensor) -> list[dict[str, Any]]:
-    """Every config's test metrics (percent) and per-class accuracy. Top-5 scores are None
-    with fewer than six classes, where they say nothing (the authors report NaN)."""
-    metrics = final.evaluate(x_test, y_test)
-    top5 = final.heads.n_classes >= TOP5_MIN_CLASSES
-    out = []
-    for g in range(len(metrics["top1"])):
-        row: dict[str, Any] = {k: float(metrics[k][g]) if top5 or "top5" not in k else None
-                               for k in METRIC_KEYS}
-        row["per_class"] = [None if v is None else float(v) for v in metrics["per_class"][g]]
-        out.append(row)
-    return out
-
-
-# pytest would collect `test_metrics` from `from featcache.probing import *`-style imports
-test_metrics.__test__ = False  # type: ignore[attr-defined]
-
-
 def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
           **kwargs: Any) -> list[RunResult]:
     """Train a method on every matching cache pair, for every seed; skip finished runs.
@@ -502,15 +235,6 @@ def ensure_writable(root: Path) -> None:
         raise FeatcacheError(f"cannot write run records under {root}: "
                              f"{exc.strerror or exc}; pass --runs DIR (a writable folder) or "
                              "fix its permissions") from None
-
-
-def run_tokens(method: str, layer_set: str, cache: Cache, token: str | None
-               ) -> tuple[list[tuple[str, str]], list[str]]:
-    """What the head reads from the cache, and the record's names for those tokens."""
-    if get_method(method).needs_all_tokens:
-        return [("final", "all")], [f"final.token{i}" for i in range(cache.layout.n_tokens or 0)]
-    tokens = token_list(method, layer_set, cache, token)
-    return tokens, [f"{name}.{kind}" for name, kind in tokens]
 
 
 def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list[str],

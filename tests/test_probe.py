@@ -21,16 +21,10 @@ from probecache import SynthSpec, expected_tokens, make_pair, make_split
 
 from featcache.errors import FeatcacheError
 from featcache.features import FeatureSource, load_source
-from featcache.probing import (
-    ProbeOptions,
-    find_pairs,
-    layer_set_names,
-    load_tokens,
-    probe,
-    stratified_split,
-    token_list,
-)
+from featcache.pairs import find_pairs, layer_set_names, load_tokens, token_list
+from featcache.probing import ProbeOptions, probe
 from featcache.records import list_runs, read_run
+from featcache.selection import stratified_split
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -20,14 +20,9 @@ from probecache import SynthSpec, make_pair
 
 from featcache.errors import FeatcacheError
 from featcache.features import FeatureSource, load_source
-from featcache.probing import (
-    ProbeOptions,
-    feature_normalisation,
-    fit_and_select,
-    probe,
-    stratified_split,
-)
+from featcache.probing import ProbeOptions, feature_normalisation, probe
 from featcache.records import read_run
+from featcache.selection import fit_and_select, stratified_split
 from featcache.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
