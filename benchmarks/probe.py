@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -70,6 +69,7 @@ from machine import cpu_info  # noqa: E402  (benchmarks/ is on sys.path when run
 from featcache.heads import AttentiveHeads, ReferenceAttentiveHead, head_dim_for  # noqa: E402
 from featcache.train import (  # noqa: E402
     TrainConfig,
+    config_groups,
     default_memory_budget,
     estimate_memory,
     fit_grid,
@@ -501,16 +501,8 @@ def note_peak(res: dict, dtype: str, gflops: float) -> None:
 
 
 def _groups(n_points: int, per_config: int, shared: int, budget: int) -> list[int]:
-    """Group sizes fit_grid makes (same arithmetic as featcache.train)."""
-    try:
-        from featcache.train import _groups as groups_of
-
-        return [len(g) for g in groups_of(n_points, per_config, shared, budget)]
-    except ImportError:
-        fit = max(1, (budget - shared) // max(per_config, 1))
-        n_groups = math.ceil(n_points / fit)
-        size = math.ceil(n_points / n_groups)
-        return [min(size, n_points - i) for i in range(0, n_points, size)]
+    """Group sizes fit_grid makes."""
+    return [len(g) for g in config_groups(n_points, per_config, shared, budget)]
 
 
 def section_fer(args: argparse.Namespace, dev: torch.device, amp: bool, res: dict) -> None:

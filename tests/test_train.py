@@ -11,14 +11,12 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from featcache.heads import ReferenceAttentiveHead
 from featcache.metrics import classification_metrics
+from featcache.optim import BatchedAdamW, clip_grad_norm_per_config, cosine_lr
 from featcache.train import (
-    BatchedAdamW,
     TrainConfig,
     _jitter,
     _per_config_loss,
     class_weights,
-    clip_grad_norm_per_config,
-    cosine_lr,
     fit_grid,
     grid_points,
     plan_steps,
@@ -349,7 +347,7 @@ def test_memory_estimate_follows_the_pooling_path() -> None:
     materialises the pooled tokens: the estimate counts what the path keeps, so the CPU
     fits ~3x more configs per group at ALF's FER2013 shape (4 GiB: 4 groups, not 13)."""
     from featcache.heads import pool_scratch_bytes
-    from featcache.train import _groups, estimate_memory
+    from featcache.train import config_groups, estimate_memory
 
     args = ("attentive", (24, 768), 7, 1914, 24)
     cpu, gpu = estimate_memory(*args, device="cpu"), estimate_memory(*args, device="cuda")
@@ -358,7 +356,7 @@ def test_memory_estimate_follows_the_pooling_path() -> None:
     assert cpu[1] == gpu[1] + 2 * pool_scratch_bytes(1914, 24, 768)
     # measured peak RSS here: ~250 MiB + 124 MiB per config; the estimate keeps a margin
     assert cpu[0] > 1.25 * 124 * 2**20 and cpu[1] > 2 * 250 * 2**20
-    assert [len(g) for g in _groups(63, *cpu, 4 << 30)] == [16, 16, 16, 15]
-    assert len(_groups(63, *gpu, 4 << 30)) == 13
+    assert [len(g) for g in config_groups(63, *cpu, 4 << 30)] == [16, 16, 16, 15]
+    assert len(config_groups(63, *gpu, 4 << 30)) == 13
     lin = estimate_memory("linear", (768,), 7, 1914)
     assert lin == estimate_memory("linear", (768,), 7, 1914, device="cuda")
