@@ -18,6 +18,22 @@ if TYPE_CHECKING:
     from featcache.reporting import ReportData
 
 
+def cell_parts(cell: dict, col: str) -> list[tuple[str, str]]:
+    """What a table cell says, in order and tagged, for every page to style its own way:
+    the value, its gain over linear ("gain+" / "gain-"), the best layer, the paper's."""
+    parts = [("value", fmt_cell(cell))]
+    if not is_baseline(col) and cell["gain"] is not None:
+        parts.append(("gain+" if cell["gain"] >= 0 else "gain-", fmt_gain(cell["gain"])))
+    if cell.get("best_layer"):
+        parts.append(("layer", str(cell["best_layer"])))
+    if cell["paper"] is not None:
+        parts.append(("paper", f"paper {cell['paper']:.2f}"))
+    return parts
+
+
+_RICH = {"value": "", "gain+": "green", "gain-": "red", "layer": "dim", "paper": "dim"}
+
+
 def summary_table(rows: Sequence[dict], title: str | None = None) -> Any:
     """The terminal table (rich): model × dataset rows, method columns."""
     from rich.table import Table
@@ -36,15 +52,9 @@ def summary_table(rows: Sequence[dict], title: str | None = None) -> Any:
             if cell is None:
                 cells.append("[dim]—[/]")
                 continue
-            lines = [fmt_cell(cell).replace(" ± ", "±")]
-            if not is_baseline(col) and cell["gain"] is not None:
-                colour = "green" if cell["gain"] >= 0 else "red"
-                lines.append(f"[{colour}]{fmt_gain(cell['gain'])}[/]")
-            if cell.get("best_layer"):
-                lines.append(f"[dim]{cell['best_layer']}[/]")
-            if cell["paper"] is not None:
-                lines.append(f"[dim]paper {cell['paper']:.2f}[/]")
-            cells.append("\n".join(lines))
+            cells.append("\n".join(text.replace(" ± ", "±") if kind == "value"
+                                   else f"[{_RICH[kind]}]{text}[/]"
+                                   for kind, text in cell_parts(cell, col)))
         table.add_row(row["model_dir"], row["display"], *cells)
     return table
 
@@ -68,14 +78,12 @@ def _now() -> str:
 
 
 def _cell_text(cell: dict | None, col: str) -> str:
+    """A Markdown cell (the paper's numbers have their own section there)."""
     if cell is None:
         return "—"
-    text = f"{fmt_cell(cell)} (n={cell['n']})"
-    if not is_baseline(col) and cell["gain"] is not None:
-        text += f" {fmt_gain(cell['gain'])}"
-    if cell.get("best_layer"):
-        text += f" @{cell['best_layer']}"
-    return text
+    marks = {"value": f"{{}} (n={cell['n']})", "gain+": "{}", "gain-": "{}", "layer": "@{}"}
+    return " ".join(marks[kind].format(text) for kind, text in cell_parts(cell, col)
+                    if kind in marks)
 
 
 _PAPER_SCOPE = ("The paper reports " + ", ".join(paper_models()) + " (reference tap) on "
@@ -178,14 +186,13 @@ def _esc(text: Any) -> str:
 def _html_cell(cell: dict | None, col: str) -> str:
     if cell is None:
         return '<td class="absent" title="not run">—</td>'
-    parts = [_esc(fmt_cell(cell)), f'<span class="sub"> n={cell["n"]}</span>']
-    if not is_baseline(col) and cell["gain"] is not None:
-        cls = "pos" if cell["gain"] >= 0 else "neg"
-        parts.append(f'<br><span class="gain {cls}">{_esc(fmt_gain(cell["gain"]))}</span>')
-    if cell.get("best_layer"):
-        parts.append(f'<br><span class="sub">{_esc(cell["best_layer"])}</span>')
-    if cell["paper"] is not None:
-        parts.append(f'<br><span class="sub">paper {cell["paper"]:.2f}</span>')
+    classes = {"gain+": "gain pos", "gain-": "gain neg", "layer": "sub", "paper": "sub"}
+    parts = []
+    for kind, text in cell_parts(cell, col):
+        if kind == "value":
+            parts += [_esc(text), f'<span class="sub"> n={cell["n"]}</span>']
+        else:
+            parts.append(f'<br><span class="{classes[kind]}">{_esc(text)}</span>')
     return "<td>" + "".join(parts) + "</td>"
 
 

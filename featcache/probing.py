@@ -105,11 +105,9 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     from featcache.train import TrainConfig
 
     cfg = TrainConfig(seed=seed)
-    if opts.grid == "quick":
+    if opts.grid == "quick":  # (check_options has refused any other grid name)
         cfg = replace(cfg, epochs=10, min_total_steps=200, lrs=(1e-2, 1e-3), wds=(1e-4, 1e-2),
                       dropouts=(0.0, 0.1))
-    elif opts.grid != "paper":
-        raise FeatcacheError(f"unknown grid {opts.grid!r}: choose {', '.join(GRIDS)}")
     overrides = {"epochs": opts.epochs, "batch_size": opts.batch_size, "lrs": opts.lrs,
                  "wds": opts.wds, "dropouts": opts.dropouts, "min_total_steps": opts.min_steps}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
