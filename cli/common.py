@@ -97,6 +97,27 @@ def options_from(cls: type[Opts], params: dict[str, Any]) -> Opts:
     return cls(**{k: v for k, v in params.items() if k in fields})
 
 
+def print_rows(rows: list[dict[str, Any]], json_out: bool, title: str,
+               columns: list[tuple[str, Callable[[dict[str, Any]], str]]],
+               **column_style: Any) -> bool:
+    """A command's rows: JSON on stdout with `--json`, else a table of `columns`
+    (header, cell of a row). Returns False when there was nothing to show."""
+    if json_out:
+        print_json(rows)
+        return bool(rows)
+    if not rows:
+        return False
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header, _ in columns:
+        table.add_column(header, **column_style)
+    for row in rows:
+        table.add_row(*(cell(row) for _, cell in columns))
+    console.print(table)
+    return True
+
+
 def print_json(obj: Any) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else."""
     typer.echo(json.dumps(obj, indent=2, default=str))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from featcache.cli.common import console, options_from, print_json, user_errors
+from featcache.cli.common import console, options_from, print_json, print_rows, user_errors
 from rich import box
 from rich.table import Table
 
@@ -170,17 +170,10 @@ def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     """The model registry (any other timm or open_clip ViT works by prefix)."""
     from featcache.backbones import models as model_rows
 
-    rows = model_rows()
-    if json_out:
-        print_json(rows)
-        return
-    table = Table(title="models (also timm:NAME, open_clip:ARCH:PRETRAINED)")
-    for col in ("name", "backend", "weights", "description"):
-        table.add_column(col)
-    for r in rows:
-        w = r["arch"] + (f" / {r['pretrained']}" if r["pretrained"] else "")
-        table.add_row(r["name"], r["backend"], w, r["description"])
-    console.print(table)
+    print_rows(model_rows(), json_out, "models (also timm:NAME, open_clip:ARCH:PRETRAINED)", [
+        ("name", lambda r: r["name"]), ("backend", lambda r: r["backend"]),
+        ("weights", lambda r: r["arch"] + (f" / {r['pretrained']}" if r["pretrained"] else "")),
+        ("description", lambda r: r["description"])])
 
 
 @user_errors
@@ -189,16 +182,10 @@ def datasets(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
     """The dataset registry (also imagefolder:PATH, wds:PATH, torchvision:NAME, ...)."""
     from featcache.sources import datasets as dataset_rows
 
-    rows = dataset_rows()
-    if json_out:
-        print_json(rows)
-        return
-    table = Table(title="datasets")
-    for col in ("name", "source", "classes", "description"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["name"], r["source"], str(r.get("n_classes") or "?"), r["description"])
-    console.print(table)
+    print_rows(dataset_rows(), json_out, "datasets", [
+        ("name", lambda r: r["name"]), ("source", lambda r: r["source"]),
+        ("classes", lambda r: str(r.get("n_classes") or "?")),
+        ("description", lambda r: r["description"])], overflow="fold")
 
 
 @user_errors

@@ -6,8 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from featcache.cli.common import console, err_console, options_from, print_json, user_errors
-from rich.table import Table
+from featcache.cli.common import (
+    console,
+    err_console,
+    options_from,
+    print_rows,
+    user_errors,
+)
 
 
 def _fmt(value: object) -> str:
@@ -72,20 +77,17 @@ def probe(
              **{k: r.metrics.get(k) for k in ("balanced_top1", "top1")},
              "selected": r.selected, "seconds": round(r.seconds, 2), "path": str(r.path)}
             for r in results]
-    if json_out:
-        print_json(rows)
-        return
-    table = Table(title=f"probe --method {method}: test accuracy (%)")
-    for col in ("model", "dataset", "layers", "seed", "balanced top-1", "top-1", "selected",
-                "status"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        sel = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in (r["selected"] or {}).items())
-        status = "trained" if r["status"] == "trained" else "[dim]done before (--force)[/]"
-        table.add_row(r["model"], r["dataset"], r["layer_set"], str(r["seed"]),
-                      _fmt(r["balanced_top1"]), _fmt(r["top1"]), sel, status)
-    console.print(table)
+    def selected(r: dict) -> str:
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in (r["selected"] or {}).items())
+
+    print_rows(rows, json_out, f"probe --method {method}: test accuracy (%)", [
+        ("model", lambda r: r["model"]), ("dataset", lambda r: r["dataset"]),
+        ("layers", lambda r: r["layer_set"]), ("seed", lambda r: str(r["seed"])),
+        ("balanced top-1", lambda r: _fmt(r["balanced_top1"])),
+        ("top-1", lambda r: _fmt(r["top1"])), ("selected", selected),
+        ("status", lambda r: "trained" if r["status"] == "trained"
+         else "[dim]done before (--force)[/]")], overflow="fold")
 
 
 @user_errors
@@ -107,21 +109,15 @@ def runs(
     if problems:
         err_console.print(f"[yellow]{len(problems)} unreadable record(s) skipped[/]"
                           + (f" ({len(problems) - 5} not shown)" if len(problems) > 5 else ""))
-    if json_out:
-        print_json(rows)
-        return
-    if not rows:
+    shown = print_rows(rows, json_out, f"runs under {root}", [
+        ("model", lambda r: str(r["model"])), ("dataset", lambda r: str(r["dataset"])),
+        ("method", lambda r: str(r["method"])), ("layers", lambda r: str(r["layer_set"])),
+        ("variant", lambda r: r["variant"] or "paper recipe"),
+        ("seed", lambda r: str(r["seed"])),
+        ("balanced top-1", lambda r: _fmt(r["balanced_top1"])),
+        ("top-1", lambda r: _fmt(r["top1"]))], overflow="fold")
+    if not shown and not json_out:
         console.print(f"no runs under {root}; train some with `featcache probe`")
-        return
-    table = Table(title=f"runs under {root}")
-    for col in ("model", "dataset", "method", "layers", "variant", "seed", "balanced top-1",
-                "top-1"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(str(r["model"]), str(r["dataset"]), str(r["method"]),
-                      str(r["layer_set"]), r["variant"] or "paper recipe", str(r["seed"]),
-                      _fmt(r["balanced_top1"]), _fmt(r["top1"]))
-    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
