@@ -155,7 +155,8 @@ def git_state() -> dict[str, Any]:
                                   timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
-    dirty = run("git", "status", "--porcelain", "featcache/heads.py", "featcache/train.py")
+    dirty = run("git", "status", "--porcelain", "featcache/heads", "featcache/train.py",
+                "featcache/optim.py")
     return {"commit": run("git", "rev-parse", "--short", "HEAD").strip(),
             "heads_train_modified": [ln[3:] for ln in dirty.splitlines() if ln.strip()]}
 
