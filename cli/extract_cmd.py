@@ -139,6 +139,9 @@ def info(
     for key in ("model", "weights", "tap", "dataset", "split", "n", "layers", "dim",
                 "all_tokens", "complete"):
         console.print(f"  {key:>10}: {data[key]}")
+    probe_token = data["attrs"].get("probe_token")
+    console.print(f"  {'tokens':>10}: {', '.join(data['token_kinds'])}"
+                  + (f" (linear probe: {probe_token})" if probe_token else ""))
     console.print(f"  {'shards':>10}: {data['shards_done']}/{data['shards']} done, "
                   f"{data['shard_size']} samples each")
     console.print(f"  {'size':>10}: {human_bytes(data['bytes'])}")
@@ -173,6 +176,8 @@ def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     print_rows(model_rows(), json_out, "models (also timm:NAME, open_clip:ARCH:PRETRAINED)", [
         ("name", lambda r: r["name"]), ("backend", lambda r: r["backend"]),
         ("weights", lambda r: r["arch"] + (f" / {r['pretrained']}" if r["pretrained"] else "")),
+        ("tokens", lambda r: "+".join(r.get("token_kinds") or ()) or "?"),
+        ("paper", lambda r: "yes" if r.get("paper") else ""),
         ("description", lambda r: r["description"])])
 
 

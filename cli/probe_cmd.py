@@ -47,7 +47,8 @@ def probe(
                          ] = None,
     shots: Annotated[int | None, typer.Option(help="K training examples per class.")] = None,
     token: Annotated[str | None, typer.Option(
-        help="linear/layers: cls or ap (default: the model's own, AP for MAE).")] = None,
+        help="linear/layers: cls, ap or pool (default: the model's own embedding: "
+             "CLS for the paper's models, AP for MAE).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     memory_gb: Annotated[float | None, typer.Option(
         help="Memory budget for the grid's heads (default: half of free device memory).")

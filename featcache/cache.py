@@ -30,12 +30,15 @@ from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.text import slug
 
-FORMAT_VERSION = 2  # 2: crc32c on every chunk, fills that cannot pass for data
-READABLE_FORMATS = (1, 2)
-FEATURE_KINDS = ("cls", "ap")
+# 2: crc32c on every chunk, fills that cannot pass for data; 3: the token kinds a model
+# has (no `cls` array without a class token; `pool` for a pooled embedding of its own)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+FEATURE_KINDS = ("cls", "ap")  # per layer
+POOL_KIND = "pool"  # the final layer's pooled embedding, where the model has its own
 TOKEN_KIND = "last_tokens"
 # Written shard by shard (with the done flag after them); `done` itself is the flag.
-SHARD_ARRAYS = ("cls", "ap", "last_tokens", "labels", "valid")
+SHARD_ARRAYS = ("cls", "ap", "pool", "last_tokens", "labels", "valid")
 LABEL_FILL = -1
 SHARD_TARGET_BYTES = 64 << 20  # the largest array's shard stays near this size
 MAX_SHARD_SIZE = 1024
@@ -84,6 +87,12 @@ class Layout:
     shard_size: int
     n_tokens: int | None = None  # all tokens of the last layer stored when set
     token_dim: int | None = None
+    has_cls: bool = True  # a `cls` array (the model has a class token)
+    pool_dim: int | None = None  # a `pool` array (N, 1, pool_dim) when set
+
+    @property
+    def token_kinds(self) -> list[str]:
+        return ["cls"] * self.has_cls + ["ap"] + [POOL_KIND] * (self.pool_dim is not None)
 
     @property
     def n_shards(self) -> int:
@@ -128,9 +137,11 @@ class Cache:
             self.layer_names: list[str] = _typed(attrs["layer_names"], list)
             self.layer_dims: list[int] = _typed(attrs["layer_dims"], list)
             self.class_names: list[str] = _typed(attrs["class_names"], list)
+            kinds = _typed(attrs.get("token_kinds", list(FEATURE_KINDS)), list)
             self.layout = Layout(int(attrs["n"]), len(self.layer_names), int(attrs["dim"]),
                                  int(attrs["shard_size"]), _int_or_none(attrs.get("n_tokens")),
-                                 _int_or_none(attrs.get("token_dim")))
+                                 _int_or_none(attrs.get("token_dim")), "cls" in kinds,
+                                 _int_or_none(attrs.get("pool_dim")))
             self.fingerprint["model"]["model"], self.fingerprint["dataset"]["name"]
         except (KeyError, TypeError, ValueError) as exc:
             raise self.metadata_error("zarr.json", f"attribute {exc} missing or of the "
@@ -150,12 +161,15 @@ class Cache:
         truncated array zarr.json is named here, not found later as odd numbers."""
         lay = self.layout
         expected: dict[str, tuple[tuple[int, ...], str]] = {
-            "cls": ((lay.n, lay.n_layers, lay.dim), "float16"),
             "ap": ((lay.n, lay.n_layers, lay.dim), "float16"),
             "labels": ((lay.n,), "int64"),
             "valid": ((lay.n,), "bool"),
             "done": ((lay.n_shards,), "bool"),
         }
+        if lay.has_cls:
+            expected["cls"] = ((lay.n, lay.n_layers, lay.dim), "float16")
+        if lay.pool_dim is not None:
+            expected[POOL_KIND] = ((lay.n, 1, lay.pool_dim), "float16")
         if lay.n_tokens is not None:
             expected[TOKEN_KIND] = ((lay.n, lay.n_tokens, lay.token_dim or 0), "float16")
         for name, (shape, dtype) in expected.items():
@@ -203,9 +217,32 @@ class Cache:
         return self.fingerprint["dataset"]["split"]
 
     @property
+    def token_kinds(self) -> list[str]:
+        """"cls" (where the model has a class token), "ap", and "pool" (its own pooled
+        embedding of the final layer, where it has one)."""
+        return self.layout.token_kinds
+
+    @property
     def arrays(self) -> list[str]:
         """The arrays written shard by shard that this cache has."""
-        return [a for a in SHARD_ARRAYS if a != TOKEN_KIND or self.has_all_tokens]
+        present = {*self.token_kinds, "labels", "valid", *([TOKEN_KIND] * self.has_all_tokens)}
+        return [a for a in SHARD_ARRAYS if a in present]
+
+    def token_width(self, name: str, kind: str) -> int:
+        """How wide token `kind` of layer `name` is (the pool has its own width)."""
+        if kind == POOL_KIND:
+            return int(self.layout.pool_dim or 0)
+        return int(self.layer_dims[self.layer_index([name])[0]])
+
+    def check_token(self, name: str, kind: str) -> None:
+        """Refuse a token this cache does not hold, naming what it holds."""
+        if kind not in self.token_kinds:
+            raise FeatcacheError(f"{self.path} has no {kind!r} tokens (this model's are "
+                                 f"{', '.join(self.token_kinds)})")
+        if kind == POOL_KIND and name != "final":
+            raise FeatcacheError(f"{self.path}: the pooled embedding exists for the final "
+                                 f"layer only, not {name!r}")
+        self.layer_index([name])
 
     @property
     def file_checked_arrays(self) -> list[str]:
@@ -242,6 +279,7 @@ class Cache:
             "layers": len(self.layer_names),
             "dim": self.dim,
             "all_tokens": self.has_all_tokens,
+            "token_kinds": self.token_kinds,
             "complete": bool(self.group.attrs.get("complete", False)) and bool(done.all()),
             "shards_done": int(done.sum()),
             "shards": int(done.size),
@@ -332,17 +370,21 @@ class Cache:
 
     def read(self, kind: str, layers: list[int] | None = None,
              rows: slice | None = None, check: bool = True) -> np.ndarray:
-        """(rows, layers, dim) float16 for kind "cls"/"ap"; (rows, T, D) for "last_tokens".
+        """(rows, layers, dim) float16 for kind "cls"/"ap"; (rows, 1, pool_dim) for "pool";
+        (rows, T, D) for "last_tokens".
 
         ``check``: refuse values that are not finite (NaN is what a missing chunk reads
         as; the extractor never stores a non-finite value)."""
-        if kind not in (*FEATURE_KINDS, TOKEN_KIND):
+        if kind not in (*FEATURE_KINDS, POOL_KIND, TOKEN_KIND):
             raise ValueError(f"unknown kind {kind!r}")
         if kind == TOKEN_KIND and not self.has_all_tokens:
             raise FeatcacheError(f"{self.path} holds no last-layer tokens; re-extract with "
                                  "--all-tokens")
+        if kind in (*FEATURE_KINDS, POOL_KIND) and kind not in self.token_kinds:
+            raise FeatcacheError(f"{self.path} has no {kind!r} tokens (this model's are "
+                                 f"{', '.join(self.token_kinds)})")
         rows = rows if rows is not None else slice(0, self.n)
-        if kind == TOKEN_KIND or layers is None:
+        if kind in (TOKEN_KIND, POOL_KIND) or layers is None:
             out = self._read(kind, rows)
         else:
             out = self._read(kind, rows, (list(layers), slice(None)))
@@ -459,8 +501,13 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
     checked = {"compressors": [Crc32cCodec()] if checksums else None,
                "config": {"write_empty_chunks": True}}
     for kind in FEATURE_KINDS:
-        group.create_array(kind, shape=(n, lay.n_layers, lay.dim), dtype="float16",
-                           chunks=(rows, 1, lay.dim), shards=(s, lay.n_layers, lay.dim),
+        if kind in lay.token_kinds:
+            group.create_array(kind, shape=(n, lay.n_layers, lay.dim), dtype="float16",
+                               chunks=(rows, 1, lay.dim), shards=(s, lay.n_layers, lay.dim),
+                               fill_value=np.nan, **checked)
+    if lay.pool_dim is not None:
+        group.create_array(POOL_KIND, shape=(n, 1, lay.pool_dim), dtype="float16",
+                           chunks=(rows, 1, lay.pool_dim), shards=(s, 1, lay.pool_dim),
                            fill_value=np.nan, **checked)
     if lay.n_tokens is not None:
         token_rows = _inner_rows(s, min(TOKEN_CHUNK_ROWS, n))
@@ -487,6 +534,8 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
         "n_shards": lay.n_shards,
         "n_tokens": lay.n_tokens,
         "token_dim": lay.token_dim,
+        "token_kinds": lay.token_kinds,
+        "pool_dim": lay.pool_dim,
         "complete": False,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra_attrs or {}),

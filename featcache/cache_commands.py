@@ -11,8 +11,6 @@ import numpy as np
 
 from featcache import atomic
 from featcache.cache import (
-    FEATURE_KINDS,
-    TOKEN_KIND,
     Cache,
     default_cache_root,
     find_caches,
@@ -75,9 +73,7 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
                              "first (re-run the same command)")
     cache.check_files()
     with atomic.atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
-        for name in (*FEATURE_KINDS, TOKEN_KIND, "labels", "valid"):
-            if name not in cache.group:
-                continue
+        for name in cache.arrays:
             src = cache.group[name]
             dst = h5.create_dataset(name, shape=src.shape, dtype=src.dtype,
                                     chunks=_h5_chunks(src.shape, src.dtype.itemsize))

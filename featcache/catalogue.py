@@ -69,6 +69,8 @@ def _register_models() -> None:
     from featcache.backbones.spec import ModelSpec
 
     for entry in model_entries():
+        if entry.get("token_kinds") is not None:
+            entry["token_kinds"] = tuple(entry["token_kinds"])
         MODELS.add(entry["name"], ModelSpec(**entry))
 
 

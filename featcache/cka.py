@@ -212,9 +212,11 @@ def _compute_cka(path: str, open_cache: Callable[[str], Any] | None) -> dict[str
 
         open_cache = _open
     cache = open_cache(path)
-    return {"layers": list(cache.layer_names),
-            "cls": layer_cka_to_last(cache, "cls", CKA_MAX_SAMPLES),
-            "ap": layer_cka_to_last(cache, "ap", CKA_MAX_SAMPLES),
-            "max_samples": CKA_MAX_SAMPLES}
+    kinds = getattr(cache, "token_kinds", ("cls", "ap"))  # a model without CLS has no curve
+    out: dict[str, Any] = {"layers": list(cache.layer_names), "max_samples": CKA_MAX_SAMPLES}
+    for kind in ("cls", "ap"):
+        if kind in kinds:
+            out[kind] = layer_cka_to_last(cache, kind, CKA_MAX_SAMPLES)
+    return out
 
 

@@ -218,7 +218,7 @@ class ShardWriter:
                 continue
             row, col = np.argwhere(~np.isfinite(value))[0][:2]
             where = (f"layer {self.cache.layer_names[col]}" if key in ("cls", "ap")
-                     else f"token {col}")
+                     else "the pooled embedding" if key == "pool" else f"token {col}")
             raise FeatcacheError(
                 f"{key} of image {start + row}, {where}, is not finite in float16 (an activation "
                 "beyond ±65504, or NaN); this model's activations do not fit the fp16 cache "
@@ -312,7 +312,10 @@ def _open_existing(path: Path, fingerprint: dict[str, Any]) -> tuple[Cache | Non
         cache = open_cache(path, "r+")
     except FeatcacheError as exc:  # damaged metadata, an older reader's format
         return None, str(exc)
-    if cache.format != FORMAT_VERSION:
+    # a format-2 cache of a model with CLS is byte for byte a format-3 one (3 only added
+    # the layouts of models without CLS or with a pool): an upgrade mid-extraction resumes
+    same_bytes = cache.format == 2 and cache.token_kinds == ["cls", "ap"]
+    if cache.format != FORMAT_VERSION and not same_bytes:
         return None, (f"{path} is a format-{cache.format} cache from an older featcache "
                       f"(it stays readable; new shards need format {FORMAT_VERSION})")
     try:
@@ -348,16 +351,17 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
                 return cache, "resumed"
     token_dim = backbone.final_dim if opts.all_tokens else None
     n_tokens = backbone.n_tokens if opts.all_tokens else None
-    per_sample = 2 * 2 * len(backbone.layer_names) * backbone.dim
+    per_layer_kinds = 1 + backbone.has_cls  # AP, and CLS where the model has one
+    per_sample = 2 * per_layer_kinds * len(backbone.layer_names) * backbone.dim
     if opts.all_tokens:
         per_sample = max(per_sample, 2 * backbone.n_tokens * backbone.final_dim)
     # never larger than the data: one shard then holds everything, with no padding
     shard_size = min(opts.shard_size or choose_shard_size(per_sample), len(dataset))
     layout = Layout(len(dataset), len(backbone.layer_names), backbone.dim, shard_size,
-                    n_tokens, token_dim)
+                    n_tokens, token_dim, backbone.has_cls, backbone.pool_dim)
     cache = create_cache(target, fingerprint, layout, dataset.labels,
                          list(dataset.class_names), backbone.layer_names, backbone.layer_dims,
-                         {"probe_token": backbone.spec.probe_token})
+                         {"probe_token": backbone.probe_token})
     return cache, "written"
 
 
@@ -509,7 +513,7 @@ def _run_loop(backbone: Backbone, dataset: Any, cache: Cache, shards: list[int],
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=compute_dtype, enabled=autocast):
                 out = backbone.tokens(images, all_tokens=layout.n_tokens is not None)
-            arrays = {"cls": out["cls"], "ap": out["ap"]}
+            arrays = {k: out[k] for k in ("cls", "ap", "pool") if k in out}
             if "last" in out:
                 arrays["last_tokens"] = out["last"]
             valid = torch.tensor([not e for e in errors], dtype=torch.bool)

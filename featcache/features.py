@@ -264,17 +264,22 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
                 normalise: bool | str | None = "token") -> FeatureSource:
     """The cache's tokens, in order, as a FeatureSource over all N samples.
 
-    ``tokens``: (layer name, "cls" | "ap") pairs, or ``[("final", "all")]`` for every
-    token of the last layer (``--all-tokens`` caches). Only these layers are read, per
-    layer and per shard, into a float16 tensor on ``device`` if its size fits
+    ``tokens``: (layer name, "cls" | "ap" | "pool") pairs, or ``[("final", "all")]`` for
+    every token of the last layer (``--all-tokens`` caches). Only these layers are read,
+    per layer and per shard, into a float16 tensor on ``device`` if its size fits
     ``budget_bytes`` (default: `default_feature_budget`), else into (pinned) host memory.
+    Tokens narrower than the widest (a pooled embedding of another width) are zero-padded,
+    which changes neither their norm nor any dot product.
     """
     n = cache.n
     all_tokens = tokens == [("final", "all")]
     if all_tokens:
         n_tok, dim = cache.layout.n_tokens, cache.layout.token_dim
     else:
-        n_tok, dim = len(tokens), cache.dim
+        for name, kind in tokens:
+            cache.check_token(name, kind)
+        n_tok = len(tokens)
+        dim = max([cache.dim, *(cache.token_width(n_, k) for n_, k in tokens if k == "pool")])
     nbytes = n * n_tok * dim * 2
     budget = default_feature_budget(device) if budget_bytes is None else int(budget_bytes)
     placement = "device" if nbytes <= budget else "host"
@@ -291,6 +296,8 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
     target = device if placement == "device" else torch.device("cpu")
     pin = placement == "host" and device.type == "cuda"
     raw = torch.empty((n, n_tok, dim), dtype=torch.float16, device=target, pin_memory=pin)
+    if not all_tokens and any(k == "pool" for _, k in tokens):
+        raw.zero_()  # the padding of tokens narrower than `dim`
     row_bytes = (n_tok if all_tokens else 1) * dim * 2
     block = max(1, cache.layout.shard_size)
     block *= max(1, READ_BLOCK_BYTES // max(1, block * row_bytes))  # whole shards per read
@@ -303,11 +310,11 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
         for t, token in enumerate(tokens):
             slots.setdefault(token, []).append(t)
         for (name, kind), where in slots.items():
-            layer = cache.layer_index([name])
+            layer = None if kind == "pool" else cache.layer_index([name])
             for rows in spans:
                 part = _half(cache.read(kind, layer, rows)[:, 0])
                 for t in where:
-                    raw[rows, t].copy_(part)
+                    raw[rows, t, : part.shape[1]].copy_(part)
     return FeatureSource(raw, device, normalise=normalise, placement=placement)
 
 

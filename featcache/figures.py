@@ -131,7 +131,10 @@ def gain_overview(rows: Sequence[dict]) -> Figure | None:
                        if len(models) > 3 else "center")
     ax.set_ylabel("gain over linear (balanced top-1, points)")
     ax.set_title("Mean gain over the linear baseline across datasets")
-    ax.legend(fontsize=8, ncols=min(4, len(cols)), loc="best")
+    # as many legend columns as fit: four variant labels side by side ("alf:all [epochs=2,
+    # grid=quick, min_steps=20]") are wider than the figure and collapse its layout
+    longest = max(len(c) for c in cols)
+    ax.legend(fontsize=8, ncols=max(1, min(4, len(cols), 72 // longest)), loc="best")
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -167,8 +170,11 @@ def gain_heatmap(rows: Sequence[dict]) -> Figure | None:
     vmax = max(0.5, float(np.percentile(every, 95))) if every.size else 1.0
     nrows, ncols = _grid(len(models))
     tallest = max(len(m[1]) for m in mats.values())
-    fig = Figure(figsize=(ncols * (2.4 + 0.75 * len(cols)), nrows * (1.4 + 0.32 * tallest)),
-                 layout="constrained")
+    # Column names at 45° take height: a variant label ("alf:all [epochs=1, grid=quick]")
+    # collapsed a one-dataset panel to nothing without these extra inches.
+    labels_h = 0.06 * max(0, max(len(c) for c in cols) - 10)
+    fig = Figure(figsize=(ncols * (2.4 + 0.75 * len(cols)),
+                          nrows * (1.4 + 0.32 * tallest + labels_h)), layout="constrained")
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#eeeeee")
     image = None
     # Text is the slow part of matplotlib: number every cell only while that stays cheap

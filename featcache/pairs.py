@@ -110,12 +110,33 @@ def layer_set_names(layer_set: str, layer_names: list[str]) -> list[str]:
 
 def token_list(method: str | Method, layer_set: str, cache: Cache, token: str | None = None
                ) -> list[tuple[str, str]]:
-    """The head's input tokens in order: (layer name, "cls" | "ap")."""
-    probe_token = token or cache.attrs.get("probe_token", "cls")
+    """The head's input tokens in order: (layer name, "cls" | "ap" | "pool"), from the
+    token kinds the cache has.
+
+    "probe" methods read the probe token of each layer (`--token`, else the model's: its
+    own embedding, CLS for the paper's models, AP for MAE); a layer without it (the pool
+    exists for the final layer only; a model without a class token has no CLS) falls back
+    to CLS, else AP. "cls+ap" methods read CLS (where the model has one) and AP of each
+    layer, and the final layer's pool where the model has one of its own.
+    """
+    kinds = cache.token_kinds
+    if token is not None and token not in kinds:
+        raise FeatcacheError(f"--token {token}: {cache.path} has no {token!r} tokens (this "
+                             f"model's are {', '.join(kinds)})")
+    probe_token = token or cache.attrs.get("probe_token") or "cls"
     layers = layer_set_names(layer_set, cache.layer_names)
     if get_method(method).tokens == "probe":
-        return [(name, probe_token) for name in layers]
-    return [(name, kind) for name in layers for kind in ("cls", "ap")]
+        return [(name, _at_layer(probe_token, name, kinds)) for name in layers]
+    out = [(name, kind) for name in layers for kind in ("cls", "ap") if kind in kinds]
+    if "pool" in kinds and "final" in layers:
+        out.append(("final", "pool"))
+    return out
+
+
+def _at_layer(kind: str, layer: str, kinds: list[str]) -> str:
+    if kind in kinds and (kind != "pool" or layer == "final"):
+        return kind
+    return "cls" if "cls" in kinds else "ap"
 
 
 def load_tokens(cache: Cache, tokens: list[tuple[str, str]]) -> np.ndarray:

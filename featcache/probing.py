@@ -130,8 +130,9 @@ def check_options(opts: ProbeOptions) -> None:
     if not spec.takes_layers and opts.layers not in (None, spec.default_layers):
         raise FeatcacheError(f"--method {spec.name} reads {spec.description}; --layers does "
                              "not apply (use --method alf for layer sets)")
-    if opts.token not in (None, "cls", "ap"):
-        raise FeatcacheError(f"bad --token {opts.token!r}: use cls or ap")
+    if opts.token not in (None, "cls", "ap", "pool"):
+        raise FeatcacheError(f"bad --token {opts.token!r}: use cls, ap or pool (the kinds a "
+                             "cache has: `featcache info PATH`)")
     if not opts.seeds:
         raise FeatcacheError("no seeds given: use e.g. --seeds 0,1,2")
     if len(set(opts.seeds)) != len(opts.seeds):

@@ -49,6 +49,7 @@ class SynthSpec:
     tap: str = "reference"
     probe_token: str = "cls"
     class_balance: tuple[float, ...] | None = None  # class probabilities (None: uniform)
+    token_kinds: tuple[str, ...] = ("cls", "ap")  # ("ap", "pool"): a model without CLS
 
     @property
     def layer_names(self) -> list[str]:
@@ -71,9 +72,11 @@ def fingerprint(spec: SynthSpec, dataset: str, split: str, n: int,
                        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0},
         "layer_names": names,
         "layer_dims": [spec.dim] * len(names),
-        "n_prefix_tokens": 1,
+        "n_prefix_tokens": int("cls" in spec.token_kinds),
         "n_tokens": spec.all_tokens or 17,
     }
+    if list(spec.token_kinds) != ["cls", "ap"]:  # as Backbone.describe writes it
+        model["token_kinds"] = list(spec.token_kinds)
     model.update(model_overrides)
     return {
         "model": model,
@@ -114,12 +117,18 @@ def make_split(root: Path, spec: SynthSpec, split: str, n: int, dataset: str = "
     names = spec.layer_names
     arrays: dict[str, np.ndarray] = {}
     for kind in ("cls", "ap"):
-        arrays[kind] = np.stack(
-            [_token_values(spec, f"{name}.{kind}", y, rng, spec.signal.get((name, kind), 0.0))
-             for name in names], axis=1).astype(np.float16)
+        if kind in spec.token_kinds:
+            arrays[kind] = np.stack(
+                [_token_values(spec, f"{name}.{kind}", y, rng,
+                               spec.signal.get((name, kind), 0.0))
+                 for name in names], axis=1).astype(np.float16)
+    if "pool" in spec.token_kinds:
+        arrays["pool"] = _token_values(spec, "final.pool", y, rng, spec.signal.get(
+            ("final", "pool"), 0.0))[:, None].astype(np.float16)
     if spec.all_tokens:
         T = spec.all_tokens
-        toks = [arrays["cls"][:, -1].astype(np.float64)]
+        first = arrays["cls" if "cls" in arrays else "ap"][:, -1].astype(np.float64)
+        toks = [first]
         for t in range(1, T):
             strength = 0.0
             if spec.token_signal and spec.token_signal[0] == t:
@@ -128,10 +137,13 @@ def make_split(root: Path, spec: SynthSpec, split: str, n: int, dataset: str = "
         arrays["last_tokens"] = np.stack(toks, axis=1).astype(np.float16)
     fp = fingerprint(spec, dataset, split, n, **model_overrides)
     layout = Layout(n, len(names), spec.dim, spec.shard_size, spec.all_tokens,
-                    spec.dim if spec.all_tokens else None)
+                    spec.dim if spec.all_tokens else None, has_cls="cls" in spec.token_kinds,
+                    pool_dim=spec.dim if "pool" in spec.token_kinds else None)
     path = cache_path(root, model_dir or spec.model, dataset, split)
+    probe_token = spec.probe_token if spec.probe_token in spec.token_kinds \
+        else spec.token_kinds[-1]
     cache = create_cache(path, fp, layout, y, fp["dataset"]["class_names"], names,
-                         [spec.dim] * len(names), {"probe_token": spec.probe_token})
+                         [spec.dim] * len(names), {"probe_token": probe_token})
     shards = range(layout.n_shards - (0 if complete else 1))
     # every array of a shard, as the extractor writes them
     arrays["labels"] = np.asarray(y, dtype=np.int64)
@@ -158,6 +170,7 @@ def expected_tokens(cache: Cache, tokens: list[str]) -> np.ndarray:
     out = []
     for token in tokens:
         name, kind = token.split(".")
-        raw = np.asarray(cache.group[kind][:, cache.layer_names.index(name)], np.float32)
+        index = 0 if kind == "pool" else cache.layer_names.index(name)
+        raw = np.asarray(cache.group[kind][:, index], np.float32)
         out.append(raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12))
     return np.stack(out, axis=1)

@@ -122,7 +122,7 @@ def test_zarr_array_layout(train_cache):
     for kind in ("labels", "valid", "done"):
         assert group[kind].compressors == (Crc32cCodec(),)
     attrs = group.attrs.asdict()
-    assert attrs["featcache"]["format"] == 2
+    assert attrs["featcache"]["format"] == 3 and attrs["token_kinds"] == ["cls", "ap"]
     assert attrs["complete"] is True and attrs["n_shards"] == 3 and attrs["shard_size"] == 16
 
 

@@ -176,7 +176,7 @@ def test_verify_names_every_damaged_shard(copy):
     assert not (cache / "ap/c/2/0/0").exists()  # cleared: recomputed by the next extract
 
 
-def test_old_format_caches_stay_readable(copy, tmp_path):
+def test_old_format_caches_stay_readable(copy, wds_path, tmp_path):
     """A format-1 cache (no checksums, zero fills) still probes; extract refuses to add to
     it and says how to replace it."""
     cache = split_dir(copy)
@@ -188,6 +188,28 @@ def test_old_format_caches_stay_readable(copy, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["status"] == "trained"
     assert run("info", cache).exit_code == 0
+    assert_user_error(run(*extract_args(wds_path, copy, "--split", "train")),
+                      "format-1 cache from an older featcache", "--overwrite")
+
+
+def test_a_format_2_cache_resumes_bitwise(copy, wds_path):
+    """Format 3 only added layouts for models without CLS or with a pool: an unfinished
+    format-2 cache of a CLS model (someone upgraded mid-extraction) is finished, not
+    refused, and equals the clean cache."""
+    cache = split_dir(copy)
+    before = data_files(cache)
+
+    def as_format_2(meta: dict) -> None:
+        meta["attributes"]["featcache"]["format"] = 2
+        meta["attributes"].pop("token_kinds")
+        meta["attributes"]["complete"] = False
+
+    edit_json(cache / "zarr.json", as_format_2)
+    zarr.open_group(str(cache), mode="r+")["done"][1] = False
+    (cache / "ap/c/1/0/0").unlink()
+    result = run(*extract_args(wds_path, copy))
+    assert result.exit_code == 0, result.output
+    assert data_files(cache) == before
 
 
 def test_overwrite_keeps_the_old_cache_until_the_new_one_is_complete(copy, wds_path,

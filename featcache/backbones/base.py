@@ -35,10 +35,22 @@ class Geometry:
     n_prefix: int  # tokens before the patches: CLS and registers (excluded from AP)
     n_tokens: int  # every token of the final layer
     input_size: tuple[int, int, int]  # (3, H, W) the model takes
+    has_cls: bool = True  # token 0 is a class token
+    # The model's own image embedding, as its authors publish it: "cls" (the final CLS),
+    # "ap" (the final AP: global average pooling) or "pool" (anything else, e.g. an
+    # attention pool: then stored as its own token, `pool_dim` wide)
+    embedding: str = "cls"
+    pool_dim: int | None = None
+
+    @property
+    def token_kinds(self) -> list[str]:
+        return ["cls"] * self.has_cls + ["ap"] + ["pool"] * (self.pool_dim is not None)
 
 
 class Backbone(nn.Module, abc.ABC):
-    """A frozen ViT with hooks at its tap points; `tokens()` returns per-layer CLS and AP.
+    """A frozen ViT with hooks at its tap points; `tokens()` returns per-layer CLS and AP
+    (CLS where the model has a class token), and the model's pooled embedding where it is
+    neither (an attention pool).
 
     Layers are `block0 … block{L-1}` (the tap inside/after each block) and `final`
     (the model's own normed output; for CLIP after `ln_post` and the projection).
@@ -57,9 +69,10 @@ class Backbone(nn.Module, abc.ABC):
         """Refuse an architecture the library does not know, suggesting close names."""
 
     @classmethod
-    def default_probe_token(cls, arch: str) -> str:
-        """The token the linear baseline reads for an unregistered architecture."""
-        return "cls"
+    def default_probe_token(cls, arch: str) -> str | None:
+        """The token the linear baseline reads for an unregistered architecture (None:
+        the model's own embedding, `Geometry.embedding`)."""
+        return None
 
     @classmethod
     @abc.abstractmethod
@@ -86,10 +99,16 @@ class Backbone(nn.Module, abc.ABC):
     def run(self, images: torch.Tensor) -> torch.Tensor:
         """The forward pass: the final layer's normed tokens (B, T, final_dim)."""
 
-    def final(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The final layer's CLS, AP and all tokens, from `run`'s output."""
+    def final(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The final layer's CLS (None without one), AP and all tokens, from `run`'s
+        output."""
         cls, ap = self.reduce(x)
         return cls, ap, x
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's pooled embedding (B, pool_dim) from `run`'s output; only called when
+        `setup` reported a `pool_dim`."""
+        raise NotImplementedError(f"{type(self).__name__} reports a pool but has no pooled()")
 
     def batch_first(self, x: torch.Tensor) -> torch.Tensor:
         """A tapped block's output as (B, T, D) (open_clip's older towers are (T, B, D))."""
@@ -122,6 +141,9 @@ class Backbone(nn.Module, abc.ABC):
         g = self.geometry
         self.n_blocks, self.width, self.final_dim = g.n_blocks, g.width, g.final_dim
         self.n_prefix, self.n_tokens, self.input_size = g.n_prefix, g.n_tokens, g.input_size
+        self.has_cls, self.pool_dim, self.token_kinds = g.has_cls, g.pool_dim, g.token_kinds
+        # the linear baseline's token: the registry's choice, else the model's embedding
+        self.probe_token = spec.probe_token or g.embedding
         self.layer_names = [f"block{i}" for i in range(self.n_blocks)] + ["final"]
         self.layer_dims = [self.width] * self.n_blocks + [self.final_dim]
         self.dim = max(self.layer_dims)
@@ -145,17 +167,20 @@ class Backbone(nn.Module, abc.ABC):
         # Reduced at once: only (B, D) pairs outlive the block, not (B, T, D) activations.
         self._taps.append(self.reduce(self.batch_first(out)))
 
-    def reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLS = first token; AP = mean over patch tokens only (no CLS, no registers).
+    def reduce(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """CLS = first token (None without a class token); AP = mean over patch tokens only
+        (no CLS, no registers).
 
         The mean is taken in float32 whatever the compute dtype (a bf16 mean over 196 tokens
         would lose the precision the fp16 cache keeps).
         """
-        return x[:, 0].float(), x[:, self.n_prefix:].float().mean(dim=1)
+        cls = x[:, 0].float() if self.has_cls else None
+        return cls, x[:, self.n_prefix:].float().mean(dim=1)
 
     @torch.inference_mode()
     def tokens(self, images: torch.Tensor, all_tokens: bool = False) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W) → cls, ap: (B, n_layers, dim) zero-padded; last: (B, T, final_dim)."""
+        """(B, 3, H, W) → ap (and cls, with a class token): (B, n_layers, dim) zero-padded;
+        pool (with a distinct pooled embedding): (B, 1, pool_dim); last: (B, T, final_dim)."""
         self._taps = []
         try:
             final = self.run(images)
@@ -166,10 +191,11 @@ class Backbone(nn.Module, abc.ABC):
             raise RuntimeError(f"expected {self.n_blocks} tapped blocks, got {len(pairs)}")
         final_cls, final_ap, final_tokens = self.final(final)
         pairs.append((final_cls, final_ap))
-        out = {
-            "cls": torch.stack([_pad(c, self.dim) for c, _ in pairs], 1),
-            "ap": torch.stack([_pad(a, self.dim) for _, a in pairs], 1),
-        }
+        out = {"ap": torch.stack([_pad(a, self.dim) for _, a in pairs], 1)}
+        if self.has_cls:
+            out["cls"] = torch.stack([_pad(c, self.dim) for c, _ in pairs], 1)
+        if self.pool_dim is not None:
+            out["pool"] = self.pooled(final).float().unsqueeze(1)
         if all_tokens:
             out["last"] = final_tokens.float()
         return out
@@ -191,6 +217,10 @@ class Backbone(nn.Module, abc.ABC):
             "layer_dims": self.layer_dims,
             "n_prefix_tokens": self.n_prefix,
             "n_tokens": self.n_tokens,
+            # only when they differ from the paper's CLS+AP layout (fingerprints of caches
+            # made before stay equal)
+            **({"token_kinds": self.token_kinds, "embedding": self.geometry.embedding,
+                "pool_dim": self.pool_dim} if self.token_kinds != ["cls", "ap"] else {}),
         }
 
 

@@ -1,8 +1,14 @@
-"""open_clip's image towers (`open_clip:ARCH[:PRETRAINED]`, also `open_clip:hf-hub:REPO`):
-the VisionTransformer tower with a class token, read after `ln_post` and the projection."""
+"""open_clip's image towers (`open_clip:ARCH[:PRETRAINED]`, also `open_clip:hf-hub:REPO`).
+
+Two kinds: open_clip's own VisionTransformer (CLIP: a class token, the final layer read
+after `ln_post` and the projection, as the paper), and towers that wrap a timm trunk
+(`TimmModel`: SigLIP 2, PE-Core), read like timm's (`timm_backend`), whose pooled
+embedding is taken after the tower's projection where it has one: the image embedding
+the CLIP model is trained with."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from collections.abc import Callable
@@ -15,11 +21,25 @@ from torch import nn
 from featcache.backbones.base import Backbone, Geometry
 from featcache.backbones.preprocess import jsonable
 from featcache.backbones.spec import ModelSpec
+from featcache.backbones.timm_backend import check_plain_vit, tower_final, tower_geometry
 from featcache.backbones.weights import file_sha256, hub_error, hub_revision, kwargs_error, seeded
 from featcache.errors import FeatcacheError
 from featcache.hub import hub_access
 
 _SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def _agree_input_size(tower: nn.Module) -> nn.Module:
+    """open_clip builds a timm trunk at timm's default size whatever the config's
+    `image_size` says (`--model-arg vision_cfg=...image_size=...`); its own preprocessing
+    then feeds images the trunk refuses. Resize the trunk (its position embedding,
+    interpolated by timm) to the size the tower's preprocessing uses."""
+    trunk = getattr(tower, "trunk", None)
+    size = tuple(getattr(tower, "image_size", ()) or ())
+    grid = getattr(getattr(trunk, "patch_embed", None), "img_size", None)
+    if grid is not None and size and tuple(grid) != size and hasattr(tower, "set_input_size"):
+        tower.set_input_size(size)
+    return tower
 
 
 class OpenClipBackbone(Backbone):
@@ -98,7 +118,7 @@ class OpenClipBackbone(Backbone):
             revision = cls._revision(spec)
             if revision:
                 weights_id += f"@{revision}"
-        return model.visual, weights_id
+        return _agree_input_size(model.visual), weights_id
 
     @staticmethod
     def _revision(spec: ModelSpec) -> str | None:
@@ -129,16 +149,27 @@ class OpenClipBackbone(Backbone):
 
     @classmethod
     def check_model(cls, spec: ModelSpec, model: nn.Module, tap: str) -> None:
+        if hasattr(model, "trunk"):  # a timm trunk (SigLIP 2, PE-Core)
+            check_plain_vit(spec, model.trunk, tap)
+            return
         if not hasattr(model, "transformer") or not hasattr(model, "ln_post"):
             raise FeatcacheError(f"{spec.name}: its image tower ({type(model).__name__}) is "
-                                 "not open_clip's VisionTransformer; for a timm tower use "
-                                 "timm:NAME")
+                                 "neither open_clip's VisionTransformer nor a timm trunk")
+
+    @property
+    def _trunk(self) -> nn.Module | None:
+        """The timm trunk of a TimmModel tower (None for open_clip's own ViT)."""
+        return getattr(self.model, "trunk", None)
 
     def setup(self) -> Geometry:
         v = self.model
+        if self._trunk is not None:
+            geometry = tower_geometry(self, self._trunk)
+            return dataclasses.replace(geometry, embedding="pool",
+                                       pool_dim=_output_width(v, geometry.width))
         if getattr(v, "attn_pool", None) is not None:
-            raise FeatcacheError(f"{self.spec.name}: open_clip towers with attentional pooling "
-                                 "are not supported (no single CLS token)")
+            raise FeatcacheError(f"{self.spec.name}: open_clip towers with their own "
+                                 "attentional pooling (CoCa) are not supported")
         resblocks = v.transformer.resblocks
         self._lnd = not getattr(v.transformer, "batch_first", True)
         for block in resblocks:
@@ -149,11 +180,31 @@ class OpenClipBackbone(Backbone):
                         1, 1 + int(v.grid_size[0]) * int(v.grid_size[1]), (3, *size))
 
     def batch_first(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(0, 1) if self._lnd else x
+        return x.transpose(0, 1) if getattr(self, "_lnd", False) else x
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
+        if self._trunk is not None:
+            return self._trunk.forward_features(images)
         v = self.model
         x = v._embeds(images)
         x = v.transformer(x)
         x = v.ln_post(x)
         return x @ v.proj if v.proj is not None else x
+
+    def final(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        return tower_final(self, x) if self._trunk is not None else super().final(x)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's image embedding: the trunk's pool and head, then the tower's own
+        projection (what `visual(images)` returns)."""
+        return self.model.head(self._trunk.forward_head(x))
+
+
+def _output_width(tower: nn.Module, width: int) -> int:
+    """The width of a TimmModel tower's output: its last linear layer's, if any."""
+    last = width
+    for part in (tower.trunk.head, tower.head):
+        for module in part.modules():
+            if isinstance(module, nn.Linear):
+                last = module.out_features
+    return last

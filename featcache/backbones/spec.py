@@ -28,7 +28,8 @@ class ModelSpec:
     arch: str
     pretrained: str | None = None  # open_clip pretrained tag (timm's tag is in `arch`)
     kwargs: dict[str, Any] = field(default_factory=dict)
-    probe_token: str = "cls"  # the token the paper's linear baseline reads (AP for MAE)
+    # the token the linear baseline reads (AP for MAE); None: the model's own embedding
+    probe_token: str | None = None
     description: str = ""
     # None: the backend's own preprocessing (timm's data config, open_clip's transform);
     # "thingsvision": the authors' transform for DINOv2 and MAE (backbones/preprocess.py)
@@ -38,6 +39,7 @@ class ModelSpec:
     run_size: int | None = None
     paper_id: str | None = None  # the model's id in the paper's result tables
     extension: bool = False  # a registry entry beyond the paper's models
+    token_kinds: tuple[str, ...] | None = None  # what its cache holds (None: known once built)
 
 
 def register_model(name: str, target: str | ModelSpec, *, description: str = "",
@@ -100,8 +102,9 @@ def resolve_model(name: str, model_kwargs: dict[str, Any] | None = None) -> Mode
 def models() -> list[dict[str, Any]]:
     """`featcache models`: the registry as rows (any other timm/open_clip ViT by prefix)."""
     return [{"name": s.name, "backend": s.backend, "arch": s.arch, "pretrained": s.pretrained,
-             "probe_token": s.probe_token, "description": s.description,
-             "paper": s.paper_id is not None, "extension": s.extension}
+             "probe_token": s.probe_token, "token_kinds": list(s.token_kinds or ()) or None,
+             "description": s.description, "paper": s.paper_id is not None,
+             "extension": s.extension}
             for _, s in MODELS.items()]
 
 

@@ -1,5 +1,11 @@
-"""timm's VisionTransformer family (`timm:NAME`): ViT, DeiT, DINOv2 (with registers),
-MAE, AugReg, and any timm ViT with `blocks` and `patch_embed`."""
+"""timm's plain ViTs (`timm:NAME`): the VisionTransformer family (ViT, DeiT, DINOv2 with
+registers, MAE, AugReg, SigLIP, AIMv2) and the Eva family (EVA-02, DINOv3, PE-Core): any
+timm ViT with `blocks` and `patch_embed`, with or without a class token.
+
+The final layer's pooled embedding follows the model's own pooling (`forward_head` with
+`pre_logits`): the final CLS for token pooling, the final AP for average pooling (the
+same numbers, so nothing more is stored), and a token of its own, `pool`, for anything
+else (SigLIP's and PE-Core's attention pools)."""
 
 from __future__ import annotations
 
@@ -43,8 +49,8 @@ class TimmBackbone(Backbone):
             raise FeatcacheError(f"timm has no model {base!r}.{hint}")
 
     @classmethod
-    def default_probe_token(cls, arch: str) -> str:
-        return "ap" if ".mae" in arch else "cls"
+    def default_probe_token(cls, arch: str) -> str | None:
+        return "ap" if ".mae" in arch else None  # MAE is probed on AP (the paper's appendix)
 
     @classmethod
     def build(cls, spec: ModelSpec, kind: str, value: Any) -> tuple[nn.Module, str]:
@@ -100,39 +106,77 @@ class TimmBackbone(Backbone):
 
     @classmethod
     def check_model(cls, spec: ModelSpec, model: nn.Module, tap: str) -> None:
-        if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-            raise FeatcacheError(f"{spec.name}: not a plain timm ViT (no blocks/patch_embed); "
-                                 "featcache supports VisionTransformer-style models")
-        if tap == "reference":
-            from timm.models import vision_transformer as vt
-
-            odd = [type(b).__name__ for b in model.blocks
-                   if not hasattr(b, "norm2") or isinstance(b, (vt.ResPostBlock,
-                                                                vt.ParallelThingsBlock))]
-            if odd:
-                raise FeatcacheError(f"{spec.name}: its blocks ({odd[0]}) have no pre-MLP "
-                                     "norm2 to tap; use --tap residual")
+        check_plain_vit(spec, model, tap)
 
     def setup(self) -> Geometry:
-        m = self.model
-        if not getattr(m, "has_class_token", getattr(m, "cls_token", None) is not None):
-            raise FeatcacheError(f"{self.spec.name} has no CLS token; featcache caches CLS+AP per "
-                                 "layer and needs a ViT with a class token")
-        n_prefix = int(m.num_prefix_tokens)
-        grid = m.patch_embed.grid_size
-        for block in m.blocks:
-            self.tap_module(block.norm2 if self.tap == "reference" else block)
-        # Models pooled by `avg` keep `norm` as Identity and normalise after pooling.
-        self._post_norm = m.fc_norm if isinstance(m.norm, nn.Identity) else nn.Identity()
-        size = tuple(int(s) for s in m.patch_embed.img_size)
-        return Geometry(len(m.blocks), m.embed_dim, m.embed_dim, n_prefix,
-                        n_prefix + int(grid[0]) * int(grid[1]), (3, *size))
+        return tower_geometry(self, self.model)
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(images)
 
-    def final(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if isinstance(self._post_norm, nn.Identity):
-            return super().final(x)
-        cls, ap = self.reduce(x)
-        return self._post_norm(cls), self._post_norm(ap), self._post_norm(x)
+    def final(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        return tower_final(self, x)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(x, pre_logits=True)
+
+
+# -- shared with open_clip's towers that wrap a timm trunk (SigLIP 2, PE-Core) ------------
+
+HIERARCHICAL = ("SwinTransformer", "SwinTransformerV2", "Hiera", "ConvNeXt", "ResNet",
+                "EfficientNet", "MaxxVit", "DaVit", "MViT", "PoolFormer")
+
+
+def check_plain_vit(spec: ModelSpec, model: nn.Module, tap: str) -> None:
+    """Refuse, with one clear line, what the hooks cannot read correctly."""
+    name = type(model).__name__
+    if name.startswith(HIERARCHICAL) or not hasattr(model, "blocks") \
+            or not hasattr(model, "patch_embed"):
+        raise FeatcacheError(
+            f"{spec.name}: {name} is not a plain ViT. Hierarchical backbones (Swin, Hiera, "
+            "ConvNeXt, ...) change width and token grid from stage to stage, which the "
+            "cache's (N, layers, D) layout of one token grid cannot hold; featcache supports "
+            "ViTs with one token sequence (blocks and patch_embed)")
+    if tap == "reference":
+        from timm.models import vision_transformer as vt
+
+        odd = [type(b).__name__ for b in model.blocks
+               if not hasattr(b, "norm2") or isinstance(b, (vt.ResPostBlock,
+                                                            vt.ParallelThingsBlock))
+               or "PostNorm" in type(b).__name__]
+        if odd:
+            raise FeatcacheError(f"{spec.name}: its blocks ({odd[0]}) have no pre-MLP "
+                                 "norm2 to tap; use --tap residual")
+
+
+def tower_geometry(backbone: Backbone, m: nn.Module) -> Geometry:
+    """Hook a timm ViT's blocks and describe its tokens and pooling."""
+    has_cls = bool(getattr(m, "has_class_token", getattr(m, "cls_token", None) is not None))
+    n_prefix = int(getattr(m, "num_prefix_tokens", int(has_cls)))
+    grid = m.patch_embed.grid_size
+    for block in m.blocks:
+        backbone.tap_module(block.norm2 if backbone.tap == "reference" else block)
+    # Models pooled by `avg` keep `norm` as Identity and normalise after pooling.
+    backbone._post_norm = (m.fc_norm if isinstance(getattr(m, "norm", None), nn.Identity)
+                           and hasattr(m, "fc_norm") else nn.Identity())
+    pool = str(getattr(m, "global_pool", "token") or "")
+    attention_pool = getattr(m, "attn_pool", None) is not None
+    if attention_pool or pool not in ("token", "avg", ""):
+        embedding, pool_dim = "pool", int(m.num_features)
+    elif pool == "avg" or not has_cls:
+        embedding, pool_dim = "ap", None
+    else:
+        embedding, pool_dim = "cls", None
+    size = tuple(int(s) for s in m.patch_embed.img_size)
+    return Geometry(len(m.blocks), int(m.embed_dim), int(m.embed_dim), n_prefix,
+                    n_prefix + int(grid[0]) * int(grid[1]), (3, *size), has_cls, embedding,
+                    pool_dim)
+
+
+def tower_final(backbone: Backbone, x: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    post = backbone._post_norm
+    if isinstance(post, nn.Identity):
+        return Backbone.final(backbone, x)
+    cls, ap = backbone.reduce(x)
+    return (None if cls is None else post(cls)), post(ap), post(x)
