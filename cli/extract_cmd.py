@@ -177,7 +177,8 @@ def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         ("name", lambda r: r["name"]), ("backend", lambda r: r["backend"]),
         ("weights", lambda r: r["arch"] + (f" / {r['pretrained']}" if r["pretrained"] else "")),
         ("tokens", lambda r: "+".join(r.get("token_kinds") or ()) or "?"),
-        ("paper", lambda r: "yes" if r.get("paper") else ""),
+        ("set", lambda r: "paper" if r.get("paper") else "extension" if r.get("extension")
+         else ""),
         ("description", lambda r: r["description"])])
 
 

@@ -533,7 +533,8 @@ def all_figures(rows: Sequence[dict], records: Sequence[dict],
 register_figure(
     "gain_overview", lambda d: gain_overview(d.rows),
     title="Gain over the linear baseline, per model",
-    question="Does reading more layers (concat, ALF) beat the last-layer CLS linear probe, "
+    question="Does reading more layers (concat, ALF) beat the linear probe of the last "
+             "layer's embedding (CLS for the paper's models), "
     "on average over your datasets? Bars: mean gain; whiskers: std over datasets.")
 register_figure(
     "gain_heatmap", lambda d: gain_heatmap(d.rows),

@@ -97,12 +97,15 @@ def _gain_or_dash(pair: dict, key: str) -> str:
 
 
 _LEGEND = ("Test balanced top-1 accuracy (%): mean ± sample std over seeds (n = seeds); "
-           "the signed number is the gain over the linear baseline (last-layer CLS) of the "
+           "the signed number is the gain over the linear baseline (the model's own "
+           "embedding at the last layer: CLS for the paper's models) of the "
            "same model and dataset; — = that method was not run for that pair. "
            "`layers` = the single-layer linear probe whose layer was picked on validation "
            "(the layer is named). "
            "Columns: `concat:<layers>` = linear probe on concatenated CLS+AP tokens; "
-           "`alf:all` = attentive layer fusion over every layer's CLS+AP.")
+           "`alf:all` = attentive layer fusion over every layer's CLS+AP. A model without "
+           "a class token contributes AP alone, and one with a pool of its own adds it at "
+           "the last layer (each run's record names its tokens).")
 
 
 def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:

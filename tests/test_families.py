@@ -41,6 +41,9 @@ FAMILIES = {
     "pe-core (CLS, attention pool)": ("timm:vit_pe_core_base_patch16_224", TINY,
                                       ["cls", "ap", "pool"], "pool"),
     "eva02 (CLS, average, fc_norm)": ("timm:eva02_base_patch14_224", TINY, ["cls", "ap"], "ap"),
+    "beit (CLS, relative position, average)": ("timm:beit_base_patch16_224", TINY,
+                                               ["cls", "ap"], "ap"),
+    "deit3 (CLS, layer scale)": ("timm:deit3_small_patch16_224", TINY, ["cls", "ap"], "cls"),
     "open_clip timm tower (projected pool)": ("open_clip:ViT-B-16-SigLIP2", OPEN_CLIP_TIMM,
                                               ["cls", "ap", "pool"], "pool"),
 }
@@ -121,6 +124,9 @@ def test_hierarchical_backbones_are_refused_with_the_reason():
     with pytest.raises(FeatcacheError, match="Hierarchical backbones .* cannot hold"):
         create_backbone("timm:swin_tiny_patch4_window7_224", "random", "reference",
                         dict(depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 1, 1)))
+    with pytest.raises(FeatcacheError, match="NaFlexVit .* fixed-grid `patch_embed`"):
+        create_backbone("timm:naflexvit_base_patch16_gap", "random", "reference",
+                        dict(depth=1, embed_dim=48, num_heads=3))
 
 
 # ------------------------------------------------------------------ the cache and probes

@@ -130,13 +130,17 @@ HIERARCHICAL = ("SwinTransformer", "SwinTransformerV2", "Hiera", "ConvNeXt", "Re
 def check_plain_vit(spec: ModelSpec, model: nn.Module, tap: str) -> None:
     """Refuse, with one clear line, what the hooks cannot read correctly."""
     name = type(model).__name__
-    if name.startswith(HIERARCHICAL) or not hasattr(model, "blocks") \
-            or not hasattr(model, "patch_embed"):
+    if name.startswith(HIERARCHICAL):
         raise FeatcacheError(
             f"{spec.name}: {name} is not a plain ViT. Hierarchical backbones (Swin, Hiera, "
             "ConvNeXt, ...) change width and token grid from stage to stage, which the "
             "cache's (N, layers, D) layout of one token grid cannot hold; featcache supports "
             "ViTs with one token sequence (blocks and patch_embed)")
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise FeatcacheError(
+            f"{spec.name}: {name} is not a plain ViT that featcache can read: it needs "
+            "`blocks` and a fixed-grid `patch_embed` (one token sequence per image of one "
+            "size); variable-resolution and convolutional models are not supported")
     if tap == "reference":
         from timm.models import vision_transformer as vt
 
