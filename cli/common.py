@@ -110,8 +110,10 @@ def print_rows(rows: list[dict[str, Any]], json_out: bool, title: str,
     from rich.table import Table
 
     table = Table(title=title)
-    for header, _ in columns:
-        table.add_column(header, **column_style)
+    for i, (header, _) in enumerate(columns):
+        # the first column is a name to copy into a command: never wrapped or cut
+        table.add_column(header, **({**column_style, "no_wrap": True, "overflow": "ignore"}
+                                    if i == 0 else column_style))
     for row in rows:
         table.add_row(*(cell(row) for _, cell in columns))
     console.print(table)

@@ -173,13 +173,14 @@ def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     """The model registry (any other timm or open_clip ViT works by prefix)."""
     from featcache.backbones import models as model_rows
 
-    print_rows(model_rows(), json_out, "models (also timm:NAME, open_clip:ARCH:PRETRAINED)", [
-        ("name", lambda r: r["name"]), ("backend", lambda r: r["backend"]),
-        ("weights", lambda r: r["arch"] + (f" / {r['pretrained']}" if r["pretrained"] else "")),
-        ("tokens", lambda r: "+".join(r.get("token_kinds") or ()) or "?"),
-        ("set", lambda r: "paper" if r.get("paper") else "extension" if r.get("extension")
-         else ""),
-        ("description", lambda r: r["description"])])
+    # the hub tags are long: in --json (an 80-column table of them wrapped every cell)
+    print_rows(model_rows(), json_out, "models (also timm:NAME, open_clip:ARCH:PRETRAINED; "
+               "hub tags: --json)", [
+                   ("name", lambda r: r["name"]), ("backend", lambda r: r["backend"]),
+                   ("tokens", lambda r: "+".join(r.get("token_kinds") or ()) or "?"),
+                   ("set", lambda r: "paper" if r.get("paper") else "extension"
+                    if r.get("extension") else ""),
+                   ("description", lambda r: r["description"])])
 
 
 @user_errors
