@@ -133,9 +133,9 @@ def check_plain_vit(spec: ModelSpec, model: nn.Module, tap: str) -> None:
     if name.startswith(HIERARCHICAL):
         raise FeatcacheError(
             f"{spec.name}: {name} is not a plain ViT. Hierarchical backbones (Swin, Hiera, "
-            "ConvNeXt, ...) change width and token grid from stage to stage, which the "
-            "cache's (N, layers, D) layout of one token grid cannot hold; featcache supports "
-            "ViTs with one token sequence (blocks and patch_embed)")
+            "ConvNeXt, ...) change width and token grid from stage to stage, and featcache "
+            "reads one token sequence of one width (blocks and patch_embed), so their "
+            "stage-wise features are not supported; use a plain ViT")
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise FeatcacheError(
             f"{spec.name}: {name} is not a plain ViT that featcache can read: it needs "
