@@ -35,7 +35,7 @@ from featcache.features import FeatureSource, load_source  # noqa: E402
 from featcache.offline_demo import DEMO_MODEL, DEMO_MODEL_KWARGS  # noqa: E402
 from featcache.pairs import token_list  # noqa: E402
 from featcache.probing import ProbeOptions, train_config  # noqa: E402
-from featcache.selection import fit_and_select, test_metrics  # noqa: E402
+from featcache.selection import all_test_metrics, fit_and_select  # noqa: E402
 
 
 def score(src_train, y_train, src_test, y_test, head: str, opts: ProbeOptions, seed: int,
@@ -44,7 +44,7 @@ def score(src_train, y_train, src_test, y_test, head: str, opts: ProbeOptions, s
     torch.manual_seed(seed)
     fit = fit_and_select(src_train, y_train, int(y_train.max()) + 1, head, cfg, opts, seed,
                          heads)
-    return test_metrics(fit["final"], src_test, y_test)["balanced_top1"]
+    return all_test_metrics(fit["final"], src_test, y_test)[0]["balanced_top1"]
 
 
 def compare(label: str, a: list[float], b: list[float], names: tuple[str, str]) -> None:

@@ -27,6 +27,7 @@ from featcache.errors import FeatcacheError, warn
 from featcache.methods import get_method
 from featcache.options import check_int, make_options, parse_floats, parse_ints
 from featcache.pairs import find_pairs, layer_set_names, run_tokens
+from featcache.predictions import PREDICTIONS_FILE, from_logits
 from featcache.records import default_runs_root, is_finished, run_dir, write_run
 from featcache.registry import METHODS
 from featcache.selection import (
@@ -34,8 +35,8 @@ from featcache.selection import (
     all_test_metrics,
     fit_and_select,
     fit_and_select_layers,
+    logit_metrics,
     sample_shots,
-    test_metrics,
 )
 
 GRIDS = ("paper", "quick")
@@ -362,6 +363,10 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
         fit = fit_and_select_layers(src_train, y_tr, n_classes, cfg, opts, seed, tick, timings)
         clock = time.perf_counter()
         tests = all_test_metrics(fit["final"], src_test, y_te)
+        # the layer picked on validation: its predictions, and its metrics from them
+        best = max(range(len(tokens)), key=lambda i: fit["val_metrics"][i]["balanced_top1"])
+        logits = fit["final"].predict_logits(src_test, configs=[best], out_device="cpu")[0]
+        tests[best] = logit_metrics(logits, y_te, n_classes)
         timings["test_s"] = time.perf_counter() - clock
         per_layer = []
         for i, (name, kind) in enumerate(tokens):
@@ -370,7 +375,6 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
                               "val_metrics": fit["val_metrics"][i],
                               **{k: v for k, v in tests[i].items() if k != "per_class"},
                               "per_class": tests[i]["per_class"]})
-        best = max(range(len(per_layer)), key=lambda i: per_layer[i]["val_balanced_top1"])
         grid = [{**p, "layer": tokens[i][0], "token": tokens[i][1]}
                 for i, row in enumerate(fit["grid"]) for p in row]
         record.update(per_layer=per_layer,
@@ -390,7 +394,8 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
                              tick, timings)
         final = fit["final"]
         clock = time.perf_counter()
-        metrics = test_metrics(final, src_test, y_te)
+        logits = final.predict_logits(src_test, out_device="cpu")[0]
+        metrics = logit_metrics(logits, y_te, n_classes)
         attention = None
         if spec.attentive:
             weights = final.attention(src_test)[0].numpy().astype(float)
@@ -434,7 +439,10 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
         **record,
         "timings": {"total_s": seconds, **{k: round(v, 4) for k, v in timings.items()}},
     }
-    write_run(path, record, tensors)
+    predictions = from_logits(logits, y_te, keep_test)
+    record["predictions"] = {"file": PREDICTIONS_FILE, "split": opts.test_split,
+                             "n": len(predictions.index), "top_k": predictions.top_k.shape[1]}
+    write_run(path, record, tensors, predictions.tensors())
     return replace(base, status="trained", metrics=record["metrics"],
                    selected=record["selected"], seconds=seconds)
 

@@ -87,8 +87,10 @@ def wait_for_run(path: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX)
 
 
-def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None = None) -> Path:
-    """Write record.json (+ head.safetensors) into a temporary directory, then rename."""
+def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None = None,
+              predictions: dict[str, Any] | None = None) -> Path:
+    """Write record.json (+ head.safetensors, + predictions.safetensors: the per-sample
+    test predictions, `featcache.predictions`) into a temporary directory, then rename."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -104,6 +106,11 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
         if tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                       str(tmp / "head.safetensors"))
+        if predictions:
+            from featcache.predictions import PREDICTIONS_FILE
+
+            save_file({k: v.contiguous().cpu() for k, v in predictions.items()},
+                      str(tmp / PREDICTIONS_FILE))
     return path
 
 

@@ -163,6 +163,33 @@ def test_every_method_writes_a_sane_record(planted_runs):
     assert att["metrics"]["balanced_top1"] >= 90
 
 
+def test_every_record_keeps_its_test_predictions(planted, planted_runs):
+    """predictions.safetensors: one row per test image, in cache order, and the record's
+    test metrics follow from them (scikit-learn's scores, computed here independently)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    from featcache.cache import open_cache
+    from featcache.predictions import load_predictions
+
+    (_, test), = find_pairs(planted)
+    labels = open_cache(test.path).labels()
+    for method, rec in planted_runs.items():
+        preds = load_predictions(rec["path"])
+        assert rec["predictions"]["n"] == PLANTED.n_test == len(preds.index), method
+        np.testing.assert_array_equal(preds.index, np.arange(PLANTED.n_test))
+        np.testing.assert_array_equal(preds.label, labels)
+        np.testing.assert_array_equal(preds.pred, preds.logits.argmax(1))
+        np.testing.assert_array_equal(preds.top_k[:, 0], preds.pred)
+        assert preds.top_k.shape == (PLANTED.n_test, PLANTED.n_classes)  # k = min(5, C)
+        assert rec["metrics"]["balanced_top1"] == pytest.approx(
+            100 * balanced_accuracy_score(preds.label, preds.pred), abs=1e-9), method
+        assert rec["metrics"]["top1"] == pytest.approx(
+            100 * accuracy_score(preds.label, preds.pred), abs=1e-9), method
+    best = planted_runs["layers"]["selected"]["layer"]
+    entry = next(e for e in planted_runs["layers"]["per_layer"] if e["layer"] == best)
+    assert entry["balanced_top1"] == planted_runs["layers"]["metrics"]["balanced_top1"]
+
+
 @pytest.mark.slow  # shares the planted_runs fixture (~5 s, all methods)
 def test_record_config_is_json_clean(planted_runs):
     for rec in planted_runs.values():
