@@ -22,16 +22,21 @@ def report(
     cka: Annotated[bool, typer.Option(
         help="Compute layer CKA from the caches (--no-cka: only values already in "
              "<out>/cka.json are used).")] = True,
+    resamples: Annotated[int, typer.Option(
+        help="Resamples of the paired bootstrap over test images behind each gain's 95 % "
+             "interval (0: no intervals).")] = 1000,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the summary as JSON instead of the table.")] = False,
 ) -> None:
     """Tables, figures and CSV from every run record: mean ± std over seeds, gain over
-    the linear probe, ALF attention, accuracy by depth with CKA, and the paper's numbers."""
+    the linear probe with its 95 % interval, ALF attention, accuracy by depth with CKA, and
+    the paper's numbers."""
     from featcache.reporting import render_table
     from featcache.reporting import report as make_report
 
     with err_console.status("reading run records …"):
-        data = make_report(cache=cache, runs=runs, out=out, format=format, cka=cka)
+        data = make_report(cache=cache, runs=runs, out=out, format=format, cka=cka,
+                           resamples=resamples)
     if json_out:
         print_json(data.as_json())
     else:

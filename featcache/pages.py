@@ -23,7 +23,10 @@ def cell_parts(cell: dict, col: str) -> list[tuple[str, str]]:
     the value, its gain over linear ("gain+" / "gain-"), the best layer, the paper's."""
     parts = [("value", fmt_cell(cell))]
     if not is_baseline(col) and cell["gain"] is not None:
-        parts.append(("gain+" if cell["gain"] >= 0 else "gain-", fmt_gain(cell["gain"])))
+        real = "*" if cell.get("ci_excludes_zero") else ""
+        parts.append(("gain+" if cell["gain"] >= 0 else "gain-", fmt_gain(cell["gain"]) + real))
+        if cell.get("ci"):
+            parts.append(("ci", f"[{cell['ci']['low']:+.2f}, {cell['ci']['high']:+.2f}]"))
     if cell.get("best_layer"):
         parts.append(("layer", str(cell["best_layer"])))
     if cell["paper"] is not None:
@@ -31,7 +34,8 @@ def cell_parts(cell: dict, col: str) -> list[tuple[str, str]]:
     return parts
 
 
-_RICH = {"value": "", "gain+": "green", "gain-": "red", "layer": "dim", "paper": "dim"}
+_RICH = {"value": "", "gain+": "green", "gain-": "red", "ci": "dim", "layer": "dim",
+         "paper": "dim"}
 
 
 def summary_table(rows: Sequence[dict], title: str | None = None) -> Any:
@@ -81,7 +85,8 @@ def _cell_text(cell: dict | None, col: str) -> str:
     """A Markdown cell (the paper's numbers have their own section there)."""
     if cell is None:
         return "—"
-    marks = {"value": f"{{}} (n={cell['n']})", "gain+": "{}", "gain-": "{}", "layer": "@{}"}
+    marks = {"value": f"{{}} (n={cell['n']})", "gain+": "{}", "gain-": "{}", "ci": "{}",
+             "layer": "@{}"}
     return " ".join(marks[kind].format(text) for kind, text in cell_parts(cell, col)
                     if kind in marks)
 
@@ -99,7 +104,10 @@ def _gain_or_dash(pair: dict, key: str) -> str:
 _LEGEND = ("Test balanced top-1 accuracy (%): mean ± sample std over seeds (n = seeds); "
            "the signed number is the gain over the linear baseline (the model's own "
            "embedding at the last layer: CLS for the paper's models) of the "
-           "same model and dataset; — = that method was not run for that pair. "
+           "same model and dataset, with its paired bootstrap 95 % interval over test "
+           "images in brackets (1,000 resamples); * = the interval excludes 0, so the "
+           "gain is not an accident of which test images were drawn. "
+           "— = that method was not run for that pair. "
            "`layers` = the single-layer linear probe whose layer was picked on validation "
            "(the layer is named). "
            "Columns: `concat:<layers>` = linear probe on concatenated CLS+AP tokens; "
@@ -189,7 +197,8 @@ def _esc(text: Any) -> str:
 def _html_cell(cell: dict | None, col: str) -> str:
     if cell is None:
         return '<td class="absent" title="not run">—</td>'
-    classes = {"gain+": "gain pos", "gain-": "gain neg", "layer": "sub", "paper": "sub"}
+    classes = {"gain+": "gain pos", "gain-": "gain neg", "ci": "sub", "layer": "sub",
+               "paper": "sub"}
     parts = []
     for kind, text in cell_parts(cell, col):
         if kind == "value":

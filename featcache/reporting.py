@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from featcache import atomic
+from featcache.bootstrap import N_RESAMPLES
 from featcache.columns import baseline_of, column_sort
 from featcache.errors import FeatcacheError
 from featcache.pages import render_table, to_html, to_markdown
@@ -36,12 +37,14 @@ __all__ = ["FORMATS", "ReportData", "build_report", "csv_rows", "parse_formats",
            "prepare_report", "render_table", "report", "write_csv", "write_report"]
 
 FORMATS = ("html", "md", "csv")
+MAX_RESAMPLES = 100_000
 
 
 _CSV_FIRST = ("model", "model_dir", "dataset", "tap", "weights", "method", "layer_set",
               "column", "protocol", "seed", "n_tokens", "test_balanced_top1", "test_top1",
               "test_balanced_top5", "test_top5", "best_layer", "gain_over_linear",
-              "paper_balanced_top1")
+              "cell_gain", "cell_gain_ci_low", "cell_gain_ci_high",
+              "cell_gain_ci_excludes_zero", "paper_balanced_top1")
 
 
 def csv_rows(records: Sequence[dict], rows: Sequence[dict] = ()) -> list[dict[str, Any]]:
@@ -61,6 +64,8 @@ def csv_rows(records: Sequence[dict], rows: Sequence[dict] = ()) -> list[dict[st
             "best_layer": rec.get("_best_layer"),
             "gain_over_linear": (rec["_value"] - base["mean"]
                                  if base and rec["_value"] is not None else None),
+            **_interval_fields(cells.get((rec["model_dir"], rec["dataset"]), {}).get(
+                rec["_column"])),
             "paper_balanced_top1": (paper_number(str(rec["model"]), rec["dataset"],
                                                  rec["method"], rec.get("layer_set"))
                                     if not per_layer(rec["method"]) and not rec["_variant"]
@@ -83,6 +88,16 @@ def csv_rows(records: Sequence[dict], rows: Sequence[dict] = ()) -> list[dict[st
         row["path"] = rec["path"]
         out.append(row)
     return out
+
+
+def _interval_fields(cell: dict | None) -> dict[str, Any]:
+    """The cell's gain and its paired bootstrap 95 % interval (the same on each seed's
+    row: the interval is over test images, for the mean over seeds)."""
+    ci = (cell or {}).get("ci")
+    if not ci:
+        return {}
+    return {"cell_gain": ci["gain"], "cell_gain_ci_low": ci["low"],
+            "cell_gain_ci_high": ci["high"], "cell_gain_ci_excludes_zero": cell["ci_excludes_zero"]}
 
 
 def write_csv(records: Sequence[dict], path: Path, rows: Sequence[dict] = ()) -> Path:
@@ -118,8 +133,10 @@ class ReportData:
 
 
 def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka: bool = True,
-                   open_cache: Callable[[str], Any] | None = None) -> ReportData:
-    """Load and summarise; raises FeatcacheError when the root holds no usable record."""
+                   open_cache: Callable[[str], Any] | None = None,
+                   resamples: int = N_RESAMPLES) -> ReportData:
+    """Load and summarise; raises FeatcacheError when the root holds no usable record.
+    ``resamples``: of the paired bootstrap behind each gain's 95 % interval (0: none)."""
     root = Path(runs_root).expanduser()
     problems: list[str] = []
     records = load_records(root, problems)
@@ -136,6 +153,10 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     if not rows:
         raise FeatcacheError(f"{len(records)} run records under {root} but none has a test "
                              f"{METRIC}; see results.csv or the records themselves")
+    if resamples:
+        from featcache.bootstrap import add_intervals
+
+        add_intervals(rows, problems, resamples)
     notes = missing_notes(rows) + problems
     taps = {str(r.get("tap")) for r in records if r.get("tap")}
     if any(row["in_paper"] for row in rows) and taps - {"reference"}:
@@ -193,15 +214,21 @@ def write_report(data: ReportData, out_dir: str | Path,
 
 def report(cache: str | Path | None = None, runs: str | Path | None = None,
            out: str | Path = "report", format: str | Iterable[str] = FORMATS,
-           cka: bool = True) -> ReportData:
+           cka: bool = True, resamples: int = N_RESAMPLES) -> ReportData:
     """`featcache report`: summarise every run record under the runs root (default
     <cache root>/runs) and write the chosen formats into ``out`` (an empty ``format``
     writes nothing). The files written are in the result's ``written``."""
+    from featcache.options import check_int
     from featcache.records import default_runs_root
 
     formats = parse_formats(format)
+    check_int(resamples, "--resamples", 0)
+    if resamples > MAX_RESAMPLES:
+        raise FeatcacheError(f"--resamples {resamples} is more than a report needs; at most "
+                             f"{MAX_RESAMPLES:,} (1,000 gives the interval to about 0.1 "
+                             "points)")
     root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
-    data = prepare_report(root, out, cka=cka)
+    data = prepare_report(root, out, cka=cka, resamples=resamples)
     if formats:
         data.written = write_report(data, out, formats)
     return data

@@ -232,6 +232,7 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
                 "n": len(values),
                 "seeds": seeds,
                 "values": values,
+                "paths": [runs[s]["path"] for s in seeds],
                 "mean": mean,
                 "std": std,
                 "gain": None,
