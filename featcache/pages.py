@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from featcache.columns import is_baseline
 from featcache.reference import paper_dataset_names, paper_models
-from featcache.summary import columns_of, fmt_cell, fmt_gain, model_means, paper_pairs
+from featcache.summary import (
+    columns_of,
+    fmt_cell,
+    fmt_gain,
+    model_means,
+    paper_layout,
+    paper_pairs,
+)
 
 if TYPE_CHECKING:
     from featcache.reporting import ReportData
@@ -116,6 +123,17 @@ _LEGEND = ("Test balanced top-1 accuracy (%): mean ± sample std over seeds (n =
            "the last layer (each run's record names its tokens).")
 
 
+_LAYOUT_NOTE = ("Your runs of the paper's recipe in the ten columns of its per-dataset "
+                "tables (results.csv's companion paper_layout.csv has the same), the "
+                "paper's number in parentheses where model and dataset are in it.")
+
+
+def _layout_text(cell: dict) -> str:
+    """"68.30 ± 0.41 (paper 67.90)", "— (paper 67.90)" or "—"."""
+    text = "—" if cell["mean"] is None else fmt_cell(cell)
+    return text + (f" (paper {cell['paper']:.2f})" if cell["paper"] is not None else "")
+
+
 def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
     """report.md: the tables, paper comparison, figures (PNG files) and notes."""
     rows, cols = data.rows, columns_of(data.rows)
@@ -165,6 +183,15 @@ def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
     else:
         lines.append(f"None of these model/dataset/method combinations is in the paper. "
                      f"{_PAPER_SCOPE}")
+    layout = paper_layout(rows)
+    if layout["rows"]:
+        exps = layout["experiments"]
+        lines += ["", "### In the paper's layout", "", _LAYOUT_NOTE, "",
+                  "| model | dataset | " + " | ".join(exps) + " |",
+                  "|---|---|" + "---:|" * len(exps)]
+        for lrow in layout["rows"]:
+            lines.append(f"| {lrow['model_dir']} | {lrow['display']} | "
+                         + " | ".join(_layout_text(lrow["cells"][e]) for e in exps) + " |")
     if figures:
         lines += ["", "## Figures", ""]
         for fig in figures:
@@ -273,6 +300,19 @@ def to_html(data: ReportData, figures: Sequence[Any] = ()) -> str:
     else:
         h.append("<p>None of these model/dataset/method combinations is in the paper. "
                  f"{_esc(_PAPER_SCOPE)}</p>")
+    layout = paper_layout(rows)
+    if layout["rows"]:
+        exps = layout["experiments"]
+        h += ["<h3>In the paper's layout</h3>", f'<p class="sub">{_esc(_LAYOUT_NOTE)}</p>',
+              '<div class="scroll"><table><thead><tr><th class="l">model</th>'
+              '<th class="l">dataset</th>' + "".join(f"<th>{_esc(e)}</th>" for e in exps)
+              + "</tr></thead><tbody>"]
+        for lrow in layout["rows"]:
+            h.append(f'<tr><td class="l">{_esc(lrow["model_dir"])}</td>'
+                     f'<td class="l">{_esc(lrow["display"])}</td>'
+                     + "".join(f"<td>{_esc(_layout_text(lrow['cells'][e]))}</td>"
+                               for e in exps) + "</tr>")
+        h.append("</tbody></table></div>")
     if figures:
         h.append("<h2>Figures</h2>")
         for fig in figures:

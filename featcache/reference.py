@@ -127,14 +127,32 @@ def paper_tables() -> dict[str, dict[str, dict[str, float]]]:
     return tables
 
 
+@functools.lru_cache(maxsize=1)
+def paper_experiments() -> tuple[str, ...]:
+    """The paper's ten experiment columns, in its tables' order (CLS linear, all tokens
+    attentive, then CLS+AP linear and attentive for last / middle+last / quarterly / all)."""
+    for fname in data_listing("paper_results"):
+        if fname.endswith(".csv"):
+            for row in csv.reader(io.StringIO(data_text("paper_results", fname))):
+                if row and row[0] == "Experiment":
+                    return tuple(row[1:])
+    return ()
+
+
+def paper_value(model: str, dataset: str, experiment: str) -> float | None:
+    """Published balanced top-1 (%) for our model and dataset in one of the paper's
+    experiment columns, or None."""
+    pm = paper_model(model)
+    if pm is None:
+        return None
+    return paper_tables().get(pm, {}).get(experiment, {}).get(normalize_dataset(dataset))
+
+
 def paper_number(model: str, dataset: str, method: str, layer_set: str | None = None
                  ) -> float | None:
     """Published balanced top-1 (%) for our (model, dataset, method, layer set), or None."""
-    pm = paper_model(model)
     exp = paper_experiment(method, layer_set)
-    if pm is None or exp is None:
-        return None
-    return paper_tables().get(pm, {}).get(exp, {}).get(normalize_dataset(dataset))
+    return None if exp is None else paper_value(model, dataset, exp)
 
 
 def paper_datasets_of(model: str) -> list[str]:

@@ -114,6 +114,27 @@ def write_csv(records: Sequence[dict], path: Path, rows: Sequence[dict] = ()) ->
     return atomic.write_text(path, buffer.getvalue())
 
 
+def write_paper_layout(rows: Sequence[dict], path: Path) -> Path:
+    """paper_layout.csv: a row per model and dataset, the paper's ten experiment columns
+    (yours: mean, std, seeds; and the paper's number), in its tables' order."""
+    from featcache.summary import paper_layout
+
+    layout = paper_layout(rows)
+    keys = ["model", "model_dir", "dataset"]
+    for exp in layout["experiments"]:
+        keys += [exp, f"{exp} std", f"{exp} seeds", f"{exp} paper"]
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(keys)
+    for row in layout["rows"]:
+        line: list[Any] = [row["model"], row["model_dir"], row["dataset"]]
+        for exp in layout["experiments"]:
+            cell = row["cells"][exp]
+            line += [cell["mean"], cell["std"], cell["n"] or None, cell["paper"]]
+        writer.writerow(["" if v is None else v for v in line])
+    return atomic.write_text(path, buffer.getvalue())
+
+
 @dataclass
 class ReportData:
     """Everything the writers need, computed once from the records."""
@@ -195,6 +216,7 @@ def write_report(data: ReportData, out_dir: str | Path,
     written: dict[str, Path] = {}
     if "csv" in fmts:
         written["csv"] = write_csv(data.records, out / "results.csv", data.rows)
+        written["paper_layout"] = write_paper_layout(data.rows, out / "paper_layout.csv")
     if "md" in fmts or "html" in fmts:
         rendered = figs.all_figures(data.rows, data.records, data.cka)
         if "md" in fmts:

@@ -28,8 +28,10 @@ from featcache.reference import (
     display_name,
     normalize_dataset,
     paper_dataset_names,
+    paper_experiments,
     paper_model,
     paper_number,
+    paper_value,
 )
 
 METRIC = "balanced_top1"
@@ -317,7 +319,8 @@ def missing_notes(rows: Sequence[dict], limit: int = 8) -> list[str]:
 def summary_json(rows: Sequence[dict], notes: Sequence[str] = ()) -> dict[str, Any]:
     """The summary as plain JSON-able data (what `featcache report --json` prints)."""
     return {"metric": f"test {METRIC} (%)", "columns": columns_of(rows), "rows": list(rows),
-            "means": model_means(rows), "notes": list(notes)}
+            "means": model_means(rows), "paper_layout": paper_layout(rows),
+            "notes": list(notes)}
 
 
 def fmt_cell(cell: dict | None, digits: int = 2) -> str:
@@ -351,3 +354,30 @@ def paper_pairs(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+
+
+def paper_layout(rows: Sequence[dict]) -> dict[str, Any]:
+    """The user's runs in the paper's table layout: its ten experiment columns (CLS
+    linear; all tokens attentive; CLS+AP linear and attentive for last, middle+last,
+    quarterly, all), each cell the user's mean ± std beside the paper's number where model
+    and dataset match. Only runs of the paper's recipe fill it (no variant)."""
+    from featcache.registry import METHODS
+
+    column_of = {label: spec.column(layer_set) for _, spec in METHODS.items()
+                 for layer_set, label in spec.paper.items()}
+    experiments = [e for e in paper_experiments() if e in column_of]
+    out = []
+    for row in rows:
+        cells: dict[str, dict[str, Any]] = {}
+        for exp in experiments:
+            cell = row["cells"].get(column_of[exp])
+            cells[exp] = {"column": column_of[exp],
+                          "mean": None if cell is None else cell["mean"],
+                          "std": None if cell is None else cell["std"],
+                          "n": 0 if cell is None else cell["n"],
+                          "paper": paper_value(row["model"], row["dataset"], exp)}
+        if any(c["mean"] is not None for c in cells.values()):
+            out.append({"model": row["model"], "model_dir": row["model_dir"],
+                        "dataset": row["dataset"], "display": row["display"],
+                        "cells": cells})
+    return {"experiments": experiments, "rows": out}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import statistics
 import time
@@ -162,6 +163,40 @@ def test_paper_numbers_beside_users(built: tuple[Path, Path, dict]) -> None:
     assert f"| clip-vit-b16 | FER2013 | alf:all | {mean:.2f} ± " in md
     assert "| 71.89 |" in md
     assert "paper 71.89" in written["html"].read_text()
+
+
+def test_paper_layout_has_the_papers_ten_columns(built: tuple[Path, Path, dict]) -> None:
+    """paper_layout.csv: the header of the paper's own per-dataset CSV (read here from the
+    shipped file), the user's mean in each column a run fills, the paper's number beside."""
+    from featcache.catalogue import data_text
+
+    runs, _, written = built
+    paper_csv = list(csv.reader(io.StringIO(data_text(
+        "paper_results", "perf_table_OpenCLIP_ViT-B-16_openai_v2.csv"))))
+    experiments = next(r for r in paper_csv if r[0] == "Experiment")[1:]
+    fer_paper = dict(zip(experiments, next(r for r in paper_csv if r[0] == "FER2013")[1:],
+                         strict=True))
+    assert len(experiments) == 10
+    with open(written["paper_layout"], newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [k for k in table[0] if k in experiments] == experiments  # the paper's order
+    cells = expected_cells(runs)
+    fer = next(r for r in table if r["model"] == "clip-vit-b16" and r["dataset"] == "fer2013")
+    ours = {"CLS last layer": "linear",
+            "CLS+AP layers from all blocks (linear)": "concat:all",
+            "CLS+AP layers from all blocks (attentive)": "alf:all"}
+    for exp in experiments:
+        assert float(fer[f"{exp} paper"]) == pytest.approx(float(fer_paper[exp]))
+        if exp in ours:
+            mean, std = cells[("clip-vit-b16", "fer2013", ours[exp])]
+            assert float(fer[exp]) == pytest.approx(mean) and fer[f"{exp} seeds"] == "2"
+            assert float(fer[f"{exp} std"]) == pytest.approx(std)
+        else:
+            assert fer[exp] == "" and fer[f"{exp} seeds"] == ""  # not run: empty, not 0
+    tiny = next(r for r in table if r["model"] == "tiny-vit")
+    assert all(tiny[f"{e} paper"] == "" for e in experiments)
+    md = written["md"].read_text()
+    assert "### In the paper's layout" in md and "| " + " | ".join(experiments) + " |" in md
 
 
 def test_terminal_table_renders(built: tuple[Path, Path, dict]) -> None:
