@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typer
-from featcache.cli import demo_cmd, extract_cmd, probe_cmd, report_cmd
+from featcache.cli import demo_cmd, extract_cmd, predict_cmd, probe_cmd, report_cmd
 
 app = typer.Typer(
     name="featcache",
@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # Each command module registers its own commands.
-for _module in (extract_cmd, probe_cmd, report_cmd, demo_cmd):
+for _module in (extract_cmd, probe_cmd, report_cmd, predict_cmd, demo_cmd):
     _module.register(app)
 
 

@@ -32,6 +32,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "probe": ("featcache.probing", "probe"),
     "runs": ("featcache.records", "runs"),
     "report": ("featcache.reporting", "report"),
+    "predict": ("featcache.inference", "predict"),
+    "export_model": ("featcache.deployment", "export_model"),
     "demo": ("featcache.offline_demo", "demo"),
     "ExtractOptions": ("featcache.extraction", "ExtractOptions"),
     "ProbeOptions": ("featcache.probing", "ProbeOptions"),

@@ -14,7 +14,7 @@ def test_cli_reference_is_current() -> None:
 def test_every_command_is_documented() -> None:
     text = render()
     for command in ("extract", "ls", "info", "export", "models", "datasets", "probe", "runs",
-                    "report"):
+                    "report", "predict", "export-model"):
         assert f"## `featcache {command}`" in text
 
 
@@ -59,6 +59,7 @@ def test_every_command_is_a_library_function_with_the_same_option_names() -> Non
 
     classes = {"extract": featcache.ExtractOptions, "probe": featcache.ProbeOptions}
     for name, command in _commands():
+        name = name.replace("-", "_")  # export-model ↔ featcache.export_model
         func = getattr(featcache, name)
         assert inspect.isfunction(func), f"featcache.{name} is {func!r}, not a function"
         assert name in featcache.__all__
@@ -81,4 +82,4 @@ def test_no_submodule_shadows_a_command() -> None:
     for info in pkgutil.walk_packages(featcache.__path__, "featcache."):
         importlib.import_module(info.name)
     for name, _ in _commands():
-        assert inspect.isfunction(getattr(featcache, name)), name
+        assert inspect.isfunction(getattr(featcache, name.replace("-", "_"))), name

@@ -449,7 +449,8 @@ def test_full_disk_during_extraction_and_report(wds_path, tmp_path, clean):
         first = run("report", "--runs", runs, "--out", out, "--format", "csv", "--no-cka")
         assert first.exit_code == 0, first.output
         before = snapshot(out)
-        (out / "filler").write_bytes(b"\0" * (64 * 1024 - 4096))
+        stat = os.statvfs(out)  # leave too little room for the next report's files
+        (out / "filler").write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 2048))
         result = run("report", "--runs", runs, "--out", out, "--no-cka")
         assert_user_error(result)
         after = snapshot(out)

@@ -1,0 +1,455 @@
+"""Use a trained probe on images: rebuild its backbone, then score exactly as in training.
+
+`load_trained(run)` turns a run record into its selected head (the fast form it was
+trained and scored in, one config) and the tokens it reads. `rebuild_backbone` makes the
+backbone the run's caches were made with, from their fingerprint, and refuses when it
+cannot get the same one (other weights, another hub revision, another featcache's
+preprocessing). `predict` runs images through both: taps, reduction, the cache's float16
+rounding, per-token normalisation, the head, in batches the way the record's test scores
+were computed, so on the run's own test split it reproduces those scores exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from featcache.errors import FeatcacheError
+from featcache.sources.base import IMAGE_EXTENSIONS, ImageDataset
+
+# The evaluation batch of `FittedGrid.predict_logits`/`evaluate`: scoring the tokens in
+# the same batches as the record's test metrics makes the logits identical, not just close.
+HEAD_BATCH = 4096
+DEFAULT_TOP_K = 5
+
+
+@dataclass
+class TrainedProbe:
+    """A run's selected head and what it reads: what `predict` and `export_model` share."""
+
+    path: Path
+    record: dict[str, Any]
+    tokens: list[tuple[str, str]]  # (layer, kind); [("final", "all")] for every token
+    class_names: list[str]
+    grid: Any  # a one-config `featcache.train.FittedGrid`
+    normalisation: str | None
+    dim: int  # the token width the head reads (narrower tokens zero-padded)
+    layer_names: list[str]
+    fingerprint: dict[str, Any]  # the train cache's
+
+    @property
+    def all_tokens(self) -> bool:
+        return self.tokens == [("final", "all")]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        name = str(self.fingerprint.get("compute_dtype") or "float32")
+        return getattr(torch, name, torch.float32)
+
+    def assemble(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's (B, T, D) float16 tokens from `Backbone.tokens`' output, as the cache
+        stores them (`featcache.features.load_source` reads the same layout)."""
+        if self.all_tokens:
+            return out["last"].to(torch.float16)
+        parts = []
+        for name, kind in self.tokens:
+            x = out["pool"][:, 0] if kind == "pool" else out[kind][:, self.layer_names.index(name)]
+            x = x.to(torch.float16)
+            if x.shape[-1] < self.dim:
+                x = torch.nn.functional.pad(x, (0, self.dim - x.shape[-1]))
+            parts.append(x)
+        return torch.stack(parts, 1)
+
+    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """(N, C) float32 logits (CPU) of float16 tokens (N, T, D), normalised per batch
+        and scored in `HEAD_BATCH` batches, exactly as a record's test metrics."""
+        from featcache.features import FeatureSource
+
+        device = next(self.grid.heads.parameters()).device
+        src = FeatureSource(raw.to(device), device, normalise=self.normalisation)
+        return self.grid.predict_logits(src, HEAD_BATCH, out_device="cpu")[0]
+
+
+def load_trained(run: str | Path, device: torch.device | str = "cpu") -> TrainedProbe:
+    """A run folder's selected head, rebuilt from `head.safetensors` in the form it was
+    trained in. One line (FeatcacheError) for a folder that is not a finished run."""
+    from safetensors.torch import load_file
+
+    from featcache.heads import HEADS
+    from featcache.methods import method_of
+    from featcache.records import read_run
+    from featcache.train import FittedGrid
+
+    path = Path(run).expanduser()
+    if not (path / "record.json").is_file():
+        raise FeatcacheError(f"{path} is not a run folder (no record.json); `featcache runs` "
+                             "lists them (the `path` column)")
+    record = read_run(path)
+    spec = method_of(record.get("method"))
+    if spec is None:
+        raise FeatcacheError(f"{path}: method {record.get('method')!r} is not registered here "
+                             "(a plugin's method? install it)")
+    try:
+        fp = record["fingerprints"]["train"]
+        model = fp["model"]
+        layer_names = list(model["layer_names"])
+        class_names = list(fp["dataset"]["class_names"])
+        selected = dict(record["selected"])
+        names = list(record["tokens"])
+    except (KeyError, TypeError) as exc:
+        raise FeatcacheError(f"{path}: the record lacks {exc} (made by an older featcache?); "
+                             "run the same `featcache probe` command with --force") from None
+    try:
+        state = load_file(str(path / "head.safetensors"), device=str(device))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise FeatcacheError(f"cannot read {path / 'head.safetensors'} ({exc}); run the same "
+                             "`featcache probe` command with --force") from None
+    n_classes = len(class_names)
+    if spec.needs_all_tokens:
+        tokens = [("final", "all")]
+        dim = int(model["layer_dims"][-1])  # `last_tokens` keep the final layer's width
+    else:
+        tokens = [tuple(t.split(".", 1)) for t in names]  # type: ignore[misc]
+        dim = max([*model["layer_dims"], *(_pool_dim(model) for _, k in tokens
+                                            if k == "pool")])
+    if spec.per_layer:
+        layer = selected.get("layer")
+        kind = next((k for n, k in tokens if n == layer), None)
+        if kind is None:
+            raise FeatcacheError(f"{path}: the selected layer {layer!r} is not among the "
+                                 "record's tokens")
+        tokens = [(layer, kind)]
+        state = {key.rsplit(".", 1)[-1]: value for key, value in state.items()
+                 if key.rsplit(".", 1)[0] == f"{layer}.{kind}"}
+    heads = _build_head(HEADS[spec.head], state, len(names), dim, n_classes, spec,
+                        record, selected, device, path)
+    precision = (record.get("settings") or {}).get("precision", "fp32")
+    grid = FittedGrid(heads=heads, points=[selected], curves=torch.zeros(1, 0), plan=None,
+                      group_size=1, amp=precision == "bf16-autocast",
+                      flatten=spec.head == "linear" and not spec.per_layer)
+    return TrainedProbe(path, record, tokens, class_names, grid,
+                        record.get("normalisation", "token"), dim, layer_names, fp)
+
+
+def _pool_dim(model: dict[str, Any]) -> int:
+    return int(model.get("pool_dim") or max(model["layer_dims"]))
+
+
+def _build_head(kind: Any, state: dict[str, torch.Tensor], n_tokens: int, dim: int,
+                n_classes: int, spec: Any, record: dict, selected: dict,
+                device: torch.device | str, path: Path) -> Any:
+    """A one-config head of the kind the run trained (``n_tokens``: the record's token
+    count), holding its weights."""
+    if spec.head == "linear":
+        inputs = [0] if spec.per_layer else None  # a layer's probe reads its one token
+        d_in = dim if spec.per_layer else dim * n_tokens
+        heads = kind(1, d_in, n_classes, inputs, generator=torch.Generator(), device=device)
+    else:
+        n_heads = (record.get("settings") or {}).get("heads") or spec.num_heads(n_tokens)
+        heads = kind(1, dim, n_tokens, n_classes, int(n_heads),
+                     float(selected.get("dropout", 0.0)), generator=torch.Generator(),
+                     device=device)
+    try:
+        heads.load_config(0, state)
+    except (KeyError, RuntimeError) as exc:
+        raise FeatcacheError(f"{path / 'head.safetensors'} does not fit the record's head "
+                             f"({str(exc).splitlines()[0][:160]}); run the same `featcache "
+                             "probe` command with --force") from None
+    return heads.eval()
+
+
+def rebuild_backbone(probe: TrainedProbe, weights: str | None = None) -> Any:
+    """The backbone the run's caches were made with, or one line saying why it cannot be
+    had. ``weights``: the checkpoint file, for runs on a local checkpoint (its SHA-256 must
+    match); hub and random weights are found from the fingerprint."""
+    from featcache.backbones import create_backbone
+    from featcache.fingerprint import fingerprint_diff
+
+    model = probe.fingerprint["model"]
+    recorded = str(model.get("weights") or "")
+    if weights is None:
+        if recorded.startswith("random:"):
+            weights = recorded
+        elif recorded.startswith("file:"):
+            raise FeatcacheError(
+                f"{probe.path}: its backbone was loaded from a local checkpoint "
+                f"({recorded[:30]}…); pass --weights PATH to that file")
+    backbone = create_backbone(model["model"], weights, model.get("tap", "reference"),
+                               dict(model.get("model_kwargs") or {}))
+    diff = fingerprint_diff(model, backbone.describe())
+    if diff:
+        weights_line = next((d for d in diff if d.startswith("weights:")), None)
+        if weights_line:
+            raise FeatcacheError(
+                f"{probe.path}: cannot get the backbone its caches were made with: "
+                f"{weights_line} (other weights would give other tokens; pass the right "
+                "--weights, or fetch the recorded hub revision)")
+        raise FeatcacheError(f"{probe.path}: this featcache builds the backbone differently "
+                             f"from the one its caches were made with: {'; '.join(diff[:3])}"
+                             " — re-extract and probe again with this version")
+    return backbone
+
+
+# -- images in, predictions out -----------------------------------------------------------
+
+class ImageFiles(ImageDataset):
+    """Image files to predict on (no labels): a dataset `featcache.extraction` can read."""
+
+    def __init__(self, paths: Sequence[Path], class_names: Sequence[str]) -> None:
+        self.name = "files"
+        self.split = "predict"
+        self.class_names = list(class_names)
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.full(len(self.paths), -1, dtype=np.int64)
+        self.identity = {"source": "files", "n": len(self.paths)}
+
+    def key(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def load(self, i: int) -> Image.Image:
+        try:
+            return super().load(i)
+        except FeatcacheError as exc:  # name the file, not a dataset index
+            raise FeatcacheError(f"cannot read {self.paths[i]}: "
+                                 f"{str(exc).rsplit('): ', 1)[-1]}") from None
+
+    def _read(self, i: int) -> Image.Image:
+        return Image.open(io.BytesIO(self.paths[i].read_bytes()))
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders walked recursively for image files; glob patterns expanded
+    (for shells that leave them). A path that matches nothing is one line naming it."""
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = _walk_images(path)
+            if not found:
+                raise FeatcacheError(f"{path} holds no image files (extensions: "
+                                     f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        elif glob.has_magic(str(item)):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True)
+                           if Path(p).is_file())
+            if not found:
+                raise FeatcacheError(f"no files match {item}")
+            out += found
+        else:
+            raise FeatcacheError(f"no such file or folder: {item}")
+    if not out:
+        raise FeatcacheError("no images given: pass files, folders or globs, or --dataset")
+    return out
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under a folder, recursively, hidden ones left out, in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")
+                  and f.rpartition(".")[2].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+@dataclass
+class PredictResult:
+    """Rows (one per predicted image), and, where labels are known, the metrics."""
+
+    rows: list[dict[str, Any]]
+    class_names: list[str]
+    logits: torch.Tensor | None = None  # (N, C), rows in order
+    index: np.ndarray | None = None  # (N,) dataset index (or file number) of each row
+    unreadable: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None  # with labels (a dataset with the run's classes)
+    record_metrics: dict[str, Any] | None = None  # the run's own test split: its record's
+    agreement: float | None = None  # share of predictions equal to the record's
+
+    @property
+    def reproduces_record(self) -> bool | None:
+        if self.record_metrics is None or self.metrics is None:
+            return None
+        from featcache.selection import METRIC_KEYS
+
+        return all(self.metrics.get(k) == self.record_metrics.get(k) for k in METRIC_KEYS)
+
+
+def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str | None = None,
+            split: str = "test", top_k: int = DEFAULT_TOP_K, weights: str | None = None,
+            batch_size: int = 64, workers: int | None = None, device: str = "auto",
+            data_root: str | Path | None = None, download: bool = True,
+            csv: str | Path | None = None, progress: Any = None) -> PredictResult:
+    """`featcache predict`: the run's probe applied to image files (``inputs``: files,
+    folders, globs) or to a dataset split (``dataset``, ``split``). ``csv``: also write
+    the rows there (`write_csv`)."""
+    from featcache.distributed import resolve_device
+    from featcache.options import check_int
+
+    check_int(top_k, "--top-k")
+    check_int(batch_size, "--batch-size")
+    check_int(workers, "--workers", 0)
+    if bool(inputs) == bool(dataset):
+        raise FeatcacheError("give images (files, folders, globs) or --dataset, not both"
+                             if inputs else "nothing to predict: give images (files, "
+                             "folders, globs) or --dataset NAME [--split test]")
+    dev = resolve_device(device)
+    probe = load_trained(run, dev)
+    if dataset is not None:
+        from featcache.sources import open_dataset
+
+        data: ImageDataset = open_dataset(dataset, split, None if data_root is None
+                                          else Path(data_root), download)
+    else:
+        data = ImageFiles(collect_images(inputs), probe.class_names)
+    backbone = rebuild_backbone(probe, weights).to(dev).eval()
+    logits, index, unreadable = _score(probe, backbone, data, dev, batch_size, workers,
+                                       progress)
+    if not len(index):
+        raise FeatcacheError(f"none of the {len(data)} images could be read; the first: "
+                             f"{unreadable[0] if unreadable else 'none given'}")
+    result = _rows(probe, data, logits, index, top_k, dataset is not None)
+    result.logits, result.index, result.unreadable = logits, index, unreadable
+    if dataset is not None and list(data.class_names) == probe.class_names and len(index):
+        from featcache.selection import logit_metrics
+
+        y = torch.as_tensor(data.labels[index])
+        result.metrics = {k: v for k, v in logit_metrics(logits, y, len(probe.class_names))
+                          .items() if k != "per_class"}
+        _compare_with_record(probe, data, index, logits, result)
+    if csv is not None:
+        write_csv(result.rows, csv)
+    return result
+
+
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as CSV: item, label, pred, prob, then top2, prob2, … (the top-k after the
+    first, which is pred and prob)."""
+    import csv as csv_module
+
+    k = max((len(r["top_k"]) for r in rows), default=1)
+    header = ["item", "label", "pred", "prob"]
+    for j in range(2, k + 1):
+        header += [f"top{j}", f"prob{j}"]
+    buffer = io.StringIO(newline="")
+    writer = csv_module.writer(buffer)
+    writer.writerow(header)
+    for row in rows:
+        line = [row["item"], "" if row["label"] is None else row["label"], row["pred"],
+                repr(row["prob"])]
+        for name, prob in row["top_k"][1:]:
+            line += [name, repr(prob)]
+        writer.writerow(line)
+    return buffer.getvalue()
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """The rows as a CSV file, written whole or not at all."""
+    from featcache import atomic
+
+    return atomic.write_text(Path(path).expanduser(), csv_text(rows))
+
+
+def _score(probe: TrainedProbe, backbone: Any, data: ImageDataset, device: torch.device,
+           batch_size: int, workers: int | None, progress: Any
+           ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Backbone in batches, tokens gathered in float16, the head every `HEAD_BATCH`
+    readable images (the same batches the record's test scores used)."""
+    from torch.utils.data import DataLoader
+
+    from featcache.extraction import _Prepared, plan_workers
+
+    n_workers, threads = plan_workers(device, workers)
+    loader = DataLoader(_Prepared(data, backbone.transform, backbone.input_size),
+                        batch_size=batch_size, num_workers=n_workers,
+                        pin_memory=device.type == "cuda")
+    dtype = probe.compute_dtype
+    label = "predict images" if isinstance(data, ImageFiles) else \
+        f"predict {data.name} {data.split}"
+    task = progress.start(label, len(data)) if progress else None
+    pending: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
+    index: list[int] = []
+    unreadable: list[str] = []
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    def flush(final: bool) -> None:
+        raw = torch.cat(pending) if pending else None
+        pending.clear()
+        while raw is not None and (len(raw) >= HEAD_BATCH or (final and len(raw))):
+            logits.append(probe.logits(raw[:HEAD_BATCH]))
+            raw = raw[HEAD_BATCH:]
+        if raw is not None and len(raw):
+            pending.append(raw)
+
+    try:
+        with torch.inference_mode():
+            for images, indices, errors in loader:
+                ok = [i for i, e in enumerate(errors) if not e]
+                unreadable += [e for e in errors if e]
+                if ok:
+                    images = images[ok].to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=dtype,
+                                        enabled=dtype != torch.float32):
+                        out = backbone.tokens(images, all_tokens=probe.all_tokens)
+                    pending.append(probe.assemble(out))
+                    index += [int(indices[i]) for i in ok]
+                if sum(len(p) for p in pending) >= HEAD_BATCH:
+                    flush(False)
+                if task is not None:
+                    progress.advance(task, len(indices))
+            flush(True)
+    finally:
+        torch.set_num_threads(old_threads)
+        if task is not None:
+            progress.stop(task)
+    n_classes = len(probe.class_names)
+    out_logits = torch.cat(logits) if logits else torch.empty(0, n_classes)
+    return out_logits, np.asarray(index, dtype=np.int64), unreadable
+
+
+def _rows(probe: TrainedProbe, data: ImageDataset, logits: torch.Tensor, index: np.ndarray,
+          top_k: int, labelled: bool) -> PredictResult:
+    names = probe.class_names
+    k = min(top_k, len(names))
+    probs = logits.softmax(1)
+    top = probs.topk(k, dim=1) if len(probs) else None
+    rows = []
+    for r, i in enumerate(index.tolist()):
+        pairs = [[names[int(c)], float(p)] for c, p in zip(top.indices[r], top.values[r],
+                                                           strict=True)]
+        label = None
+        if labelled:
+            label_id = int(data.labels[i])
+            label = data.class_names[label_id] if 0 <= label_id < len(data.class_names) else None
+        rows.append({"item": i if labelled else str(data.key(i)), "label": label,
+                     "pred": pairs[0][0], "prob": pairs[0][1], "top_k": pairs})
+    return PredictResult(rows, names)
+
+
+def _compare_with_record(probe: TrainedProbe, data: ImageDataset, index: np.ndarray,
+                         logits: torch.Tensor, result: PredictResult) -> None:
+    """On the run's own test split (same content hash), set the record's metrics beside
+    ours and the share of per-image predictions that agree with the stored ones."""
+    from featcache.predictions import load_predictions
+
+    test = (probe.record.get("fingerprints") or {}).get("test") or {}
+    identity = (test.get("dataset") or {}).get("identity") or {}
+    if not identity.get("sha256") or identity.get("sha256") != data.identity.get("sha256"):
+        return
+    result.record_metrics = {k: v for k, v in (probe.record.get("metrics") or {}).items()}
+    stored = load_predictions(probe.path, logits=False)
+    if stored is not None and np.array_equal(stored.index, index):
+        result.agreement = float(np.mean(stored.pred == logits.argmax(1).numpy()))

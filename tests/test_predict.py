@@ -1,0 +1,168 @@
+"""Using a trained probe: predict on images, export a deployable model.
+
+Acceptance: on the run's own test split, predicting from the images (backbone rebuilt
+from the fingerprint, taps, float16 rounding, normalisation, head) gives the record's
+test logits bit for bit, hence its metrics exactly, for every method. The exported
+`torch.export` file loads with torch alone and agrees with `predict` within float
+tolerance. The backbone's identity is checked: other weights are one clear line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cliutil import assert_user_error, run
+from conftest import TIMM_TINY, TIMM_TINY_KW
+
+from featcache.errors import FeatcacheError
+from featcache.extraction import extract
+from featcache.inference import load_trained, predict, rebuild_backbone
+from featcache.predictions import load_predictions
+from featcache.probing import probe
+from featcache.records import read_run
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+METHODS = ("linear", "concat", "alf", "layers", "attentive")
+QUICK = dict(grid="quick", epochs=1, min_steps=5, threads=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random ViT over digits (every token kept), every method probed once."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("predict")
+    try:
+        extract(model=TIMM_TINY, model_arg=dict(TIMM_TINY_KW), weights="random:3",
+                dataset="digits", cache=root, batch_size=64, workers=0, all_tokens=True)
+        runs = {m: probe(method=m, cache=root, **QUICK)[0].path for m in METHODS}
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, **runs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_predict_on_the_test_split_reproduces_the_record(trained, method):
+    result = predict(trained[method], dataset="digits", split="test", batch_size=64,
+                     workers=0, device="cpu")
+    record = read_run(trained[method])
+    stored = load_predictions(trained[method])
+    np.testing.assert_array_equal(result.index, stored.index)
+    assert torch.equal(result.logits, torch.from_numpy(stored.logits))  # bit for bit
+    assert result.metrics == {k: record["metrics"][k] for k in result.metrics}
+    assert result.reproduces_record is True and result.agreement == 1.0
+    row = result.rows[0]
+    assert set(row) == {"item", "label", "pred", "prob", "top_k"}
+    names = record["per_class"]["class_names"]
+    assert row["item"] == 0 and row["pred"] == names[int(stored.pred[0])]
+    assert row["label"] == names[int(stored.label[0])]
+    assert row["top_k"][0] == [row["pred"], row["prob"]] and len(row["top_k"]) == 5
+    probs = result.logits[0].softmax(0)
+    assert row["prob"] == pytest.approx(float(probs.max()))
+
+
+def test_predict_on_files_folders_and_globs_names_the_unreadable(trained, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            folder / "sub" / f"p{i}.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "g.jpg")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image either, and not an image file")
+    result = run("predict", trained["alf"], folder, tmp_path / "*.jpg", "--top-k", 3,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [Path(r["item"]).name for r in rows] == ["p0.png", "p1.png", "p2.png", "g.jpg"]
+    assert all(len(r["top_k"]) == 3 and r["label"] is None for r in rows)
+    assert "broken.jpg" in result.stderr and "not predicted" in result.stderr
+    # the same rows as CSV: item, label, pred, prob, top2, prob2, top3, prob3
+    as_csv = run("predict", trained["alf"], folder, tmp_path / "*.jpg", "--top-k", 3,
+                 "--csv", "-")
+    table = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert list(table[0]) == ["item", "label", "pred", "prob", "top2", "prob2", "top3",
+                              "prob3"]
+    for row, js in zip(table, rows, strict=True):
+        assert row["pred"] == js["pred"] and float(row["prob"]) == js["prob"]
+        assert [row["top2"], float(row["prob3"])] == [js["top_k"][1][0], js["top_k"][2][1]]
+    assert_user_error(run("predict", trained["alf"], tmp_path / "nothing.png"),
+                      "no such file or folder")
+    assert_user_error(run("predict", trained["alf"], folder / "broken.jpg"),
+                      "none of the 1 images could be read", "broken.jpg")
+    assert_user_error(run("predict", trained["alf"]), "nothing to predict")
+    assert_user_error(run("predict", tmp_path, "--dataset", "digits"), "not a run folder")
+
+
+def test_predict_refuses_a_backbone_it_cannot_get_again(tmp_path):
+    """A run on a local checkpoint needs that file: none, or another, is one line."""
+    from featcache.backbones import create_backbone
+
+    ckpt, other = tmp_path / "w.pt", tmp_path / "other.pt"
+    torch.save(create_backbone(TIMM_TINY, "random:1", "reference",
+                               dict(TIMM_TINY_KW)).model.state_dict(), ckpt)
+    torch.save(create_backbone(TIMM_TINY, "random:2", "reference",
+                               dict(TIMM_TINY_KW)).model.state_dict(), other)
+    root = tmp_path / "cache"
+    extract(model=TIMM_TINY, model_arg=dict(TIMM_TINY_KW), weights=str(ckpt),
+            dataset="digits", cache=root, batch_size=128, workers=0)
+    (result,) = probe(method="linear", cache=root, **QUICK)
+    with pytest.raises(FeatcacheError, match="local checkpoint .* pass --weights PATH"):
+        predict(result.path, dataset="digits")
+    with pytest.raises(FeatcacheError, match="cannot get the backbone .* weights: file:sha256"):
+        predict(result.path, dataset="digits", weights=str(other))
+    ok = predict(result.path, dataset="digits", weights=str(ckpt), batch_size=128)
+    assert ok.reproduces_record is True
+    # a record whose backbone this featcache would build otherwise: named, refused
+    record_file = result.path / "record.json"
+    record = json.loads(record_file.read_text())
+    record["fingerprints"]["train"]["model"]["preprocess"]["interpolation"] = "nearest"
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(FeatcacheError, match="builds the backbone differently.*interpolation"):
+        predict(result.path, dataset="digits", weights=str(ckpt))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["alf", "concat", "attentive", "layers"])
+def test_exported_model_loads_with_torch_alone_and_agrees(trained, method, tmp_path):
+    out = tmp_path / "probe.pt2"
+    result = run("export-model", trained[method], "--out", out)
+    assert result.exit_code == 0, result.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    probe_ = load_trained(trained[method])
+    assert meta["class_names"] == probe_.class_names
+    steps = [s["op"] for s in meta["preprocess_steps"]]
+    assert steps == ["convert", "resize", "center_crop", "to_tensor", "normalize"]
+    backbone = rebuild_backbone(probe_)
+    x = torch.randn(3, *backbone.input_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = probe_.logits(probe_.assemble(backbone.tokens(
+            x, all_tokens=probe_.all_tokens))).softmax(1)
+    torch.save(x, tmp_path / "x.pt")
+    # a fresh interpreter where featcache, timm and open_clip cannot be imported
+    code = (
+        "import sys; sys.modules.update(featcache=None, timm=None, open_clip=None)\n"
+        "import torch\n"
+        f"m = torch.export.load({str(out)!r}).module()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n"
+        "m(x[:1]); m(torch.cat([x, x]))  # any batch size\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = torch.load(tmp_path / "y.pt")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_user_error(run("export-model", trained[method], "--out", out), "--overwrite")
