@@ -39,7 +39,9 @@ def test_readme_python_block_runs_as_pasted(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    value = float(run.stdout.strip().splitlines()[-1])
+    first, last = run.stdout.strip().splitlines()[-2:]
+    value = float(first)
     assert 0.0 <= value <= 100.0
+    assert last.startswith(f"{value} {{'item': 0, 'label'")  # predict: the record's score
     assert (tmp_path / "report" / "report.html").is_file()
     assert (tmp_path / "report" / "results.csv").is_file()
