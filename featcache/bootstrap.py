@@ -104,8 +104,9 @@ def add_intervals(rows: Sequence[dict], notes: list[str], n_resamples: int = N_R
 
     loaded: dict[str, Any] = {}
     why: dict[str, int] = {}
+    damaged = "damaged"  # a predictions file that cannot be read (noted once, by name)
 
-    def runs_of(cell: dict) -> list[Any] | None:
+    def runs_of(cell: dict) -> list[Any] | str | None:
         out = []
         for path in cell.get("paths") or []:
             if path not in loaded:
@@ -113,9 +114,9 @@ def add_intervals(rows: Sequence[dict], notes: list[str], n_resamples: int = N_R
                     loaded[path] = load_predictions(path, logits=False)
                 except FeatcacheError as exc:
                     notes.append(f"no interval from {path}: {exc}")
-                    loaded[path] = None
-            if loaded[path] is None:
-                return None
+                    loaded[path] = damaged
+            if loaded[path] is None or loaded[path] is damaged:
+                return loaded[path]
             out.append(loaded[path])
         return out or None
 
@@ -129,6 +130,8 @@ def add_intervals(rows: Sequence[dict], notes: list[str], n_resamples: int = N_R
             if base is None:
                 continue
             mine, theirs = runs_of(cell), runs_of(base)
+            if mine is damaged or theirs is damaged:
+                continue
             if mine is None or theirs is None:
                 reason = ("their runs were made before per-sample predictions were kept "
                           "(probe again with --force for intervals)")

@@ -82,6 +82,7 @@ class TrainedProbe:
 def load_trained(run: str | Path, device: torch.device | str = "cpu") -> TrainedProbe:
     """A run folder's selected head, rebuilt from `head.safetensors` in the form it was
     trained in. One line (FeatcacheError) for a folder that is not a finished run."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from featcache.heads import HEADS
@@ -110,8 +111,9 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
                              "run the same `featcache probe` command with --force") from None
     try:
         state = load_file(str(path / "head.safetensors"), device=str(device))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise FeatcacheError(f"cannot read {path / 'head.safetensors'} ({exc}); run the same "
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise FeatcacheError(f"cannot read {path / 'head.safetensors'} ({why}); run the same "
                              "`featcache probe` command with --force") from None
     n_classes = len(class_names)
     if spec.needs_all_tokens:

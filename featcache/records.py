@@ -23,7 +23,7 @@ from featcache.cache import default_cache_root
 from featcache.errors import FeatcacheError
 from featcache.text import slug
 
-RECORD_FORMAT = 2  # 2: the run's identity (`settings`, `settings_id`) is recorded
+RECORD_FORMAT = 3  # 2: the run's identity (`settings`, `settings_id`); 3: its test predictions
 SETTINGS_ID_LENGTH = 10
 
 

@@ -166,3 +166,22 @@ def test_exported_model_loads_with_torch_alone_and_agrees(trained, method, tmp_p
     got = torch.load(tmp_path / "y.pt")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert_user_error(run("export-model", trained[method], "--out", out), "--overwrite")
+
+
+def test_damaged_run_files_are_one_line_each(trained, tmp_path):
+    import shutil
+
+    from featcache.reporting import report
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained["root"], root)
+    run_dir = root / trained["alf"].relative_to(trained["root"])
+    (run_dir / "predictions.safetensors").write_bytes(b"{ not safetensors")
+    data = report(cache=root, out=tmp_path / "report", format="", cka=False)
+    assert any("no interval from" in n and "predictions.safetensors" in n for n in data.notes)
+    alf = next(c for k, c in data.rows[0]["cells"].items() if k.startswith("alf"))
+    assert alf["ci"] is None and alf["mean"] is not None  # the number stays, no interval
+    head = run_dir / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:100])
+    assert_user_error(run("predict", run_dir, "--dataset", "digits"), "head.safetensors",
+                      "--force")
