@@ -306,15 +306,26 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
         for rows in spans:
             raw[rows].copy_(_half(cache.read("last_tokens", rows=rows)))
     else:
-        slots: dict[tuple[str, str], list[int]] = {}
-        for t, token in enumerate(tokens):
-            slots.setdefault(token, []).append(t)
-        for (name, kind), where in slots.items():
-            layer = None if kind == "pool" else cache.layer_index([name])
-            for rows in spans:
-                part = _half(cache.read(kind, layer, rows)[:, 0])
-                for t in where:
-                    raw[rows, t, : part.shape[1]].copy_(part)
+        # per kind, every layer it needs in one read per span: a shard file is read once
+        by_kind: dict[str, dict[int, list[int]]] = {}
+        for t, (name, kind) in enumerate(tokens):
+            layer = 0 if kind == "pool" else cache.layer_index([name])[0]
+            by_kind.setdefault(kind, {}).setdefault(layer, []).append(t)
+        host = raw.numpy() if raw.device.type == "cpu" else None  # (a view: same memory)
+        for rows in spans:
+            # each token's first slot straight from the file; on a GPU via a host block
+            block = host[rows] if host is not None else np.zeros(
+                (rows.stop - rows.start, n_tok, dim), dtype=np.float16)
+            for kind, slots in by_kind.items():
+                layers = sorted(slots)
+                cache.read_into(kind, None if kind == "pool" else layers, rows, block,
+                                [slots[layer][0] for layer in layers])
+            if host is None:
+                raw[rows].copy_(torch.from_numpy(block))
+            for slots in by_kind.values():  # a token asked for twice: its other slots
+                for first, *others in slots.values():
+                    for t in others:
+                        raw[rows, t].copy_(raw[rows, first])
     return FeatureSource(raw, device, normalise=normalise, placement=placement)
 
 

@@ -152,7 +152,7 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
     # The child sleeps after each finished shard so that the kill lands mid-run.
     slow = ("import time, sys; from featcache import cache as c\n"
             "w = c.Cache.write_shard\n"
-            "def slow(self, *a):\n    w(self, *a); time.sleep(0.5)\n"
+            "def slow(self, *a):\n    w(self, *a); time.sleep(2)\n"
             "c.Cache.write_shard = slow\n"
             "from featcache.cli.main import app; sys.argv[0] = 'featcache'; app()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
