@@ -366,7 +366,7 @@ class Cache:
         into its column ``columns[j]``)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from featcache.shardfiles import ShardDamage, read_shard, shard_bytes
+        from featcache.shardfiles import ShardDamage, read_shard, shard_bytes, will_need
 
         S, r = layout.shard[0], layout.chunk[0]
         if out is None:
@@ -379,12 +379,16 @@ class Cache:
         shards = list(range(rows.start // S, (rows.stop - 1) // S + 1))
         # the next shard's file is read while this one is checked and placed: on a cold
         # disk, decoding then costs (almost) nothing beyond the read itself
+        buffers = [bytearray(), bytearray()]  # one being read, one being decoded
         with ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(shard_bytes, layout, (shards[0], *zeros))
+            ahead = pool.submit(shard_bytes, layout, (shards[0], *zeros), buffers, 0)
             for i, k in enumerate(shards):
                 data = ahead.result()
                 if i + 1 < len(shards):
-                    ahead = pool.submit(shard_bytes, layout, (shards[i + 1], *zeros))
+                    ahead = pool.submit(shard_bytes, layout, (shards[i + 1], *zeros),
+                                        buffers, (i + 1) % 2)
+                if i + READ_AHEAD < len(shards):  # and the kernel reads further ahead
+                    will_need(layout, (shards[i + READ_AHEAD], *zeros))
                 lo, hi = max(rows.start, k * S), min(rows.stop, (k + 1) * S)
                 c0, c1 = (lo - k * S) // r, (hi - 1 - k * S) // r
                 select = (np.arange(c0, c1 + 1),
@@ -614,6 +618,9 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
         shutil.rmtree(path)
     os.replace(tmp, path)
     return Cache(path, "r+")
+
+
+READ_AHEAD = 3  # shards the kernel is asked to read ahead of the one being decoded
 
 
 def _inner_rows(shard_size: int, limit: int) -> int:

@@ -312,6 +312,8 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
             layer = 0 if kind == "pool" else cache.layer_index([name])[0]
             by_kind.setdefault(kind, {}).setdefault(layer, []).append(t)
         host = raw.numpy() if raw.device.type == "cpu" else None  # (a view: same memory)
+        if host is not None:  # straight into place: one pass per kind, files read ahead
+            spans = [slice(0, n)]
         for rows in spans:
             # each token's first slot straight from the file; on a GPU via a host block
             block = host[rows] if host is not None else np.zeros(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,18 +80,43 @@ def shard_layout(array_path: Path) -> ShardLayout | None:
         return None
 
 
-def shard_bytes(layout: ShardLayout, index: tuple[int, ...]) -> bytes | None:
-    """A shard file's bytes (None when there is no file): the I/O half of `read_shard`,
-    which a reader runs ahead in a thread (file reads release the GIL)."""
+def will_need(layout: ShardLayout, index: tuple[int, ...]) -> None:
+    """Ask the kernel to start reading a shard file now (readahead; a hint, never an
+    error), so the disk works while the current shard is decoded."""
     try:
-        return layout.file(index).read_bytes()
+        fd = os.open(layout.file(index), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def shard_bytes(layout: ShardLayout, index: tuple[int, ...],
+                buffers: list[bytearray] | None = None, slot: int = 0) -> np.ndarray | None:
+    """A shard file's bytes as a uint8 array (None when there is no file): the I/O half
+    of `read_shard`, which a reader runs ahead in a thread (file reads release the GIL).
+    With ``buffers``, read into ``buffers[slot]`` (grown as needed) instead of a fresh
+    allocation: no new pages to fault in for every shard."""
+    try:
+        with open(layout.file(index), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if buffers is None:
+                return np.frombuffer(f.read(), dtype=np.uint8)
+            if len(buffers[slot]) < size:
+                buffers[slot] = bytearray(size)
+            got = f.readinto(memoryview(buffers[slot])[:size])
+            return np.frombuffer(buffers[slot], dtype=np.uint8, count=got)
     except FileNotFoundError:
         return None
 
 
 def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, ...],
                out: np.ndarray, skip: int = 0, columns: Sequence[int] | None = None,
-               data: bytes | None = None) -> None:
+               data: np.ndarray | None = None) -> None:
     """Copy inner chunks of one written shard into ``out``, each once, straight from the
     file's bytes (``data``: already read by `shard_bytes`; else read here). ``select``
     gives, per axis, the chunk coordinates wanted (None: all).
@@ -111,28 +137,29 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
         raise ShardDamage("its file is missing")
     n = math.prod(grid)
     size = 16 * n + 4
-    if len(data) < size:
-        raise ShardDamage(f"its checksum cannot match: the file is truncated ({len(data)} "
+    total = len(data)
+    if total < size:
+        raise ShardDamage(f"its checksum cannot match: the file is truncated ({total} "
                           "bytes, shorter than its index)")
-    view = np.frombuffer(data, dtype=np.uint8)  # zero-copy slices google_crc32c takes
-    if _crc(google_crc32c, view[len(data) - size: len(data) - 4]) != data[-4:]:
+    view = data  # uint8; its slices are zero-copy, and google_crc32c takes them
+    if _crc(google_crc32c, view[total - size: total - 4]) != view[total - 4:].tobytes():
         raise ShardDamage("its checksum does not match (flipped or truncated bytes in the "
                           "shard index)")
-    entries = np.frombuffer(data, dtype="<u8", count=2 * n,
-                            offset=len(data) - size).reshape(*grid, 2)
+    entries = view[total - size: total - 4].view("<u8").reshape(*grid, 2)
     chosen = entries[np.ix_(*picks)].reshape(-1, 2)
     chunk_bytes = math.prod(layout.chunk) * layout.dtype.itemsize
     if (chosen == _MISSING).any():
         raise ShardDamage("an inner chunk is missing (it would read as the fill value)")
     offsets, sizes = chosen[:, 0].astype(np.int64), chosen[:, 1]
-    if (sizes != chunk_bytes + 4).any() or (offsets + chunk_bytes + 4 > len(data) - size).any():
+    if (sizes != chunk_bytes + 4).any() or (offsets + chunk_bytes + 4 > total - size).any():
         raise ShardDamage("its checksum cannot match: the shard index gives an inner chunk "
                           "a bad offset or size")
     r = layout.chunk[0]
     for pos, start in zip(np.ndindex(*(len(p) for p in picks)), offsets.tolist(),
                           strict=True):
         payload = view[start: start + chunk_bytes]
-        if _crc(google_crc32c, payload) != data[start + chunk_bytes: start + chunk_bytes + 4]:
+        end = start + chunk_bytes
+        if _crc(google_crc32c, payload) != view[end: end + 4].tobytes():
             raise ShardDamage("its checksum does not match (flipped or truncated bytes in "
                               "an inner chunk)")
         chunk = payload.view(layout.dtype).reshape(layout.chunk)

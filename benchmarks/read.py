@@ -1,0 +1,162 @@
+"""How fast a probe reads its tokens from a cache, against reading the same bytes raw.
+
+One run, one machine: a ViT-B-shaped cache (13 layers × 768, CLS and AP, float16, the
+crc32c-checked format featcache writes) through featcache's own writer. Two readings of
+the same shard files, alternated, median of the repeats:
+
+- raw: every `cls` and `ap` shard file read sequentially into memory (bytes only);
+- featcache: `load_source` of the ALF tokens (CLS+AP of blocks 1..11 and final, 24 of
+  the 26 layer-kinds): files read, index and chunk checksums verified, chunks placed.
+
+Cold: each file's pages are dropped from the page cache first (posix_fadvise
+DONTNEED), so both read the disk; warm: both from the page cache (memory bandwidth, the
+decoding cost laid bare). The goal (issue "Probing at scale") is featcache ≥ 0.7 of raw.
+With `--stream`, also one training epoch of a linear probe with the tokens in memory
+against streamed from the cache (`featcache.streaming`), cold.
+
+    python benchmarks/read.py [--n 16384] [--repeats 3] [--stream]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from checksum import build  # noqa: E402
+from machine import cpu_info  # noqa: E402
+
+from featcache.cache import open_cache  # noqa: E402
+from featcache.features import load_source  # noqa: E402
+from featcache.pairs import token_list  # noqa: E402
+
+
+def shard_files(path: Path) -> list[Path]:
+    return sorted(f for kind in ("cls", "ap") for f in (path / kind / "c").rglob("*")
+                  if f.is_file())
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (clean pages: no root needed)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(files: list[Path]) -> float:
+    started = time.perf_counter()
+    total = 0
+    for f in files:
+        total += len(f.read_bytes())
+    assert total > 0
+    return time.perf_counter() - started
+
+
+def featcache_read(path: Path) -> float:
+    cache = open_cache(path)
+    tokens = token_list("alf", "all", cache)
+    started = time.perf_counter()
+    src = load_source(cache, tokens, torch.device("cpu"))
+    seconds = time.perf_counter() - started
+    assert src.raw.shape == (cache.n, 24, 768)
+    return seconds
+
+
+def compare(path: Path, files: list[Path], repeats: int, cold: bool) -> dict[str, float]:
+    times: dict[str, list[float]] = {"raw": [], "featcache": []}
+    for _ in range(repeats):
+        for name, fn in (("raw", lambda: raw_read(files)),
+                         ("featcache", lambda: featcache_read(path))):
+            if cold:
+                evict(files)
+            else:
+                raw_read(files)  # in the page cache
+            times[name].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stream", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("FEATCACHE_BENCH_DIR")) as tmp:
+        path = build(Path(tmp), args.n, True)
+        files = shard_files(path)
+        size = sum(f.stat().st_size for f in files) / 2**30
+        print(f"machine: {cpu_info()}, torch {torch.__version__}, threads "
+              f"{torch.get_num_threads()}")
+        print(f"cache: {args.n} samples × 13 layers × 768, CLS and AP: {size:.2f} GiB of "
+              f"shard files; ALF reads 24 of 26 layer-kinds")
+        for cold in (True, False):
+            med = compare(path, files, args.repeats, cold)
+            print(f"{'cold' if cold else 'warm'}: raw {med['raw']:.3f} s "
+                  f"({size / med['raw']:.2f} GiB/s), featcache {med['featcache']:.3f} s "
+                  f"({size / med['featcache']:.2f} GiB/s): featcache / raw throughput "
+                  f"{med['raw'] / med['featcache']:.2f}" + (" (goal ≥ 0.7)" if cold else ""))
+        if args.stream:
+            stream_epochs(path, files, args.repeats)
+
+
+def stream_epochs(path: Path, files: list[Path], repeats: int) -> None:
+    """One epoch of a linear probe's training steps over the ALF tokens: in memory
+    against streamed from the (cold) cache."""
+    from featcache.streaming import ShardStream, StreamConfig
+
+    cache = open_cache(path)
+    tokens = token_list("alf", "all", cache)
+    y = torch.as_tensor(cache.labels())
+    head = torch.nn.Linear(24 * 768, 10)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        loss = torch.nn.functional.cross_entropy(head(xb.flatten(1)), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def in_memory() -> float:
+        evict(files)
+        started = time.perf_counter()
+        src = load_source(cache, tokens, torch.device("cpu"))
+        perm = torch.randperm(len(src))
+        for idx in perm.split(2048):
+            step(src.gather(idx), y[idx])
+        return time.perf_counter() - started
+
+    def streamed() -> float:
+        evict(files)
+        started = time.perf_counter()
+        stream = ShardStream(cache, tokens, StreamConfig(buffer_shards=4, batch_size=2048),
+                             torch.device("cpu"))
+        for xb, yb, _ in stream.epoch(0, seed=0):
+            step(xb, yb)
+        return time.perf_counter() - started
+
+    times = {"memory": [], "stream": []}
+    for _ in range(repeats):
+        times["memory"].append(in_memory())
+        times["stream"].append(streamed())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"one epoch, cold cache: load + train in memory {med['memory']:.2f} s, streamed "
+          f"{med['stream']:.2f} s: streamed / in memory {med['stream'] / med['memory']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
