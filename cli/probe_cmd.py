@@ -53,6 +53,10 @@ def probe(
     memory_gb: Annotated[float | None, typer.Option(
         help="Memory budget for the grid's heads (default: half of free device memory).")
     ] = None,
+    max_host_memory_gb: Annotated[float | None, typer.Option(
+        help="Host memory the tokens may take; beyond it (default: 80 % of what is "
+             "available) they are streamed from the cache, shuffled by buffers of shards.")
+    ] = None,
     feature_memory_gb: Annotated[float | None, typer.Option(
         help="Keep the cached tokens on the device up to this size, else stream them from "
              "host memory (default: half of free device memory).")] = None,

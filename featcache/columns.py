@@ -38,6 +38,8 @@ def run_variant(rec: dict) -> str:
         settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
         if settings.get("precision") not in (None, "fp32"):
             parts.append(f"precision={settings['precision']}")
+        if settings.get("stream_buffer_shards"):
+            parts.append(f"streamed={settings['stream_buffer_shards']} shards")
         return ", ".join(parts)
     protocol = rec.get("protocol") or "clean"
     return "" if protocol == "paper" else f"protocol={protocol}"

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,18 @@ class FeatureSource:
         rows = idx if self.rows is None else self.rows.index_select(0, idx)
         return self._finish(self._take(rows), fresh=True)
 
+    def epoch_batches(self, steps: int, generator: torch.Generator
+                      ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One training epoch: a permutation of the samples (drawn from ``generator``, a
+        CPU generator) cut into ``steps`` near-equal batches; yields (sample indices on
+        the compute device, for the labels; the batch, as `gather` gives it)."""
+        perm = torch.randperm(len(self), generator=generator)
+        perm_x = perm.to(self.index_device, non_blocking=True)
+        perm_y = perm.to(self.device, non_blocking=True)  # labels live on the device
+        for idx, idx_y in zip(perm_x.tensor_split(steps), perm_y.tensor_split(steps),
+                              strict=True):
+            yield idx_y, self.gather(idx)
+
     def batches(self, batch_size: int) -> Iterator[tuple[slice, Tensor]]:
         """Consecutive slices (for evaluation): (slice of samples, float32 batch). A batch
         may be a view of the raw tokens: read it, do not modify it."""
@@ -222,9 +235,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         (b.index if b.index is not None else current)
 
 
-def as_source(x: Tensor | FeatureSource) -> FeatureSource:
-    """A plain tensor is used as it is (already normalised by the caller), on its device."""
-    if isinstance(x, FeatureSource):
+def as_source(x: Any) -> Any:
+    """A plain tensor is used as it is (already normalised by the caller), on its device;
+    a FeatureSource or a `featcache.streaming.StreamedSource` as it is."""
+    if isinstance(x, FeatureSource) or getattr(x, "placement", None) == "stream":
         return x
     if not isinstance(x, Tensor):
         raise TypeError(f"features must be a tensor or a FeatureSource, got {type(x).__name__}")
@@ -259,83 +273,108 @@ def default_feature_budget(device: torch.device) -> int:
 
 # -- reading from the cache ---------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TokenPlan:
+    """Where each token a method reads comes from, and the (T, D) shape it fills."""
+
+    tokens: tuple[tuple[str, str], ...]
+    n_tok: int
+    dim: int
+    all_tokens: bool
+    by_kind: dict[str, dict[int, list[int]]]  # kind → layer index → token slots
+
+    @property
+    def row_bytes(self) -> int:
+        return self.n_tok * self.dim * 2
+
+
+def token_plan(cache: Any, tokens: list[tuple[str, str]]) -> TokenPlan:
+    """Check the tokens against the cache (one line for a kind it lacks) and plan them."""
+    if tokens == [("final", "all")]:
+        return TokenPlan(tuple(tokens), cache.layout.n_tokens, cache.layout.token_dim, True,
+                         {})
+    by_kind: dict[str, dict[int, list[int]]] = {}
+    for t, (name, kind) in enumerate(tokens):
+        cache.check_token(name, kind)
+        layer = 0 if kind == "pool" else cache.layer_index([name])[0]
+        by_kind.setdefault(kind, {}).setdefault(layer, []).append(t)
+    dim = max([cache.dim, *(cache.token_width(n_, k) for n_, k in tokens if k == "pool")])
+    return TokenPlan(tuple(tokens), len(tokens), dim, False, by_kind)
+
+
+def fill_tokens(cache: Any, plan: TokenPlan, rows: slice, block: np.ndarray) -> None:
+    """Cache rows ``rows`` of the planned tokens into ``block`` (rows, T, D) float16,
+    each token's first slot straight from the shard files; narrower tokens leave their
+    padding as it was (callers zero it)."""
+    if plan.all_tokens:
+        block[:] = cache.read("last_tokens", rows=rows)
+        return
+    for kind, slots in plan.by_kind.items():
+        layers = sorted(slots)
+        cache.read_into(kind, None if kind == "pool" else layers, rows, block,
+                        [slots[layer][0] for layer in layers])
+    for slots in plan.by_kind.values():  # a token asked for twice: its other slots
+        for first, *others in slots.values():
+            for t in others:
+                block[:, t] = block[:, first]
+
+
 def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
                 budget_bytes: int | None = None, host_budget_bytes: int | None = None,
-                normalise: bool | str | None = "token") -> FeatureSource:
+                normalise: bool | str | None = "token", stream: bool = False
+                ) -> Any:
     """The cache's tokens, in order, as a FeatureSource over all N samples.
 
     ``tokens``: (layer name, "cls" | "ap" | "pool") pairs, or ``[("final", "all")]`` for
     every token of the last layer (``--all-tokens`` caches). Only these layers are read,
-    per layer and per shard, into a float16 tensor on ``device`` if its size fits
-    ``budget_bytes`` (default: `default_feature_budget`), else into (pinned) host memory.
+    shard by shard, into a float16 tensor on ``device`` if its size fits ``budget_bytes``
+    (default: `default_feature_budget`), else into (pinned) host memory if it fits
+    ``host_budget_bytes`` (default: 80 % of the memory available), else, with
+    ``stream``, a `featcache.streaming.StreamedSource` that reads them from the cache as
+    it goes (buffers within the host budget); without it that is one clear error.
     Tokens narrower than the widest (a pooled embedding of another width) are zero-padded,
     which changes neither their norm nor any dot product.
     """
     n = cache.n
-    all_tokens = tokens == [("final", "all")]
-    if all_tokens:
-        n_tok, dim = cache.layout.n_tokens, cache.layout.token_dim
-    else:
-        for name, kind in tokens:
-            cache.check_token(name, kind)
-        n_tok = len(tokens)
-        dim = max([cache.dim, *(cache.token_width(n_, k) for n_, k in tokens if k == "pool")])
-    nbytes = n * n_tok * dim * 2
+    plan = token_plan(cache, tokens)
+    n_tok, dim = plan.n_tok, plan.dim
+    nbytes = n * plan.row_bytes
     budget = default_feature_budget(device) if budget_bytes is None else int(budget_bytes)
     placement = "device" if nbytes <= budget else "host"
     if placement == "host" or device.type == "cpu":  # host memory holds them
         host_budget = (int(HOST_FRACTION * available_host_memory())
                        if host_budget_bytes is None else int(host_budget_bytes))
         if nbytes > host_budget:
+            if stream:
+                from featcache.streaming import StreamedSource
+
+                return StreamedSource(cache, plan, device, normalise, host_budget)
             raise FeatcacheError(
                 f"the {n_tok} tokens × {dim} of {n} samples in {cache.path} need "
                 f"{human_bytes(nbytes)} (float16), more than the {human_bytes(host_budget)} "
                 "of host memory available for them; probe fewer layers (--layers) or fewer "
-                "samples "
-                "(--shots), or use a machine with more memory")
+                "samples (--shots), or let featcache stream them from the cache "
+                "(featcache probe does, within --max-host-memory-gb)")
     target = device if placement == "device" else torch.device("cpu")
     pin = placement == "host" and device.type == "cuda"
     raw = torch.empty((n, n_tok, dim), dtype=torch.float16, device=target, pin_memory=pin)
-    if not all_tokens and any(k == "pool" for _, k in tokens):
+    padded = not plan.all_tokens and any(k == "pool" for _, k in tokens)
+    if padded:
         raw.zero_()  # the padding of tokens narrower than `dim`
-    row_bytes = (n_tok if all_tokens else 1) * dim * 2
-    block = max(1, cache.layout.shard_size)
-    block *= max(1, READ_BLOCK_BYTES // max(1, block * row_bytes))  # whole shards per read
-    spans = [slice(i, min(n, i + block)) for i in range(0, n, block)]
-    if all_tokens:
-        for rows in spans:
-            raw[rows].copy_(_half(cache.read("last_tokens", rows=rows)))
-    else:
-        # per kind, every layer it needs in one read per span: a shard file is read once
-        by_kind: dict[str, dict[int, list[int]]] = {}
-        for t, (name, kind) in enumerate(tokens):
-            layer = 0 if kind == "pool" else cache.layer_index([name])[0]
-            by_kind.setdefault(kind, {}).setdefault(layer, []).append(t)
-        host = raw.numpy() if raw.device.type == "cpu" else None  # (a view: same memory)
-        if host is not None:  # straight into place: one pass per kind, files read ahead
-            spans = [slice(0, n)]
-        for rows in spans:
-            # each token's first slot straight from the file; on a GPU via a host block
-            block = host[rows] if host is not None else np.zeros(
-                (rows.stop - rows.start, n_tok, dim), dtype=np.float16)
-            for kind, slots in by_kind.items():
-                layers = sorted(slots)
-                cache.read_into(kind, None if kind == "pool" else layers, rows, block,
-                                [slots[layer][0] for layer in layers])
-            if host is None:
-                raw[rows].copy_(torch.from_numpy(block))
-            for slots in by_kind.values():  # a token asked for twice: its other slots
-                for first, *others in slots.values():
-                    for t in others:
-                        raw[rows, t].copy_(raw[rows, first])
+    if raw.device.type == "cpu":  # straight into place: one pass per kind, read ahead
+        fill_tokens(cache, plan, slice(0, n), raw.numpy())
+    else:  # a GPU: through host blocks of whole shards
+        block = max(1, cache.layout.shard_size)
+        block *= max(1, READ_BLOCK_BYTES // max(1, block * plan.row_bytes))
+        for start in range(0, n, block):
+            rows = slice(start, min(n, start + block))
+            host = np.zeros((rows.stop - rows.start, n_tok, dim), dtype=np.float16)
+            fill_tokens(cache, plan, rows, host)
+            raw[rows].copy_(torch.from_numpy(host))
     return FeatureSource(raw, device, normalise=normalise, placement=placement)
 
 
 READ_BLOCK_BYTES = 64 << 20
-
-
-def _half(array: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float16))
 
 
 def budget_from_gb(gb: float | None) -> int | None:

@@ -70,6 +70,7 @@ class ProbeOptions:
     device: str = "auto"
     memory_gb: float | None = None  # the grid's heads (None: see TrainConfig)
     feature_memory_gb: float | None = None  # tokens kept on the device (None: half its free)
+    max_host_memory_gb: float | None = None  # beyond it, tokens stream from the cache
     threads: int | None = None  # torch intra-op threads during the run (None: as set)
     force: bool = False
     protocol: str = "paper"
@@ -148,6 +149,9 @@ def check_options(opts: ProbeOptions) -> None:
         raise FeatcacheError(f"--memory-gb must be positive, got {opts.memory_gb}")
     if opts.feature_memory_gb is not None and opts.feature_memory_gb < 0:
         raise FeatcacheError(f"--feature-memory-gb must be ≥ 0, got {opts.feature_memory_gb}")
+    if opts.max_host_memory_gb is not None and not opts.max_host_memory_gb > 0:
+        raise FeatcacheError(f"--max-host-memory-gb must be positive, got "
+                             f"{opts.max_host_memory_gb}")
     if not 0 < opts.val_fraction < 1:
         raise FeatcacheError(f"the validation fraction must lie in (0, 1), got "
                              f"{opts.val_fraction}")
@@ -245,6 +249,7 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
     feature placement (device or host-streamed batches are bit-identical), the thread
     count, and dropout values for linear heads (which have no dropout)."""
     spec = get_method(opts.method)
+    streamed = stream_buffer(train, token_names, opts)
     recipe = {k: getattr(cfg, k) for k in (
         "epochs", "batch_size", "min_steps_per_epoch", "min_total_steps", "lrs", "wds",
         "min_lr", "grad_clip", "jitter_std", "jitter_p", "class_weighted")}
@@ -264,7 +269,29 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
         "precision": "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32",
         "caches": {"train": settings_id(train.fingerprint), "test": settings_id(test.fingerprint)},
+        # streamed from the cache, an epoch's order is shuffled by buffers of shards: other
+        # numbers than in memory, and other ones per buffer size (`featcache.streaming`)
+        **({"stream_buffer_shards": streamed} if streamed else {}),
     }
+
+
+def stream_buffer(train: Cache, token_names: list[str], opts: ProbeOptions) -> int | None:
+    """Shards per buffer when the train tokens will be streamed from the cache (they do
+    not fit host memory or --max-host-memory-gb), else None."""
+    from featcache.features import HOST_FRACTION, available_host_memory, budget_from_gb
+    from featcache.streaming import BUFFERS
+
+    if get_method(opts.method).needs_all_tokens:
+        row = (train.layout.n_tokens or 0) * (train.layout.token_dim or 0) * 2
+    else:
+        widths = [train.token_width(*t.split(".", 1)) for t in token_names]
+        row = len(token_names) * max([train.dim, *widths]) * 2
+    host = budget_from_gb(opts.max_host_memory_gb)
+    if host is None:
+        host = int(HOST_FRACTION * available_host_memory())
+    if train.n * row <= host:
+        return None
+    return int(host // BUFFERS // max(1, train.layout.shard_size * row))
 
 
 def variant_options(opts: ProbeOptions) -> dict[str, Any]:
@@ -332,10 +359,13 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
                              f"({', '.join(train.class_names[c] for c in present) or 'none'}); "
                              "a probe needs at least 2 to mean anything")
     budget = budget_from_gb(opts.feature_memory_gb)
+    host = budget_from_gb(opts.max_host_memory_gb)
     clock = time.perf_counter()
     norm = feature_normalisation(opts.method, opts.protocol)
-    src_train = load_source(train, tokens, device, budget, normalise=norm).subset(keep_train)
-    src_test = load_source(test, tokens, device, budget, normalise=norm).subset(keep_test)
+    src_train = load_source(train, tokens, device, budget, host, normalise=norm,
+                            stream=True).subset(keep_train)
+    src_test = load_source(test, tokens, device, budget, host, normalise=norm,
+                           stream=True).subset(keep_test)
     timings["load_s"] = time.perf_counter() - clock
     y_tr = torch.as_tensor(y_train_np[keep_train], device=device)
     y_te = torch.as_tensor(y_test_np[keep_test], device=device)

@@ -389,7 +389,7 @@ def fit_grid(
     shape = src.sample_shape
     if inputs is not None and len(inputs) != len(points):
         raise ValueError(f"{len(inputs)} inputs for {len(points)} points")
-    flatten = kind.check_input(shape, inputs, plain=not isinstance(x, FeatureSource))
+    flatten = kind.check_input(shape, inputs, plain=isinstance(x, Tensor))
     device = src.device
     y = torch.as_tensor(y).to(device).long().flatten()
     N = len(src)
@@ -450,9 +450,10 @@ def _train_group(
     """The training loop for one group; returns (G, epochs) mean train loss on device.
 
     No host syncs per step: losses accumulate on the device; the lr schedule is computed
-    on the host from Python floats. The shuffle is drawn on the host (a CPU generator), so
-    it is the same whether the features sit on the device or are streamed from the host;
-    a device-resident source gets each epoch's permutation in one copy.
+    on the host from Python floats. The shuffle is drawn on the host (a CPU generator) by
+    the source (`epoch_batches`), so it is the same whether the features sit on the
+    device or in host memory; a source streamed from the cache shuffles by blocks of
+    shards instead (`featcache.streaming`).
     """
     device = src.device
     heads.train()
@@ -469,13 +470,8 @@ def _train_group(
     curves = torch.zeros(heads.n_configs, plan.epochs, device=device, dtype=torch.float64)
     total, step = plan.total_steps, 0
     for epoch in range(plan.epochs):
-        perm = torch.randperm(plan.n_samples, generator=g_shuffle)
-        perm = perm.to(src.index_device, non_blocking=True)
-        perm_y = perm.to(device, non_blocking=True)  # labels live on the compute device
         epoch_loss = curves[:, epoch]
-        for idx, idx_y in zip(perm.tensor_split(plan.steps_per_epoch),
-                              perm_y.tensor_split(plan.steps_per_epoch), strict=True):
-            xb = src.gather(idx)
+        for idx_y, xb in src.epoch_batches(plan.steps_per_epoch, g_shuffle):
             if flatten:
                 xb = xb.flatten(1)
             yb = y.index_select(0, idx_y)
