@@ -11,8 +11,9 @@ the same shard files, alternated, median of the repeats:
 Cold: each file's pages are dropped from the page cache first (posix_fadvise
 DONTNEED), so both read the disk; warm: both from the page cache (memory bandwidth, the
 decoding cost laid bare). The goal (issue "Probing at scale") is featcache ≥ 0.7 of raw.
-With `--stream`, also one training epoch of a linear probe with the tokens in memory
-against streamed from the cache (`featcache.streaming`), cold.
+With `--stream`, also one training epoch of a linear probe, reading included, with the
+tokens loaded into memory against streamed from the cold cache within a quarter of their
+size (`featcache.streaming`).
 
     python benchmarks/read.py [--n 16384] [--repeats 3] [--stream]
 """
@@ -115,47 +116,38 @@ def main() -> None:
 
 
 def stream_epochs(path: Path, files: list[Path], repeats: int) -> None:
-    """One epoch of a linear probe's training steps over the ALF tokens: in memory
-    against streamed from the (cold) cache."""
-    from featcache.streaming import ShardStream, StreamConfig
-
+    """One epoch of a linear probe's training steps over the ALF tokens, reading included:
+    loaded into memory against streamed from the (cold) cache within a quarter of their
+    size (`featcache.streaming`)."""
     cache = open_cache(path)
     tokens = token_list("alf", "all", cache)
     y = torch.as_tensor(cache.labels())
     head = torch.nn.Linear(24 * 768, 10)
     opt = torch.optim.SGD(head.parameters(), lr=0.01)
+    steps = -(-cache.n // 2048)
+    nbytes = cache.n * 24 * 768 * 2
 
-    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
-        loss = torch.nn.functional.cross_entropy(head(xb.flatten(1)), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def in_memory() -> float:
+    def epoch(**kwargs: object) -> tuple[float, str]:
         evict(files)
         started = time.perf_counter()
-        src = load_source(cache, tokens, torch.device("cpu"))
-        perm = torch.randperm(len(src))
-        for idx in perm.split(2048):
-            step(src.gather(idx), y[idx])
-        return time.perf_counter() - started
+        src = load_source(cache, tokens, torch.device("cpu"), **kwargs)
+        for positions, xb in src.epoch_batches(steps, torch.Generator().manual_seed(0)):
+            loss = torch.nn.functional.cross_entropy(head(xb.flatten(1)), y[positions])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - started, repr(src)
 
-    def streamed() -> float:
-        evict(files)
-        started = time.perf_counter()
-        stream = ShardStream(cache, tokens, StreamConfig(buffer_shards=4, batch_size=2048),
-                             torch.device("cpu"))
-        for xb, yb, _ in stream.epoch(0, seed=0):
-            step(xb, yb)
-        return time.perf_counter() - started
-
-    times = {"memory": [], "stream": []}
+    times: dict[str, list[float]] = {"memory": [], "stream": []}
+    shown = ""
     for _ in range(repeats):
-        times["memory"].append(in_memory())
-        times["stream"].append(streamed())
+        times["memory"].append(epoch()[0])
+        seconds, shown = epoch(host_budget_bytes=nbytes // 4, stream=True)
+        times["stream"].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"one epoch, cold cache: load + train in memory {med['memory']:.2f} s, streamed "
-          f"{med['stream']:.2f} s: streamed / in memory {med['stream'] / med['memory']:.2f}")
+    print(f"one epoch (batch 2048, {steps} steps), cold cache, reading included: in memory "
+          f"{med['memory']:.2f} s, streamed {med['stream']:.2f} s ({shown}): streamed / in "
+          f"memory {med['stream'] / med['memory']:.2f}")
 
 
 if __name__ == "__main__":
