@@ -50,7 +50,10 @@ def user_errors(func: F) -> F:
 
 
 def _error(text: str) -> None:
-    err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+    from featcache.distributed import env_rank
+
+    if env_rank() == 0:  # under torchrun the line is said once, by rank 0
+        err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     raise typer.Exit(2) from None
 
 

@@ -70,13 +70,17 @@ def probe(
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
     """Train probes from the cache: the whole hyperparameter grid at once, select, refit."""
+    from featcache.distributed import env_rank
     from featcache.probing import ProbeOptions
     from featcache.probing import probe as run_probe
     from featcache.progress import Bars
 
     opts = options_from(ProbeOptions, locals())
-    with Bars("epoch", enabled=not json_out) as bars:
+    # Under torchrun only rank 0 speaks (and writes the records).
+    with Bars("epoch", enabled=not json_out and env_rank() == 0) as bars:
         results = run_probe(opts, progress=bars)
+    if env_rank() != 0:
+        return
     rows = [{"model": r.model, "dataset": r.dataset, "method": r.method,
              "layer_set": r.layer_set, "seed": r.seed, "status": r.status,
              **{k: r.metrics.get(k) for k in ("balanced_top1", "top1")},

@@ -82,6 +82,27 @@ def all_sum(values: list[int]) -> list[int]:
     return [int(v) for v in box.tolist()]
 
 
+def gather_or_fail(payload: Any, failure: BaseException | None) -> list[Any]:
+    """Every rank's payload, on every rank; but when any rank failed, every rank raises:
+    the failing rank its own exception, the others one line naming it. So an error on
+    one rank stops all of them, instead of leaving them waiting at the next collective."""
+    if world_size() == 1:
+        if failure is not None:
+            raise failure
+        return [payload]
+    message = None if failure is None else (
+        str(failure) if isinstance(failure, FeatcacheError)
+        else f"{type(failure).__name__}: {failure}")
+    box: list[Any] = [None] * world_size()
+    tdist.all_gather_object(box, (message, None if failure is not None else payload))
+    if failure is not None:
+        raise failure
+    for r, (msg, _) in enumerate(box):
+        if msg is not None:
+            raise FeatcacheError(f"rank {r} failed: {msg}")
+    return [p for _, p in box]
+
+
 def split_evenly(items: list[T], part: int, parts: int) -> list[T]:
     """The `part`-th of `parts` contiguous, near-equal slices of `items`."""
     base, extra = divmod(len(items), parts)

@@ -9,6 +9,7 @@ grid in one pass (layers × hyperparameters on the config axis). One record per
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from featcache import __version__
+from featcache import distributed as dist
 from featcache.cache import Cache, default_cache_root
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
@@ -94,7 +96,8 @@ class RunResult:
     method: str
     layer_set: str
     seed: int
-    status: str  # "trained" | "skipped" (finished before; --force to redo)
+    status: str  # "trained" | "skipped" (finished before; --force to redo) | "partial"
+    # (under torchrun, a rank > 0: its share of the grid trained, rank 0 wrote the record)
     metrics: dict[str, Any] = field(default_factory=dict)
     selected: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -183,6 +186,11 @@ def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
     """
     opts = make_options(ProbeOptions, options, kwargs)
     check_options(opts)
+    with dist.session():  # under torchrun: ranks share each grid (`run_one`)
+        return _probe(opts, progress)
+
+
+def _probe(opts: ProbeOptions, progress: Any) -> list[RunResult]:
     spec = get_method(opts.method)
     cache_root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
     runs_root = Path(opts.runs).expanduser() if opts.runs else default_runs_root(cache_root)
@@ -220,7 +228,8 @@ def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
             if results[i].status == "busy":
                 from featcache.records import wait_for_run
 
-                wait_for_run(results[i].path)
+                if dist.rank() == 0:
+                    wait_for_run(results[i].path)
                 results[i] = run_one(train, test, opts, layer_set, seed, runs_root, device,
                                      progress)
         return results
@@ -326,16 +335,28 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
     ident = settings_id(settings)
     path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed, ident)
     base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
-    with run_lock(path) as mine:
-        if not mine:
+    # Under torchrun rank 0 alone locks, decides and writes; every rank trains its share
+    # of the grid (`selection`), and an error on any rank stops them all.
+    rank = dist.rank()
+    with run_lock(path) if rank == 0 else contextlib.nullcontext(True) as mine:
+        status = "busy" if not mine else "skipped" if (
+            rank == 0 and is_finished(path) and not opts.force) else "train"
+        status = dist.broadcast_object(status)
+        if status == "busy":
             return replace(base, status="busy")
-        if is_finished(path) and not opts.force:
-            old = read_run(path)
+        if status == "skipped":
+            old = read_run(path) if rank == 0 else {}
             return replace(base, metrics=old.get("metrics", {}),
                            selected=old.get("selected", {}))
         extra = {"settings": settings, "settings_id": ident, "options": variant_options(opts)}
-        return _train_run(train, test, opts, layer_set, seed, path, device, progress, cfg,
-                          tokens, token_names, extra, base)
+        failure, result = None, base
+        try:
+            result = _train_run(train, test, opts, layer_set, seed, path, device, progress,
+                                cfg, tokens, token_names, extra, base)
+        except BaseException as exc:
+            failure = exc
+        dist.gather_or_fail(None, failure)  # rank 0's refit and record: all wait for them
+        return result
 
 
 def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed: int,
@@ -391,6 +412,8 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
     spec = get_method(opts.method)
     if spec.per_layer:
         fit = fit_and_select_layers(src_train, y_tr, n_classes, cfg, opts, seed, tick, timings)
+        if fit["final"] is None:  # another rank's share of the grid, done: rank 0 writes
+            return _partial(base, progress, task)
         clock = time.perf_counter()
         tests = all_test_metrics(fit["final"], src_test, y_te)
         # the layer picked on validation: its predictions, and its metrics from them
@@ -422,6 +445,8 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
         num_heads = spec.num_heads(src_train.sample_shape[0])
         fit = fit_and_select(src_train, y_tr, n_classes, head, cfg, opts, seed, num_heads,
                              tick, timings)
+        if fit["final"] is None:  # another rank's share of the grid, done: rank 0 writes
+            return _partial(base, progress, task)
         final = fit["final"]
         clock = time.perf_counter()
         logits = final.predict_logits(src_test, out_device="cpu")[0]
@@ -475,6 +500,12 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
     write_run(path, record, tensors, predictions.tensors())
     return replace(base, status="trained", metrics=record["metrics"],
                    selected=record["selected"], seconds=seconds)
+
+
+def _partial(base: RunResult, progress: Any, task: Any) -> RunResult:
+    if task is not None:
+        progress.stop(task)
+    return replace(base, status="partial")
 
 
 def _cfg_dict(cfg: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featcache import distributed as dist
 from featcache.errors import FeatcacheError, warn
 from featcache.heads import HEADS
 
@@ -77,22 +78,50 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
     points = grid_points(cfg, attentive=HEADS[head].has_dropout)
     clock = time.perf_counter()
-    grid = fit_grid(src.subset(tr), y_dev[tr_t], n_classes, head, points, cfg,
-                    num_heads=num_heads, progress=progress)
-    timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
+    val = _grid_scores(lambda part: fit_grid(
+        src.subset(tr), y_dev[tr_t], n_classes, head, points, cfg, num_heads=num_heads,
+        progress=progress, part=part), src.subset(va), y_dev[va_t], opts, cfg, len(points),
+        timings, clock)
     clock = time.perf_counter()
-    val = grid.evaluate(src.subset(va), y_dev[va_t], jitter=_val_jitter(opts, cfg))
     scores = np.asarray(val["balanced_top1"], dtype=float)
     best = int(np.argmax(scores))  # ties: the first in grid order (largest lr, smallest wd)
     table = [{**p, "val_balanced_top1": float(v)} for p, v in zip(points, scores, strict=True)]
-    del grid
     timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
+    val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
+    if dist.rank() != 0:  # rank 0 refits and scores the test: the rest is done
+        return {"grid": table, "selected": points[best], "val_metrics": val_best,
+                "final": None}
     clock = time.perf_counter()
     final = fit_grid(src, y_dev, n_classes, head, [points[best]], cfg,
                      num_heads=num_heads, progress=progress)
     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
-    val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
     return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final}
+
+
+def _grid_scores(train: Callable[[tuple[int, int]], Any], x_val: Any, y_val: torch.Tensor,
+                 opts: Any, cfg: Any, n_points: int, timings: dict[str, float],
+                 clock: float) -> dict[str, list[float]]:
+    """Train the grid (under torchrun: this rank's share of its config groups) and score
+    it on validation; every config's scores, gathered from every rank, in grid order."""
+    part = (dist.rank(), dist.world_size())
+    failure, payload = None, None
+    try:
+        grid = train(part)
+        timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
+        if grid is not None:
+            val = grid.evaluate(x_val, y_val, jitter=_val_jitter(opts, cfg))
+            payload = (grid.configs or list(range(n_points)),
+                       {k: list(val[k]) for k in METRIC_KEYS})
+    except Exception as exc:  # every rank must hear of it (`gather_or_fail`)
+        failure = exc
+    scores: dict[str, list[float]] = {k: [float("nan")] * n_points for k in METRIC_KEYS}
+    for share in dist.gather_or_fail(payload, failure):
+        if share is not None:
+            configs, values = share
+            for k in METRIC_KEYS:
+                for g, v in zip(configs, values[k], strict=True):
+                    scores[k][g] = v
+    return scores
 
 
 def _val_jitter(opts: Any, cfg: Any) -> Any:
@@ -125,27 +154,29 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
     P = len(points)
     inputs = [layer for layer in range(L) for _ in points]
     clock = time.perf_counter()
-    grid = fit_grid(src.subset(tr), y_dev[tr_t], n_classes, "linear", points * L, cfg,
-                    progress=progress, inputs=inputs)
-    timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
+    val = _grid_scores(lambda part: fit_grid(
+        src.subset(tr), y_dev[tr_t], n_classes, "linear", points * L, cfg, progress=progress,
+        inputs=inputs, part=part), src.subset(va), y_dev[va_t], opts, cfg, L * P, timings,
+        clock)
     clock = time.perf_counter()
-    val = grid.evaluate(src.subset(va), y_dev[va_t], jitter=_val_jitter(opts, cfg))
-    del grid
     scores = np.asarray(val["balanced_top1"], dtype=float).reshape(L, P)
     best = [int(np.argmax(row)) for row in scores]
     timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
-    clock = time.perf_counter()
-    final = fit_grid(src, y_dev, n_classes, "linear", [points[b] for b in best], cfg,
-                     progress=progress, inputs=list(range(L)))
-    timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
-    return {
+    out = {
         "grid": [[{**p, "val_balanced_top1": float(v)} for p, v in zip(points, row, strict=True)]
                  for row in scores],
         "selected": [points[b] for b in best],
         "val_metrics": [{k: float(val[k][layer * P + b]) for k in METRIC_KEYS}
                         for layer, b in enumerate(best)],
-        "final": final,
+        "final": None,
     }
+    if dist.rank() != 0:  # rank 0 refits and scores the test: the rest is done
+        return out
+    clock = time.perf_counter()
+    out["final"] = fit_grid(src, y_dev, n_classes, "linear", [points[b] for b in best], cfg,
+                            progress=progress, inputs=list(range(L)))
+    timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
+    return out
 
 
 def all_test_metrics(final: Any, x_test: Any, y_test: torch.Tensor) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from featcache.distributed import split_evenly
 from featcache.features import FeatureSource, as_source
 from featcache.heads import HEADS, AttentiveHeads, StackedHeads, attention_summary
 from featcache.metrics import MetricAccumulator
@@ -243,6 +244,7 @@ class FittedGrid:
     group_size: int
     amp: bool = False
     flatten: bool = False  # source batches are flattened to (B, T·D) for the head
+    configs: list[int] | None = None  # a rank's share of a grid: the global config indices
 
     def _chunks(self) -> list[list[int]]:
         G = self.heads.n_configs
@@ -369,7 +371,8 @@ def fit_grid(
     num_heads: int | None = None,
     progress: Callable[[dict], None] | None = None,
     inputs: Sequence[int] | None = None,
-) -> FittedGrid:
+    part: tuple[int, int] = (0, 1),
+) -> FittedGrid | None:
     """Train one head per grid point on (x, y), all at once, on x's (compute) device.
 
     x: a tensor, used as it is (batches cast to fp32): (N, d) for ``linear``, (N, T, D)
@@ -380,6 +383,12 @@ def fit_grid(
     head per token); pass 8 for the all-tokens baseline. ``progress`` gets a dict once
     per epoch per group (one host sync per epoch). Returns the stacked head with configs
     in ``points`` order.
+
+    ``part`` (rank, ranks): train only this rank's share of the config groups, whole
+    groups as one process forms them (so each config ends bit for bit where it ends in
+    one process); a grid of fewer groups than ranks is first cut into as many groups as
+    ranks, which moves results only by float rounding. The result holds the share, with
+    its global indices in ``configs``; None for a rank with no share.
     """
     cfg = cfg or TrainConfig()
     kind = _head_kind(head)
@@ -405,6 +414,13 @@ def fit_grid(
     per_cfg, shared = kind.memory(shape, n_classes, plan.batch_size, num_heads, device, inputs)
     budget = cfg.memory_budget_bytes or default_memory_budget(device)
     groups = config_groups(G, per_cfg, shared, budget)
+    rank, world = part
+    if world > 1 and len(groups) < world:  # every rank gets work: smaller groups
+        groups = [c.tolist() for c in np.array_split(np.arange(G), min(G, world))]
+    group_size = len(groups[0])  # evaluation chunks line up with the groups
+    groups = [groups[i] for i in split_evenly(list(range(len(groups))), rank, world)]
+    if not groups:
+        return None
 
     def make(idx: list[int]) -> StackedHeads:
         gen = torch.Generator().manual_seed(cfg.seed)  # every group: the same init draw
@@ -424,14 +440,16 @@ def fit_grid(
         parts.append(heads)
         curves.append(curve)
     stacked = type(parts[0]).concat(parts)
+    mine = [i for idx in groups for i in idx]
     return FittedGrid(
         heads=stacked,
-        points=[dict(p) for p in points],
+        points=[dict(points[i]) for i in mine],
         curves=torch.cat(curves).float().cpu(),
         plan=plan,
-        group_size=len(groups[0]),
+        group_size=group_size,
         amp=cfg.amp,
         flatten=flatten,
+        configs=mine if world > 1 else None,
     )
 
 

@@ -131,3 +131,85 @@ def test_torchrun_two_cpu_ranks_give_the_one_process_cache(wds_path, tmp_path):
             bitwise &= a.tobytes() == b.tobytes()
         report[one.split] = bitwise
     print("torchrun cache bitwise equal to one process:", json.dumps(report))
+
+
+# ------------------------------------------------------------------ probing under torchrun
+
+PROBE_SPEC = dict(n_blocks=3, dim=16, n_classes=3, n_train=240, n_test=90, shard_size=32,
+                  seed=5)
+
+
+def torchrun(*args: object, script: str | None = None) -> subprocess.CompletedProcess:
+    """`featcache ARGS` on 2 CPU ranks (gloo), or a script that patches, then runs it."""
+    target = ["-c", script] if script else ["-m", "featcache"]
+    if script:  # torchrun runs files, not -c: write it beside the test
+        path = Path(args[0]).parent / "rank_script.py"
+        path.write_text(script)
+        target = [str(path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", *target, *(str(a) for a in (args[1:] if script else args))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
+                          cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["alf", "layers"])
+def test_grid_parallel_probe_equals_one_process_bitwise(tmp_path, method):
+    """Ranks take whole config groups (here one config each: --memory-gb tiny), rank 0
+    gathers the validation scores, refits, writes: the record, head and predictions equal
+    a one-process run's byte for byte."""
+    from probecache import SynthSpec, make_pair
+
+    from featcache.probing import probe
+
+    root = tmp_path / "cache"
+    make_pair(root, SynthSpec(**PROBE_SPEC, signal={("block1", "ap"): 1.0}))
+    args = ["--method", method, "--cache", root, "--grid", "quick", "--epochs", 2,
+            "--min-steps", 20, "--memory-gb", 1e-6]
+    run = torchrun("probe", *args, "--runs", tmp_path / "ddp", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = json.loads(run.stdout)  # rank 0 alone prints
+    (one,) = probe(method=method, cache=root, runs=tmp_path / "one", grid="quick", epochs=2,
+                   min_steps=20, memory_gb=1e-6, threads=1)
+    ddp = Path(row["path"])
+    assert ddp.name == one.path.name and row["status"] == "trained"
+    a, b = json.loads((ddp / "record.json").read_text()), json.loads(
+        (one.path / "record.json").read_text())
+    for key in ("metrics", "selected", "grid", "val_metrics", "per_class", "attention",
+                "per_layer"):
+        assert a[key] == b[key], key
+    for name in ("head.safetensors", "predictions.safetensors"):
+        assert (ddp / name).read_bytes() == (one.path / name).read_bytes(), name
+    assert len(list((tmp_path / "ddp").rglob("record.json"))) == 1  # one writer
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_stops_all_with_one_line(tmp_path):
+    from probecache import SynthSpec, make_pair
+
+    root = tmp_path / "cache"
+    make_pair(root, SynthSpec(**PROBE_SPEC))
+    script = (
+        "import os, sys\n"
+        "from featcache import train\n"
+        "real = train.fit_grid\n"
+        "def broken(*a, **k):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise MemoryError('rank one ran out')\n"
+        "    return real(*a, **k)\n"
+        "train.fit_grid = broken\n"
+        "from featcache.cli.main import app\n"
+        "sys.argv[0] = 'featcache'\n"
+        "app()\n")
+    run = torchrun(tmp_path / "x", "probe", "--method", "linear", "--cache", root, "--runs",
+                   tmp_path / "runs", "--grid", "quick", "--epochs", 1, "--min-steps", 5,
+                   "--memory-gb", 1e-6, script=script)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank 1 failed" in errors[0] and "ran out" in errors[0], \
+        run.stderr[-3000:]
+    # no traceback from the workers (torchrun's launcher prints its own summary of them)
+    assert not [line for line in run.stderr.splitlines()
+                if line.strip().startswith("File ") and "/featcache/" in line]
+    assert not list((tmp_path / "runs").rglob("record.json"))
