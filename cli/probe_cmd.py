@@ -53,6 +53,10 @@ def probe(
     memory_gb: Annotated[float | None, typer.Option(
         help="Memory budget for the grid's heads (default: half of free device memory).")
     ] = None,
+    parallel: Annotated[str, typer.Option(
+        help="Under torchrun: grid (ranks share each grid's configs; each holds all tokens), "
+             "data (ranks share the samples, whole shards each; for tokens one device "
+             "cannot hold), auto (data when the tokens do not fit one device).")] = "auto",
     max_host_memory_gb: Annotated[float | None, typer.Option(
         help="Host memory the tokens may take; beyond it (default: 80 % of what is "
              "available) they are streamed from the cache, shuffled by buffers of shards.")

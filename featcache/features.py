@@ -238,7 +238,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 def as_source(x: Any) -> Any:
     """A plain tensor is used as it is (already normalised by the caller), on its device;
     a FeatureSource or a `featcache.streaming.StreamedSource` as it is."""
-    if isinstance(x, FeatureSource) or getattr(x, "placement", None) == "stream":
+    if isinstance(x, FeatureSource) or getattr(x, "placement", None) in ("stream",
+                                                                        "data-parallel"):
         return x
     if not isinstance(x, Tensor):
         raise TypeError(f"features must be a tensor or a FeatureSource, got {type(x).__name__}")
@@ -321,9 +322,10 @@ def fill_tokens(cache: Any, plan: TokenPlan, rows: slice, block: np.ndarray) -> 
 
 def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
                 budget_bytes: int | None = None, host_budget_bytes: int | None = None,
-                normalise: bool | str | None = "token", stream: bool = False
-                ) -> Any:
-    """The cache's tokens, in order, as a FeatureSource over all N samples.
+                normalise: bool | str | None = "token", stream: bool = False,
+                rows: slice | None = None) -> Any:
+    """The cache's tokens, in order, as a FeatureSource over all N samples (or over the
+    cache rows ``rows``: a data-parallel rank's range of shards).
 
     ``tokens``: (layer name, "cls" | "ap" | "pool") pairs, or ``[("final", "all")]`` for
     every token of the last layer (``--all-tokens`` caches). Only these layers are read,
@@ -335,7 +337,8 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
     Tokens narrower than the widest (a pooled embedding of another width) are zero-padded,
     which changes neither their norm nor any dot product.
     """
-    n = cache.n
+    rows = rows if rows is not None else slice(0, cache.n)
+    base, n = rows.start, rows.stop - rows.start
     plan = token_plan(cache, tokens)
     n_tok, dim = plan.n_tok, plan.dim
     nbytes = n * plan.row_bytes
@@ -345,7 +348,7 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
         host_budget = (int(HOST_FRACTION * available_host_memory())
                        if host_budget_bytes is None else int(host_budget_bytes))
         if nbytes > host_budget:
-            if stream:
+            if stream and n == cache.n:
                 from featcache.streaming import StreamedSource
 
                 return StreamedSource(cache, plan, device, normalise, host_budget)
@@ -362,15 +365,15 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
     if padded:
         raw.zero_()  # the padding of tokens narrower than `dim`
     if raw.device.type == "cpu":  # straight into place: one pass per kind, read ahead
-        fill_tokens(cache, plan, slice(0, n), raw.numpy())
+        fill_tokens(cache, plan, rows, raw.numpy())
     else:  # a GPU: through host blocks of whole shards
         block = max(1, cache.layout.shard_size)
         block *= max(1, READ_BLOCK_BYTES // max(1, block * plan.row_bytes))
         for start in range(0, n, block):
-            rows = slice(start, min(n, start + block))
-            host = np.zeros((rows.stop - rows.start, n_tok, dim), dtype=np.float16)
-            fill_tokens(cache, plan, rows, host)
-            raw[rows].copy_(torch.from_numpy(host))
+            span = slice(start, min(n, start + block))
+            host = np.zeros((span.stop - span.start, n_tok, dim), dtype=np.float16)
+            fill_tokens(cache, plan, slice(base + span.start, base + span.stop), host)
+            raw[span].copy_(torch.from_numpy(host))
     return FeatureSource(raw, device, normalise=normalise, placement=placement)
 
 

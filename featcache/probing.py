@@ -46,6 +46,11 @@ GRIDS = ("paper", "quick")
 # features normalised per channel across the tokens); clean: validation on clean
 # features, every token vector normalised. docs/method.md lists every known difference.
 PROTOCOLS = ("paper", "clean")
+# Under torchrun: "grid" (ranks share each grid's config groups; every rank holds all the
+# tokens), "data" (ranks share the samples: each holds its range of shards, gradients and
+# BatchNorm statistics are summed over ranks; `featcache.dataparallel`), "auto": data
+# when the tokens do not fit one device, else grid.
+PARALLEL = ("auto", "grid", "data")
 
 
 @dataclass
@@ -73,6 +78,7 @@ class ProbeOptions:
     memory_gb: float | None = None  # the grid's heads (None: see TrainConfig)
     feature_memory_gb: float | None = None  # tokens kept on the device (None: half its free)
     max_host_memory_gb: float | None = None  # beyond it, tokens stream from the cache
+    parallel: str = "auto"  # under torchrun: grid | data | auto (data when one device is short)
     threads: int | None = None  # torch intra-op threads during the run (None: as set)
     force: bool = False
     protocol: str = "paper"
@@ -128,6 +134,9 @@ def check_options(opts: ProbeOptions) -> None:
                              f"{', '.join(METHODS.names())}")
     if opts.grid not in GRIDS:
         raise FeatcacheError(f"unknown grid {opts.grid!r}: choose {', '.join(GRIDS)}")
+    if opts.parallel not in PARALLEL:
+        raise FeatcacheError(f"unknown --parallel {opts.parallel!r}: choose "
+                             f"{', '.join(PARALLEL)}")
     if opts.protocol not in PROTOCOLS:
         raise FeatcacheError(f"unknown protocol {opts.protocol!r}: choose "
                              f"{', '.join(PROTOCOLS)}")
@@ -383,10 +392,18 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
     host = budget_from_gb(opts.max_host_memory_gb)
     clock = time.perf_counter()
     norm = feature_normalisation(opts.method, opts.protocol)
-    src_train = load_source(train, tokens, device, budget, host, normalise=norm,
-                            stream=True).subset(keep_train)
-    src_test = load_source(test, tokens, device, budget, host, normalise=norm,
-                           stream=True).subset(keep_test)
+    mode = parallel_mode(opts, train, tokens, device)
+    if mode == "data":
+        from featcache.dataparallel import load_rank_source
+
+        src_train = load_rank_source(train, tokens, device, budget, host, norm)
+        src_test = load_rank_source(test, tokens, device, budget, host, norm)
+    else:
+        src_train = load_source(train, tokens, device, budget, host, normalise=norm,
+                                stream=True)
+        src_test = load_source(test, tokens, device, budget, host, normalise=norm,
+                               stream=True)
+    src_train, src_test = src_train.subset(keep_train), src_test.subset(keep_test)
     timings["load_s"] = time.perf_counter() - clock
     y_tr = torch.as_tensor(y_train_np[keep_train], device=device)
     y_te = torch.as_tensor(y_test_np[keep_test], device=device)
@@ -487,6 +504,7 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
         "config": {**_cfg_dict(cfg), "val_fraction": opts.val_fraction, "shots": opts.shots,
                    "grid_name": opts.grid, "device": str(device),
                    "feature_placement": src_train.placement,
+                   "parallel": mode, "ranks": dist.world_size(),
                    "torch_threads": torch.get_num_threads()},
         "caches": {"train": str(train.path), "test": str(test.path)},
         "fingerprints": {"train": train.fingerprint, "test": test.fingerprint},
@@ -494,12 +512,30 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
         **record,
         "timings": {"total_s": seconds, **{k: round(v, 4) for k, v in timings.items()}},
     }
+    if dist.rank() != 0:  # data-parallel: every rank scored its share; rank 0 writes
+        return _partial(base, progress, task)
     predictions = from_logits(logits, y_te, keep_test)
     record["predictions"] = {"file": PREDICTIONS_FILE, "split": opts.test_split,
                              "n": len(predictions.index), "top_k": predictions.top_k.shape[1]}
     write_run(path, record, tensors, predictions.tensors())
     return replace(base, status="trained", metrics=record["metrics"],
                    selected=record["selected"], seconds=seconds)
+
+
+def parallel_mode(opts: ProbeOptions, train: Cache, tokens: list[tuple[str, str]],
+                  device: torch.device) -> str:
+    """"single" without torchrun; else the --parallel mode, "auto" resolved: data when
+    the train tokens do not fit one device's feature budget, else grid."""
+    if dist.world_size() == 1:
+        return "single"
+    if opts.parallel != "auto":
+        return opts.parallel
+    from featcache.features import budget_from_gb, default_feature_budget, token_plan
+
+    need = train.n * token_plan(train, tokens).row_bytes
+    budget = budget_from_gb(opts.feature_memory_gb)
+    return "data" if need > (default_feature_budget(device) if budget is None
+                             else budget) else "grid"
 
 
 def _partial(base: RunResult, progress: Any, task: Any) -> RunResult:

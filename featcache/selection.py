@@ -88,7 +88,7 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     table = [{**p, "val_balanced_top1": float(v)} for p, v in zip(points, scores, strict=True)]
     timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
     val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
-    if dist.rank() != 0:  # rank 0 refits and scores the test: the rest is done
+    if dist.rank() != 0 and not _data_parallel(src):  # grid-parallel: rank 0 refits
         return {"grid": table, "selected": points[best], "val_metrics": val_best,
                 "final": None}
     clock = time.perf_counter()
@@ -103,7 +103,10 @@ def _grid_scores(train: Callable[[tuple[int, int]], Any], x_val: Any, y_val: tor
                  clock: float) -> dict[str, list[float]]:
     """Train the grid (under torchrun: this rank's share of its config groups) and score
     it on validation; every config's scores, gathered from every rank, in grid order."""
-    part = (dist.rank(), dist.world_size())
+    data_parallel = _data_parallel(x_val)
+    # grid-parallel: this rank's share of the configs; data-parallel: every config, on
+    # this rank's share of the samples (its scores are already summed over ranks)
+    part = (0, 1) if data_parallel else (dist.rank(), dist.world_size())
     failure, payload = None, None
     try:
         grid = train(part)
@@ -122,6 +125,10 @@ def _grid_scores(train: Callable[[tuple[int, int]], Any], x_val: Any, y_val: tor
                 for g, v in zip(configs, values[k], strict=True):
                     scores[k][g] = v
     return scores
+
+
+def _data_parallel(src: Any) -> bool:
+    return getattr(src, "placement", None) == "data-parallel"
 
 
 def _val_jitter(opts: Any, cfg: Any) -> Any:
@@ -170,7 +177,7 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
                         for layer, b in enumerate(best)],
         "final": None,
     }
-    if dist.rank() != 0:  # rank 0 refits and scores the test: the rest is done
+    if dist.rank() != 0 and not _data_parallel(src):  # grid-parallel: rank 0 refits
         return out
     clock = time.perf_counter()
     out["final"] = fit_grid(src, y_dev, n_classes, "linear", [points[b] for b in best], cfg,

@@ -299,6 +299,10 @@ class FittedGrid:
         """Eval-mode logits (G, N, C) in fp32 on ``out_device`` (default: the compute
         device). For large grids × large N × many classes, use ``evaluate`` (streams)."""
         src = as_source(x)
+        if getattr(src, "placement", None) == "data-parallel":
+            from featcache import dataparallel
+
+            return dataparallel.predict_logits(self, src, batch_size, configs, out_device)
         wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
         dev = src.device if out_device is None else torch.device(out_device)
         out = torch.empty(len(wanted), len(src), self.heads.n_classes, device=dev)
@@ -322,6 +326,10 @@ class FittedGrid:
         ``jitter``: score on jittered features (the authors' validation; one seeded draw
         that every config sees)."""
         src = as_source(x)
+        if getattr(src, "placement", None) == "data-parallel":
+            from featcache import dataparallel
+
+            return dataparallel.evaluate(self, src, y, batch_size, configs, jitter)
         wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
         y = torch.as_tensor(y).to(src.device).long()
         accs: dict[int, MetricAccumulator] = {}
@@ -345,6 +353,10 @@ class FittedGrid:
         if not isinstance(self.heads, AttentiveHeads):
             raise TypeError("attention weights exist only for attentive heads")
         src = as_source(x)
+        if getattr(src, "placement", None) == "data-parallel":
+            from featcache import dataparallel
+
+            return dataparallel.attention(self, src, batch_size, per_head)
         H, T = self.heads.num_heads, src.sample_shape[0]
         total = torch.zeros(self.heads.n_configs, H, T, device=src.device, dtype=torch.float64)
 
@@ -413,6 +425,10 @@ def fit_grid(
     wds = [float(p["wd"]) for p in points]
     per_cfg, shared = kind.memory(shape, n_classes, plan.batch_size, num_heads, device, inputs)
     budget = cfg.memory_budget_bytes or default_memory_budget(device)
+    if getattr(src, "placement", None) == "data-parallel":  # one grouping on every rank
+        from featcache import dataparallel
+
+        budget = dataparallel.smallest(budget)
     groups = config_groups(G, per_cfg, shared, budget)
     rank, world = part
     if world > 1 and len(groups) < world:  # every rank gets work: smaller groups
@@ -474,6 +490,12 @@ def _train_group(
     shards instead (`featcache.streaming`).
     """
     device = src.device
+    dp = getattr(src, "placement", None) == "data-parallel"  # `featcache.dataparallel`
+    if dp:
+        from featcache import dataparallel
+
+        if hasattr(heads, "batch_norm"):
+            heads.batch_norm = dataparallel.sync_batch_norm
     heads.train()
     params = list(heads.parameters())
     opt = BatchedAdamW(params, lr0, wd)
@@ -494,22 +516,31 @@ def _train_group(
                 xb = xb.flatten(1)
             yb = y.index_select(0, idx_y)
             if jitter:
-                xb = _jitter(xb, cfg.jitter_std, cfg.jitter_p, g_jitter)
+                xb = dataparallel.global_jitter(xb, src, cfg.jitter_std, cfg.jitter_p,
+                                                g_jitter) if dp else \
+                    _jitter(xb, cfg.jitter_std, cfg.jitter_p, g_jitter)
             if opt.fused:  # cosine_lr on the host: the fused kernel takes floats
                 c = 0.5 * (1 + math.cos(math.pi * step / total))
                 lr = [cfg.min_lr + (base - cfg.min_lr) * c for base in lr0]
             else:
                 lr = cosine_lr(lr0_t, step, total, cfg.min_lr)
+            mask = dataparallel.global_dropout_mask(heads, src, xb.shape[1], g_drop) \
+                if dp and xb.dim() == 3 else None
             with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-                logits = heads(xb, generator=g_drop)
-            loss = _per_config_loss(logits, yb, weight)
+                logits = heads(xb, generator=g_drop, dropout_mask=mask)
+            loss = dataparallel.global_loss(logits, yb, weight, src, y) if dp else \
+                _per_config_loss(logits, yb, weight)
             opt.zero_grad()
             loss.sum().backward()
+            if dp:
+                dataparallel.all_reduce_grads(params)
             if clip:
                 clip_grad_norm_per_config(params, cfg.grad_clip)
             opt.step(lr)
             epoch_loss += loss.detach()
             step += 1
+        if dp:  # each rank summed its share of every step's loss
+            dataparallel.all_reduce_(epoch_loss)
         if progress is not None:
             mean = (curves[:, epoch] / plan.steps_per_epoch).tolist()
             progress({"epoch": epoch + 1, "epochs": plan.epochs, "loss": mean})

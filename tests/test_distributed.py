@@ -213,3 +213,33 @@ def test_an_error_on_one_rank_stops_all_with_one_line(tmp_path):
     assert not [line for line in run.stderr.splitlines()
                 if line.strip().startswith("File ") and "/featcache/" in line]
     assert not list((tmp_path / "runs").rglob("record.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,tolerance", [("alf", 2.5), ("linear", 0.5), ("layers", 0.5)])
+def test_data_parallel_probe_matches_one_process(tmp_path, method, tolerance):
+    """Each rank holds half the shards; global batches, jitter, dropout, loss, summed
+    gradients and global BatchNorm statistics make the run the one-process run up to
+    float rounding: test balanced top-1 within `tolerance` points (the attentive head's
+    BatchNorm null space turns rounding into a visible walk, see test_train), and the
+    same hyperparameters selected."""
+    from probecache import SynthSpec, make_pair
+
+    from featcache.probing import probe
+
+    root = tmp_path / "cache"
+    make_pair(root, SynthSpec(**PROBE_SPEC, signal={("block1", "ap"): 2.0}))
+    args = ["--method", method, "--cache", root, "--grid", "quick", "--epochs", 2,
+            "--min-steps", 20]
+    run = torchrun("probe", *args, "--runs", tmp_path / "ddp", "--parallel", "data", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = json.loads(run.stdout)
+    (one,) = probe(method=method, cache=root, runs=tmp_path / "one", grid="quick", epochs=2,
+                   min_steps=20, threads=1)
+    rec = json.loads((Path(row["path"]) / "record.json").read_text())
+    assert (rec["config"]["parallel"], rec["config"]["ranks"]) == ("data", 2)
+    assert rec["config"]["feature_placement"] == "data-parallel"
+    assert Path(row["path"]).name == one.path.name  # the same run: only rounding differs
+    assert rec["selected"] == one.selected
+    assert abs(rec["metrics"]["balanced_top1"] - one.metrics["balanced_top1"]) <= tolerance
+    assert rec["predictions"]["n"] == PROBE_SPEC["n_test"]

@@ -115,6 +115,9 @@ class AttentiveHeads(StackedHeads):
         self.reset_parameters(generator)
 
     has_dropout = True
+    # the BatchNorm over the batch: F.batch_norm's signature; data-parallel training
+    # swaps in `featcache.dataparallel.sync_batch_norm` (statistics of the global batch)
+    batch_norm = staticmethod(F.batch_norm)
 
     @classmethod
     def check_input(cls, shape: Sequence[int], inputs: Sequence[int] | None,
@@ -295,7 +298,7 @@ class AttentiveHeads(StackedHeads):
         h = h.to(self.bn_weight.dtype)
         if self.training:
             self.bn_num_batches_tracked.add_(1)
-        h = F.batch_norm(
+        h = self.batch_norm(
             h.view(1, G * D, B),
             self.bn_running_mean.view(-1),
             self.bn_running_var.view(-1),
