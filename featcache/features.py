@@ -352,12 +352,14 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
                 from featcache.streaming import StreamedSource
 
                 return StreamedSource(cache, plan, device, normalise, host_budget)
+            fix = ("launch more ranks (each holds its share of the shards)" if n < cache.n
+                   else "let featcache stream them from the cache (featcache probe does, "
+                   "within --max-host-memory-gb)")
             raise FeatcacheError(
                 f"the {n_tok} tokens × {dim} of {n} samples in {cache.path} need "
                 f"{human_bytes(nbytes)} (float16), more than the {human_bytes(host_budget)} "
                 "of host memory available for them; probe fewer layers (--layers) or fewer "
-                "samples (--shots), or let featcache stream them from the cache "
-                "(featcache probe does, within --max-host-memory-gb)")
+                f"samples (--shots), or {fix}")
     target = device if placement == "device" else torch.device("cpu")
     pin = placement == "host" and device.type == "cuda"
     raw = torch.empty((n, n_tok, dim), dtype=torch.float16, device=target, pin_memory=pin)
