@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench docs clean screenshot
+.PHONY: demo test lint bench gpu-check docs clean screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/probe.py
 	$(BIN)/python benchmarks/report.py
+
+# Every CUDA path once against the CPU, then the GPU figures (benchmarks/gpu_check.py).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 docs: $(STAMP)
 	$(BIN)/python -m featcache.cli.docs > docs/cli.md

@@ -6,6 +6,7 @@ while here each rank owns a contiguous range of whole shards and writes only tho
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -43,19 +44,31 @@ def local_rank() -> int:
 
 @contextlib.contextmanager
 def session() -> Iterator[None]:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), if any."""
-    started = False
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), if any.
+
+    Joined once per process and left at its exit: a script that calls `extract` and
+    then `probe` on the same ranks reuses the group (destroying and re-creating it in
+    between could hang a rank on torchrun's rendezvous store, which rank 0 serves)."""
     if is_distributed() and not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank())
+        backend = "nccl" if _gpu_per_rank() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         tdist.init_process_group(backend=backend)
-        started = True
-    try:
-        yield
-    finally:
-        if started:
-            tdist.destroy_process_group()
+        atexit.register(_leave)
+    yield
+
+
+def _leave() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def _gpu_per_rank() -> bool:
+    """NCCL needs a GPU of its own for each rank of a node; with more ranks than GPUs
+    (two on one GPU, to check the code paths) the ranks share them over gloo, which
+    reduces CUDA tensors too."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local
 
 
 def barrier() -> None:
@@ -76,7 +89,8 @@ def all_sum(values: list[int]) -> list[int]:
     """Element-wise sum over ranks (every rank gets it; a no-op in one process)."""
     if world_size() == 1:
         return list(values)
-    device = torch.device("cuda", local_rank()) if tdist.get_backend() == "nccl" else "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if tdist.get_backend() == "nccl" else "cpu"
     box = torch.tensor(values, dtype=torch.int64, device=device)
     tdist.all_reduce(box)
     return [int(v) for v in box.tolist()]
@@ -114,7 +128,7 @@ def resolve_device(device: str) -> torch.device:
     """`auto`: this rank's GPU under torchrun, else the GPU if any, else the CPU."""
     if device == "auto":
         if is_distributed() and torch.cuda.is_available():
-            return torch.device("cuda", local_rank())
+            return torch.device("cuda", local_rank() % torch.cuda.device_count())
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)

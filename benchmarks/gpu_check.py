@@ -1,0 +1,425 @@
+"""Every CUDA path of featcache once, compared with the CPU path, then the GPU figures.
+
+One command for the first GPU at hand (no arguments; < 8 minutes on one H200); it prints
+a summary and writes `gpu_check.json`:
+
+1. Smoke, small shapes, each result compared with the CPU path:
+   - extract (timm and open_clip, both taps, every token of the last layer) under the
+     GPU's autocast dtype: tokens within bf16/fp16 rounding of CPU fp32;
+   - probe (linear, concat, attentive, alf, layers) with the tokens on the device, in
+     pinned host memory (streamed to the device) and streamed from the cache: device and
+     host equal, and the CPU's metrics within tolerance; predict reproduces a run's test
+     metrics from the images on the GPU; report writes its files;
+   - torchrun on the GPUs present (NCCL; two ranks share one GPU over gloo if there is
+     one): extract, probe grid-parallel and data-parallel, against one process.
+2. Figures: ViT-B/16 extraction images/s against a bare bf16 forward over the same
+   pre-decoded batches (and whether decoding keeps up); the ALF paper grid end to end on
+   a FER2013-sized synthetic cache (seconds, FLOP/s against the measured bf16 matmul
+   peak); a grid trained at once against one config at a time.
+3. `--dry-run`: the same on the CPU with tiny shapes (fp32), run by the test suite so
+   that the script cannot rot.
+
+    python benchmarks/gpu_check.py              # or: make gpu-check
+    python benchmarks/gpu_check.py --dry-run    # CPU, tiny, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from machine import cpu_info  # noqa: E402
+
+TIMM_TINY = ("timm:vit_tiny_patch16_224",
+             {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 3})
+CLIP_TINY = ("open_clip:ViT-B-32", {
+    "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32,
+                                    "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}})
+METHODS = ("linear", "concat", "attentive", "alf", "layers")
+
+
+class Check:
+    """The results: each check's outcome and time, each figure's numbers."""
+
+    def __init__(self, device: torch.device, dry: bool) -> None:
+        self.device, self.dry = device, dry
+        self.checks: list[dict[str, Any]] = []
+        self.figures: dict[str, Any] = {}
+        self.log = print
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run one check; a failure is recorded (with its traceback) and the rest go on."""
+        started = time.perf_counter()
+        try:
+            detail = fn()
+            ok, error = True, None
+        except Exception as exc:
+            detail, ok = None, False
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+        seconds = time.perf_counter() - started
+        self.checks.append({"name": name, "ok": ok, "seconds": round(seconds, 2),
+                            "detail": detail, "error": error})
+        mark = "ok  " if ok else "FAIL"
+        self.log(f"  [{mark}] {name} ({seconds:.1f} s)" + (f": {detail}" if ok and detail
+                                                           else ""))
+        if error:
+            self.log("         " + error.splitlines()[0])
+        return detail
+
+
+# -- 1. smoke -------------------------------------------------------------------------------
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def extract_pair(work: Path, model: tuple[str, dict], tap: str, device: torch.device,
+                 dtype: str) -> dict[str, float]:
+    """Extract digits' test split on the device and on the CPU (fp32); compare."""
+    from featcache.cache import open_cache
+    from featcache.extraction import extract
+
+    name, kwargs = model
+    paths = {}
+    for where, dev, dt in (("dev", str(device), dtype), ("cpu", "cpu", "fp32")):
+        (res,) = extract(model=name, model_arg=dict(kwargs), weights="random:0", tap=tap,
+                         dataset="digits", split="test", cache=work / f"{where}-{tap}",
+                         batch_size=128, workers=0, device=dev, dtype=dt, all_tokens=True)
+        paths[where] = res.path
+    a, b = open_cache(paths["dev"]), open_cache(paths["cpu"])
+    errors = {kind: relative_error(a.read(kind), b.read(kind))
+              for kind in (*a.token_kinds, "last_tokens")}
+    limit = 1e-5 if dtype == "fp32" else 3e-2  # bf16 keeps 8 bits of mantissa
+    bad = {k: v for k, v in errors.items() if not v <= limit}
+    if bad:
+        raise AssertionError(f"tokens differ from the CPU's beyond {limit}: {bad}")
+    return {k: float(f"{v:.2e}") for k, v in errors.items()}
+
+
+def probe_all(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
+    """Every method: device-resident, host-streamed and cache-streamed tokens on the
+    device, and the CPU; device == host exactly, the CPU within tolerance."""
+    from probecache import SynthSpec, make_pair
+
+    from featcache.probing import probe
+
+    root = work / "synth"
+    spec = SynthSpec(n_blocks=4, dim=32, n_classes=4, n_train=600, n_test=200,
+                     shard_size=64, signal={("block2", "ap"): 1.5}, all_tokens=9,
+                     token_signal=(3, 1.5), seed=1)
+    make_pair(root, spec)
+    quick = dict(cache=root, grid="quick", threads=None if not dry else 1)
+    out: dict[str, Any] = {}
+    for method in METHODS:
+        got = {}
+        for where, extra in (("device", dict(device=str(device))),
+                             ("host", dict(device=str(device), feature_memory_gb=0.0)),
+                             ("stream", dict(device=str(device), max_host_memory_gb=2e-4)),
+                             ("cpu", dict(device="cpu"))):
+            (res,) = probe(method=method, runs=work / "runs" / where, **quick, **extra)
+            got[where] = res.metrics["balanced_top1"]
+        if got["device"] != got["host"]:
+            raise AssertionError(f"{method}: device {got['device']} != host {got['host']}")
+        tolerance = 1e-9 if str(device) == "cpu" else 5.0
+        if abs(got["device"] - got["cpu"]) > tolerance:
+            raise AssertionError(f"{method}: device {got['device']:.2f} vs cpu "
+                                 f"{got['cpu']:.2f} (tolerance {tolerance})")
+        if abs(got["stream"] - got["device"]) > 10.0:  # another shuffle: within noise
+            raise AssertionError(f"{method}: streamed {got['stream']:.2f} vs in memory "
+                                 f"{got['device']:.2f}")
+        out[method] = {k: round(v, 2) for k, v in got.items()}
+    return out
+
+
+def predict_and_report(work: Path, device: torch.device) -> dict[str, Any]:
+    """A run on digits, predicted from the images on the device; the report's files."""
+    from featcache.extraction import extract
+    from featcache.inference import predict
+    from featcache.probing import probe
+    from featcache.reporting import report
+
+    name, kwargs = TIMM_TINY
+    root = work / "digits"
+    extract(model=name, model_arg=dict(kwargs), weights="random:1", dataset="digits",
+            cache=root, batch_size=128, workers=0, device="cpu")
+    (run,) = probe(method="alf", cache=root, grid="quick", device="cpu")
+    result = predict(run.path, dataset="digits", split="test", device=str(device),
+                     batch_size=128, workers=0)
+    if result.metrics is None or abs(result.metrics["balanced_top1"]
+                                      - run.metrics["balanced_top1"]) > 1.0:
+        raise AssertionError(f"predict on {device}: {result.metrics} vs the record's "
+                             f"{run.metrics}")
+    data = report(runs=work / "runs" / "device", out=work / "report", cka=False)
+    missing = [k for k in ("html", "md", "csv") if not Path(data.written[k]).is_file()]
+    if missing:
+        raise AssertionError(f"report did not write {missing}")
+    return {"predict_agreement": result.agreement, "reproduces_record":
+            result.reproduces_record, "report_rows": len(data.rows)}
+
+
+def torchrun_check(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
+    """Extract and probe (grid- and data-parallel) on ranks; compare with one process."""
+    from probecache import SynthSpec, make_pair
+
+    from featcache.cache import open_cache
+    from featcache.extraction import extract
+    from featcache.probing import probe
+
+    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    ranks = max(2, min(n_gpus, 8))
+    root = work / "ranks"
+    make_pair(root / "synth", SynthSpec(n_blocks=3, dim=16, n_classes=3, n_train=320,
+                                        n_test=96, shard_size=32, seed=5,
+                                        signal={("block1", "ap"): 2.0}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(ranks), str(Path(__file__).resolve()), "--torchrun-worker", str(root),
+           "--device", str(device.type)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise AssertionError(f"torchrun on {ranks} ranks failed: {done.stderr[-1500:]}")
+    name, kwargs = TIMM_TINY
+    (one,) = extract(model=name, model_arg=dict(kwargs), weights="random:0",
+                     dataset="digits", split="test", cache=root / "one", batch_size=64,
+                     workers=0, device=str(device))
+    ddp = open_cache(root / "ddp" / one.path.relative_to(root / "one"))
+    err = relative_error(ddp.read("cls"), open_cache(one.path).read("cls"))
+    if err > 3e-2:
+        raise AssertionError(f"torchrun extract differs from one process: {err}")
+    out: dict[str, Any] = {"ranks": ranks, "backend": "nccl" if 0 < ranks <= n_gpus
+                           else "gloo", "extract_relative_error": err}
+    for mode in ("grid", "data"):
+        rec = json.loads(next((root / f"runs-{mode}").rglob("record.json")).read_text())
+        (ref,) = probe(method="alf", cache=root / "synth", runs=root / "runs-one",
+                       grid="quick", device=str(device))
+        diff = abs(rec["metrics"]["balanced_top1"] - ref.metrics["balanced_top1"])
+        if diff > 5.0:
+            raise AssertionError(f"{mode}-parallel alf: {rec['metrics']['balanced_top1']:.2f}"
+                                 f" vs one process {ref.metrics['balanced_top1']:.2f}")
+        out[f"{mode}_parallel_alf"] = round(rec["metrics"]["balanced_top1"], 2)
+    return out
+
+
+def torchrun_worker(root: Path, device: str) -> None:
+    """What each rank does in `torchrun_check`: extract, then probe in both modes."""
+    from featcache.extraction import extract
+    from featcache.probing import probe
+
+    name, kwargs = TIMM_TINY
+    extract(model=name, model_arg=dict(kwargs), weights="random:0", dataset="digits",
+            split="test", cache=root / "ddp", batch_size=64, workers=0)
+    for mode in ("grid", "data"):
+        probe(method="alf", cache=root / "synth", runs=root / f"runs-{mode}", grid="quick",
+              parallel=mode)
+
+
+# -- 2. figures ------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def extraction_figure(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
+    """ViT-B/16 (tiny when dry) extraction against a bare autocast forward over the same
+    pre-decoded batches; and the decoding rate alone."""
+    from extract import make_images
+    from torch.utils.data import DataLoader
+
+    from featcache.backbones import create_backbone
+    from featcache.extraction import _Prepared, extract, plan_workers, resolve_dtype
+    from featcache.sources import open_dataset
+
+    n, batch = (64, 32) if dry else (4096, 256)
+    name, kwargs = (TIMM_TINY if dry else ("timm:vit_base_patch16_224", {}))
+    folder = work / "images"
+    make_images(folder, n)
+    dtype = resolve_dtype("auto", device)
+    backbone = create_backbone(name, "random:0", "reference", dict(kwargs)).to(device).eval()
+    data = open_dataset(f"imagefolder:{folder}", "train")
+    workers, _ = plan_workers(device, None)
+    loader = DataLoader(_Prepared(data, backbone.transform, backbone.input_size),
+                        batch_size=batch, num_workers=workers)
+    started = time.perf_counter()
+    decoded = [images for images, _, _ in loader]
+    decode_s = time.perf_counter() - started
+    x = [b.to(device) for b in decoded]
+
+    def bare() -> float:
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
+                                                    enabled=dtype != torch.float32):
+            for xb in x:
+                backbone.model.forward_features(xb)
+        sync(device)
+        return time.perf_counter() - t
+
+    bare()  # warm-up (kernels, cuDNN choices)
+    bare_s = min(bare() for _ in range(2))
+    times = []
+    for i in range(2):
+        t = time.perf_counter()
+        extract(model=name, model_arg=dict(kwargs), weights="random:0",
+                dataset=f"imagefolder:{folder}", split="train", cache=work / f"vitb-{i}",
+                batch_size=batch, device=str(device))
+        times.append(time.perf_counter() - t)
+    extract_s = min(times)
+    return {"model": name, "images": n, "batch": batch, "dtype": str(dtype),
+            "workers": workers, "extract_img_s": round(n / extract_s, 1),
+            "bare_forward_img_s": round(n / bare_s, 1),
+            "extract_over_bare": round(extract_s / bare_s, 3),
+            "decode_img_s": round(n / decode_s, 1),
+            "decoding_keeps_up": n / decode_s >= n / bare_s}
+
+
+def alf_grid_figure(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
+    """The ALF paper grid (63 configs; 40 epochs) end to end on a FER2013-sized synthetic
+    cache; its FLOP/s against the measured matmul peak."""
+    from probe import matmul_peak
+    from probecache import SynthSpec, make_pair
+    from scaling import grid_flops
+
+    from featcache.probing import probe
+
+    blocks, dim, n_train, n_test = (4, 32, 600, 200) if dry else (12, 768, 28709, 7178)
+    root = work / "fer"
+    make_pair(root, SynthSpec(n_blocks=blocks, dim=dim, n_classes=7, n_train=n_train,
+                              n_test=n_test, shard_size=1024 if not dry else 64, seed=3,
+                              signal={("block2", "ap"): 1.0}))
+    kwargs = dict(grid="quick", epochs=2, min_steps=10) if dry else {}
+    t = time.perf_counter()
+    (res,) = probe(method="alf", cache=root, device=str(device), **kwargs)
+    seconds = time.perf_counter() - t
+    flops = grid_flops(n_train, 2 * blocks, dim, 7) if not dry else None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak(device, 256 if dry else 8192, dtype, 3)["gflops_best"]
+    out = {"seconds": round(seconds, 1), "balanced_top1": round(res.metrics["balanced_top1"],
+                                                                2),
+           f"matmul_{str(dtype).replace('torch.', '')}_gflops": round(peak, 1)}
+    if flops:
+        achieved = flops / seconds / 1e9
+        out.update(pflop=round(flops / 1e15, 2), gflops=round(achieved, 1),
+                   fraction_of_peak=round(achieved / peak, 3))
+    return out
+
+
+def grid_at_once_figure(device: torch.device, dry: bool) -> dict[str, Any]:
+    """8 ALF configs trained at once against one fit per config (same steps)."""
+    from featcache.train import TrainConfig, fit_grid, grid_points
+
+    n, tokens, dim = (256, 8, 32) if dry else (16384, 24, 768)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(n, tokens, dim, generator=g), dim=-1)
+    x, y = x.to(device), torch.randint(0, 7, (n,), generator=g).to(device)
+    cfg = TrainConfig(epochs=2, min_total_steps=1, batch_size=1024, lrs=(1e-2, 1e-3),
+                      wds=(1e-4, 1e-2), dropouts=(0.0, 0.1))
+    points = grid_points(cfg, attentive=True)
+
+    def at_once() -> None:
+        fit_grid(x, y, 7, "attentive", points, cfg)
+
+    def one_by_one() -> None:
+        for p in points:
+            fit_grid(x, y, 7, "attentive", [p], cfg)
+
+    times = {}
+    for name, fn in (("at_once", at_once), ("one_by_one", one_by_one)):
+        fn()  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times[name] = time.perf_counter() - t
+    return {"configs": len(points), "n": n, "at_once_s": round(times["at_once"], 3),
+            "one_by_one_s": round(times["one_by_one"], 3),
+            "ratio": round(times["one_by_one"] / times["at_once"], 2)}
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, tiny shapes, fp32: the script's own check")
+    parser.add_argument("--out", default="gpu_check.json", help="where the JSON goes")
+    parser.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
+    parser.add_argument("--skip", default="", help="comma-separated check names to skip")
+    parser.add_argument("--torchrun-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.torchrun_worker:
+        torchrun_worker(Path(args.torchrun_worker), args.device or "cpu")
+        return 0
+    device = torch.device(args.device or ("cpu" if args.dry_run else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA GPU here; use --dry-run for the CPU form", file=sys.stderr)
+        return 2
+    from featcache.extraction import DTYPES, resolve_dtype
+
+    auto = resolve_dtype("auto", device)
+    dtype = next(name for name, value in DTYPES.items() if value == auto)  # fp32, bf16, fp16
+    ctx = Check(device, args.dry_run)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    started = time.perf_counter()
+    info = {"machine": cpu_info(), "torch": torch.__version__, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "gpus": torch.cuda.device_count(), "dry_run": args.dry_run, "dtype": dtype}
+    print(f"gpu_check on {info['gpu'] or 'CPU (dry run)'}; torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print("1. smoke: every path once, against the CPU")
+        for model, label in ((TIMM_TINY, "timm"), (CLIP_TINY, "open_clip")):
+            for tap in ("reference", "residual"):
+                name = f"extract {label} {tap}"
+                if name not in skip:
+                    ctx.run(name, lambda m=model, t=tap: extract_pair(work, m, t, device,
+                                                                       dtype))
+        for name, fn in (("probe every method and placement",
+                          lambda: probe_all(work, device, args.dry_run)),
+                         ("predict and report", lambda: predict_and_report(work, device)),
+                         ("torchrun", lambda: torchrun_check(work, device, args.dry_run))):
+            if name not in skip:
+                ctx.run(name, fn)
+        print("2. figures")
+        for name, fn in (("extraction vs bare forward",
+                          lambda: extraction_figure(work, device, args.dry_run)),
+                         ("ALF paper grid, FER2013-sized",
+                          lambda: alf_grid_figure(work, device, args.dry_run)),
+                         ("grid at once vs one by one",
+                          lambda: grid_at_once_figure(device, args.dry_run))):
+            if name not in skip:
+                ctx.figures[name] = ctx.run(name, fn)
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [c["name"] for c in ctx.checks if not c["ok"]]
+    total = time.perf_counter() - started
+    result = {**info, "seconds": round(total, 1), "checks": ctx.checks,
+              "figures": ctx.figures, "failed": failed}
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    print(f"{len(ctx.checks) - len(failed)}/{len(ctx.checks)} passed in {total:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else "") + f"; wrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
