@@ -6,10 +6,13 @@ a summary and writes `gpu_check.json`:
 1. Smoke, small shapes, each result compared with the CPU path:
    - extract (timm and open_clip, both taps, every token of the last layer) under the
      GPU's autocast dtype: tokens within bf16/fp16 rounding of CPU fp32;
-   - probe (linear, concat, attentive, alf, layers) with the tokens on the device, in
-     pinned host memory (streamed to the device) and streamed from the cache: device and
-     host equal, and the CPU's metrics within tolerance; predict reproduces a run's test
-     metrics from the images on the GPU; report writes its files;
+   - the fused AdamW kernel against torch's AdamW; the plain attentive pooling against
+     the chunked one;
+   - tokens on the device, in pinned host memory (staged to the device) and streamed
+     from the cache: the same batches bit for bit;
+   - probe (linear, concat, attentive, alf, layers) with each of those placements: the
+     CPU's metrics within tolerance; predict reproduces a run's test metrics from the
+     images on the GPU; report writes its files;
    - torchrun on the GPUs present (NCCL; two ranks share one GPU over gloo if there is
      one): extract, probe grid-parallel and data-parallel, against one process.
 2. Figures: ViT-B/16 extraction images/s against a bare bf16 forward over the same
@@ -170,6 +173,60 @@ def placements_equal(work: Path, device: torch.device) -> dict[str, Any]:
     if not bool((seen == 1).all()):
         raise AssertionError("a streamed epoch did not visit every sample exactly once")
     return {"placements": kinds, "batches_compared": batches}
+
+
+def kernels_match(device: torch.device) -> dict[str, Any]:
+    """The two kernels the GPU takes its own way: torch's fused AdamW (per config, host
+    lrs) against `torch.optim.AdamW`, and the plain attentive pooling (one bmm, the GPU's
+    default) against the chunked one (the CPU's), both in fp32 on the device."""
+    import featcache.heads.pooling as pooling
+    from featcache.optim import BatchedAdamW
+    from featcache.train import TrainConfig, fit_grid
+
+    g = torch.Generator().manual_seed(0)
+    lrs, wds = [1e-1, 1e-2, 1e-3], [0.0, 1e-2, 1.0]
+    init = [torch.randn(s, generator=g).to(device) for s in ((3, 40, 500), (3, 7))]
+    ours = [p.clone().requires_grad_(True) for p in init]
+    opt = BatchedAdamW(ours, lrs, wds)
+    if not opt.fused:
+        raise AssertionError(f"the fused AdamW kernel does not run on {device}")
+    singles = [[p[c].detach().clone().requires_grad_(True) for p in init] for c in range(3)]
+    refs = [torch.optim.AdamW(singles[c], lr=lrs[c], weight_decay=wds[c], foreach=False)
+            for c in range(3)]
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g).to(device) for p in init]
+        for p, gr in zip(ours, grads, strict=True):
+            p.grad = gr.clone()
+        opt.step(lrs)
+        for c in range(3):
+            for p, gr in zip(singles[c], grads, strict=True):
+                p.grad = gr[c].clone()
+            refs[c].step()
+    adamw = max(float((ours[i][c] - singles[c][i]).detach().abs().max())
+                for c in range(3) for i in range(2))
+    if adamw > 1e-5:
+        raise AssertionError(f"fused AdamW differs from torch's by {adamw:.2e}")
+    n, T, D, C = 96, 5, 32, 3
+    y = torch.randint(0, C, (n,), generator=g)
+    x = torch.nn.functional.normalize(torch.randn(n, T, D, generator=g), dim=-1)
+    x[:, 2] += torch.randn(C, D, generator=g)[y]
+    x, y = x.to(device), y.to(device)
+    cfg = TrainConfig(epochs=3, batch_size=32, min_total_steps=0, amp=False)
+    points = [{"lr": 1e-2, "wd": 1e-4, "dropout": 0.0}, {"lr": 1e-3, "wd": 1e-2, "dropout": 0.1}]
+    default = pooling._use_chunks
+    curves = {}
+    try:
+        for form, chunks in (("plain", False), ("chunked", True)):
+            pooling._use_chunks = lambda *_, c=chunks: c
+            curves[form] = fit_grid(x, y, C, "attentive", points, cfg).curves
+    finally:
+        pooling._use_chunks = default
+    pool = float((curves["plain"] - curves["chunked"]).abs().max())
+    if pool > 1e-3:
+        raise AssertionError(f"plain pooling's loss curve differs from the chunked one's by "
+                             f"{pool:.2e}")
+    return {"fused_adamw_max_diff": float(f"{adamw:.2e}"),
+            "plain_vs_chunked_loss_max_diff": float(f"{pool:.2e}")}
 
 
 def streaming_budget(train: Any, method: str, tokens: list[str]) -> float:
@@ -487,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in skip:
                     ctx.run(name, lambda m=model, t=tap: extract_pair(work, m, t, device,
                                                                        dtype))
-        for name, fn in (("tokens placed three ways, same batches",
+        for name, fn in (("fused AdamW and plain pooling", lambda: kernels_match(device)),
+                         ("tokens placed three ways, same batches",
                           lambda: placements_equal(work, device)),
                          ("probe every method and placement",
                           lambda: probe_all(work, device, args.dry_run)),

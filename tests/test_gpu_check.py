@@ -22,7 +22,8 @@ def test_dry_run_passes_every_check_and_writes_the_figures(tmp_path: Path) -> No
     result = json.loads(out.read_text())
     names = {c["name"] for c in result["checks"]}
     assert {"extract timm reference", "extract timm residual", "extract open_clip reference",
-            "extract open_clip residual", "tokens placed three ways, same batches",
+            "extract open_clip residual", "fused AdamW and plain pooling",
+            "tokens placed three ways, same batches",
             "probe every method and placement",
             "predict and report", "torchrun"} <= names
     assert all(c["ok"] for c in result["checks"]) and result["failed"] == []
