@@ -59,6 +59,7 @@ def build(root: Path, n: int, checksums: bool) -> Path:
 
 
 def timed_read(path: Path) -> float:
+    """Seconds for `load_source` of the ALF tokens: what a probe reads before training."""
     cache = open_cache(path)
     tokens = token_list("alf", "all", cache)
     started = time.perf_counter()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from checksum import build  # noqa: E402
+from checksum import build, timed_read  # noqa: E402
 from machine import cpu_info  # noqa: E402
 
 from featcache.cache import open_cache  # noqa: E402
@@ -67,21 +67,11 @@ def raw_read(files: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def featcache_read(path: Path) -> float:
-    cache = open_cache(path)
-    tokens = token_list("alf", "all", cache)
-    started = time.perf_counter()
-    src = load_source(cache, tokens, torch.device("cpu"))
-    seconds = time.perf_counter() - started
-    assert src.raw.shape == (cache.n, 24, 768)
-    return seconds
-
-
 def compare(path: Path, files: list[Path], repeats: int, cold: bool) -> dict[str, float]:
     times: dict[str, list[float]] = {"raw": [], "featcache": []}
     for _ in range(repeats):
         for name, fn in (("raw", lambda: raw_read(files)),
-                         ("featcache", lambda: featcache_read(path))):
+                         ("featcache", lambda: timed_read(path))):
             if cold:
                 evict(files)
             else:

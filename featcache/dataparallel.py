@@ -257,25 +257,14 @@ def _forward(grid: Any, src: RankSource, batch_size: int, configs: Any, fn: Any,
     from featcache.train import _generator
 
     gen = None if jitter is None else _generator(src.device, jitter.seed)
-    n = grid.heads.n_configs
-    wanted = list(range(n)) if configs is None else list(configs)
-    chunks = [wanted[i: i + grid.group_size] for i in range(0, len(wanted), grid.group_size)]
-    was_training = grid.heads.training
-    grid.heads.eval()
-    try:
-        heads = [grid.heads if idx == list(range(n)) else grid.heads.select(idx).eval()
-                 for idx in chunks]
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
         for positions, xb in src.batches(batch_size):
             if gen is not None:
                 xb = global_jitter(xb.clone(), src, jitter.std, jitter.p, gen)
-            if grid.flatten:
-                xb = xb.flatten(1)
-            for idx, head in zip(chunks, heads, strict=True):
-                with torch.no_grad(), grid._autocast(xb.device):
-                    out = head(xb, return_attention=return_attention)
-                fn(idx, out, positions)
-    finally:
-        grid.heads.train(was_training)
+            yield positions, xb
+
+    grid.forward_batches(batches(), configs, fn, return_attention)
 
 
 def rank_range(n_shards: int, shard_size: int, n: int) -> tuple[int, int]:

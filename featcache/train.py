@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -269,6 +270,22 @@ class FittedGrid:
         Each batch is formed once (read, normalised, copied, jittered) for every chunk."""
         src = as_source(x)
         gen = None if jitter is None else _generator(src.device, jitter.seed)
+
+        def batches() -> Iterator[tuple[slice, Tensor]]:
+            for s, xb in src.batches(batch_size):
+                if gen is not None and jitter is not None:  # a batch may be a view: copy
+                    xb = _jitter(xb.clone(), jitter.std, jitter.p, gen)
+                yield s, xb
+
+        self.forward_batches(batches(), configs, fn, return_attention)
+
+    @torch.no_grad()
+    def forward_batches(self, batches: Iterable[tuple[Any, Tensor]],
+                        configs: Sequence[int] | None, fn: Callable[..., None],
+                        return_attention: bool = False) -> None:
+        """Eval-mode forward of (key, batch) pairs, ready but for flattening, through
+        chunks of ``group_size`` of ``configs`` (default: all); ``fn`` gets (global
+        config indices of the chunk, head output, key)."""
         n = self.heads.n_configs
         wanted = list(range(n)) if configs is None else list(configs)
         chunks = [wanted[i : i + self.group_size] for i in range(0, len(wanted), self.group_size)]
@@ -277,15 +294,13 @@ class FittedGrid:
         try:
             heads = [self.heads if idx == list(range(n)) else self.heads.select(idx).eval()
                      for idx in chunks]
-            for s, xb in src.batches(batch_size):
-                if gen is not None and jitter is not None:  # a batch may be a view: copy
-                    xb = _jitter(xb.clone(), jitter.std, jitter.p, gen)
+            for key, xb in batches:
                 if self.flatten:
                     xb = xb.flatten(1)
                 for idx, head in zip(chunks, heads, strict=True):
                     with self._autocast(xb.device):
                         out = head(xb, return_attention=return_attention)
-                    fn(idx, out, s)
+                    fn(idx, out, key)
         finally:
             self.heads.train(was_training)
 
