@@ -94,15 +94,16 @@ def _balanced(hits: np.ndarray, counts: np.ndarray) -> np.ndarray:
 # -- the report's cells ---------------------------------------------------------------------
 
 def add_intervals(rows: Sequence[dict], notes: list[str], n_resamples: int = N_RESAMPLES,
-                  seed: int = 0) -> None:
+                  seed: int = 0, loaded: dict[str, Any] | None = None) -> None:
     """Give every non-baseline cell with a linear baseline its paired bootstrap interval
     (`ci`: {gain, low, high, ...}, `ci_excludes_zero`), from the runs' per-sample test
     predictions. Cells whose runs lack them, or were scored on other test images, get
-    `ci` None, and one note says why."""
+    `ci` None, and one note says why. ``loaded``: predictions already read, by run path.
+    """
     from featcache.errors import FeatcacheError
     from featcache.predictions import load_predictions
 
-    loaded: dict[str, Any] = {}
+    loaded = dict(loaded or {})
     why: dict[str, int] = {}
     damaged = "damaged"  # a predictions file that cannot be read (noted once, by name)
 

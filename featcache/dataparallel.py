@@ -179,6 +179,8 @@ def sync_batch_norm(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
 def smallest(value: int) -> int:
     """The smallest of the ranks' values (each rank's free memory differs; the grid's
     grouping, and so every collective call, must not)."""
+    if dist.world_size() == 1:
+        return value
     t = torch.tensor([value], dtype=torch.int64,
                      device="cuda" if tdist.get_backend() == "nccl" else "cpu")
     tdist.all_reduce(t, op=tdist.ReduceOp.MIN)

@@ -87,7 +87,7 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
 
     from featcache.heads import HEADS
     from featcache.methods import method_of
-    from featcache.records import read_run
+    from featcache.records import HEAD_FILE, check_file, read_run
     from featcache.train import FittedGrid
 
     path = Path(run).expanduser()
@@ -109,8 +109,9 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
     except (KeyError, TypeError) as exc:
         raise FeatcacheError(f"{path}: the record lacks {exc} (made by an older featcache?); "
                              "run the same `featcache probe` command with --force") from None
+    check_file(path, HEAD_FILE, record)
     try:
-        state = load_file(str(path / "head.safetensors"), device=str(device))
+        state = load_file(str(path / HEAD_FILE), device=str(device))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise FeatcacheError(f"cannot read {path / 'head.safetensors'} ({why}); run the same "
@@ -452,6 +453,6 @@ def _compare_with_record(probe: TrainedProbe, data: ImageDataset, index: np.ndar
     if not identity.get("sha256") or identity.get("sha256") != data.identity.get("sha256"):
         return
     result.record_metrics = {k: v for k, v in (probe.record.get("metrics") or {}).items()}
-    stored = load_predictions(probe.path, logits=False)
+    stored = load_predictions(probe.path, logits=False, record=probe.record)
     if stored is not None and np.array_equal(stored.index, index):
         result.agreement = float(np.mean(stored.pred == logits.argmax(1).numpy()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,14 +55,19 @@ def from_logits(logits: torch.Tensor, labels: torch.Tensor, index: np.ndarray) -
                        logits=logits.numpy())
 
 
-def load_predictions(run_dir: str | Path, logits: bool = True) -> Predictions | None:
-    """A run's predictions, or None for a record written before they were kept. A damaged
-    file is one line naming it and the fix."""
+def load_predictions(run_dir: str | Path, logits: bool = True,
+                     record: dict[str, Any] | None = None) -> Predictions | None:
+    """A run's predictions, or None for a record written before they were kept. A file
+    that is damaged, not the one its record was written with, or that disagrees with the
+    record's balanced accuracy is one line naming it and the fix."""
     from safetensors import SafetensorError, safe_open
+
+    from featcache.records import array_digest, read_run
 
     path = Path(run_dir) / PREDICTIONS_FILE
     if not path.is_file():
         return None
+    record = read_run(Path(run_dir)) if record is None else record
     try:
         with safe_open(str(path), framework="np") as f:
             keys = set(f.keys())
@@ -77,5 +83,26 @@ def load_predictions(run_dir: str | Path, logits: bool = True) -> Predictions | 
     if any(len(a) != n for a in arrays.values()):
         raise FeatcacheError(f"{path}: arrays of different lengths; delete its run folder "
                              "and probe again")
-    return Predictions(arrays["index"], arrays["label"], arrays["pred"], arrays["top_k"],
-                       arrays.get("logits"))
+    digests = (record.get("files") or {}).get(PREDICTIONS_FILE) or {}
+    if any(k in digests and array_digest(a) != digests[k] for k, a in arrays.items()):
+        raise FeatcacheError(f"{path} is not the file its record was written with (damaged "
+                             "or replaced); run the same `featcache probe` command again "
+                             "with --force")
+    out = Predictions(arrays["index"], arrays["label"], arrays["pred"], arrays["top_k"],
+                      arrays.get("logits"))
+    _check_metric(out, record, path)
+    return out
+
+
+def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None:
+    """The record's balanced top-1 was computed from these predictions: they must agree
+    (a record edited by hand, or a file from another run, must not lend its numbers)."""
+    stated = (record.get("metrics") or {}).get("balanced_top1")
+    if not isinstance(stated, (int, float)) or not len(pred.label):
+        return
+    classes = np.unique(pred.label)
+    here = 100 * float(np.mean([pred.correct[pred.label == c].mean() for c in classes]))
+    if abs(here - stated) > 1e-3:
+        raise FeatcacheError(f"{path} gives balanced top-1 {here:.4f} but its record says "
+                             f"{stated:.4f}: one of them was changed after the run; run the "
+                             "same `featcache probe` command again with --force")

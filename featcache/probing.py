@@ -393,16 +393,21 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
     clock = time.perf_counter()
     norm = feature_normalisation(opts.method, opts.protocol)
     mode = parallel_mode(opts, train, tokens, device)
-    if mode == "data":
-        from featcache.dataparallel import load_rank_source
+    failure = None
+    try:  # a rank that cannot read its shards stops every rank (not one waiting forever)
+        if mode == "data":
+            from featcache.dataparallel import load_rank_source
 
-        src_train = load_rank_source(train, tokens, device, budget, host, norm)
-        src_test = load_rank_source(test, tokens, device, budget, host, norm)
-    else:
-        src_train = load_source(train, tokens, device, budget, host, normalise=norm,
-                                stream=True)
-        src_test = load_source(test, tokens, device, budget, host, normalise=norm,
-                               stream=True)
+            src_train = load_rank_source(train, tokens, device, budget, host, norm)
+            src_test = load_rank_source(test, tokens, device, budget, host, norm)
+        else:
+            src_train = load_source(train, tokens, device, budget, host, normalise=norm,
+                                    stream=True)
+            src_test = load_source(test, tokens, device, budget, host, normalise=norm,
+                                   stream=True)
+    except Exception as exc:
+        failure = exc
+    dist.gather_or_fail(None, failure)
     src_train, src_test = src_train.subset(keep_train), src_test.subset(keep_test)
     timings["load_s"] = time.perf_counter() - clock
     y_tr = torch.as_tensor(y_train_np[keep_train], device=device)

@@ -23,8 +23,11 @@ from featcache.cache import default_cache_root
 from featcache.errors import FeatcacheError
 from featcache.text import slug
 
-RECORD_FORMAT = 3  # 2: the run's identity (`settings`, `settings_id`); 3: its test predictions
+# 2: the run's identity (`settings`, `settings_id`); 3: its test predictions; 4: the sha256
+# of its head and predictions files (`files`)
+RECORD_FORMAT = 4
 SETTINGS_ID_LENGTH = 10
+HEAD_FILE = "head.safetensors"
 
 
 def default_runs_root(cache_root: str | Path | None = None) -> Path:
@@ -96,22 +99,62 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    record = {"format": RECORD_FORMAT, **record}
-    text = json.dumps(_finite(record), indent=1, default=_jsonable, allow_nan=False)
+    from featcache.predictions import PREDICTIONS_FILE
+
     # a failure (full disk, Ctrl-C) removes the half-built folder; only a kill leaves
     # one, hidden, for `recover` to clear
     with atomic.atomic_path(path) as tmp:
         tmp.mkdir()
-        (tmp / "record.json").write_text(text)
+        files: dict[str, Any] = {}
         if tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                      str(tmp / "head.safetensors"))
+                      str(tmp / HEAD_FILE))
+            files[HEAD_FILE] = file_digest(tmp / HEAD_FILE)
         if predictions:
-            from featcache.predictions import PREDICTIONS_FILE
-
-            save_file({k: v.contiguous().cpu() for k, v in predictions.items()},
-                      str(tmp / PREDICTIONS_FILE))
+            arrays = {k: v.detach().contiguous().cpu() for k, v in predictions.items()}
+            save_file(arrays, str(tmp / PREDICTIONS_FILE))
+            # per array: a report reads index, label and pred of every run, never logits
+            # (ImageNet's are 200 MB a run), so it checks what it reads, cheaply
+            files[PREDICTIONS_FILE] = {k: array_digest(v.numpy()) for k, v in arrays.items()}
+        record = {"format": RECORD_FORMAT, **record, "files": files}
+        text = json.dumps(_finite(record), indent=1, default=_jsonable, allow_nan=False)
+        (tmp / "record.json").write_text(text)
     return path
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def array_digest(array: Any) -> str:
+    """sha256 of an array's bytes (C order)."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def check_file(run_dir: Path, name: str, record: dict[str, Any]) -> None:
+    """A run's file must be the one its record was written with: a head with a flipped
+    bit still loads and predicts, confidently and wrongly; a predictions file copied from
+    another run still gives intervals. Records before format 4 name no digests."""
+    want = (record.get("files") or {}).get(name)
+    if not isinstance(want, str):
+        return
+    file = Path(run_dir) / name
+    try:
+        ok = file_digest(file) == want
+    except OSError as exc:
+        raise FeatcacheError(f"cannot read {file} ({exc.strerror or exc}); run the same "
+                             "`featcache probe` command again with --force") from None
+    if not ok:
+        raise FeatcacheError(f"{file} is not the file its record was written with (damaged "
+                             "or replaced); run the same `featcache probe` command again "
+                             "with --force")
 
 
 def recover(path: Path) -> None:

@@ -153,6 +153,24 @@ class ReportData:
         return out
 
 
+def checked_records(records: list[Any], problems: list[str]) -> tuple[list[Any], dict]:
+    """The records whose predictions file is the one they were written with and agrees
+    with their balanced accuracy (a record edited by hand, or predictions copied from
+    another run, lend no number to the report: skipped, with a note); and those
+    predictions, for the intervals."""
+    from featcache.predictions import load_predictions
+
+    kept, loaded = [], {}
+    for rec in records:
+        try:
+            loaded[rec["path"]] = load_predictions(rec["path"], logits=False, record=rec)
+        except FeatcacheError as exc:
+            problems.append(f"skipped: {exc}")
+            continue
+        kept.append(rec)
+    return kept, loaded
+
+
 def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka: bool = True,
                    open_cache: Callable[[str], Any] | None = None,
                    resamples: int = N_RESAMPLES) -> ReportData:
@@ -170,6 +188,7 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
         if problems:
             raise FeatcacheError(f"no readable run records under {root}: {problems[0]}")
         raise no_runs_error(root)
+    records, predictions = checked_records(records, problems)
     rows = summarize(records, problems)
     if not rows:
         raise FeatcacheError(f"{len(records)} run records under {root} but none has a test "
@@ -177,7 +196,7 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     if resamples:
         from featcache.bootstrap import add_intervals
 
-        add_intervals(rows, problems, resamples)
+        add_intervals(rows, problems, resamples, loaded=predictions)
     notes = missing_notes(rows) + problems
     taps = {str(r.get("tap")) for r in records if r.get("tap")}
     if any(row["in_paper"] for row in rows) and taps - {"reference"}:

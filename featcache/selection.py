@@ -7,6 +7,7 @@ layers × grid points on one config axis.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -78,7 +79,7 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
     points = grid_points(cfg, attentive=HEADS[head].has_dropout)
     clock = time.perf_counter()
-    val = _grid_scores(lambda part: fit_grid(
+    val = _grid_scores(lambda part, cfg: fit_grid(
         src.subset(tr), y_dev[tr_t], n_classes, head, points, cfg, num_heads=num_heads,
         progress=progress, part=part), src.subset(va), y_dev[va_t], opts, cfg, len(points),
         timings, clock)
@@ -98,7 +99,8 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final}
 
 
-def _grid_scores(train: Callable[[tuple[int, int]], Any], x_val: Any, y_val: torch.Tensor,
+def _grid_scores(train: Callable[[tuple[int, int], Any], Any], x_val: Any,
+                 y_val: torch.Tensor,
                  opts: Any, cfg: Any, n_points: int, timings: dict[str, float],
                  clock: float) -> dict[str, list[float]]:
     """Train the grid (under torchrun: this rank's share of its config groups) and score
@@ -107,9 +109,11 @@ def _grid_scores(train: Callable[[tuple[int, int]], Any], x_val: Any, y_val: tor
     # grid-parallel: this rank's share of the configs; data-parallel: every config, on
     # this rank's share of the samples (its scores are already summed over ranks)
     part = (0, 1) if data_parallel else (dist.rank(), dist.world_size())
+    if part[1] > 1 and cfg.memory_budget_bytes is None:
+        cfg = _shared_budget(cfg, x_val.device)
     failure, payload = None, None
     try:
-        grid = train(part)
+        grid = train(part, cfg)
         timings["grid_s"] = timings.get("grid_s", 0.0) + time.perf_counter() - clock
         if grid is not None:
             val = grid.evaluate(x_val, y_val, jitter=_val_jitter(opts, cfg))
@@ -124,7 +128,21 @@ def _grid_scores(train: Callable[[tuple[int, int]], Any], x_val: Any, y_val: tor
             for k in METRIC_KEYS:
                 for g, v in zip(configs, values[k], strict=True):
                     scores[k][g] = v
+    missing = [g for g, v in enumerate(scores["balanced_top1"]) if v != v]
+    if missing:  # never select a config nobody trained
+        raise FeatcacheError(f"configs {missing} of the grid were trained on no rank; this "
+                             "is a featcache bug: please report it with the command")
     return scores
+
+
+def _shared_budget(cfg: Any, device: torch.device) -> Any:
+    """The grid's memory budget, the smallest over ranks: their free memory differs (ranks
+    sharing a GPU see each other's tensors), and with it the grouping of configs, which
+    every rank must form alike or some configs are trained twice and some never."""
+    from featcache.train import default_memory_budget
+
+    budgets = dist.gather_or_fail(default_memory_budget(device), None)
+    return dataclasses.replace(cfg, memory_budget_bytes=min(budgets))
 
 
 def _data_parallel(src: Any) -> bool:
@@ -161,7 +179,7 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
     P = len(points)
     inputs = [layer for layer in range(L) for _ in points]
     clock = time.perf_counter()
-    val = _grid_scores(lambda part: fit_grid(
+    val = _grid_scores(lambda part, cfg: fit_grid(
         src.subset(tr), y_dev[tr_t], n_classes, "linear", points * L, cfg, progress=progress,
         inputs=inputs, part=part), src.subset(va), y_dev[va_t], opts, cfg, L * P, timings,
         clock)

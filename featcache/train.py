@@ -440,12 +440,13 @@ def fit_grid(
     wds = [float(p["wd"]) for p in points]
     per_cfg, shared = kind.memory(shape, n_classes, plan.batch_size, num_heads, device, inputs)
     budget = cfg.memory_budget_bytes or default_memory_budget(device)
+    rank, world = part
     if getattr(src, "placement", None) == "data-parallel":  # one grouping on every rank
+        # (grid-parallel ranks agree on the budget before: `selection._grid_scores`)
         from featcache import dataparallel
 
         budget = dataparallel.smallest(budget)
     groups = config_groups(G, per_cfg, shared, budget)
-    rank, world = part
     if world > 1 and len(groups) < world:  # every rank gets work: smaller groups
         groups = [c.tolist() for c in np.array_split(np.arange(G), min(G, world))]
     group_size = len(groups[0])  # evaluation chunks line up with the groups
@@ -522,10 +523,12 @@ def _train_group(
     use_amp = cfg.amp and device.type == "cuda"
     jitter = cfg.jitter_p > 0 and cfg.jitter_std > 0
     clip = cfg.grad_clip is not None and cfg.grad_clip > 0
-    curves = torch.zeros(heads.n_configs, plan.epochs, device=device, dtype=torch.float64)
+    # (epochs, G): an epoch's row is contiguous, as all_reduce needs (a strided column
+    # is refused by NCCL and silently mixed up by gloo)
+    curves = torch.zeros(plan.epochs, heads.n_configs, device=device, dtype=torch.float64)
     total, step = plan.total_steps, 0
     for epoch in range(plan.epochs):
-        epoch_loss = curves[:, epoch]
+        epoch_loss = curves[epoch]
         for idx_y, xb in src.epoch_batches(plan.steps_per_epoch, g_shuffle):
             if flatten:
                 xb = xb.flatten(1)
@@ -557,6 +560,6 @@ def _train_group(
         if dp:  # each rank summed its share of every step's loss
             dataparallel.all_reduce_(epoch_loss)
         if progress is not None:
-            mean = (curves[:, epoch] / plan.steps_per_epoch).tolist()
+            mean = (curves[epoch] / plan.steps_per_epoch).tolist()
             progress({"epoch": epoch + 1, "epochs": plan.epochs, "loss": mean})
-    return curves / plan.steps_per_epoch
+    return (curves / plan.steps_per_epoch).T.contiguous()  # (G, epochs)

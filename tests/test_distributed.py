@@ -242,4 +242,27 @@ def test_data_parallel_probe_matches_one_process(tmp_path, method, tolerance):
     assert Path(row["path"]).name == one.path.name  # the same run: only rounding differs
     assert rec["selected"] == one.selected
     assert abs(rec["metrics"]["balanced_top1"] - one.metrics["balanced_top1"]) <= tolerance
+    # every config's loss curve summed over ranks (layers: one config per layer)
+    mine = json.loads((one.path / "record.json").read_text())["curves"]
+    for key, want in mine.items():
+        np.testing.assert_allclose(rec["curves"][key], want, rtol=1e-3, err_msg=key)
     assert rec["predictions"]["n"] == PROBE_SPEC["n_test"]
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_on_one_data_parallel_rank_stops_all_with_one_line(tmp_path):
+    """Rank 1 alone reads the last shard: its damage must stop rank 0 too (rank 0 used to
+    wait in the first collective of training forever)."""
+    from probecache import SynthSpec, make_pair
+
+    root = tmp_path / "cache"
+    train, _ = make_pair(root, SynthSpec(**PROBE_SPEC))
+    last = max((train.path / "ap" / "c").iterdir(), key=lambda d: int(d.name))
+    chunk = next(f for f in last.rglob("*") if f.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    run = torchrun("probe", "--method", "alf", "--cache", root, "--runs", tmp_path / "runs",
+                   "--grid", "quick", "--epochs", 1, "--min-steps", 5, "--parallel", "data")
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "featcache verify" in errors[0], run.stderr[-3000:]
+    assert not list((tmp_path / "runs").rglob("record.json"))

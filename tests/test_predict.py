@@ -178,10 +178,51 @@ def test_damaged_run_files_are_one_line_each(trained, tmp_path):
     run_dir = root / trained["alf"].relative_to(trained["root"])
     (run_dir / "predictions.safetensors").write_bytes(b"{ not safetensors")
     data = report(cache=root, out=tmp_path / "report", format="", cka=False)
-    assert any("no interval from" in n and "predictions.safetensors" in n for n in data.notes)
-    alf = next(c for k, c in data.rows[0]["cells"].items() if k.startswith("alf"))
-    assert alf["ci"] is None and alf["mean"] is not None  # the number stays, no interval
+    # a run whose files do not belong together lends the report no number
+    assert any(n.startswith("skipped:") and "predictions.safetensors" in n and "--force" in n
+               for n in data.notes)
+    assert "alf" not in {r["method"] for r in data.records}
     head = run_dir / "head.safetensors"
     head.write_bytes(head.read_bytes()[:100])
     assert_user_error(run("predict", run_dir, "--dataset", "digits"), "head.safetensors",
                       "--force")
+
+
+def test_a_changed_head_predictions_file_or_metric_is_refused(trained, tmp_path):
+    """The record holds the sha256 of its head and predictions: a head with flipped bits
+    (which still loads, and predicts confidently and wrongly), predictions copied from
+    another run, or a metric edited in record.json give one line, never a number."""
+    import shutil
+
+    from featcache.reporting import report
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained["root"], root)
+    alf = root / trained["alf"].relative_to(trained["root"])
+    linear = root / trained["linear"].relative_to(trained["root"])
+    assert set(read_run(alf)["files"]) == {"head.safetensors", "predictions.safetensors"}
+    head = alf / "head.safetensors"
+    blob = bytearray(head.read_bytes())
+    blob[-8:] = bytes(b ^ 0xFF for b in blob[-8:])
+    head.write_bytes(bytes(blob))
+    with pytest.raises(FeatcacheError, match="not the file its record was written with"):
+        load_trained(alf, "cpu")
+    assert_user_error(run("predict", alf, "--dataset", "digits"), "head.safetensors",
+                      "--force")
+
+    shutil.copy(linear / "predictions.safetensors", alf / "predictions.safetensors")
+    with pytest.raises(FeatcacheError, match="not the file its record"):
+        load_predictions(alf)
+    record = json.loads((linear / "record.json").read_text())
+    record["metrics"]["balanced_top1"] = 99.0
+    (linear / "record.json").write_text(json.dumps(record))
+    with pytest.raises(FeatcacheError, match="its record says 99.0000"):
+        load_predictions(linear)
+    data = report(cache=root, out=tmp_path / "report", format="", cka=False)
+    notes = "\n".join(data.notes)
+    assert "not the file its record" in notes and "its record says 99.0000" in notes
+    # both runs are left out of the report: their numbers cannot be trusted
+    assert {r["method"] for r in data.records} == set(METHODS) - {"alf", "linear"}
+    cells = data.rows[0]["cells"]
+    assert not [c for k, c in cells.items() if c and k.split()[0] in ("alf", "linear")]
+    assert all(c is None or c["mean"] != 99.0 for c in cells.values())
