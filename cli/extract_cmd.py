@@ -207,7 +207,7 @@ def verify(
 ) -> None:
     """Read every shard of a cache: checksums, files of flagged shards, finite values,
     labels in range. Exit 2 when something is damaged (and not repaired)."""
-    from featcache.verify import verify as run_verify
+    from featcache.verification import verify as run_verify
 
     results = run_verify(path, cache, repair)
     if json_out:

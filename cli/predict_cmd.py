@@ -40,6 +40,7 @@ def predict(
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print every row as JSON (a list of objects) instead of the table.")
     ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --csv file.")] = False,
 ) -> None:
     """Apply a run's probe to new images: its backbone is rebuilt from the cache's
     fingerprint (same weights, checked) and the head scores them as in training. On the
@@ -53,7 +54,8 @@ def predict(
         result = run_predict(run, inputs or [], dataset=dataset, split=split, top_k=top_k,
                              weights=weights, batch_size=batch_size, workers=workers,
                              device=device, data_root=data_root, download=download,
-                             csv=None if csv in (None, "-") else csv, progress=bars)
+                             csv=None if csv in (None, "-") else csv, overwrite=overwrite,
+                             progress=bars)
     say = err_console if quiet else console
     for line in result.unreadable[:10]:
         err_console.print(f"[yellow]warning:[/] not predicted: {line}", highlight=False,

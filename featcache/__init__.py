@@ -26,7 +26,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ls": ("featcache.cache_commands", "ls"),
     "info": ("featcache.cache_commands", "info"),
     "export": ("featcache.cache_commands", "export"),
-    "verify": ("featcache.verify", "verify"),
+    "verify": ("featcache.verification", "verify"),
     "models": ("featcache.backbones", "models"),
     "datasets": ("featcache.sources", "datasets"),
     "probe": ("featcache.probing", "probe"),

@@ -12,6 +12,34 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+# a run folder's own files: no output option may land on them, --overwrite or not
+RUN_FILES = ("record.json", "head.safetensors", "predictions.safetensors")
+
+
+def check_target(path: str | Path, option: str, overwrite: bool = False) -> Path:
+    """Where a command will write one file, refused in one line before any work is done:
+    no name, a folder, a device or other non-file (the rename would replace it), a
+    missing folder, one of a run's own files, or an existing file without --overwrite."""
+    from featcache.errors import FeatcacheError
+
+    if not str(path).strip():
+        raise FeatcacheError(f"{option} needs a file name")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise FeatcacheError(f"{option} {target} is a folder; give a file name")
+    if target.exists() and not target.is_file():
+        raise FeatcacheError(f"{option} {target} is not a regular file (a device, a pipe?); "
+                             "give a file name")
+    if not target.parent.is_dir():
+        raise FeatcacheError(f"the folder of {option}, {target.parent}, does not exist; "
+                             "create it first")
+    if target.name in RUN_FILES and (target.parent / "record.json").is_file():
+        raise FeatcacheError(f"{option} {target} is one of a run's own files; write "
+                             "elsewhere")
+    if target.exists() and not overwrite:
+        raise FeatcacheError(f"{target} exists; pass --overwrite to replace it")
+    return target
+
 
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -22,6 +50,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on any
     failure (and on Ctrl-C) it is deleted. Works for files and folders."""
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        from featcache.errors import FeatcacheError
+
+        raise FeatcacheError(f"{path} is not a regular file (a device, a pipe?): featcache "
+                             "would replace it; give a file name")
     tmp = _temporary(path)
     _remove(tmp)
     try:

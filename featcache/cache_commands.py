@@ -59,15 +59,10 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
 
     import h5py
 
-    out = Path(out)
-    if out.is_dir():
+    if Path(out).is_dir():
         raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. "
-                             f"{out / (cache.path.name + '.h5')}")
-    if out.exists() and not overwrite:
-        raise FeatcacheError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise FeatcacheError(f"the folder of --out, {out.parent}, does not exist; create it "
-                             "first")
+                             f"{Path(out) / (cache.path.name + '.h5')}")
+    out = atomic.check_target(out, "--out", overwrite)
     if not cache.complete:
         raise FeatcacheError(f"{cache.path} is not complete; finish it with `featcache extract` "
                              "first (re-run the same command)")

@@ -124,8 +124,7 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
         raise FeatcacheError(f"--out {target}: torch.export files end in .pt2")
     meta_path = target.with_suffix(".json")
     for path in (target, meta_path):
-        if path.exists() and not overwrite:
-            raise FeatcacheError(f"{path} exists; pass --overwrite to replace it")
+        atomic.check_target(path, "--out", overwrite)
     probe = load_trained(run, "cpu")
     backbone = rebuild_backbone(probe, weights).eval()
     module = DeployedProbe(backbone, probe).eval()

@@ -292,12 +292,17 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
             split: str = "test", top_k: int = DEFAULT_TOP_K, weights: str | None = None,
             batch_size: int = 64, workers: int | None = None, device: str = "auto",
             data_root: str | Path | None = None, download: bool = True,
-            csv: str | Path | None = None, progress: Any = None) -> PredictResult:
+            csv: str | Path | None = None, overwrite: bool = False,
+            progress: Any = None) -> PredictResult:
     """`featcache predict`: the run's probe applied to image files (``inputs``: files,
     folders, globs) or to a dataset split (``dataset``, ``split``). ``csv``: also write
-    the rows there (`write_csv`)."""
+    the rows there (`write_csv`; an existing file only with ``overwrite``)."""
+    from featcache import atomic
     from featcache.distributed import resolve_device
     from featcache.options import check_int
+
+    if csv is not None:
+        csv = atomic.check_target(csv, "--csv", overwrite)
 
     check_int(top_k, "--top-k")
     check_int(batch_size, "--batch-size")
@@ -331,7 +336,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
                           .items() if k != "per_class"}
         _compare_with_record(probe, data, index, logits, result)
     if csv is not None:
-        write_csv(result.rows, csv)
+        write_csv(result.rows, csv, overwrite)
     return result
 
 
@@ -356,11 +361,12 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path,
+              overwrite: bool = False) -> Path:
     """The rows as a CSV file, written whole or not at all."""
     from featcache import atomic
 
-    return atomic.write_text(Path(path).expanduser(), csv_text(rows))
+    return atomic.write_text(atomic.check_target(path, "--csv", overwrite), csv_text(rows))
 
 
 def _score(probe: TrainedProbe, backbone: Any, data: ImageDataset, device: torch.device,

@@ -83,3 +83,19 @@ def test_no_submodule_shadows_a_command() -> None:
         importlib.import_module(info.name)
     for name, _ in _commands():
         assert inspect.isfunction(getattr(featcache, name.replace("-", "_"))), name
+
+
+def test_no_module_shadows_a_package_function() -> None:
+    """`import featcache.X` sets the attribute X of the package to the module: a module
+    named like a command (`featcache/verify.py` was) would replace `featcache.verify`."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import featcache
+
+    for info in pkgutil.walk_packages(featcache.__path__, "featcache."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    for name in featcache._LAZY:
+        assert not inspect.ismodule(getattr(featcache, name)), name

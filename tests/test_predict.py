@@ -226,3 +226,31 @@ def test_a_changed_head_predictions_file_or_metric_is_refused(trained, tmp_path)
     cells = data.rows[0]["cells"]
     assert not [c for k, c in cells.items() if c and k.split()[0] in ("alf", "linear")]
     assert all(c is None or c["mean"] != 99.0 for c in cells.values())
+
+
+def test_output_files_are_never_clobbered_by_surprise(trained, tmp_path):
+    """--csv and export-model's --out: an existing file only with --overwrite; never a
+    run's own file, a folder, a device or pipe, or an empty name; refused before any work."""
+    import os
+
+    run_dir, image = trained["linear"], tmp_path / "x.csv"
+    image.write_text("precious")
+    args = ("predict", run_dir, "--dataset", "digits")
+    assert_user_error(run(*args, "--csv", image), "exists", "--overwrite")
+    assert image.read_text() == "precious"
+    done = run(*args, "--csv", image, "--overwrite")
+    assert done.exit_code == 0, done.output
+    assert image.read_text().startswith("item,label,pred")
+    record = (run_dir / "record.json").read_bytes()
+    assert_user_error(run(*args, "--csv", run_dir / "record.json", "--overwrite"),
+                      "one of a run's own files")
+    assert (run_dir / "record.json").read_bytes() == record
+    assert_user_error(run(*args, "--csv", ""), "--csv needs a file name")
+    assert_user_error(run(*args, "--csv", tmp_path), "is a folder")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert_user_error(run(*args, "--csv", fifo, "--overwrite"), "not a regular file")
+    assert fifo.exists() and not fifo.is_file()
+    assert_user_error(run("export-model", run_dir, "--out", run_dir / "record.pt2",
+                          "--overwrite"), "one of a run's own files")
+    assert (run_dir / "record.json").read_bytes() == record
