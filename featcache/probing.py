@@ -157,13 +157,12 @@ def check_options(opts: ProbeOptions) -> None:
     check_int(opts.shots, "--shots")
     check_int(opts.min_steps, "--min-steps", 0)
     check_int(opts.threads, "--threads")
-    if opts.memory_gb is not None and not opts.memory_gb > 0:
-        raise FeatcacheError(f"--memory-gb must be positive, got {opts.memory_gb}")
-    if opts.feature_memory_gb is not None and opts.feature_memory_gb < 0:
-        raise FeatcacheError(f"--feature-memory-gb must be ≥ 0, got {opts.feature_memory_gb}")
-    if opts.max_host_memory_gb is not None and not opts.max_host_memory_gb > 0:
-        raise FeatcacheError(f"--max-host-memory-gb must be positive, got "
-                             f"{opts.max_host_memory_gb}")
+    for option, gb, least in (("--memory-gb", opts.memory_gb, "positive"),
+                              ("--feature-memory-gb", opts.feature_memory_gb, "≥ 0"),
+                              ("--max-host-memory-gb", opts.max_host_memory_gb, "positive")):
+        if gb is not None and not (math.isfinite(gb) and (gb > 0 or least == "≥ 0" and gb == 0)):
+            raise FeatcacheError(f"{option} must be a finite number of GB, {least}; got {gb} "
+                                 "(leave it out for the default)")
     if not 0 < opts.val_fraction < 1:
         raise FeatcacheError(f"the validation fraction must lie in (0, 1), got "
                              f"{opts.val_fraction}")

@@ -71,6 +71,11 @@ def test_probe_table_output(root, tmp_path):
     (["--grid", "huge"], ["unknown grid 'huge'"]),
     (["--device", "tpu"], ["bad --device 'tpu'"]),
     (["--batch-size", "1"], ["--batch-size must be at least 2"]),
+    (["--max-host-memory-gb", "inf"], ["--max-host-memory-gb must be a finite"]),
+    (["--memory-gb", "inf"], ["--memory-gb must be a finite"]),
+    (["--feature-memory-gb", "nan"], ["--feature-memory-gb must be a finite"]),
+    (["--feature-memory-gb", "-1"], ["--feature-memory-gb must be a finite", "≥ 0"]),
+    (["--max-host-memory-gb", "0"], ["--max-host-memory-gb must be a finite", "positive"]),
 ])
 def test_bad_options(root, tmp_path, args, fragments):
     assert_user_error(run("probe", "--cache", root, "--runs", tmp_path, *args), *fragments)
