@@ -24,7 +24,7 @@ def report(
              "<out>/cka.json are used).")] = True,
     resamples: Annotated[int, typer.Option(
         help="Resamples of the paired bootstrap over test images behind each gain's 95 % "
-             "interval (0: no intervals).")] = 1000,
+             "interval: 100 to 100,000, or 0 for no intervals.")] = 1000,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the summary as JSON instead of the table.")] = False,
 ) -> None:

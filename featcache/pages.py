@@ -108,12 +108,18 @@ def _gain_or_dash(pair: dict, key: str) -> str:
     return "—" if pair.get(key) is None or is_baseline(pair["column"]) else f"{pair[key]:+.2f}"
 
 
+def _legend(resamples: int) -> str:
+    intervals = (f"with its paired bootstrap 95 % interval over test images in brackets "
+                 f"({resamples:,} resamples); * = the interval excludes 0, so the gain is "
+                 "not an accident of which test images were drawn. ") if resamples else \
+        "(no intervals: --resamples 0). "
+    return _LEGEND.format(intervals=intervals)
+
+
 _LEGEND = ("Test balanced top-1 accuracy (%): mean ± sample std over seeds (n = seeds); "
            "the signed number is the gain over the linear baseline (the model's own "
            "embedding at the last layer: CLS for the paper's models) of the "
-           "same model and dataset, with its paired bootstrap 95 % interval over test "
-           "images in brackets (1,000 resamples); * = the interval excludes 0, so the "
-           "gain is not an accident of which test images were drawn. "
+           "same model and dataset, {intervals}"
            "— = that method was not run for that pair. "
            "`layers` = the single-layer linear probe whose layer was picked on validation "
            "(the layer is named). "
@@ -141,7 +147,7 @@ def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
         "# featcache report", "",
         f"{len(data.records)} runs, {len(rows)} model/dataset pairs, read from "
         f"`{data.runs_root}` on {_now()}.", "",
-        "## Balanced accuracy", "", _LEGEND, "",
+        "## Balanced accuracy", "", _legend(data.resamples), "",
         "### Means over datasets", "",
         "Mean of per-dataset means (gain over linear); [k/N] = datasets the column "
         "covers; paper = the paper's mean over the same datasets.", "",
@@ -246,7 +252,7 @@ def to_html(data: ReportData, figures: Sequence[Any] = ()) -> str:
         f'<p class="meta">{len(data.records)} runs, {len(rows)} model/dataset pairs, read '
         f"from <code>{_esc(data.runs_root)}</code> on {_esc(_now())}.</p>",
         "<h2>Balanced accuracy</h2>",
-        "<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", _esc(_LEGEND)) + "</p>",
+        "<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", _esc(_legend(data.resamples))) + "</p>",
     ]
     h += ["<h3>Means over datasets</h3>",
           '<p class="sub">Mean of per-dataset means; [k/N] = datasets the column covers; '

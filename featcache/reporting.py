@@ -38,6 +38,7 @@ __all__ = ["FORMATS", "ReportData", "build_report", "csv_rows", "parse_formats",
 
 FORMATS = ("html", "md", "csv")
 MAX_RESAMPLES = 100_000
+MIN_RESAMPLES = 100  # the 2.5th and 97.5th percentiles of fewer are the extremes, not an interval
 
 
 _CSV_FIRST = ("model", "model_dir", "dataset", "tap", "weights", "method", "layer_set",
@@ -145,6 +146,7 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     cka: dict[tuple[str, str], dict] = field(default_factory=dict)
     written: dict[str, Path] = field(default_factory=dict)  # {format: path} once written
+    resamples: int = N_RESAMPLES  # of each gain's bootstrap interval (0: none)
 
     def as_json(self) -> dict[str, Any]:
         out = summary_json(self.rows, self.notes)
@@ -206,7 +208,7 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
 
     cka_values = layer_cka(records, Path(out_dir) if out_dir is not None else None,
                            compute=cka, open_cache=open_cache, problems=notes)
-    return ReportData(root, records, rows, notes, cka_values)
+    return ReportData(root, records, rows, notes, cka_values, resamples=resamples)
 
 
 def parse_formats(formats: str | Iterable[str]) -> list[str]:
@@ -264,6 +266,9 @@ def report(cache: str | Path | None = None, runs: str | Path | None = None,
 
     formats = parse_formats(format)
     check_int(resamples, "--resamples", 0)
+    if 0 < resamples < MIN_RESAMPLES:
+        raise FeatcacheError(f"--resamples {resamples} is too few for a 95 % interval: give "
+                             f"at least {MIN_RESAMPLES} (1,000 is the default), or 0 for none")
     if resamples > MAX_RESAMPLES:
         raise FeatcacheError(f"--resamples {resamples} is more than a report needs; at most "
                              f"{MAX_RESAMPLES:,} (1,000 gives the interval to about 0.1 "

@@ -19,6 +19,7 @@ from probecache import SynthSpec, make_pair
 from sklearn.metrics import balanced_accuracy_score
 
 from featcache.bootstrap import PairedBootstrap
+from featcache.errors import FeatcacheError
 from featcache.probing import probe
 from featcache.reporting import report
 
@@ -115,6 +116,13 @@ def test_the_report_gives_each_gain_its_interval(tmp_path):
     assert alf["cell_gain_ci_excludes_zero"] == "True"
     text = data.written["md"].read_text()
     assert f"[{cell['ci']['low']:+.2f}, {cell['ci']['high']:+.2f}]" in text
-    no_ci = report(cache=tmp_path / "cache", out=tmp_path / "r2", format="", cka=False,
+    assert "(1,000 resamples)" in text
+    no_ci = report(cache=tmp_path / "cache", out=tmp_path / "r2", format="md", cka=False,
                    resamples=0)
     assert no_ci.rows[0]["cells"]["alf:all [grid=quick]"].get("ci") is None
+    assert "no intervals: --resamples 0" in no_ci.written["md"].read_text()
+    few = report(cache=tmp_path / "cache", out=tmp_path / "r3", format="md", cka=False,
+                 resamples=250)
+    assert "(250 resamples)" in few.written["md"].read_text()
+    with pytest.raises(FeatcacheError, match="too few for a 95 % interval"):
+        report(cache=tmp_path / "cache", out=tmp_path / "r4", format="", resamples=2)
