@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
 from featcache.cli import demo_cmd, extract_cmd, predict_cmd, probe_cmd, report_cmd
+from typer.core import TyperGroup
+
+
+class OneLineErrors(TyperGroup):
+    """A mistyped option or value is one line on stderr (exit 2), like every other user
+    error, instead of the usage box. (Typer's click exceptions are private: matched by
+    their public base and their own `format_message`/`exit_code`.)"""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" or not hasattr(exc, "format_message"):
+                exc.show() if hasattr(exc, "show") else typer.echo(str(exc), err=True)
+                sys.exit(getattr(exc, "exit_code", 2))
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "featcache"
+            hint = f" (see `{where} --help`)" if exc.exit_code == 2 else ""
+            typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="featcache",
+    cls=OneLineErrors,
     help="Cache every layer of a frozen ViT once, then train probes from the cache in minutes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

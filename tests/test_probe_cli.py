@@ -93,3 +93,15 @@ def test_bad_caches(tmp_path):
                       "model.weights")
     assert_user_error(run("probe", "--cache", tmp_path, "--dataset", "fer2013"),
                       "no cache of dataset 'fer2013'")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["probe", "--max-host-memory-gb", "abc"], ["'--max-host-memory-gb'", "probe --help"]),
+    (["probe", "--nope"], ["No such option: --nope"]),
+    (["report", "--resamples", "abc"], ["'--resamples'"]),
+    (["models", "foo"], ["unexpected extra argument"]),
+    (["info"], ["Missing argument"]),
+])
+def test_mistyped_options_are_one_line(args, fragments):
+    """click's own usage errors follow the rule too: one `error:` line, exit 2."""
+    assert_user_error(run(*args), *fragments)
