@@ -102,11 +102,17 @@ def _summary(result, say) -> None:
         say.print(f"[green]the run's own test split: its record's test metrics, exactly[/]"
                   f"{agree}", highlight=False)
     elif result.reproduces_record is False:
+        from featcache.selection import METRIC_KEYS
+
+        def num(v: object) -> str:
+            return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
+
         r = result.record_metrics or {}
+        k = next(k for k in METRIC_KEYS if r.get(k) != m.get(k))  # False: one differs
         err_console.print(
-            f"[yellow]warning:[/] the run's own test split, but the record says balanced "
-            f"top-1 {r.get('balanced_top1')} (here {m['balanced_top1']}): the images, the "
-            "backbone or the device differ from extraction's", highlight=False, soft_wrap=True)
+            f"[yellow]warning:[/] the run's own test split, but the record says {k} "
+            f"{num(r.get(k))} (here {num(m.get(k))}): the images, the backbone or the device "
+            "differ from extraction's", highlight=False, soft_wrap=True)
 
 
 @user_errors

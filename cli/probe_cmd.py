@@ -118,7 +118,8 @@ def runs(
     problems: list[str] = []
     rows = run_rows(cache, runs, problems)
     for note in problems[:5]:
-        err_console.print(f"[yellow]skipped:[/] {note}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]skipped:[/] {note.removeprefix('skipped: ')}",
+                          highlight=False, soft_wrap=True)
     if problems:
         err_console.print(f"[yellow]{len(problems)} unreadable record(s) skipped[/]"
                           + (f" ({len(problems) - 5} not shown)" if len(problems) > 5 else ""))

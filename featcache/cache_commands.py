@@ -20,9 +20,16 @@ from featcache.errors import FeatcacheError
 
 
 def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
-    """`featcache ls`: a summary row per cache under the root (default: the default root)."""
+    """`featcache ls`: a summary row per cache under the root (default: the default root).
+    A cache that cannot be opened is not a row but a warning naming it and why."""
+    from featcache.errors import warn
+
     root = Path(cache).expanduser() if cache else default_cache_root()
-    return [c.summary() for c in find_caches(root)]
+    problems: list[tuple[Path, str]] = []
+    rows = [c.summary() for c in find_caches(root, problems)]
+    for path, why in problems:
+        warn(f"not listed: {path}: {why}; `featcache verify {path}` says more")
+    return rows
 
 
 def info(path: str | Path) -> dict[str, Any]:

@@ -95,6 +95,9 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
         raise FeatcacheError(f"{path} is not a run folder (no record.json); `featcache runs` "
                              "lists them (the `path` column)")
     record = read_run(path)
+    if not record.get("method"):
+        raise FeatcacheError(f"{path}: the record names no method (damaged?); run the same "
+                             "`featcache probe` command again with --force")
     spec = method_of(record.get("method"))
     if spec is None:
         raise FeatcacheError(f"{path}: method {record.get('method')!r} is not registered here "
@@ -249,6 +252,8 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
             if not found:
                 raise FeatcacheError(f"no files match {item}")
             out += found
+        elif path.exists():
+            raise FeatcacheError(f"{item} is neither a file nor a folder (a device?)")
         else:
             raise FeatcacheError(f"no such file or folder: {item}")
     if not out:

@@ -481,3 +481,14 @@ def test_two_probes_of_the_same_run_train_it_once(clean, tmp_path):
     assert statuses == ["skipped", "trained"]  # one trained, the other waited and took it
     assert results[0][0].metrics == results[1][0].metrics
     assert len(list(tmp_path.rglob("record.json"))) == 1
+
+
+def test_ls_names_a_cache_it_cannot_open(copy):
+    """A cache with damaged metadata is not silently missing from `ls`: a warning names it."""
+    damaged = split_dir(copy)
+    (damaged / "zarr.json").write_text("{ not json")
+    result = run("ls", "--cache", copy)
+    assert result.exit_code == 0, result.output
+    assert "not listed" in result.stderr and str(damaged) in result.stderr.replace("\n", "")
+    assert "featcache verify" in result.stderr
+    assert "test" in result.stdout  # the test split is listed

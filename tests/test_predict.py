@@ -254,3 +254,13 @@ def test_output_files_are_never_clobbered_by_surprise(trained, tmp_path):
     assert_user_error(run("export-model", run_dir, "--out", run_dir / "record.pt2",
                           "--overwrite"), "one of a run's own files")
     assert (run_dir / "record.json").read_bytes() == record
+
+
+def test_messages_name_the_real_problem(trained, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["linear"], run_dir)
+    assert_user_error(run("predict", run_dir, "/dev/null"), "neither a file nor a folder")
+    (run_dir / "record.json").write_text("{}")
+    assert_user_error(run("predict", run_dir, "/dev/null"), "names no method", "--force")
