@@ -18,6 +18,10 @@ class OneLineErrors(TyperGroup):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        if sys.stdout is None:  # started with stdout closed (`>&-`): results would be lost
+            if sys.stderr is not None:
+                sys.stderr.write("error: standard output is closed; redirect it to a file\n")
+            sys.exit(2)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except typer.Abort:

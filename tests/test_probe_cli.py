@@ -105,3 +105,15 @@ def test_bad_caches(tmp_path):
 def test_mistyped_options_are_one_line(args, fragments):
     """click's own usage errors follow the rule too: one `error:` line, exit 2."""
     assert_user_error(run(*args), *fragments)
+
+
+def test_closed_stdout_is_refused(tmp_path):
+    """`featcache ls >&-`: results would vanish; one line instead."""
+    import shlex
+    import subprocess
+    import sys
+
+    line = f"{shlex.quote(sys.executable)} -m featcache ls --cache {shlex.quote(str(tmp_path))}"
+    done = subprocess.run(["bash", "-c", line + " >&-"], stderr=subprocess.PIPE, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "standard output is closed" in done.stderr
