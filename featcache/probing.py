@@ -266,7 +266,7 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
     feature placement (device or host-streamed batches are bit-identical), the thread
     count, and dropout values for linear heads (which have no dropout)."""
     spec = get_method(opts.method)
-    streamed = stream_buffer(train, token_names, opts)
+    streamed = stream_buffer(train, token_names, opts, device)
     recipe = {k: getattr(cfg, k) for k in (
         "epochs", "batch_size", "min_steps_per_epoch", "min_total_steps", "lrs", "wds",
         "min_lr", "grad_clip", "jitter_std", "jitter_p", "class_weighted")}
@@ -292,10 +292,17 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
     }
 
 
-def stream_buffer(train: Cache, token_names: list[str], opts: ProbeOptions) -> int | None:
-    """Shards per buffer when the train tokens will be streamed from the cache (they do
-    not fit host memory or --max-host-memory-gb), else None."""
-    from featcache.features import HOST_FRACTION, available_host_memory, budget_from_gb
+def stream_buffer(train: Cache, token_names: list[str], opts: ProbeOptions,
+                  device: torch.device | None = None) -> int | None:
+    """Shards per buffer when the train tokens will be streamed from the cache (they fit
+    neither a GPU's feature budget nor host memory or --max-host-memory-gb), else None:
+    `featcache.features.load_source` decides alike."""
+    from featcache.features import (
+        HOST_FRACTION,
+        available_host_memory,
+        budget_from_gb,
+        default_feature_budget,
+    )
     from featcache.streaming import BUFFERS
 
     if get_method(opts.method).needs_all_tokens:
@@ -303,6 +310,11 @@ def stream_buffer(train: Cache, token_names: list[str], opts: ProbeOptions) -> i
     else:
         widths = [train.token_width(*t.split(".", 1)) for t in token_names]
         row = len(token_names) * max([train.dim, *widths]) * 2
+    if device is not None and device.type != "cpu":  # tokens on the GPU need no host room
+        on_device = budget_from_gb(opts.feature_memory_gb)
+        if train.n * row <= (default_feature_budget(device) if on_device is None
+                             else on_device):
+            return None
     host = budget_from_gb(opts.max_host_memory_gb)
     if host is None:
         host = int(HOST_FRACTION * available_host_memory())

@@ -95,3 +95,20 @@ def test_a_budget_below_three_shards_is_one_line(root):
     with pytest.raises(FeatcacheError, match="raise --max-host-memory-gb"):
         load_source(train, token_list("alf", "all", train), torch.device("cpu"),
                     host_budget_bytes=32 * ROW, stream=True)
+
+
+def test_the_identity_says_streamed_only_when_load_source_streams(root):
+    """On a GPU, tokens that fit its feature budget go there whatever the host budget:
+    the run's identity (`stream_buffer`) must not call that run streamed."""
+    from featcache.probing import ProbeOptions, stream_buffer
+
+    train, _ = find_pairs(root)[0]
+    names = [f"{layer}.{kind}" for layer, kind in token_list("alf", "all", train)]
+    gb = BUDGET / 2**30
+    on_cpu = stream_buffer(train, names, ProbeOptions(max_host_memory_gb=gb),
+                           torch.device("cpu"))
+    assert on_cpu == 4  # as load_source above: buffers of 4 shards
+    fits_gpu = ProbeOptions(max_host_memory_gb=gb, feature_memory_gb=1.0)
+    assert stream_buffer(train, names, fits_gpu, torch.device("cuda")) is None
+    forced = ProbeOptions(max_host_memory_gb=gb, feature_memory_gb=0.0)
+    assert stream_buffer(train, names, forced, torch.device("cuda")) == 4
