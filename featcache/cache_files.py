@@ -8,8 +8,10 @@ import errno
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from featcache.errors import FeatcacheError
 
@@ -79,6 +81,45 @@ class NotWritable(FeatcacheError):
     """The cache's folder cannot be written (read-only, no permission)."""
 
 
+ORPHAN_WAIT_S = 30.0  # DataLoader workers notice their parent's death within ~5 s
+
+
+def _lock(handle: Any, lock_path: Path) -> bool:
+    """Take the lock; False if a live process holds it. A writer killed with -9 leaves its
+    DataLoader workers holding the (inherited) lock until they notice, seconds later: when
+    the pid written in the lock file is dead, wait for them rather than refuse."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    try:
+        holder = int(lock_path.read_text().strip() or "0")
+    except (OSError, ValueError):
+        holder = 0
+    if holder <= 0 or _alive(holder):
+        return False
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def write_lock(path: Path) -> Iterator[None]:
     """One writer per cache at a time, across processes (an advisory flock on
@@ -97,11 +138,13 @@ def write_lock(path: Path) -> Iterator[None]:
                               "writable --cache root") from None
         raise
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(handle, lock_path):
             raise FeatcacheError(f"another featcache process is writing {path} right now; "
                                  "wait for it to finish (nothing was changed)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))  # who holds it: see `_lock`
+        handle.flush()
         try:
             yield
         finally:  # no empty lock files left beside the caches (a second writer never waits)

@@ -353,3 +353,30 @@ def test_plan_workers(monkeypatch, cpus, requested, device, expected):
     monkeypatch.setattr(fe, "_available_cpus", lambda: cpus)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     assert fe.plan_workers(torch.device(device), requested) == expected
+
+
+def test_a_killed_writers_orphaned_workers_are_waited_for(tmp_path):
+    """kill -9 of a writer leaves its forked DataLoader workers holding the inherited lock
+    for a few seconds: the next writer waits for them instead of refusing."""
+    import signal
+    import time
+
+    from featcache.cache_files import write_lock
+
+    path = tmp_path / "cache"
+    lock = tmp_path / ".cache.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, time\n"
+         f"f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()\n"
+         "if os.fork() == 0:\n    time.sleep(3); os._exit(0)\n"
+         "print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    started = time.monotonic()
+    with write_lock(path):
+        waited = time.monotonic() - started
+    assert 1.0 < waited < 20.0  # the orphan let go after ~3 s
