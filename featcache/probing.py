@@ -496,6 +496,15 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
                                  "accuracy": metrics.get("per_class")},
                       curves={"train_loss": final.curves[0].tolist()},
                       attention=attention, per_layer=None)
+    if not (bool(torch.isfinite(fit["final"].curves).all())
+            and bool(torch.isfinite(logits).all())):
+        # NaN in the tokens (a cache changed after extraction: checksums cover bytes, not
+        # meaning) or a diverged refit: either way the score would be chance, not a result
+        raise FeatcacheError(f"{train.path}: training gave non-finite losses or test logits, "
+                             "so there is no score to report; check its caches with "
+                             f"`featcache verify {train.path}` and `featcache verify "
+                             f"{test.path}` (a value changed after extraction?), or lower "
+                             "--lrs")
     if task is not None:
         progress.stop(task)
     seconds = time.perf_counter() - started

@@ -492,3 +492,18 @@ def test_ls_names_a_cache_it_cannot_open(copy):
     assert "not listed" in result.stderr and str(damaged) in result.stderr.replace("\n", "")
     assert "featcache verify" in result.stderr
     assert "test" in result.stdout  # the test split is listed
+
+
+@pytest.mark.parametrize("method", ["linear", "alf"])
+def test_nan_written_into_a_cache_is_no_score(copy, tmp_path, method):
+    """A value changed after extraction through zarr itself keeps every checksum valid:
+    the probe must refuse its chance-level result, not record it as trained."""
+    train = split_dir(copy)
+    cls = zarr.open_array(str(train / "cls"), mode="r+")
+    row = cls[0]
+    row[...] = np.nan
+    cls[0] = row
+    result = run("probe", "--method", method, "--cache", copy, "--runs", tmp_path / "runs",
+                 *QUICK)
+    assert_user_error(result, "non-finite", "featcache verify")
+    assert not list((tmp_path / "runs").rglob("record.json"))
