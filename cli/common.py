@@ -52,6 +52,7 @@ def user_errors(func: F) -> F:
 def _error(text: str) -> None:
     from featcache.distributed import env_rank
 
+    text = " ".join(str(text).split())  # one line, whatever a library's text held
     if env_rank() == 0:  # under torchrun the line is said once, by rank 0
         err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     raise typer.Exit(2) from None
@@ -72,6 +73,7 @@ def disk_error(exc: OSError) -> str:
         errno.ENOTDIR: "a file stands where a folder was expected: check the path",
         errno.EISDIR: "a folder stands where a file was expected: check the path",
         errno.ELOOP: "a symbolic link loops: fix or remove it",
+        errno.ENAMETOOLONG: "a file name is too long for the file system: use shorter names",
     }
     fix = fixes.get(exc.errno or -1, "check the path, its permissions and free disk space")
     return f"{what}{where}; {fix}"

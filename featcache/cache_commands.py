@@ -4,6 +4,7 @@ written to HDF5 (thingsvision and friends read .hdf5)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,6 @@ def export(path: str | Path, format: str = "hdf5", out: str | Path | None = None
 
 def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
     """The same arrays and attributes as HDF5 (thingsvision and friends read .hdf5)."""
-
-    import h5py
-
     if Path(out).is_dir():
         raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. "
                              f"{Path(out) / (cache.path.name + '.h5')}")
@@ -74,6 +72,26 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
         raise FeatcacheError(f"{cache.path} is not complete; finish it with `featcache extract` "
                              "first (re-run the same command)")
     cache.check_files()
+    need = sum(cache.group[name].nbytes for name in cache.arrays) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:  # HDF5 can crash outright when the disk fills mid-write
+        raise FeatcacheError(f"--out {out}: the export needs about {need / 2**20:.1f} MiB, "
+                             f"{free / 2**20:.1f} MiB are free there; free space or choose "
+                             "another folder")
+    try:
+        _write_hdf5(cache, out)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        from featcache.records import os_error
+
+        raise os_error(exc, out) from None
+    return out
+
+
+def _write_hdf5(cache: Cache, out: Path) -> None:
+    import h5py
+
     with atomic.atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
         for name in cache.arrays:
             src = cache.group[name]
@@ -89,7 +107,6 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
         cache.labels()  # labels in range
         for key, value in cache.group.attrs.items():
             h5.attrs[key] = json.dumps(value) if not isinstance(value, (int, float, str)) else value
-    return out
 
 
 def _h5_chunks(shape: tuple[int, ...], itemsize: int = 2) -> tuple[int, ...] | None:

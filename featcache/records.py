@@ -7,6 +7,7 @@ weights. A record directory appears complete or not at all (built aside, then re
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -107,12 +108,12 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
         tmp.mkdir()
         files: dict[str, Any] = {}
         if tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                      str(tmp / HEAD_FILE))
+            _save(save_file, {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  tmp / HEAD_FILE)
             files[HEAD_FILE] = file_digest(tmp / HEAD_FILE)
         if predictions:
             arrays = {k: v.detach().contiguous().cpu() for k, v in predictions.items()}
-            save_file(arrays, str(tmp / PREDICTIONS_FILE))
+            _save(save_file, arrays, tmp / PREDICTIONS_FILE)
             # per array: a report reads index, label and pred of every run, never logits
             # (ImageNet's are 200 MB a run), so it checks what it reads, cheaply
             files[PREDICTIONS_FILE] = {k: array_digest(v.numpy()) for k, v in arrays.items()}
@@ -120,6 +121,24 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
         text = json.dumps(_finite(record), indent=1, default=_jsonable, allow_nan=False)
         (tmp / "record.json").write_text(text)
     return path
+
+
+def _save(save_file: Any, tensors: dict[str, Any], path: Path) -> None:
+    """safetensors' own error for a full disk is no OSError: make it one (one line)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:
+        raise os_error(exc, path) from None
+
+
+def os_error(exc: BaseException, path: Path) -> OSError:
+    """An OSError for a library's error text that carries an `os error N` (Rust) or
+    `errno = N` (HDF5)."""
+    found = re.search(r"os error (\d+)|errno = (\d+)", str(exc))
+    code = int(next(g for g in found.groups() if g)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 def file_digest(path: Path) -> str:

@@ -507,3 +507,20 @@ def test_nan_written_into_a_cache_is_no_score(copy, tmp_path, method):
                  *QUICK)
     assert_user_error(result, "non-finite", "featcache verify")
     assert not list((tmp_path / "runs").rglob("record.json"))
+
+
+def test_full_disk_for_run_records_and_an_export(clean, tmp_path):
+    """A probe whose record cannot be written, and an export that would not fit: one line
+    each (safetensors' and HDF5's own errors were tracebacks, HDF5 even crashed)."""
+    disk = tmp_path / "disk"
+    with tiny_disk(disk, "64k"):
+        stat = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 8192))
+        result = run("probe", "--method", "alf", "--cache", clean, "--runs", disk / "runs",
+                     *QUICK)
+        assert_user_error(result, "No space left")
+        assert not list((disk / "runs").rglob("record.json"))
+        assert not [p for p in disk.rglob("*") if ".tmp-" in p.name]
+        assert_user_error(run("export", split_dir(clean), "--out", disk / "x.h5"),
+                          "MiB are free there")
+        assert not (disk / "x.h5").exists()
