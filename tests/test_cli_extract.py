@@ -147,6 +147,12 @@ def test_clip_through_the_cli(wds_path, tmp_path):
     ([*TINY, "--device", "cuda:0"] if not __import__("torch").cuda.is_available()
      else [*TINY, "--device", "tpu"], ["--device"]),
     ([*TINY, "--batch-size", "0"], ["--batch-size"]),
+    ([*TINY, "--model-arg", "depth=-1"], ["does not accept --model-arg", "depth=-1"]),
+    ([*TINY, "--model-arg", "patch_size=0"], ["does not accept --model-arg"]),
+    ([*TINY, "--model-arg", "depth=0"], ["no transformer blocks"]),
+    (["--model", TIMM_TINY, "--weights", "random:99999999999999999999999"],
+     ["random:SEED", "2**63"]),
+    (["--model", TIMM_TINY, "--weights", "/tmp"], ["is a folder"]),
 ])
 def test_bad_inputs_are_one_clear_line(wds_path, tmp_path, args, fragments):
     dataset = [] if "--dataset" in args else ["--dataset", f"wds:{wds_path}"]

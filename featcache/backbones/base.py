@@ -23,6 +23,7 @@ from torch import nn
 
 from featcache.backbones.preprocess import thingsvision_preprocess
 from featcache.backbones.spec import ModelSpec, check_tap
+from featcache.errors import FeatcacheError
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class Backbone(nn.Module, abc.ABC):
         self.geometry = self.setup()
         g = self.geometry
         self.n_blocks, self.width, self.final_dim = g.n_blocks, g.width, g.final_dim
+        if self.n_blocks < 1:  # e.g. --model-arg depth=0: no layer to fuse, nothing to study
+            raise FeatcacheError(f"{spec.name}: the model has no transformer blocks; check "
+                                 "its --model-arg (depth, layers)")
         self.n_prefix, self.n_tokens, self.input_size = g.n_prefix, g.n_tokens, g.input_size
         self.has_cls, self.pool_dim, self.token_kinds = g.has_cls, g.pool_dim, g.token_kinds
         # the linear baseline's token: the registry's choice, else the model's embedding

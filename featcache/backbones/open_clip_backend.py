@@ -76,7 +76,8 @@ class OpenClipBackbone(Backbone):
         def build(pretrained: str | None = None) -> nn.Module:
             try:
                 return open_clip.create_model(spec.arch, pretrained=pretrained, **kwargs)
-            except (TypeError, ValueError, KeyError, AssertionError) as exc:
+            except (TypeError, ValueError, KeyError, AssertionError, RuntimeError,
+                    ArithmeticError) as exc:
                 if kwargs:
                     raise kwargs_error(spec, exc) from None
                 raise

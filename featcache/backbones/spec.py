@@ -115,10 +115,16 @@ def parse_weights(weights: str | None) -> tuple[str, Any]:
     if weights == "random" or weights.startswith("random:"):
         seed_text = weights.partition(":")[2] or "0"
         try:
-            return "random", int(seed_text)
+            seed = int(seed_text)
         except ValueError:
-            raise FeatcacheError(f"bad --weights {weights!r}: use random or random:SEED") from None
+            seed = -1
+        if not 0 <= seed < 2**63:  # torch's seeds are 64-bit
+            raise FeatcacheError(f"bad --weights {weights!r}: use random or random:SEED, SEED "
+                                 "a whole number from 0 to 2**63 - 1")
+        return "random", seed
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise FeatcacheError(f"--weights {weights} is a folder; give the checkpoint file")
     if not path.is_file():
         raise FeatcacheError(f"--weights {weights}: no such file (give a checkpoint path, "
                              "'random[:SEED]', or leave it out for the hub weights)")

@@ -68,7 +68,7 @@ class TimmBackbone(Backbone):
         def build(pretrained: bool = False) -> nn.Module:
             try:
                 return timm.create_model(spec.arch, pretrained=pretrained, **kwargs)
-            except (TypeError, ValueError, AssertionError) as exc:
+            except (TypeError, ValueError, AssertionError, RuntimeError, ArithmeticError) as exc:
                 if spec.kwargs:
                     raise kwargs_error(spec, exc) from None
                 raise
