@@ -10,6 +10,7 @@ real data.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,22 @@ DEMO_MODEL = "timm:vit_tiny_patch16_224"
 # 12 blocks of width 192 at 64 px (8-px patches: 64 patch tokens): ALF reads 24 tokens.
 DEMO_MODEL_KWARGS: dict[str, Any] = {"img_size": 64, "patch_size": 8}
 DEMO_METHODS = ("linear", "concat", "alf", "layers")
+
+
+def _check_writable(out: Path) -> None:
+    """`--out` must be a folder featcache can write (said with the demo's own option)."""
+    from featcache.errors import FeatcacheError
+
+    if out.exists() and not out.is_dir():
+        raise FeatcacheError(f"--out {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / f".write-test-{os.getpid()}"
+        probe_file.touch()
+        probe_file.unlink()
+    except OSError as exc:
+        raise FeatcacheError(f"cannot write in --out {out}: {exc.strerror or exc}; choose a "
+                             "writable folder") from None
 
 
 def demo(out: str | Path = "demo-out", model: str = DEMO_MODEL, dataset: str = "digits",
@@ -41,6 +58,12 @@ def demo(out: str | Path = "demo-out", model: str = DEMO_MODEL, dataset: str = "
     console = console or Console()
     out = Path(out)
     cache_root, report_dir = out / "cache", out / "report"
+    from featcache.probing import check_options
+
+    for method in methods:  # before minutes of extraction, not after
+        check_options(ProbeOptions(method=method, cache=cache_root, grid=grid, epochs=epochs,
+                                   min_steps=min_steps))
+    _check_writable(out)
     kwargs = DEMO_MODEL_KWARGS if model_kwargs is None and model == DEMO_MODEL else model_kwargs
     timings: dict[str, float] = {}
 

@@ -56,3 +56,12 @@ def test_demo_cache_is_complete_and_reused(demo: dict) -> None:
     assert sorted(c.split for c in caches) == ["test", "train"]
     assert all(c.complete for c in caches)
     assert sum(c.n for c in caches) == 1797  # every digit, once
+
+
+def test_bad_demo_options_are_refused_before_any_work(tmp_path):
+    from cliutil import assert_user_error, run
+
+    assert_user_error(run("demo", "--out", tmp_path / "d", "--grid", "bogus"), "unknown grid")
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "f").write_text("")
+    assert_user_error(run("demo", "--out", tmp_path / "f"), "--out", "is a file")
