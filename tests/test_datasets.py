@@ -507,3 +507,25 @@ def test_dataloader_workers(tmp_path, context):
     labels = torch.cat([b[1] for b in batches])
     np.testing.assert_array_equal(labels.numpy(), fake.splits["train"].labels)
     np.testing.assert_array_equal(images.numpy(), np.stack(fake.splits["train"].images))
+
+
+def test_a_long_local_dataset_name_still_makes_a_cache_folder(tmp_path):
+    """A 240-character folder name is legal; the cache folder's name (which adds the
+    source and a digest) must stay within 255 bytes, and stay unique."""
+    from fakedata import make_imagefolder
+
+    from featcache.sources import dataset_dir_name
+
+    data = tmp_path / ("d" * 240)
+    make_imagefolder(data, {"train": 6})
+    other = dataset_dir_name(f"imagefolder:{tmp_path / ('d' * 239 + 'e')}")
+    name = dataset_dir_name(f"imagefolder:{data}")
+    assert len(name.encode()) <= 231 and name != other
+    assert dataset_dir_name("imagefolder:/data/pets").startswith("imagefolder-pets-")
+    from cliutil import run
+    from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
+
+    done = run("extract", "--model", TIMM_TINY, "--weights", "random",
+               *model_args(TIMM_TINY_KW), "--dataset", f"imagefolder:{data}", "--split",
+               "train", "--cache", tmp_path / "c", "--workers", 0)
+    assert done.exit_code == 0, done.output

@@ -116,7 +116,12 @@ def dataset_dir_name(name: str) -> str:
     spec, rest = parse_dataset_name(name)
     if spec is not None and spec.local_path:
         digest = hashlib.sha256(rest.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-        return slug(f"{spec.name}-{Path(rest).name or 'root'}-{digest}")
+        # within the 255 bytes a file name may have (with room for `.NAME.tmp-PID`
+        # siblings); the digest keeps a cut name unique, and names that fit are unchanged
+        room = 255 - 24 - len(spec.name) - len(digest) - 2
+        folder = Path(rest).name.encode("utf-8", "surrogateescape")[:room].decode(
+            "utf-8", "ignore")
+        return slug(f"{spec.name}-{folder or 'root'}-{digest}")
     return slug(name.replace(":", "-").replace("/", "-"))
 
 
