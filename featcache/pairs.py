@@ -105,7 +105,24 @@ def layer_set_names(layer_set: str, layer_names: list[str]) -> list[str]:
                 f"unknown layer set {layer_set!r}: use {', '.join(LAYER_SETS)}, indices like "
                 f"3,7,-1, or names like block3,final (this cache has block0..block{n_blocks - 1},"
                 " final)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise FeatcacheError(f"--layers {layer_set!r} names {', '.join(twice)} twice; give "
+                             "each layer once")
     return names
+
+
+def canonical_layer_set(layer_set: str, layer_names: list[str]) -> str:
+    """One name per choice of layers, so that `-1`, `11` and `last` (on a 12-block model)
+    are one run and one report column: a named set when the layers are one, else the
+    layer names (`block3,final`)."""
+    names = layer_set_names(layer_set, layer_names)
+    if layer_set in (*LAYER_SETS, "every"):
+        return layer_set
+    for named in LAYER_SETS:
+        if layer_set_names(named, layer_names) == names:
+            return named
+    return ",".join(names)
 
 
 def token_list(method: str | Method, layer_set: str, cache: Cache, token: str | None = None

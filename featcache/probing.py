@@ -28,7 +28,7 @@ from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
 from featcache.methods import get_method
 from featcache.options import check_int, make_options, parse_floats, parse_ints
-from featcache.pairs import find_pairs, layer_set_names, run_tokens
+from featcache.pairs import canonical_layer_set, find_pairs, layer_set_names, run_tokens
 from featcache.predictions import PREDICTIONS_FILE, from_logits
 from featcache.records import default_runs_root, is_finished, run_dir, write_run
 from featcache.registry import METHODS
@@ -348,6 +348,7 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
     another process is training the same run right now."""
     from featcache.records import read_run, run_lock, settings_id
 
+    layer_set = canonical_layer_set(layer_set, train.layer_names)
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
     cfg = train_config(opts, seed)
     tokens, token_names = run_tokens(opts.method, layer_set, train, opts.token)

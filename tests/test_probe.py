@@ -325,7 +325,7 @@ def test_records_one_per_seed_skip_and_force(planted, tmp_path):
     forced = probe(ProbeOptions(**{**opts.__dict__, "force": True, "seeds": (1,)}))
     assert [r.status for r in forced] == ["trained"]
     other = probe(ProbeOptions(**{**opts.__dict__, "layers": "3,final"}))
-    assert re.fullmatch(r"linear-3_final-[0-9a-f]{10}-seed0", other[0].path.name)
+    assert re.fullmatch(r"linear-block3_final-[0-9a-f]{10}-seed0", other[0].path.name)
     assert len(list_runs(tmp_path)) == 4
 
 

@@ -71,6 +71,7 @@ def test_probe_table_output(root, tmp_path):
     (["--grid", "huge"], ["unknown grid 'huge'"]),
     (["--device", "tpu"], ["bad --device 'tpu'"]),
     (["--batch-size", "1"], ["--batch-size must be at least 2"]),
+    (["--method", "concat", "--layers", "0,0"], ["names block0 twice"]),
     (["--max-host-memory-gb", "inf"], ["--max-host-memory-gb must be a finite"]),
     (["--memory-gb", "inf"], ["--memory-gb must be a finite"]),
     (["--feature-memory-gb", "nan"], ["--feature-memory-gb must be a finite"]),
@@ -117,3 +118,22 @@ def test_closed_stdout_is_refused(tmp_path):
     done = subprocess.run(["bash", "-c", line + " >&-"], stderr=subprocess.PIPE, text=True,
                           timeout=120)
     assert done.returncode == 2 and "standard output is closed" in done.stderr
+
+
+def test_one_choice_of_layers_is_one_run(root, tmp_path):
+    """`-1` and `last` pick the same layer: one run (the second finds it finished), under
+    the set's name; `0,1` and `0, 1` likewise."""
+    import json
+
+    def probe_json(layers: str) -> dict:
+        done = run("probe", "--method", "concat", "--layers", layers, "--cache", root,
+                   "--runs", tmp_path, *FAST, "--json")
+        assert done.exit_code == 0, done.output
+        (row,) = json.loads(done.stdout)
+        return row
+
+    first, second = probe_json("last"), probe_json("-1")
+    assert second["status"] == "skipped" and second["path"] == first["path"]
+    a, b = probe_json("0,1"), probe_json(" 0, 1")
+    assert b["status"] == "skipped" and a["path"] == b["path"]
+    assert a["layer_set"] == "block0,block1"
