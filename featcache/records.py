@@ -118,7 +118,7 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
             # (ImageNet's are 200 MB a run), so it checks what it reads, cheaply
             files[PREDICTIONS_FILE] = {k: array_digest(v.numpy()) for k, v in arrays.items()}
         record = {"format": RECORD_FORMAT, **record, "files": files}
-        text = json.dumps(_finite(record), indent=1, default=_jsonable, allow_nan=False)
+        text = json.dumps(strict_json(record), indent=1, default=_jsonable, allow_nan=False)
         (tmp / "record.json").write_text(text)
     return path
 
@@ -207,16 +207,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _finite(obj: Any) -> Any:
+def strict_json(obj: Any) -> Any:
     """Strict JSON: NaN and ±inf (a diverged loss curve) become null."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [strict_json(v) for v in obj]
     if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
-        return _finite(obj.tolist())
+        return strict_json(obj.tolist())
     return obj
 
 
@@ -303,6 +303,10 @@ def read_run(path: Path) -> RunRecord:
         if key in record and not isinstance(record[key], kind):
             raise FeatcacheError(f"run record {file}: '{key}' is a "
                                  f"{type(record[key]).__name__}; {fix}")
+    bad = [k for k, v in (record.get("metrics") or {}).items()
+           if not isinstance(v, (int, float, type(None))) or isinstance(v, bool)]
+    if bad:
+        raise FeatcacheError(f"run record {file}: metric '{bad[0]}' is not a number; {fix}")
     record["path"] = str(file.parent)
     return RunRecord(record)
 
@@ -366,6 +370,9 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
          problems: list[str] | None = None) -> list[dict[str, Any]]:
     """`featcache runs`: a summary row per run record under the runs root (default
     <cache root>/runs); records that cannot be read are described in ``problems``."""
+    if runs is None and cache is not None and Path(cache).expanduser().is_file():
+        raise FeatcacheError(f"the cache root {cache} is a file, not a folder; point --cache "
+                             "at a folder")
     root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
     return [summary_row(r) for r in list_runs(root, problems)]
 

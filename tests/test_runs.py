@@ -117,3 +117,22 @@ def test_recover_puts_back_a_record_moved_aside(tmp_path):
     assert not aside.exists() and not half.exists() and busy.exists()
     recover(tmp_path / "nowhere" / "x")  # a missing folder is fine
     assert json.loads((path / "record.json").read_text())["model"] == "m"
+
+
+def test_runs_json_is_strict_and_damaged_metrics_are_skipped(tmp_path):
+    from cliutil import assert_user_error, run
+
+    nan = run_dir(tmp_path, "m", "d", "linear", "last", 0)
+    write_run(nan, record(metrics={"balanced_top1": 50.0, "top1": float("nan")}))
+    word = run_dir(tmp_path, "m", "d", "linear", "last", 1)
+    write_run(word, record(seed=1))
+    text = json.loads((word / "record.json").read_text())
+    text["metrics"]["top1"] = "high"
+    (word / "record.json").write_text(json.dumps(text))
+    done = run("runs", "--runs", tmp_path, "--json")
+    assert done.exit_code == 0, done.output
+    (row,) = json.loads(done.stdout)  # strict JSON: NaN is null; "high" is no number
+    assert row["seed"] == 0 and "NaN" not in done.stdout
+    assert "metric 'top1' is not a number" in done.stderr
+    (tmp_path / "file").write_text("")
+    assert_user_error(run("runs", "--cache", tmp_path / "file"), "is a file")
