@@ -544,6 +544,8 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
     record["predictions"] = {"file": PREDICTIONS_FILE, "split": opts.test_split,
                              "n": len(predictions.index), "top_k": predictions.top_k.shape[1]}
     write_run(path, record, tensors, predictions.tensors())
+    if fit.get("note"):  # said once the run is a result
+        warn(fit["note"])
     return replace(base, status="trained", metrics=record["metrics"],
                    selected=record["selected"], seconds=seconds)
 

@@ -86,17 +86,19 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     clock = time.perf_counter()
     scores = np.asarray(val["balanced_top1"], dtype=float)
     best = int(np.argmax(scores))  # ties: the first in grid order (largest lr, smallest wd)
+    note = no_choice(scores, len(va))
     table = [{**p, "val_balanced_top1": float(v)} for p, v in zip(points, scores, strict=True)]
     timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
     val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
     if dist.rank() != 0 and not _data_parallel(src):  # grid-parallel: rank 0 refits
         return {"grid": table, "selected": points[best], "val_metrics": val_best,
-                "final": None}
+                "final": None, "note": note}
     clock = time.perf_counter()
     final = fit_grid(src, y_dev, n_classes, head, [points[best]], cfg,
                      num_heads=num_heads, progress=progress)
     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
-    return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final}
+    return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final,
+            "note": note}
 
 
 def _grid_scores(train: Callable[[tuple[int, int], Any], Any], x_val: Any,
@@ -133,6 +135,19 @@ def _grid_scores(train: Callable[[tuple[int, int], Any], Any], x_val: Any,
         raise FeatcacheError(f"configs {missing} of the grid were trained on no rank; this "
                              "is a featcache bug: please report it with the command")
     return scores
+
+
+def no_choice(scores: np.ndarray, n_val: int) -> str | None:
+    """Every configuration scored alike (a validation split of a few images, as k-shot
+    with small K leaves): the grid's first point is taken, which is no selection. The
+    warning, said once the run's numbers are known to be numbers."""
+    rows = np.atleast_2d(scores)
+    if scores.size == rows.shape[0] or any(np.ptp(row) != 0 for row in rows):
+        return None
+    return (f"every configuration scored {float(rows[0][0]):.1f} on validation ({n_val} "
+            "images): no configuration was chosen, the grid's first one is used; a larger "
+            "validation split (more samples or shots, --val-fraction) would give it "
+            "something to go on")
 
 
 def _shared_budget(cfg: Any, device: torch.device) -> Any:
@@ -188,6 +203,7 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
     best = [int(np.argmax(row)) for row in scores]
     timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
     out = {
+        "note": no_choice(scores, len(va)),
         "grid": [[{**p, "val_balanced_top1": float(v)} for p, v in zip(points, row, strict=True)]
                  for row in scores],
         "selected": [points[b] for b in best],

@@ -420,3 +420,16 @@ def test_layer_sets():
     assert layer_set_names("3,-1", names) == ["block3", "final"]
     assert layer_set_names("block4,final", names) == ["block4", "final"]
     assert len(layer_set_names("all", names)) * 2 == 24  # ViT-B's ALF token count
+
+
+def test_a_grid_that_scores_alike_everywhere_is_said_to_choose_nothing(tmp_path):
+    """One shot per class leaves a validation split that cannot tell configurations apart:
+    the run still records (the first point), and says its selection chose nothing."""
+    from featcache.errors import FeatcacheWarning
+
+    make_pair(tmp_path, SynthSpec(n_blocks=2, dim=8, n_classes=3, n_train=60, n_test=30,
+                                  shard_size=16))
+    with pytest.warns(FeatcacheWarning, match="no configuration was chosen"):
+        (res,) = probe(method="linear", cache=tmp_path, grid="quick", epochs=1, min_steps=2,
+                       shots=1, threads=1)
+    assert res.status == "trained"
