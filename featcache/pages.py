@@ -47,15 +47,17 @@ _RICH = {"value": "", "gain+": "green", "gain-": "red", "ci": "dim", "layer": "d
 
 def summary_table(rows: Sequence[dict], title: str | None = None) -> Any:
     """The terminal table (rich): model × dataset rows, method columns."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, show_lines=True, header_style="bold")
     # Names may fold onto several lines; numbers never (a cropped number is a wrong number).
-    table.add_column("model", overflow="fold", ratio=2)
-    table.add_column("dataset", overflow="fold", ratio=1)
+    table.add_column("model", overflow="fold", ratio=2, min_width=10)
+    table.add_column("dataset", overflow="fold", ratio=1, min_width=8)
     cols = columns_of(rows)
-    for col in cols:
-        table.add_column(col, justify="right", no_wrap=True, min_width=11)
+    for col in cols:  # the variant (`[grid=quick]`: not rich markup) on a line of its own
+        table.add_column(escape(col).replace(" \\[", "\n\\["), justify="right",
+                         no_wrap=True, min_width=11)
     for row in rows:
         cells = []
         for col in cols:

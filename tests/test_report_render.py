@@ -70,3 +70,21 @@ def test_every_image_decodes_in_the_browser(report_html: Path, tmp_path: Path) -
     assert match, proc.stderr[-2000:]
     flags = match.group(1)
     assert len(flags) == 6 and set(flags) == {"1"}, flags
+
+
+def test_terminal_table_shows_each_columns_variant():
+    """`[grid=quick]` in a column name is text, not rich markup (it vanished, and four
+    different runs all read `linear`)."""
+    import io
+
+    from rich.console import Console
+
+    from featcache.pages import summary_table
+
+    cols = ["linear [grid=quick]", "linear [grid=quick, shots=5]"]
+    rows = [{"model_dir": "m", "display": "d", "cells": {
+        c: {"mean": 50.0, "std": None, "n": 1, "gain": None, "paper": None} for c in cols}}]
+    console = Console(width=200, file=io.StringIO(), record=True)
+    console.print(summary_table(rows))
+    text = console.export_text()
+    assert "[grid=quick]" in text and "[grid=quick, shots=5]" in text
