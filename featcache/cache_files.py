@@ -97,7 +97,7 @@ def _lock(handle: Any, lock_path: Path) -> bool:
         holder = int(lock_path.read_text().strip() or "0")
     except (OSError, ValueError):
         holder = 0
-    if holder <= 0 or _alive(holder):
+    if holder <= 0 or process_alive(holder):
         return False
     deadline = time.monotonic() + ORPHAN_WAIT_S
     while time.monotonic() < deadline:
@@ -110,7 +110,8 @@ def _lock(handle: Any, lock_path: Path) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -3,6 +3,8 @@ when it differs (`featcache extract` refuses to mix a cache with other settings)
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import FingerprintMismatch
@@ -58,3 +60,10 @@ def check_fingerprint(cache: Cache, fingerprint: dict[str, Any]) -> None:
             "Pass --overwrite to replace it, or --cache DIR to keep both; it was left untouched")
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks: a checkpoint's or a run file's identity."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

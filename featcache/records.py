@@ -22,6 +22,7 @@ from typing import Any
 from featcache import atomic
 from featcache.cache import default_cache_root
 from featcache.errors import FeatcacheError
+from featcache.fingerprint import file_sha256
 from featcache.text import slug
 
 # 2: the run's identity (`settings`, `settings_id`); 3: its test predictions; 4: the sha256
@@ -110,7 +111,7 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
         if tensors:
             _save(save_file, {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                   tmp / HEAD_FILE)
-            files[HEAD_FILE] = file_digest(tmp / HEAD_FILE)
+            files[HEAD_FILE] = file_sha256(tmp / HEAD_FILE)
         if predictions:
             arrays = {k: v.detach().contiguous().cpu() for k, v in predictions.items()}
             _save(save_file, arrays, tmp / PREDICTIONS_FILE)
@@ -141,15 +142,6 @@ def os_error(exc: BaseException, path: Path) -> OSError:
     return OSError(code, os.strerror(code), str(path))
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def array_digest(array: Any) -> str:
     """sha256 of an array's bytes (C order)."""
     import numpy as np
@@ -166,7 +158,7 @@ def check_file(run_dir: Path, name: str, record: dict[str, Any]) -> None:
         return
     file = Path(run_dir) / name
     try:
-        ok = file_digest(file) == want
+        ok = file_sha256(file) == want
     except OSError as exc:
         raise FeatcacheError(f"cannot read {file} ({exc.strerror or exc}); run the same "
                              "`featcache probe` command again with --force") from None
@@ -196,15 +188,11 @@ def recover(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    from featcache.cache_files import process_alive
+
     if pid == os.getpid():
         return False  # our own leftovers are from an earlier, failed write
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid)
 
 
 def strict_json(obj: Any) -> Any:

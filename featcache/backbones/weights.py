@@ -4,7 +4,6 @@ revision). Shared by every backend."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,7 @@ from torch import nn
 
 from featcache.backbones.spec import ModelSpec
 from featcache.errors import FeatcacheError
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from featcache.fingerprint import file_sha256  # noqa: F401 (the backends' import)
 
 
 def hub_error(spec: ModelSpec, exc: Exception, offline: str | None) -> FeatcacheError:
