@@ -274,6 +274,9 @@ def report(cache: str | Path | None = None, runs: str | Path | None = None,
                              f"{MAX_RESAMPLES:,} (1,000 gives the interval to about 0.1 "
                              "points)")
     root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
+    if formats and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise FeatcacheError(f"--out {out} is a file; the report is a folder of files: give "
+                             "a folder")
     data = prepare_report(root, out, cka=cka, resamples=resamples)
     if formats:
         data.written = write_report(data, out, formats)

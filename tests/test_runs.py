@@ -136,3 +136,13 @@ def test_runs_json_is_strict_and_damaged_metrics_are_skipped(tmp_path):
     assert "metric 'top1' is not a number" in done.stderr
     (tmp_path / "file").write_text("")
     assert_user_error(run("runs", "--cache", tmp_path / "file"), "is a file")
+
+
+def test_report_out_that_is_a_file_is_one_line(tmp_path):
+    from cliutil import assert_user_error, run
+
+    write_run(run_dir(tmp_path / "runs", "m", "d", "linear", "last", 0), record())
+    (tmp_path / "f").write_text("keep")
+    assert_user_error(run("report", "--runs", tmp_path / "runs", "--out", tmp_path / "f"),
+                      "is a file", "give a folder")
+    assert (tmp_path / "f").read_text() == "keep"
