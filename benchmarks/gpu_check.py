@@ -245,8 +245,9 @@ def streaming_budget(train: Any, method: str, tokens: list[str]) -> float:
 
 
 def probe_all(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
-    """Every method: device-resident, host-streamed and cache-streamed tokens on the
-    device, and the CPU; device == host exactly, the CPU within tolerance."""
+    """Every method: device-resident, host-staged and cache-streamed tokens on the device,
+    and the CPU: each record says where its tokens were; metrics within tolerance of the
+    CPU's (equal, on the CPU itself)."""
     from probecache import SynthSpec, make_pair
 
     from featcache.pairs import find_pairs
