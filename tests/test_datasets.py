@@ -529,3 +529,16 @@ def test_a_long_local_dataset_name_still_makes_a_cache_folder(tmp_path):
                *model_args(TIMM_TINY_KW), "--dataset", f"imagefolder:{data}", "--split",
                "train", "--cache", tmp_path / "c", "--workers", 0)
     assert done.exit_code == 0, done.output
+
+
+def test_class_folders_without_a_split_level_are_explained(tmp_path):
+    from fakedata import make_imagefolder
+
+    from featcache.errors import FeatcacheError
+    from featcache.sources import open_dataset
+
+    make_imagefolder(tmp_path / "data", {"train": 6})
+    flat = tmp_path / "flat"
+    (tmp_path / "data" / "train").rename(flat)  # flat/<class>/<images>
+    with pytest.raises(FeatcacheError, match=r"holds class folders .* directly.*<split>/<class>"):
+        open_dataset(f"imagefolder:{flat}", "train")

@@ -70,6 +70,14 @@ class ImageFolderDataset(ImageDataset):
                         if p.is_dir() and not p.name.startswith("."))
         split_dir = self.root / split
         if not split_dir.is_dir():
+            flat = [s for s in splits if any(
+                f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                for f in (self.root / s).iterdir())]
+            if flat and len(flat) == len(splits):  # PATH/<class>/<images>: no split level
+                raise FeatcacheError(
+                    f"{name}: {self.root} holds class folders ({', '.join(flat[:5])}) "
+                    f"directly; featcache expects {self.root}/<split>/<class>/<images>: "
+                    f"move them under {split_dir}")
             raise FeatcacheError(f"{name}: no split {split!r} (no folder {split_dir}); "
                                  f"available splits: {', '.join(splits) or 'none'}")
         class_root = self.root / "train" if (self.root / "train").is_dir() else split_dir
