@@ -117,12 +117,15 @@ def runs(
     root = runs or default_runs_root(cache)
     problems: list[str] = []
     rows = run_rows(cache, runs, problems)
-    for note in problems[:5]:
-        err_console.print(f"[yellow]skipped:[/] {note.removeprefix('skipped: ')}",
-                          highlight=False, soft_wrap=True)
-    if problems:
-        err_console.print(f"[yellow]{len(problems)} unreadable record(s) skipped[/]"
-                          + (f" ({len(problems) - 5} not shown)" if len(problems) > 5 else ""))
+    skipped = [n for n in problems if n.startswith("skipped")]
+    for note in problems[:5]:  # a skipped record, or a note on one that is listed
+        label, text = ("skipped", note.removeprefix("skipped: ").removeprefix("skipped ")) \
+            if note in skipped else ("note", note)
+        err_console.print(f"[yellow]{label}:[/] {text}", highlight=False, soft_wrap=True)
+    if skipped:
+        err_console.print(f"[yellow]{len(skipped)} unreadable record(s) skipped[/]"
+                          + (f" ({len(problems) - 5} notes not shown)" if len(problems) > 5
+                             else ""))
     shown = print_rows(rows, json_out, f"runs under {root}", [
         ("model", lambda r: str(r["model"])), ("dataset", lambda r: str(r["dataset"])),
         ("method", lambda r: str(r["method"])), ("layers", lambda r: str(r["layer_set"])),
