@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -247,7 +248,8 @@ def _probe(opts: ProbeOptions, progress: Any) -> list[RunResult]:
 
 def ensure_writable(root: Path) -> None:
     """Fail before training, not after it, when the run records could not be written."""
-    probe_file = Path(root) / f".featcache-write-test-{os.getpid()}"
+    # one name per thread too: two probes in one process raced on a shared name
+    probe_file = Path(root) / f".featcache-write-test-{os.getpid()}-{threading.get_ident()}"
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
         probe_file.write_bytes(b"")

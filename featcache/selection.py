@@ -142,7 +142,8 @@ def no_choice(scores: np.ndarray, n_val: int) -> str | None:
     with small K leaves): the grid's first point is taken, which is no selection. The
     warning, said once the run's numbers are known to be numbers."""
     rows = np.atleast_2d(scores)
-    if scores.size == rows.shape[0] or any(np.ptp(row) != 0 for row in rows):
+    if scores.size == rows.shape[0] or any(np.ptp(row) != 0 for row in rows) or \
+            float(rows.min()) >= 100.0:  # every configuration perfect: any is the choice
         return None
     return (f"every configuration scored {float(rows[0][0]):.1f} on validation ({n_val} "
             "images): no configuration was chosen, the grid's first one is used; a larger "
