@@ -73,18 +73,18 @@ class PairedBootstrap:
             raise ValueError(f"correctness of {a.shape} / {b.shape} for {self.labels.shape} "
                              "labels")
         diff = self._onehot * (a - b).astype(np.float32)[:, None]  # (N, C)
-        gains = np.concatenate([_balanced(w @ diff, counts)
+        gains = np.concatenate([balanced(w @ diff, counts)
                                 for w, counts in zip(self._chunks(), self._counts,
                                                      strict=True)])
         onehot = self._onehot.astype(np.float64)  # the point estimate in float64
-        point = float(_balanced((a - b) @ onehot, onehot.sum(0))[()])
+        point = float(balanced((a - b) @ onehot, onehot.sum(0))[()])
         tail = 100 * (1 - level) / 2
         low, high = np.percentile(gains, [tail, 100 - tail])
         return {"gain": point, "low": float(low), "high": float(high),
                 "resamples": self.n_resamples, "level": level}
 
 
-def _balanced(hits: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def balanced(hits: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Mean over present classes of hits / count, in percent (per resample row)."""
     present = counts > 0
     rate = np.divide(hits, counts, out=np.zeros_like(hits, dtype=np.float64), where=present)

@@ -17,7 +17,7 @@ from featcache.cache import (
     find_caches,
     open_cache,
 )
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, os_error
 
 
 def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
@@ -83,8 +83,6 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
     except (OSError, RuntimeError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
-        from featcache.records import os_error
-
         raise os_error(exc, out) from None
     return out
 

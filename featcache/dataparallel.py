@@ -127,12 +127,10 @@ def global_loss(logits: Tensor, yb: Tensor, weight: Tensor | None, src: RankSour
                 y: Tensor) -> Tensor:
     """Per config: this rank's share of the global batch's (weighted) mean cross entropy;
     summed over ranks it is the one-process loss."""
+    from featcache.train import per_sample_nll
+
     positions, _ = src.last
-    G, B, C = logits.shape
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    logp = F.log_softmax(logits.transpose(1, 2), dim=1)
-    nll = -logp.gather(1, yb.view(1, 1, B).expand(G, 1, B)).squeeze(1)  # (G, B)
+    nll = per_sample_nll(logits, yb)
     if weight is None:
         return nll.sum(1) / len(positions)
     everyone = y.index_select(0, positions.to(y.device))

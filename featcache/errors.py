@@ -1,5 +1,12 @@
 """User-facing errors: one line that names the problem and the fix, never a traceback."""
 
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
 
 class FeatcacheError(Exception):
     """A problem with the user's input or environment; the CLI prints it as one line."""
@@ -19,3 +26,11 @@ def warn(message: str) -> None:
     import warnings
 
     warnings.warn(message, FeatcacheWarning, stacklevel=3)
+
+
+def os_error(exc: BaseException, path: Path) -> OSError:
+    """An OSError for a library's error text that carries an `os error N` (Rust) or
+    `errno = N` (HDF5)."""
+    found = re.search(r"os error (\d+)|errno = (\d+)", str(exc))
+    code = int(next(g for g in found.groups() if g)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))

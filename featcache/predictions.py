@@ -100,8 +100,10 @@ def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None
     stated = (record.get("metrics") or {}).get("balanced_top1")
     if not isinstance(stated, (int, float)) or not len(pred.label):
         return
-    classes = np.unique(pred.label)
-    here = 100 * float(np.mean([pred.correct[pred.label == c].mean() for c in classes]))
+    from featcache.bootstrap import balanced
+
+    here = float(balanced(np.bincount(pred.label, weights=pred.correct),
+                          np.bincount(pred.label)))
     if abs(here - stated) > 1e-3:
         raise FeatcacheError(f"{path} gives balanced top-1 {here:.4f} but its record says "
                              f"{stated:.4f}: one of them was changed after the run; run the "

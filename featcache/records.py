@@ -7,7 +7,6 @@ weights. A record directory appears complete or not at all (built aside, then re
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -21,7 +20,7 @@ from typing import Any
 
 from featcache import atomic
 from featcache.cache import default_cache_root
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, os_error
 from featcache.fingerprint import file_sha256
 from featcache.text import slug
 
@@ -132,14 +131,6 @@ def _save(save_file: Any, tensors: dict[str, Any], path: Path) -> None:
         save_file(tensors, str(path))
     except SafetensorError as exc:
         raise os_error(exc, path) from None
-
-
-def os_error(exc: BaseException, path: Path) -> OSError:
-    """An OSError for a library's error text that carries an `os error N` (Rust) or
-    `errno = N` (HDF5)."""
-    found = re.search(r"os error (\d+)|errno = (\d+)", str(exc))
-    code = int(next(g for g in found.groups() if g)) if found else errno.EIO
-    return OSError(code, os.strerror(code), str(path))
 
 
 def array_digest(array: Any) -> str:

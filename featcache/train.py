@@ -129,15 +129,20 @@ def class_weights(y: Tensor, n_classes: int) -> Tensor:
     return w.float()
 
 
-def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
-    """Cross entropy per config, (G,): ``CrossEntropyLoss(weight=w)``'s weighted mean."""
+def per_sample_nll(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross entropy of each config's logits (G, B, C) for each sample: (G, B), fp32."""
     G, B, C = logits.shape
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     # softmax over C along the (G, C, B) layout the heads produce: a long contiguous inner
     # axis (over a short contiguous C, CPU kernels are ~10x slower)
     logp = F.log_softmax(logits.transpose(1, 2), dim=1)
-    nll = -logp.gather(1, y.view(1, 1, B).expand(G, 1, B)).squeeze(1)  # (G, B)
+    return -logp.gather(1, y.view(1, 1, B).expand(G, 1, B)).squeeze(1)
+
+
+def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+    """Cross entropy per config, (G,): ``CrossEntropyLoss(weight=w)``'s weighted mean."""
+    nll = per_sample_nll(logits, y)
     if weight is None:
         return nll.mean(1)
     wb = weight[y]
