@@ -158,12 +158,13 @@ def check_options(opts: ProbeOptions) -> None:
     check_int(opts.shots, "--shots")
     check_int(opts.min_steps, "--min-steps", 0)
     check_int(opts.threads, "--threads")
-    for option, gb, least in (("--memory-gb", opts.memory_gb, "positive"),
-                              ("--feature-memory-gb", opts.feature_memory_gb, "≥ 0"),
-                              ("--max-host-memory-gb", opts.max_host_memory_gb, "positive")):
-        if gb is not None and not (math.isfinite(gb) and (gb > 0 or least == "≥ 0" and gb == 0)):
-            raise FeatcacheError(f"{option} must be a finite number of GB, {least}; got {gb} "
-                                 "(leave it out for the default)")
+    for option, gb, zero_ok in (("--memory-gb", opts.memory_gb, False),
+                                ("--feature-memory-gb", opts.feature_memory_gb, True),
+                                ("--max-host-memory-gb", opts.max_host_memory_gb, False)):
+        if gb is not None and not (math.isfinite(gb) and (gb > 0 or zero_ok and gb == 0)):
+            raise FeatcacheError(f"{option} must be a finite number of GB, "
+                                 f"{'≥ 0' if zero_ok else 'positive'}; got {gb} (leave it out "
+                                 "for the default)")
     if not 0 < opts.val_fraction < 1:
         raise FeatcacheError(f"the validation fraction must lie in (0, 1), got "
                              f"{opts.val_fraction}")
