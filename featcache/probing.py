@@ -116,7 +116,9 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     """The reference recipe, with the user's overrides and the quick grid if asked."""
     from featcache.train import TrainConfig
 
-    cfg = TrainConfig(seed=seed)
+    # the paper protocol follows the authors' batch plan (`featcache.train.authors_batch_size`)
+    cfg = TrainConfig(seed=seed, batch_plan="authors" if opts.protocol == "paper" else
+                      "featcache")
     if opts.grid == "quick":  # (check_options has refused any other grid name)
         cfg = replace(cfg, epochs=10, min_total_steps=200, lrs=(1e-2, 1e-3), wds=(1e-4, 1e-2),
                       dropouts=(0.0, 0.1))
@@ -262,7 +264,8 @@ def ensure_writable(root: Path) -> None:
 
 
 def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list[str],
-                 train: Cache, test: Cache, device: torch.device) -> dict[str, Any]:
+                 train: Cache, test: Cache, device: torch.device,
+                 widths: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Every setting that changes a run's numbers, but its seed: its identity (see
     `featcache.records.settings_id`). Left out, because they provably do not change them:
     the memory budgets and grouping (a config trained in any group equals it alone), the
@@ -275,6 +278,8 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         "min_lr", "grad_clip", "jitter_std", "jitter_p", "class_weighted")}
     if spec.attentive:
         recipe["dropouts"] = cfg.dropouts
+    if cfg.batch_plan != "featcache":  # (runs of featcache's own plan keep their ids)
+        recipe["batch_plan"] = cfg.batch_plan
     from featcache.records import settings_id
 
     return {
@@ -292,6 +297,9 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         # streamed from the cache, an epoch's order is shuffled by buffers of shards: other
         # numbers than in memory, and other ones per buffer size (`featcache.streaming`)
         **({"stream_buffer_shards": streamed} if streamed else {}),
+        # linear heads read narrower tokens (CLIP's projected final layer) at their true
+        # width (`featcache.heads.LinearHeads`); before, they read its zero padding too
+        **({"token_widths": list(widths)} if widths and spec.head == "linear" else {}),
     }
 
 
@@ -355,7 +363,10 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
     cfg = train_config(opts, seed)
     tokens, token_names = run_tokens(opts.method, layer_set, train, opts.token)
-    settings = run_settings(opts, cfg, layer_set, token_names, train, test, device)
+    from featcache.features import token_plan
+
+    settings = run_settings(opts, cfg, layer_set, token_names, train, test, device,
+                            token_plan(train, tokens).widths)
     ident = settings_id(settings)
     path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed, ident)
     base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
@@ -537,6 +548,7 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
                    "torch_threads": torch.get_num_threads()},
         "caches": {"train": str(train.path), "test": str(test.path)},
         "fingerprints": {"train": train.fingerprint, "test": test.fingerprint},
+        "steps": fit["steps"],
         **identity,
         **record,
         "timings": {"total_s": seconds, **{k: round(v, 4) for k, v in timings.items()}},
