@@ -165,9 +165,10 @@ def authors_batch_size(batch_size: int, n_samples: int, min_batches: int = 5) ->
 def _authors_plan(n_samples: int, cfg: TrainConfig) -> StepPlan:
     """The authors' batches for a fit on ``n_samples``: the batch sized on the whole
     training set (``cfg.plan_samples``), one more when it would leave a lone last sample
-    on the tuning split (their `check_batch_size`), never below 2 (a batch of 1 through train-mode BatchNorm
-    fails; their rule gives 1 below 85 samples); a DataLoader's batches of that size with
-    a smaller last one; epochs from ``cfg.epochs`` raised until ≥ ``min_total_steps``."""
+    on the tuning split (their `check_batch_size`), never below 2 (a batch of 1 through
+    train-mode BatchNorm fails; their rule gives 1 below 85 samples); a DataLoader's
+    batches of that size with a smaller last one; epochs from ``cfg.epochs`` raised until
+    ≥ ``min_total_steps``."""
     whole = cfg.plan_samples or n_samples
     size = authors_batch_size(cfg.batch_size, whole, cfg.min_steps_per_epoch)
     size = max(2, size + (n_samples != whole and n_samples % size == 1))
