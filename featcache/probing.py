@@ -47,6 +47,7 @@ GRIDS = ("paper", "quick")
 # features normalised per channel across the tokens); clean: validation on clean
 # features, every token vector normalised. docs/method.md lists every known difference.
 PROTOCOLS = ("paper", "clean")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Under torchrun: "grid" (ranks share each grid's config groups; every rank holds all the
 # tokens), "data" (ranks share the samples: each holds its range of shards, gradients and
 # BatchNorm statistics are summed over ranks; `featcache.dataparallel`), "auto": data
@@ -83,6 +84,7 @@ class ProbeOptions:
     threads: int | None = None  # torch intra-op threads during the run (None: as set)
     force: bool = False
     protocol: str = "paper"
+    precision: str = "auto"  # heads on CUDA: fp32, bf16 autocast, auto (fp32 under paper)
     val_fraction: float = 0.2
     train_split: str = "train"
     test_split: str = "test"
@@ -118,7 +120,7 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
 
     # the paper protocol follows the authors' batch plan (`featcache.train.authors_batch_size`)
     cfg = TrainConfig(seed=seed, batch_plan="authors" if opts.protocol == "paper" else
-                      "featcache")
+                      "featcache", amp=head_amp(opts))
     if opts.grid == "quick":  # (check_options has refused any other grid name)
         cfg = replace(cfg, epochs=10, min_total_steps=200, lrs=(1e-2, 1e-3), wds=(1e-4, 1e-2),
                       dropouts=(0.0, 0.1))
@@ -128,6 +130,12 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     if opts.memory_gb:
         cfg = replace(cfg, memory_budget_bytes=int(opts.memory_gb * 2**30))
     return cfg
+
+
+def head_amp(opts: ProbeOptions) -> bool:
+    """bf16 autocast for the heads' matmuls on CUDA: asked for, or `auto` outside the
+    paper protocol (the authors train in fp32; TF32 stays off, torch's default)."""
+    return opts.precision == "bf16" or (opts.precision == "auto" and opts.protocol != "paper")
 
 
 def check_options(opts: ProbeOptions) -> None:
@@ -143,6 +151,9 @@ def check_options(opts: ProbeOptions) -> None:
     if opts.protocol not in PROTOCOLS:
         raise FeatcacheError(f"unknown protocol {opts.protocol!r}: choose "
                              f"{', '.join(PROTOCOLS)}")
+    if opts.precision not in PRECISIONS:
+        raise FeatcacheError(f"unknown --precision {opts.precision!r}: choose "
+                             f"{', '.join(PRECISIONS)}")
     spec = get_method(opts.method)
     if not spec.takes_layers and opts.layers not in (None, spec.default_layers):
         raise FeatcacheError(f"--method {spec.name} reads {spec.description}; --layers does "
@@ -224,6 +235,9 @@ def _probe(opts: ProbeOptions, progress: Any) -> list[RunResult]:
     for train, _ in pairs:  # validate the layer set before any training starts
         layer_set_names(layer_set, train.layer_names)
     device = resolve_device(opts.device)
+    if opts.precision == "bf16" and device.type != "cuda":
+        warn("--precision bf16 applies on CUDA only: on the CPU heads train in fp32 (bf16 "
+             "matmuls can be far slower there), and the records say fp32")
     ensure_writable(runs_root)  # before any training, not after it
     threads = torch.get_num_threads()
     if opts.threads:
