@@ -3,6 +3,8 @@ never bf16 on the CPU, whatever is asked."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cliutil import assert_user_error, run
 
@@ -37,9 +39,7 @@ def test_bf16_on_the_cpu_trains_and_records_fp32(tmp_path) -> None:
     assert asked.exit_code == 0, asked.output
     assert "CUDA only" in asked.stderr
     (res,) = json.loads(asked.stdout)
-    record = json.loads((tmp_path / res["path"] / "record.json").read_text()
-                        if not res["path"].startswith("/") else
-                        open(res["path"] + "/record.json").read())
+    record = json.loads((Path(res["path"]) / "record.json").read_text())
     assert record["settings"]["precision"] == "fp32"
     again = run(*args, "--precision", "fp32")  # the same identity: done before
     assert json.loads(again.stdout)[0]["status"] == "skipped"
