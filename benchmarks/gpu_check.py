@@ -18,7 +18,8 @@ a summary and writes `gpu_check.json`:
 2. Figures: ViT-B/16 extraction images/s against a bare bf16 forward over the same
    pre-decoded batches (and whether decoding keeps up); the ALF paper grid end to end on
    a FER2013-sized synthetic cache (seconds, FLOP/s against the measured bf16 matmul
-   peak); a grid trained at once against one config at a time.
+   peak); a grid trained at once against one config at a time; what bf16 extraction and
+   bf16 heads change in linear and ALF numbers, and the time each saves.
 3. `--dry-run`: the same on the CPU with tiny shapes (fp32), run by the test suite so
    that the script cannot rot.
 
@@ -512,6 +513,45 @@ def grid_at_once_figure(device: torch.device, dry: bool) -> dict[str, Any]:
             "ratio": round(times["one_by_one"] / times["at_once"], 2)}
 
 
+def precision_figure(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
+    """What bf16 changes, on the same data (sklearn's digits, a random ViT-B/16; tiny when
+    dry): extraction in bf16 autocast against fp32, and heads trained in bf16 autocast
+    against fp32 (`--precision`), for linear and ALF; balanced top-1 and seconds of each.
+    On the CPU only fp32 runs (bf16 matmuls can be 250x slower there)."""
+    from extract import make_images
+
+    from featcache.extraction import extract
+    from featcache.probing import probe
+
+    name, kwargs = (TIMM_TINY if dry else ("timm:vit_base_patch16_224", {}))
+    dataset = "digits"
+    if dry:  # 48 + 24 generated images: the code path, in seconds
+        make_images(work / "tiny-images", 48)
+        make_images(work / "tiny-test", 24, seed=1)
+        (work / "tiny-test" / "train").rename(work / "tiny-images" / "test")
+        dataset = f"imagefolder:{work / 'tiny-images'}"
+    dtypes = ("fp32",) if device.type != "cuda" else ("fp32", "bf16")
+    out: dict[str, Any] = {"model": name, "dataset": dataset,
+                           **({"skipped": "bf16 on the CPU"} if device.type != "cuda" else {})}
+    for dtype in dtypes:
+        root = work / f"precision-{dtype}"
+        t = time.perf_counter()
+        for split in ("train", "test"):
+            extract(model=name, model_arg=dict(kwargs), weights="random:0", dataset=dataset,
+                    split=split, cache=root, dtype=dtype, device=str(device))
+        out[f"extract_{dtype}_s"] = round(time.perf_counter() - t, 1)
+        for method in ("linear", "alf"):
+            for heads in dtypes:
+                quick = dict(grid="quick", epochs=2, min_steps=10) if dry else {}
+                t = time.perf_counter()
+                (res,) = probe(method=method, cache=root, device=str(device), precision=heads,
+                               runs=work / f"runs-{dtype}-{heads}", **quick)
+                key = f"{method} extract={dtype} heads={heads}"
+                out[key] = {"balanced_top1": round(res.metrics["balanced_top1"], 2),
+                            "seconds": round(time.perf_counter() - t, 1)}
+    return out
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,7 +605,9 @@ def main(argv: list[str] | None = None) -> int:
                          ("ALF paper grid, FER2013-sized",
                           lambda: alf_grid_figure(work, device, args.dry_run)),
                          ("grid at once vs one by one",
-                          lambda: grid_at_once_figure(device, args.dry_run))):
+                          lambda: grid_at_once_figure(device, args.dry_run)),
+                         ("bf16 against fp32: extraction and heads",
+                          lambda: precision_figure(work, device, args.dry_run))):
             if name not in skip:
                 ctx.figures[name] = ctx.run(name, fn)
         shutil.rmtree(work, ignore_errors=True)

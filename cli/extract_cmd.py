@@ -206,7 +206,9 @@ def verify(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Read every shard of a cache: checksums, files of flagged shards, finite values,
-    labels in range. Exit 2 when something is damaged (and not repaired)."""
+    labels in range. Exit status as fsck's: 0 nothing damaged, 1 damage found and repaired
+    (--repair: flags cleared, re-run the printed extract command), 2 something damaged and
+    not repaired (or a user error)."""
     from featcache.verification import verify as run_verify
 
     results = run_verify(path, cache, repair)
@@ -233,8 +235,14 @@ def verify(
             else:
                 console.print(f"  fix: featcache verify {r.path} --repair, then: "
                               f"{r.extract_command}", soft_wrap=True, highlight=False)
+    raise typer.Exit(verify_status(results))
+
+
+def verify_status(results: list) -> int:
+    """fsck's convention: 0 clean, 1 damage found and repaired, 2 damage left."""
     if any(r.metadata or (not r.ok and not r.repaired) for r in results):
-        raise typer.Exit(2)
+        return 2
+    return 1 if any(r.repaired for r in results) else 0
 
 
 def register(app: typer.Typer) -> None:

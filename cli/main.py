@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from featcache.cli import demo_cmd, extract_cmd, predict_cmd, probe_cmd, report_cmd
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
+
+if TYPE_CHECKING:  # Typer carries its own copy of click
+    import click
 
 
 class OneLineErrors(TyperGroup):
@@ -37,6 +41,40 @@ class OneLineErrors(TyperGroup):
             typer.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _plain_help(cmd, ctx)
+        return cmd
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        _bare_flags(params)
+        return params
+
+
+def _plain_help(cmd: click.Command, ctx: click.Context) -> None:
+    """A command's help as the terminal wraps it: a docstring's line breaks inside a
+    paragraph are spaces (rich markup keeps them: "finite values,\n labels"); flags show
+    no value."""
+    if cmd.help:
+        paragraphs = inspect.cleandoc(cmd.help).split("\n\n")
+        cmd.help = "\n\n".join(p if p.startswith("\b") else " ".join(p.split())
+                                for p in paragraphs)
+    _bare_flags(cmd.get_params(ctx))
+
+
+def _bare_flags(params: list[click.Parameter]) -> None:
+    """A flag takes no value, so its help shows none (Typer's rich help printed `<bool>`
+    after every flag, `--force <bool>`, as if it took one)."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag:
+            param.display_type_rich = _no_value  # type: ignore[attr-defined]
+
+
+def _no_value(ctx: click.Context) -> None:
+    return None
 
 
 app = typer.Typer(

@@ -70,7 +70,11 @@ def probe(
     protocol: Annotated[str, typer.Option(
         help="paper: as the authors' code (validation on jittered features, all-tokens "
              "features normalised per channel); clean: validation on clean features, every "
-             "token normalised.")] = "paper",
+             "token normalised; paper also follows their batch plan.")] = "paper",
+    precision: Annotated[str, typer.Option(
+        help="Head training on CUDA: fp32 (TF32 off, as the authors), bf16 (autocast for the "
+             "matmuls), or auto: fp32 under --protocol paper, bf16 under clean. The CPU "
+             "always trains in fp32.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
     """Train probes from the cache: the whole hyperparameter grid at once, select, refit."""

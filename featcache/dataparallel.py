@@ -60,6 +60,10 @@ class RankSource:
         return self.local.sample_shape
 
     @property
+    def widths(self) -> tuple[int, ...] | None:
+        return self.local.widths
+
+    @property
     def index_device(self) -> torch.device:
         return torch.device("cpu")
 

@@ -70,7 +70,7 @@ class FeatureSource:
 
     def __init__(self, raw: Tensor, device: torch.device | str | None = None,
                  normalise: bool | str | None = "token", rows: Tensor | None = None,
-                 placement: str | None = None) -> None:
+                 placement: str | None = None, widths: Sequence[int] | None = None) -> None:
         if raw.dim() < 2:
             raise ValueError(f"need (N, ...) features, got shape {tuple(raw.shape)}")
         if not raw.is_floating_point():
@@ -92,6 +92,7 @@ class FeatureSource:
                              f"{raw.device} and compute device {self.device}")
         # "host" on a CPU compute device: the same memory, but the streamed code path
         self.placement = placement
+        self.widths = token_widths(widths, raw.shape[-1])
         self._stager: _Stager | None = None
 
     def __len__(self) -> int:
@@ -124,7 +125,8 @@ class FeatureSource:
         idx = torch.as_tensor(np.asarray(index) if not isinstance(index, Tensor) else index,
                               dtype=torch.long).to(self.raw.device)
         rows = idx if self.rows is None else self.rows.index_select(0, idx)
-        return FeatureSource(self.raw, self.device, self.normalise, rows, self.placement)
+        return FeatureSource(self.raw, self.device, self.normalise, rows, self.placement,
+                             self.widths)
 
     def to_tensor(self) -> Tensor:
         """All samples as one float32 tensor on the compute device (small sources only)."""
@@ -225,6 +227,18 @@ class _Stager:
         return on_device
 
 
+def token_widths(widths: Sequence[int] | None, dim: int) -> tuple[int, ...] | None:
+    """Each token's true width (its first ``widths[t]`` channels; the rest is zero
+    padding), or None when every token fills all ``dim`` channels. Heads that read tokens
+    side by side or one at a time read them at these widths (`LinearHeads`): CLIP's
+    projected final layer is 512 wide in a 768-wide cache."""
+    if widths is None or all(int(w) == dim for w in widths):
+        return None
+    if any(not 0 < int(w) <= dim for w in widths):
+        raise ValueError(f"token widths must lie in [1, {dim}], got {list(widths)}")
+    return tuple(int(w) for w in widths)
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
@@ -283,6 +297,7 @@ class TokenPlan:
     dim: int
     all_tokens: bool
     by_kind: dict[str, dict[int, list[int]]]  # kind → layer index → token slots
+    widths: tuple[int, ...] | None = None  # each token's true width (`token_widths`)
 
     @property
     def row_bytes(self) -> int:
@@ -299,8 +314,10 @@ def token_plan(cache: Any, tokens: list[tuple[str, str]]) -> TokenPlan:
         cache.check_token(name, kind)
         layer = 0 if kind == "pool" else cache.layer_index([name])[0]
         by_kind.setdefault(kind, {}).setdefault(layer, []).append(t)
-    dim = max([cache.dim, *(cache.token_width(n_, k) for n_, k in tokens if k == "pool")])
-    return TokenPlan(tuple(tokens), len(tokens), dim, False, by_kind)
+    widths = [cache.token_width(n_, k) for n_, k in tokens]
+    dim = max([cache.dim, *widths])
+    return TokenPlan(tuple(tokens), len(tokens), dim, False, by_kind,
+                     token_widths(widths, dim))
 
 
 def fill_tokens(cache: Any, plan: TokenPlan, rows: slice, block: np.ndarray) -> None:
@@ -376,7 +393,8 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
             host = np.zeros((span.stop - span.start, n_tok, dim), dtype=np.float16)
             fill_tokens(cache, plan, slice(base + span.start, base + span.stop), host)
             raw[span].copy_(torch.from_numpy(host))
-    return FeatureSource(raw, device, normalise=normalise, placement=placement)
+    return FeatureSource(raw, device, normalise=normalise, placement=placement,
+                         widths=plan.widths)
 
 
 READ_BLOCK_BYTES = 64 << 20

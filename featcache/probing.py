@@ -47,6 +47,7 @@ GRIDS = ("paper", "quick")
 # features normalised per channel across the tokens); clean: validation on clean
 # features, every token vector normalised. docs/method.md lists every known difference.
 PROTOCOLS = ("paper", "clean")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Under torchrun: "grid" (ranks share each grid's config groups; every rank holds all the
 # tokens), "data" (ranks share the samples: each holds its range of shards, gradients and
 # BatchNorm statistics are summed over ranks; `featcache.dataparallel`), "auto": data
@@ -83,6 +84,7 @@ class ProbeOptions:
     threads: int | None = None  # torch intra-op threads during the run (None: as set)
     force: bool = False
     protocol: str = "paper"
+    precision: str = "auto"  # heads on CUDA: fp32, bf16 autocast, auto (fp32 under paper)
     val_fraction: float = 0.2
     train_split: str = "train"
     test_split: str = "test"
@@ -116,7 +118,9 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     """The reference recipe, with the user's overrides and the quick grid if asked."""
     from featcache.train import TrainConfig
 
-    cfg = TrainConfig(seed=seed)
+    # the paper protocol follows the authors' batch plan (`featcache.train.authors_batch_size`)
+    cfg = TrainConfig(seed=seed, batch_plan="authors" if opts.protocol == "paper" else
+                      "featcache", amp=head_amp(opts))
     if opts.grid == "quick":  # (check_options has refused any other grid name)
         cfg = replace(cfg, epochs=10, min_total_steps=200, lrs=(1e-2, 1e-3), wds=(1e-4, 1e-2),
                       dropouts=(0.0, 0.1))
@@ -126,6 +130,12 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     if opts.memory_gb:
         cfg = replace(cfg, memory_budget_bytes=int(opts.memory_gb * 2**30))
     return cfg
+
+
+def head_amp(opts: ProbeOptions) -> bool:
+    """bf16 autocast for the heads' matmuls on CUDA: asked for, or `auto` outside the
+    paper protocol (the authors train in fp32; TF32 stays off, torch's default)."""
+    return opts.precision == "bf16" or (opts.precision == "auto" and opts.protocol != "paper")
 
 
 def check_options(opts: ProbeOptions) -> None:
@@ -141,6 +151,9 @@ def check_options(opts: ProbeOptions) -> None:
     if opts.protocol not in PROTOCOLS:
         raise FeatcacheError(f"unknown protocol {opts.protocol!r}: choose "
                              f"{', '.join(PROTOCOLS)}")
+    if opts.precision not in PRECISIONS:
+        raise FeatcacheError(f"unknown --precision {opts.precision!r}: choose "
+                             f"{', '.join(PRECISIONS)}")
     spec = get_method(opts.method)
     if not spec.takes_layers and opts.layers not in (None, spec.default_layers):
         raise FeatcacheError(f"--method {spec.name} reads {spec.description}; --layers does "
@@ -222,6 +235,9 @@ def _probe(opts: ProbeOptions, progress: Any) -> list[RunResult]:
     for train, _ in pairs:  # validate the layer set before any training starts
         layer_set_names(layer_set, train.layer_names)
     device = resolve_device(opts.device)
+    if opts.precision == "bf16" and device.type != "cuda":
+        warn("--precision bf16 applies on CUDA only: on the CPU heads train in fp32 (bf16 "
+             "matmuls can be far slower there), and the records say fp32")
     ensure_writable(runs_root)  # before any training, not after it
     threads = torch.get_num_threads()
     if opts.threads:
@@ -262,7 +278,8 @@ def ensure_writable(root: Path) -> None:
 
 
 def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list[str],
-                 train: Cache, test: Cache, device: torch.device) -> dict[str, Any]:
+                 train: Cache, test: Cache, device: torch.device,
+                 widths: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Every setting that changes a run's numbers, but its seed: its identity (see
     `featcache.records.settings_id`). Left out, because they provably do not change them:
     the memory budgets and grouping (a config trained in any group equals it alone), the
@@ -275,6 +292,8 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         "min_lr", "grad_clip", "jitter_std", "jitter_p", "class_weighted")}
     if spec.attentive:
         recipe["dropouts"] = cfg.dropouts
+    if cfg.batch_plan != "featcache":  # (runs of featcache's own plan keep their ids)
+        recipe["batch_plan"] = cfg.batch_plan
     from featcache.records import settings_id
 
     return {
@@ -292,6 +311,9 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         # streamed from the cache, an epoch's order is shuffled by buffers of shards: other
         # numbers than in memory, and other ones per buffer size (`featcache.streaming`)
         **({"stream_buffer_shards": streamed} if streamed else {}),
+        # linear heads read narrower tokens (CLIP's projected final layer) at their true
+        # width (`featcache.heads.LinearHeads`); before, they read its zero padding too
+        **({"token_widths": list(widths)} if widths and spec.head == "linear" else {}),
     }
 
 
@@ -355,7 +377,10 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
     cfg = train_config(opts, seed)
     tokens, token_names = run_tokens(opts.method, layer_set, train, opts.token)
-    settings = run_settings(opts, cfg, layer_set, token_names, train, test, device)
+    from featcache.features import token_plan
+
+    settings = run_settings(opts, cfg, layer_set, token_names, train, test, device,
+                            token_plan(train, tokens).widths)
     ident = settings_id(settings)
     path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed, ident)
     base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
@@ -537,6 +562,7 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
                    "torch_threads": torch.get_num_threads()},
         "caches": {"train": str(train.path), "test": str(test.path)},
         "fingerprints": {"train": train.fingerprint, "test": test.fingerprint},
+        "steps": fit["steps"],
         **identity,
         **record,
         "timings": {"total_s": seconds, **{k: round(v, 4) for k, v in timings.items()}},

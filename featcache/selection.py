@@ -75,6 +75,7 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     timings = {} if timings is None else timings
     src = as_source(x_train)
     tr, va = stratified_split(y_train.cpu().numpy(), opts.val_fraction, seed)
+    cfg, steps = sized_plan(cfg, len(y_train), len(tr))
     y_dev = y_train.to(src.device)
     tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
     points = grid_points(cfg, attentive=HEADS[head].has_dropout)
@@ -92,13 +93,13 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
     if dist.rank() != 0 and not _data_parallel(src):  # grid-parallel: rank 0 refits
         return {"grid": table, "selected": points[best], "val_metrics": val_best,
-                "final": None, "note": note}
+                "final": None, "note": note, "steps": steps}
     clock = time.perf_counter()
     final = fit_grid(src, y_dev, n_classes, head, [points[best]], cfg,
                      num_heads=num_heads, progress=progress)
     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
     return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final,
-            "note": note}
+            "note": note, "steps": steps}
 
 
 def _grid_scores(train: Callable[[tuple[int, int], Any], Any], x_val: Any,
@@ -175,6 +176,17 @@ def _val_jitter(opts: Any, cfg: Any) -> Any:
     return validation_jitter(cfg)
 
 
+def sized_plan(cfg: Any, n_train: int, n_tune: int) -> tuple[Any, dict[str, dict]]:
+    """``cfg`` with the whole training set's size (the authors' batch plan sizes its batch
+    there, for the grid too), and the steps the grid and the refit will take (the record's
+    ``steps``)."""
+    from featcache.train import plan_steps
+
+    cfg = dataclasses.replace(cfg, plan_samples=n_train)
+    return cfg, {"grid": plan_steps(n_tune, cfg).as_dict(),
+                 "refit": plan_steps(n_train, cfg).as_dict()}
+
+
 def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, cfg: Any,
                           opts: Any, seed: int, progress: Callable[[dict], None] | None = None,
                           timings: dict[str, float] | None = None) -> dict[str, Any]:
@@ -189,6 +201,7 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
     src = as_source(x_train)
     L = src.sample_shape[0]
     tr, va = stratified_split(y_train.cpu().numpy(), opts.val_fraction, seed)
+    cfg, steps = sized_plan(cfg, len(y_train), len(tr))
     y_dev = y_train.to(src.device)
     tr_t, va_t = (torch.as_tensor(i, device=y_dev.device) for i in (tr, va))
     points = grid_points(cfg, attentive=False)
@@ -211,6 +224,7 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
         "val_metrics": [{k: float(val[k][layer * P + b]) for k in METRIC_KEYS}
                         for layer, b in enumerate(best)],
         "final": None,
+        "steps": steps,
     }
     if dist.rank() != 0 and not _data_parallel(src):  # grid-parallel: rank 0 refits
         return out

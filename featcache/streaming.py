@@ -75,6 +75,10 @@ class StreamedSource:
         return (len(self), *self.sample_shape)
 
     @property
+    def widths(self) -> tuple[int, ...] | None:
+        return self.plan.widths
+
+    @property
     def index_device(self) -> torch.device:
         return torch.device("cpu")
 

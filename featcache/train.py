@@ -69,20 +69,45 @@ class TrainConfig:
     seed: int = 0
     memory_budget_bytes: int | None = None  # None: half of free device memory (8 GiB CPU)
     amp: bool = True  # bf16 autocast for the matmuls on CUDA; parameters stay fp32
+    # "featcache": each fit's set cut into near-equal batches; "authors": their plan
+    # (`authors_batch_size`), the batch sized once on ``plan_samples`` (the whole
+    # training set) and reused on the tuning split
+    batch_plan: str = "featcache"
+    plan_samples: int | None = None
+
+
+BATCH_PLANS = ("featcache", "authors")
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How one pass is cut: ``steps_per_epoch`` near-equal batches of ≤ ``batch_size``."""
+    """How one pass is cut: ``steps_per_epoch`` near-equal batches of ≤ ``batch_size``
+    (``fixed``: batches of exactly ``batch_size`` and a smaller last one, as a DataLoader
+    without ``drop_last``)."""
 
     n_samples: int
     batch_size: int
     steps_per_epoch: int
     epochs: int
+    fixed: bool = False
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
+
+    @property
+    def cuts(self) -> int | list[int]:
+        """What a source's ``epoch_batches`` cuts a permutation with (``tensor_split``'s
+        argument): a number of near-equal batches, or the indices where batches start."""
+        if not self.fixed:
+            return self.steps_per_epoch
+        return list(range(self.batch_size, self.n_samples, self.batch_size))
+
+    def as_dict(self) -> dict[str, int]:
+        last = self.n_samples - self.batch_size * (self.steps_per_epoch - 1)
+        return {"batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch,
+                "epochs": self.epochs, "last_batch": last if self.fixed else
+                self.n_samples // self.steps_per_epoch}
 
 
 def grid_points(cfg: TrainConfig, attentive: bool) -> list[dict]:
@@ -111,10 +136,46 @@ def plan_steps(n_samples: int, cfg: TrainConfig) -> StepPlan:
         raise ValueError(f"need at least 2 training samples, got {n_samples}")
     if cfg.batch_size < 2 or cfg.epochs < 1:
         raise ValueError("batch_size must be ≥ 2 and epochs ≥ 1")
+    if cfg.batch_plan == "authors":
+        return _authors_plan(n_samples, cfg)
     spe = max(math.ceil(n_samples / cfg.batch_size), cfg.min_steps_per_epoch, 1)
     spe = min(spe, n_samples // 2)
     epochs = max(cfg.epochs, math.ceil(cfg.min_total_steps / spe))
     return StepPlan(n_samples, math.ceil(n_samples / spe), spe, epochs)
+
+
+def authors_batch_size(batch_size: int, n_samples: int, min_batches: int = 5) -> int:
+    """The authors' batch for a training set of ``n_samples`` (their
+    `adjust_batch_size`): ``batch_size`` if it gives at least ``min_batches`` batches and a
+    last batch that is empty or at least half full; else the largest batch down to 17
+    that gives at least that many batches (or the batches ``batch_size`` gives, if more)
+    with such a last batch; else 1. Their rule, re-derived, not their code."""
+    def ok(rest: int, size: int) -> bool:
+        return rest == 0 or rest >= 0.5 * size
+
+    if n_samples // batch_size >= min_batches and ok(n_samples % batch_size, batch_size):
+        return batch_size
+    need = max(min_batches, n_samples // batch_size)
+    for size in range(n_samples // need + 1, 16, -1):
+        if n_samples // size >= need and ok(n_samples % size, size):
+            return size
+    return 1
+
+
+def _authors_plan(n_samples: int, cfg: TrainConfig) -> StepPlan:
+    """The authors' batches for a fit on ``n_samples``: the batch sized on the whole
+    training set (``cfg.plan_samples``), one more when it would leave a lone last sample
+    on the tuning split (their `check_batch_size`), never below 2 (a batch of 1 through
+    train-mode BatchNorm fails; their rule gives 1 below 85 samples); a DataLoader's
+    batches of that size with a smaller last one; epochs from ``cfg.epochs`` raised until
+    ≥ ``min_total_steps``."""
+    whole = cfg.plan_samples or n_samples
+    size = authors_batch_size(cfg.batch_size, whole, cfg.min_steps_per_epoch)
+    size = max(2, size + (n_samples != whole and n_samples % size == 1))
+    size = min(size, n_samples)
+    spe = math.ceil(n_samples / size)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_total_steps / spe))
+    return StepPlan(n_samples, size, spe, epochs, fixed=True)
 
 
 def class_weights(y: Tensor, n_classes: int) -> Tensor:
@@ -461,7 +522,8 @@ def fit_grid(
 
     def make(idx: list[int]) -> StackedHeads:
         gen = torch.Generator().manual_seed(cfg.seed)  # every group: the same init draw
-        return kind.build_group(idx, points, shape, n_classes, num_heads, inputs, gen, device)
+        return kind.build_group(idx, points, shape, n_classes, num_heads, inputs, gen, device,
+                                widths=src.widths)
 
     parts, curves = [], []
     for gi, idx in enumerate(groups):
@@ -534,7 +596,7 @@ def _train_group(
     total, step = plan.total_steps, 0
     for epoch in range(plan.epochs):
         epoch_loss = curves[epoch]
-        for idx_y, xb in src.epoch_batches(plan.steps_per_epoch, g_shuffle):
+        for idx_y, xb in src.epoch_batches(plan.cuts, g_shuffle):
             if flatten:
                 xb = xb.flatten(1)
             yb = y.index_select(0, idx_y)

@@ -49,6 +49,34 @@ def test_help_keeps_every_word(monkeypatch) -> None:
             assert text in shown, f"featcache {name} --help lost {param.name}'s help {text!r}"
 
 
+def test_help_shows_no_value_after_a_flag_and_wraps_as_the_terminal_wants() -> None:
+    """`--force <bool>` read as if the flag took a value; a docstring's line breaks cut
+    command summaries ("finite values,\n labels in range")."""
+    import re
+
+    from featcache.cli.main import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert top.exit_code == 0 and "<bool>" not in top.output
+    for name, command in _commands():
+        result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200",
+                                                           "TERMINAL_WIDTH": "200"})
+        assert "<bool>" not in result.output, name
+        flags = [p for p in command.params if getattr(p, "is_flag", False)]
+        for flag in flags:  # its row: the flag, spaces, then its help (no value between)
+            opt = [o for o in flag.opts if o.startswith("--")][0]
+            assert re.search(re.escape(opt) + r"(/--[\w-]+)?\s+[A-Z(`]", result.output) or \
+                re.search(re.escape(opt) + r"\s+\S", result.output), (name, opt)
+        summary = _squash((command.help or "").split("\n\n")[0])
+        # at 200 columns a summary of under ~190 characters is one line
+        if len(summary) < 150:
+            lines = [ln.strip(" │") for ln in result.output.splitlines()]
+            assert summary in lines or any(ln.strip() == summary for ln in lines), \
+                (name, summary)
+
+
 def test_every_command_is_a_library_function_with_the_same_option_names() -> None:
     """`--workers` ↔ `workers`: each command's options are keywords of the function of the
     same name on the package (extract/probe: fields of their options class)."""

@@ -152,7 +152,8 @@ def test_any_single_damage_is_refused_or_repaired_bitwise(copy, clean, wds_path,
     assert verified.exit_code in (0, 2) and "Traceback" not in verified.output
     if repairable:
         repaired = run("verify", cache, "--repair")
-        assert repaired.exit_code == 0, repaired.output
+        # fsck's convention: 1 when damage was found and repaired
+        assert repaired.exit_code == (1 if verified.exit_code == 2 else 0), repaired.output
         redo = run(*extract_args(wds_path, copy))
     else:
         assert verified.exit_code == 2 and "--overwrite" in verified.output
@@ -172,7 +173,8 @@ def test_verify_names_every_damaged_shard(copy):
     assert sorted(report["damaged"]) == ["1", "2"]
     assert "file missing" in report["damaged"]["1"][0] and "checksum" in report["damaged"]["2"][0]
     assert report["extract_command"].startswith("featcache extract --model")
-    assert run("verify", cache, "--repair").exit_code == 0
+    assert run("verify", cache, "--repair").exit_code == 1  # found and repaired
+    assert run("verify", cache).exit_code == 0  # (the shards are now simply not written)
     assert not (cache / "ap/c/2/0/0").exists()  # cleared: recomputed by the next extract
 
 

@@ -163,7 +163,9 @@ class AttentiveHeads(StackedHeads):
     @classmethod
     def build_group(cls, configs: Sequence[int], points: Sequence[dict], shape: Sequence[int],
                     n_classes: int, num_heads: int | None, inputs: Sequence[int] | None,
-                    generator: torch.Generator, device: torch.device | str) -> AttentiveHeads:
+                    generator: torch.Generator, device: torch.device | str,
+                    widths: Sequence[int] | None = None) -> AttentiveHeads:
+        # ``widths`` unused: narrower tokens stay zero-padded to D, as the authors' ALF
         T, D = shape
         drops = [float(points[i].get("dropout", 0.0)) for i in configs]
         return cls(len(configs), D, T, n_classes, num_heads or T, drops, generator=generator,

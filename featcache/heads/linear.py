@@ -22,6 +22,12 @@ class LinearHeads(StackedHeads):
     per-layer probes (`layers`) train every layer's whole grid in one pass: layers ×
     hyperparameters as the config axis. Configs stored token by token in equal runs
     (the usual layout) take one batched matmul; any other order gathers per config.
+
+    ``widths`` (one per token, `featcache.features.token_widths`) reads tokens narrower
+    than D (CLIP's projected final layer) at their true width, as the authors' feature
+    combiner concatenates them: the padding channels are masked out of the input (so
+    jitter noise there never reaches the head), their weights start and stay at zero, and
+    the init bound is 1/sqrt(true fan-in).
     """
 
     _KEYS = {"weight": "weight", "bias": "bias"}
@@ -34,6 +40,7 @@ class LinearHeads(StackedHeads):
         n_classes: int,
         inputs: Sequence[int] | None = None,
         *,
+        widths: Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -44,22 +51,57 @@ class LinearHeads(StackedHeads):
             raise ValueError(f"need one input index per config ({n_configs}), "
                              f"got {len(self.inputs)}")
         self._runs = _equal_runs(self.inputs) if self.inputs is not None else None
+        self.widths = None if widths is None else tuple(int(w) for w in widths)
+        self._masks: dict[torch.device, Tensor] = {}
         self.weight = nn.Parameter(torch.empty(n_configs, n_classes, d_in, device=device))
         self.bias = nn.Parameter(torch.empty(n_configs, n_classes, device=device))
         self.reset_parameters(generator)
 
     def _ctor_kwargs(self) -> dict:
         return {"n_configs": self.n_configs, "d_in": self.d_in, "n_classes": self.n_classes,
-                "inputs": None if self.inputs is None else list(self.inputs)}
+                "inputs": None if self.inputs is None else list(self.inputs),
+                "widths": self.widths}
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """nn.Linear's init (U(±1/sqrt(d_in))), the same draw copied to every config."""
-        bound = 1.0 / math.sqrt(self.d_in)
-        w = uniform((self.n_classes, self.d_in), bound, generator)
-        b = uniform((self.n_classes,), bound, generator)
-        self.weight.copy_(w.expand_as(self.weight))
-        self.bias.copy_(b.expand_as(self.bias))
+        """nn.Linear's init (U(±1/sqrt(fan-in))), the same draw copied to every config
+        (scaled by each config's bound, zero on padding channels)."""
+        if self.widths is None:
+            bound = 1.0 / math.sqrt(self.d_in)
+            w = uniform((self.n_classes, self.d_in), bound, generator)
+            b = uniform((self.n_classes,), bound, generator)
+            self.weight.copy_(w.expand_as(self.weight))
+            self.bias.copy_(b.expand_as(self.bias))
+            return
+        # U(±1)·bound equals U(±bound) bit for bit (the draw times 1.0 is the draw)
+        w = uniform((self.n_classes, self.d_in), 1.0, generator)
+        b = uniform((self.n_classes,), 1.0, generator)
+        mask = self._config_masks(torch.device("cpu"))  # (G, d_in)
+        bounds = mask.sum(1).rsqrt().view(-1, 1, 1)  # (G, 1, 1): 1/sqrt(true fan-in)
+        self.weight.copy_(torch.where(mask.unsqueeze(1) > 0, w * bounds, 0.0))
+        self.bias.copy_(b * bounds.view(-1, 1))
+
+    def _token_masks(self, device: torch.device) -> Tensor:
+        """(T, D) float: 1 on a token's true channels, 0 on its padding."""
+        D = self.d_in if self.inputs is not None else self.d_in // len(self.widths or (1,))
+        widths = torch.tensor(self.widths, device=device).view(-1, 1)
+        return (torch.arange(D, device=device).view(1, -1) < widths).float()
+
+    def _config_masks(self, device: torch.device) -> Tensor:
+        """(G, d_in): the channels each config reads."""
+        tokens = self._token_masks(device)
+        if self.inputs is None:
+            return tokens.reshape(1, -1).expand(self.n_configs, -1)
+        return tokens.index_select(0, torch.tensor(self.inputs, device=device))
+
+    def _mask(self, device: torch.device) -> Tensor:
+        """The input mask, made once per device: (d_in,) for flattened tokens, (T, D, 1)
+        for configs reading one token each."""
+        if device not in self._masks:
+            tokens = self._token_masks(device)
+            self._masks[device] = tokens.reshape(-1) if self.inputs is None else \
+                tokens.unsqueeze(2)
+        return self._masks[device]
 
     def forward(self, x: Tensor, **_: object) -> Tensor:
         """x (B, d_in) (or (B, T, d_in) with ``inputs``) → logits (G, B, C)."""
@@ -69,18 +111,24 @@ class LinearHeads(StackedHeads):
                 raise ValueError(f"expected (B, >{max(self.inputs)}, {D}) input, "
                                  f"got {tuple(x.shape)}")
             x = x.to(self.weight.dtype)
+            masks = None if self.widths is None else self._mask(x.device)  # (T, D, 1)
             if self._runs is not None:  # tokens t0..t0+L-1, each read by G/L configs in a row
                 t0, L = self._runs
                 w = self.weight.view(L, (G // L) * C, D)
                 b = self.bias.view(L, (G // L) * C, 1)
                 xs = x[:, t0 : t0 + L].permute(1, 2, 0)  # (L, D, B)
+                xs = xs if masks is None else xs * masks[t0 : t0 + L]
             else:
                 w, b = self.weight, self.bias.unsqueeze(2)
-                xs = x.index_select(1, self._input_index(x.device)).permute(1, 2, 0)  # (G,D,B)
+                index = self._input_index(x.device)
+                xs = x.index_select(1, index).permute(1, 2, 0)  # (G, D, B)
+                xs = xs if masks is None else xs * masks.index_select(0, index)
             return torch.baddbmm(b, w, xs).view(G, C, -1).transpose(1, 2)
         if x.dim() != 2 or x.shape[1] != D:
             raise ValueError(f"expected (B, {D}) input, got {tuple(x.shape)}")
         x = x.to(self.weight.dtype)
+        if self.widths is not None:  # padding channels (and any jitter there) read as 0
+            x = x * self._mask(x.device)
         # (G·C, B) in memory, returned as a (G, B, C) view: a softmax over C is slow along a
         # short contiguous axis on CPU (10x for C = 10) and fast along the long B axis
         out = torch.addmm(self.bias.reshape(G * C, 1), self.weight.reshape(G * C, D), x.t())
@@ -121,10 +169,11 @@ class LinearHeads(StackedHeads):
     @classmethod
     def build_group(cls, configs: Sequence[int], points: Sequence[dict], shape: Sequence[int],
                     n_classes: int, num_heads: int | None, inputs: Sequence[int] | None,
-                    generator: torch.Generator, device: torch.device | str) -> LinearHeads:
+                    generator: torch.Generator, device: torch.device | str,
+                    widths: Sequence[int] | None = None) -> LinearHeads:
         sub = None if inputs is None else [int(inputs[i]) for i in configs]
-        return cls(len(configs), cls._d_in(shape, inputs), n_classes, sub, generator=generator,
-                   device=device)
+        return cls(len(configs), cls._d_in(shape, inputs), n_classes, sub, widths=widths,
+                   generator=generator, device=device)
 
     def _input_index(self, device: torch.device) -> Tensor:
         """``inputs`` as an index tensor on ``device``, made once (no copy per step)."""

@@ -50,8 +50,10 @@ class StackedHeads(nn.Module):
     @classmethod
     def build_group(cls, configs: Sequence[int], points: Sequence[dict], shape: Sequence[int],
                     n_classes: int, num_heads: int | None, inputs: Sequence[int] | None,
-                    generator: torch.Generator, device: torch.device | str) -> StackedHeads:
-        """A stacked head for configs ``configs`` of the grid ``points``."""
+                    generator: torch.Generator, device: torch.device | str,
+                    widths: Sequence[int] | None = None) -> StackedHeads:
+        """A stacked head for configs ``configs`` of the grid ``points`` (``widths``: each
+        token's true width, `featcache.features.token_widths`)."""
         raise NotImplementedError
 
     # export name -> attribute name of the stacked tensor (leading config axis)
