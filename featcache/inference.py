@@ -98,6 +98,9 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
     if not record.get("method"):
         raise FeatcacheError(f"{path}: the record names no method (damaged?); run the same "
                              "`featcache probe` command again with --force")
+    from featcache.predictions import checked_run
+
+    checked_run(record)  # a record edited, or a file gone, is named before any work
     spec = method_of(record.get("method"))
     if spec is None:
         raise FeatcacheError(f"{path}: method {record.get('method')!r} is not registered here "

@@ -65,9 +65,13 @@ def load_predictions(run_dir: str | Path, logits: bool = True,
     from featcache.records import array_digest, read_run
 
     path = Path(run_dir) / PREDICTIONS_FILE
-    if not path.is_file():
-        return None
     record = read_run(Path(run_dir)) if record is None else record
+    if not path.is_file():
+        if PREDICTIONS_FILE in (record.get("files") or {}):
+            raise FeatcacheError(f"{Path(run_dir)}: its record lists {PREDICTIONS_FILE} but "
+                                 "the file is missing (damaged run); run the same `featcache "
+                                 "probe` command again with --force")
+        return None
     try:
         with safe_open(str(path), framework="np") as f:
             keys = set(f.keys())
@@ -94,17 +98,49 @@ def load_predictions(run_dir: str | Path, logits: bool = True,
     return out
 
 
-def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None:
-    """The record's balanced top-1 was computed from these predictions: they must agree
-    (a record edited by hand, or a file from another run, must not lend its numbers)."""
-    stated = (record.get("metrics") or {}).get("balanced_top1")
-    if not isinstance(stated, (int, float)) or not len(pred.label):
-        return
+def test_metrics(pred: Predictions, n_classes: int | None = None) -> dict[str, float]:
+    """Top-1, top-k, balanced top-1 and balanced top-k in percent (k = the stored top-k's
+    width, min(5, C), as the probe scored them), from the predictions alone."""
     from featcache.bootstrap import balanced
 
-    here = float(balanced(np.bincount(pred.label, weights=pred.correct),
-                          np.bincount(pred.label)))
-    if abs(here - stated) > 1e-3:
-        raise FeatcacheError(f"{path} gives balanced top-1 {here:.4f} but its record says "
-                             f"{stated:.4f}: one of them was changed after the run; run the "
-                             "same `featcache probe` command again with --force")
+    size = max(int(pred.label.max()) + 1, n_classes or 0)
+    counts = np.bincount(pred.label, minlength=size)
+    hit_k = (pred.top_k == pred.label[:, None]).any(1)
+    out = {}
+    for name, hits in (("1", pred.correct), ("5", hit_k)):
+        out[f"top{name}"] = float(100 * hits.mean())
+        out[f"balanced_top{name}"] = float(balanced(
+            np.bincount(pred.label, weights=hits, minlength=size), counts))
+    return out
+
+
+def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None:
+    """Every test metric of the record was computed from these predictions: they must
+    agree (a record edited by hand, or a file from another run, must not lend its
+    numbers). The report and `runs` then take the numbers computed here."""
+    if not len(pred.label):
+        return
+    stated = record.get("metrics") or {}
+    here = test_metrics(pred)
+    for key, value in here.items():
+        said = stated.get(key)
+        if not isinstance(said, (int, float)) or abs(value - said) > 1e-3:
+            shown = f"{said:.4f}" if isinstance(said, (int, float)) else repr(said)
+            name = key.replace("_", " ").replace("top", "top-")
+            raise FeatcacheError(f"{path} gives {name} {value:.4f} but its record says "
+                                 f"{shown}: one of them was changed after the run; run the "
+                                 "same `featcache probe` command again with --force")
+
+
+def checked_run(record: dict[str, Any]) -> Predictions | None:
+    """A listed run checked whole (`featcache.records.check_record`, then its predictions
+    against every test metric), its metrics replaced by the ones its predictions give:
+    what `runs` and the report show is computed, never only read. None for a record made
+    before predictions were kept (its numbers are the record's; docs/records.md)."""
+    from featcache.records import check_record
+
+    check_record(record)
+    pred = load_predictions(record["path"], logits=False, record=record)
+    if pred is not None and len(pred.label):
+        record["metrics"] = {**(record.get("metrics") or {}), **test_metrics(pred)}
+    return pred

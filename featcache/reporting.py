@@ -156,20 +156,21 @@ class ReportData:
 
 
 def checked_records(records: list[Any], problems: list[str]) -> tuple[list[Any], dict]:
-    """The records whose predictions file is the one they were written with and agrees
-    with their balanced accuracy (a record edited by hand, or predictions copied from
-    another run, lend no number to the report: skipped, with a note); and those
-    predictions, for the intervals."""
-    from featcache.predictions import load_predictions
+    """The records that are what their run wrote (`featcache.predictions.checked_run`:
+    files, identity, every test metric recomputed from the predictions); a record edited
+    by hand, a file missing or copied from another run lend no number to the report
+    (skipped, with a note). Returns them and their predictions, for the intervals."""
+    from featcache.predictions import checked_run
+    from featcache.summary import derive
 
     kept, loaded = [], {}
     for rec in records:
         try:
-            loaded[rec["path"]] = load_predictions(rec["path"], logits=False, record=rec)
+            loaded[rec["path"]] = checked_run(rec)
         except FeatcacheError as exc:
             problems.append(f"skipped: {exc}")
             continue
-        kept.append(rec)
+        kept.append(derive(rec))  # its value from the recomputed metrics
     return kept, loaded
 
 

@@ -1,0 +1,145 @@
+"""A hostile pass, round two (issue 18): each case here failed before its fix.
+
+Runs whose files are not what they wrote, CKA from a replaced cache, 16-bit images,
+outputs onto a command's own inputs, symlinked folders, Ctrl-C while workers start, the
+umask, torchrun ranks that die, unclear lines, `-gb` units, the exported model's batch
+bound, and 80-column tables. Every refusal: exit 2, one `error:` line, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cliutil import assert_user_error, run
+from conftest import TIMM_TINY, TIMM_TINY_KW
+
+from featcache.errors import FeatcacheError
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+QUICK = dict(grid="quick", epochs=1, min_steps=5, threads=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random ViT over digits, a linear and an ALF probe on it."""
+    from featcache.extraction import extract
+    from featcache.probing import probe
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("hostile")
+    try:
+        extract(model=TIMM_TINY, model_arg=dict(TIMM_TINY_KW), weights="random:3",
+                dataset="digits", cache=root, batch_size=64, workers=0)
+        runs = {m: probe(method=m, cache=root, **QUICK)[0].path for m in ("linear", "alf")}
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, **runs}
+
+
+@pytest.fixture
+def copy(trained, tmp_path) -> dict[str, Path]:
+    """A private copy of the trained root (its runs may be damaged by the test)."""
+    root = tmp_path / "root"
+    shutil.copytree(trained["root"], root)
+    return {"root": root, **{m: root / trained[m].relative_to(trained["root"])
+                             for m in ("linear", "alf")}}
+
+
+def edit_record(run_dir: Path, change) -> None:
+    file = run_dir / "record.json"
+    record = json.loads(file.read_text())
+    change(record)
+    file.write_text(json.dumps(record))
+
+
+def listed(root: Path) -> tuple[list[dict], list[str]]:
+    from featcache.records import runs
+
+    problems: list[str] = []
+    return runs(cache=root, problems=problems), problems
+
+
+# -- runs whose files are not what they wrote ------------------------------------------------
+
+def test_a_deleted_predictions_file_is_damage_not_an_old_run(copy, tmp_path):
+    """Deleting predictions.safetensors and editing the record's metric: `runs` and the
+    report showed the edited number, with a false note ('made before per-sample
+    predictions were kept')."""
+    from featcache.reporting import report
+
+    run_dir = copy["linear"]
+    (run_dir / "predictions.safetensors").unlink()
+    edit_record(run_dir, lambda r: r["metrics"].update(balanced_top1=99.0))
+    rows, problems = listed(copy["root"])
+    assert [r["method"] for r in rows] == ["alf"]
+    assert any("predictions.safetensors but the file is missing" in p for p in problems)
+    data = report(cache=copy["root"], out=tmp_path / "r", format="", cka=False)
+    notes = "\n".join(data.notes)
+    assert "the file is missing" in notes and "made before per-sample" not in notes
+    assert all(c is None or c["mean"] != 99.0 for c in data.rows[0]["cells"].values())
+    assert_user_error(run("predict", run_dir, "--dataset", "digits"), "missing", "--force")
+
+
+def test_a_deleted_head_is_damage(copy):
+    (copy["alf"] / "head.safetensors").unlink()
+    rows, problems = listed(copy["root"])
+    assert [r["method"] for r in rows] == ["linear"]
+    assert any("head.safetensors but the file is missing" in p for p in problems)
+
+
+@pytest.mark.parametrize("key", ["top1", "top5", "balanced_top5"])
+def test_every_test_metric_is_recomputed(copy, tmp_path, key):
+    """Only balanced_top1 was checked: an edited top1 landed in `runs` and results.csv."""
+    from featcache.reporting import report
+
+    edit_record(copy["linear"], lambda r: r["metrics"].update({key: 12.5}))
+    rows, problems = listed(copy["root"])
+    assert [r["method"] for r in rows] == ["alf"]
+    assert any("its record says 12.5000" in p for p in problems)
+    data = report(cache=copy["root"], out=tmp_path / "r", format="csv", cka=False)
+    text = (tmp_path / "r" / "results.csv").read_text()
+    assert "12.5" not in text and "linear" not in {r["method"] for r in data.records}
+
+
+def test_runs_show_metrics_computed_from_predictions(trained):
+    """What `runs` shows is what the predictions give (computed here independently)."""
+    from safetensors.numpy import load_file
+
+    rows, _ = listed(trained["root"])
+    for row in rows:
+        pred = load_file(str(Path(row["path"]) / "predictions.safetensors"))
+        hit = pred["pred"] == pred["label"]
+        assert row["top1"] == pytest.approx(100 * hit.mean(), abs=1e-9)
+        per_class = [hit[pred["label"] == c].mean() for c in np.unique(pred["label"])]
+        assert row["balanced_top1"] == pytest.approx(100 * np.mean(per_class), abs=1e-9)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda r: r.update(method="concat"), "'method' is 'concat'"),
+    (lambda r: r.update(layer_set="last"), "'layer_set' is 'last'"),
+    (lambda r: r["settings"]["recipe"].update(epochs=40), "hash to"),
+    (lambda r: r.update(seed=3), "'seed' is 3"),
+    (lambda r: r.update(model="vit-b16"), "'model' is 'vit-b16'"),
+    (lambda r: r["fingerprints"]["test"]["dataset"].update(n=5), "test cache's fingerprint"),
+])
+def test_an_edited_identity_is_refused(copy, tmp_path, edit, fragment):
+    """Editing `method` made the report invent a column; any edit of what a run is must
+    be caught by recomputing its settings id and matching its record against it."""
+    from featcache.reporting import report
+
+    edit_record(copy["alf"], edit)
+    rows, problems = listed(copy["root"])
+    assert [r["method"] for r in rows] == ["linear"]
+    assert any(fragment in p and "changed after the run" in p for p in problems), problems
+    data = report(cache=copy["root"], out=tmp_path / "r", format="", cka=False)
+    assert [c.split()[0] for c in data.rows[0]["cells"]] == ["linear"]
+    line = assert_user_error(run("predict", copy["alf"], "--dataset", "digits"), fragment)
+    assert "the images, the backbone or the device" not in line
