@@ -143,3 +143,36 @@ def test_an_edited_identity_is_refused(copy, tmp_path, edit, fragment):
     assert [c.split()[0] for c in data.rows[0]["cells"]] == ["linear"]
     line = assert_user_error(run("predict", copy["alf"], "--dataset", "digits"), fragment)
     assert "the images, the backbone or the device" not in line
+
+
+# -- CKA from a replaced cache ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cka_of_a_replaced_cache_is_not_paired_with_old_runs(tmp_path):
+    """After `extract --overwrite` with other settings, the report paired the old run's
+    accuracy by depth with the new cache's CKA (another number of layers)."""
+    from featcache.extraction import extract
+    from featcache.probing import probe
+    from featcache.reporting import report
+
+    root = tmp_path / "root"
+    common = dict(model=TIMM_TINY, weights="random:3", dataset="digits", cache=root,
+                  batch_size=128, workers=0)
+    extract(model_arg=dict(TIMM_TINY_KW), **common)
+    (done,) = probe(method="layers", cache=root, **QUICK)
+    n_layers = len(json.loads((done.path / "record.json").read_text())["fingerprints"]
+                   ["test"]["model"]["layer_names"])
+    extract(model_arg={**TIMM_TINY_KW, "depth": 2}, overwrite=True, **common)
+    data = report(cache=root, out=tmp_path / "r", format="csv", cka=True)
+    assert all(len(v["layers"]) == n_layers for v in data.cka.values())
+    assert not data.cka, data.cka
+    notes = "\n".join(data.notes)
+    assert "was replaced since its runs" in notes
+    assert "trained on caches replaced since" in notes
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "r" / "results.csv").open()))
+    assert [r["caches_replaced"] for r in rows] == ["test,train"]
+    store = json.loads((tmp_path / "r" / "cka.json").read_text()) \
+        if (tmp_path / "r" / "cka.json").exists() else {}
+    assert not store
