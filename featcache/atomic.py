@@ -16,11 +16,16 @@ from pathlib import Path
 RUN_FILES = ("record.json", "head.safetensors", "predictions.safetensors")
 
 
-def check_target(path: str | Path, option: str, overwrite: bool = False) -> Path:
+def check_target(path: str | Path, option: str, overwrite: bool = False,
+                 inputs: tuple[str | Path, ...] | list[str | Path] = ()) -> Path:
     """Where a command will write one file, refused in one line before any work is done:
     no name, a folder, a device or other non-file (the rename would replace it), a
-    missing folder, one of a run's own files, or an existing file without --overwrite."""
+    missing folder, one of a run's own files, one of the command's ``inputs`` or a file
+    inside one (a cache, a run folder, a checkpoint: --overwrite never writes over what
+    the command reads), or an existing file without --overwrite."""
     from featcache.errors import FeatcacheError
+
+    _refuse_inputs(Path(path).expanduser(), option, inputs)
 
     if not str(path).strip():
         raise FeatcacheError(f"{option} needs a file name")
@@ -39,6 +44,18 @@ def check_target(path: str | Path, option: str, overwrite: bool = False) -> Path
     if target.exists() and not overwrite:
         raise FeatcacheError(f"{target} exists; pass --overwrite to replace it")
     return target
+
+
+def _refuse_inputs(target: Path, option: str, inputs: tuple | list) -> None:
+    from featcache.errors import FeatcacheError
+
+    where = target.resolve()
+    for item in inputs:
+        source = Path(item).expanduser().resolve()
+        if where == source or source in where.parents:
+            what = "is" if where == source else f"lies inside {source},"
+            raise FeatcacheError(f"{option} {target} {what} one of this command's inputs; "
+                                 "write elsewhere")
 
 
 def _temporary(path: Path) -> Path:

@@ -123,8 +123,12 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
     if target.suffix != ".pt2":
         raise FeatcacheError(f"--out {target}: torch.export files end in .pt2")
     meta_path = target.with_suffix(".json")
+    if not (run / "record.json").is_file():  # the run first: --out may not have been given
+        raise FeatcacheError(f"{run} is not a run folder (no record.json); `featcache runs` "
+                             "lists them (the `path` column)")
+    reads = [run / name for name in atomic.RUN_FILES] + ([weights] if weights else [])
     for path in (target, meta_path):
-        atomic.check_target(path, "--out", overwrite)
+        atomic.check_target(path, "--out", overwrite, inputs=reads)
     probe = load_trained(run, "cpu")
     backbone = rebuild_backbone(probe, weights).eval()
     module = DeployedProbe(backbone, probe).eval()

@@ -309,8 +309,12 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
     from featcache.distributed import resolve_device
     from featcache.options import check_int
 
+    reads = [Path(run).expanduser() / "record.json", *(Path(str(i)) for i in inputs
+                                                       if Path(str(i)).is_file())]
+    if weights:
+        reads.append(Path(weights))
     if csv is not None:
-        csv = atomic.check_target(csv, "--csv", overwrite)
+        csv = atomic.check_target(csv, "--csv", overwrite, inputs=reads)
 
     check_int(top_k, "--top-k")
     check_int(batch_size, "--batch-size")

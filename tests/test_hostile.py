@@ -176,3 +176,70 @@ def test_cka_of_a_replaced_cache_is_not_paired_with_old_runs(tmp_path):
     store = json.loads((tmp_path / "r" / "cka.json").read_text()) \
         if (tmp_path / "r" / "cka.json").exists() else {}
     assert not store
+
+
+# -- 16-bit images ----------------------------------------------------------------------------
+
+def test_a_dark_16_bit_image_stays_dark(tmp_path):
+    """A 16-bit PNG (mode I;16) whose values stop at 254 was read as 8-bit: as bright as
+    the same picture at full 16-bit range. The format's range scales it, not its values."""
+    from PIL import Image
+
+    from featcache.inference import ImageFiles
+
+    ramp = (np.arange(64).reshape(8, 8) * 4 + 2).astype(np.uint16)  # 2 .. 254
+    Image.fromarray(ramp).save(tmp_path / "dark.png")
+    Image.fromarray(ramp * 257).save(tmp_path / "bright.png")
+    assert Image.open(tmp_path / "dark.png").mode == "I;16"
+    files = ImageFiles([tmp_path / "dark.png", tmp_path / "bright.png"], ["a"])
+    dark, bright = (np.asarray(files.load(i)) for i in range(2))
+    assert dark.shape == bright.shape == (8, 8, 3)
+    values = ramp.astype(np.float64)
+    np.testing.assert_array_equal(bright[..., 0], np.rint(values * 257 * 255 / 65535))
+    np.testing.assert_array_equal(dark[..., 0], np.rint(values * 255 / 65535))
+    assert dark.max() <= 1 < 250 <= bright.max()
+
+
+# -- outputs onto a command's own inputs ----------------------------------------------------
+
+def cache_split(root: Path, split: str = "test") -> Path:
+    (path,) = [p.parent for p in root.rglob("zarr.json") if p.parent.name == split
+               and (p.parent / "cls").is_dir()]
+    return path
+
+
+def test_export_never_writes_over_the_cache_it_exports(copy):
+    """`export C --out C/zarr.json --overwrite` destroyed the cache; so did --out onto a
+    shard file."""
+    cache = cache_split(copy["root"])
+    shard = next(p for p in sorted((cache / "cls").rglob("*")) if p.is_file()
+                 and p.name != "zarr.json")
+    for target in (cache / "zarr.json", shard):
+        before = target.read_bytes()
+        assert_user_error(run("export", cache, "--out", target, "--overwrite"),
+                          "one of this command's inputs", "write elsewhere")
+        assert target.read_bytes() == before
+    assert run("verify", cache).exit_code == 0
+
+
+def test_predict_and_export_model_refuse_their_inputs(copy, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    before = image.read_bytes()
+    assert_user_error(run("predict", copy["linear"], image, "--csv", image, "--overwrite"),
+                      "one of this command's inputs")
+    assert image.read_bytes() == before
+    ckpt = tmp_path / "w.pt2"
+    ckpt.write_bytes(b"weights")
+    assert_user_error(run("export-model", copy["linear"], "--out", ckpt, "--weights", ckpt,
+                          "--overwrite"), "one of this command's inputs")
+    assert ckpt.read_bytes() == b"weights"
+
+
+def test_export_model_of_a_missing_run_names_the_run(tmp_path):
+    """It said the folder of --out does not exist, though no --out was given."""
+    line = assert_user_error(run("export-model", tmp_path / "nonexistent" / "run"),
+                             "is not a run folder")
+    assert "--out" not in line
