@@ -49,6 +49,11 @@ def predict(
     from featcache.inference import predict as run_predict
     from featcache.progress import Bars
 
+    from featcache.errors import FeatcacheError
+
+    if json_out and csv == "-":
+        raise FeatcacheError("--json and --csv - both print the rows on standard output; "
+                             "choose one (or write the CSV to a file: --csv FILE)")
     quiet = json_out or csv == "-"
     with Bars("img", enabled=not quiet) as bars:
         result = run_predict(run, inputs or [], dataset=dataset, split=split, top_k=top_k,

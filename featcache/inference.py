@@ -98,9 +98,6 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
     if not record.get("method"):
         raise FeatcacheError(f"{path}: the record names no method (damaged?); run the same "
                              "`featcache probe` command again with --force")
-    from featcache.predictions import checked_run
-
-    checked_run(record)  # a record edited, or a file gone, is named before any work
     spec = method_of(record.get("method"))
     if spec is None:
         raise FeatcacheError(f"{path}: method {record.get('method')!r} is not registered here "
@@ -116,6 +113,9 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
         raise FeatcacheError(f"{path}: the record lacks {exc} (made by an older featcache?); "
                              "run the same `featcache probe` command with --force") from None
     check_file(path, HEAD_FILE, record)
+    from featcache.predictions import checked_run
+
+    checked_run(record)  # a record edited, or a file gone, is named before any work
     try:
         state = load_file(str(path / HEAD_FILE), device=str(device))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -250,11 +250,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         elif path.is_file():
             out.append(path)
         elif glob.has_magic(str(item)):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True)
-                           if Path(p).is_file())
-            if not found:
-                raise FeatcacheError(f"no files match {item}")
-            out += found
+            out += _glob_images(str(item), path)
         elif path.exists():
             raise FeatcacheError(f"{item} is neither a file nor a folder (a device?)")
         else:
@@ -264,10 +260,32 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def _glob_images(item: str, path: Path) -> list[Path]:
+    """A pattern's files, and the image files of the folders it matches."""
+    matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    found = [p for p in matches if p.is_file()]
+    folders = [p for p in matches if p.is_dir()]
+    for folder in folders:
+        found += _walk_images(folder)
+    if not found:
+        raise FeatcacheError(f"no files match {item}" if not folders else
+                             f"{item} matches {len(folders)} folder(s) that hold no image "
+                             f"files (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
 def _walk_images(folder: Path) -> list[Path]:
-    """Image files under a folder, recursively, hidden ones left out, in sorted order."""
+    """Image files under a folder, recursively, hidden ones left out, in sorted order.
+    Symlinked folders are followed; one already walked (a link back up: a loop) is not
+    walked again."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")
                   and f.rpartition(".")[2].lower() in IMAGE_EXTENSIONS]

@@ -243,3 +243,49 @@ def test_export_model_of_a_missing_run_names_the_run(tmp_path):
     line = assert_user_error(run("export-model", tmp_path / "nonexistent" / "run"),
                              "is not a run folder")
     assert "--out" not in line
+
+
+# -- predict's inputs ---------------------------------------------------------------------------
+
+def photos(tmp_path: Path) -> Path:
+    """photos/{a.png, sub/b.png, elsewhere -> ../outside (c.png), loop -> photos}."""
+    from PIL import Image
+
+    folder, outside = tmp_path / "photos", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for i, where in enumerate((folder / "a.png", folder / "sub" / "b.png",
+                               outside / "c.png")):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(where)
+    (folder / "elsewhere").symlink_to(outside, target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    return folder
+
+
+def test_symlinked_folders_are_followed_and_loops_guarded(tmp_path):
+    """`predict FOLDER` skipped symlinked subfolders without a word."""
+    from featcache.inference import collect_images
+
+    found = collect_images([photos(tmp_path)])
+    assert sorted(p.name for p in found) == ["a.png", "b.png", "c.png"]
+
+
+def test_a_glob_of_folders_predicts_their_images(trained, tmp_path):
+    """A quoted glob that matched only folders said 'no files match'."""
+    from featcache.inference import collect_images
+
+    photos(tmp_path)
+    found = collect_images([str(tmp_path / "pho*")])
+    assert sorted(p.name for p in found) == ["a.png", "b.png", "c.png"]
+    (tmp_path / "empty1").mkdir()
+    with pytest.raises(FeatcacheError, match="matches 1 folder.* hold no image files"):
+        collect_images([str(tmp_path / "empty*")])
+    done = run("predict", trained["linear"], str(tmp_path / "pho*"), "--json")
+    assert done.exit_code == 0, done.output
+    assert len(json.loads(done.stdout)) == 3
+
+
+def test_json_and_csv_on_stdout_is_refused(trained):
+    """`--json --csv -` dropped the CSV silently."""
+    assert_user_error(run("predict", trained["linear"], "--dataset", "digits", "--json",
+                          "--csv", "-"), "--json and --csv -", "choose one")
