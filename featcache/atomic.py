@@ -25,8 +25,6 @@ def check_target(path: str | Path, option: str, overwrite: bool = False,
     the command reads), or an existing file without --overwrite."""
     from featcache.errors import FeatcacheError
 
-    _refuse_inputs(Path(path).expanduser(), option, inputs)
-
     if not str(path).strip():
         raise FeatcacheError(f"{option} needs a file name")
     target = Path(path).expanduser()
@@ -41,6 +39,7 @@ def check_target(path: str | Path, option: str, overwrite: bool = False,
     if target.name in RUN_FILES and (target.parent / "record.json").is_file():
         raise FeatcacheError(f"{option} {target} is one of a run's own files; write "
                              "elsewhere")
+    _refuse_inputs(target, option, inputs)
     if target.exists() and not overwrite:
         raise FeatcacheError(f"{target} exists; pass --overwrite to replace it")
     return target
@@ -76,6 +75,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
+        honour_umask(tmp)
         if path.is_dir() and tmp.is_dir():
             _swap_dirs(tmp, path)
         else:
@@ -83,6 +83,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def umask() -> int:
+    """The process's umask (read from /proc where it is shown: setting it to read it back
+    races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a written file (or a written folder's files) the mode a plain `open` would:
+    0666 less the umask. Some writers create theirs 0600 (safetensors does), so on a
+    shared cluster a colleague could read a run's record but not its head."""
+    mode = 0o666 & ~umask()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] \
+        if path.is_dir() else []
+    for file in files:
+        if not file.is_symlink():
+            os.chmod(file, mode)
 
 
 def _swap_dirs(tmp: Path, path: Path) -> None:

@@ -289,3 +289,38 @@ def test_json_and_csv_on_stdout_is_refused(trained):
     """`--json --csv -` dropped the CSV silently."""
     assert_user_error(run("predict", trained["linear"], "--dataset", "digits", "--json",
                           "--csv", "-"), "--json and --csv -", "choose one")
+
+
+# -- the umask -------------------------------------------------------------------------------
+
+def modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink()}
+
+
+def test_every_written_file_honours_the_umask(trained, copy, tmp_path):
+    """head.safetensors and predictions.safetensors were 0600 beside a 0644 record.json."""
+    from PIL import Image
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    written = modes(trained["root"])
+    assert any(k.endswith("head.safetensors") for k in written)
+    wrong = {k: oct(v) for k, v in written.items() if v != 0o666 & ~mask}
+    assert not wrong, wrong
+    image, out = tmp_path / "a.png", tmp_path / "out"
+    Image.new("RGB", (32, 32), "red").save(image)
+    out.mkdir()
+    old = os.umask(0o002)  # group-writable: a shared project folder
+    try:
+        for args in (("predict", copy["linear"], image, "--csv", out / "p.csv"),
+                     ("export", cache_split(copy["root"]), "--out", out / "test.h5"),
+                     ("report", "--cache", copy["root"], "--out", out / "report", "--no-cka",
+                      "--resamples", 0)):
+            done = run(*args)
+            assert done.exit_code == 0, done.output
+    finally:
+        os.umask(old)
+    got = modes(out)
+    assert {"p.csv", "test.h5", "report/results.csv", "report/report.html"} <= set(got)
+    assert {k: oct(v) for k, v in got.items() if v != 0o664} == {}
