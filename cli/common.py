@@ -42,11 +42,21 @@ def user_errors(func: F) -> F:
                 _error("out of memory: use fewer layers (--layers), fewer samples (--shots), "
                        "a smaller --batch-size or --memory-gb, or a larger machine")
             except KeyboardInterrupt:
-                err_console.print("[yellow]interrupted[/]: what was finished is kept; "
-                                  "re-run the same command to resume.")
+                err_console.print(f"[yellow]interrupted[/]: {_after_interrupt(func)}",
+                                  highlight=False)
                 raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# the commands whose work is kept piece by piece, so that the same command resumes it
+RESUMABLE = ("extract", "probe", "demo")
+
+
+def _after_interrupt(func: Callable[..., Any]) -> str:
+    if func.__name__ in RESUMABLE:
+        return "what was finished is kept; re-run the same command to resume."
+    return "no file is left half-written; run the same command again."
 
 
 def _error(text: str) -> None:
