@@ -35,12 +35,19 @@ def user_errors(func: F) -> F:
             try:
                 return func(*args, **kwargs)
             except FeatcacheError as exc:
-                _error(str(exc))
+                _error(str(exc), exc.every_rank)
             except OSError as exc:  # a disk or a path the user gave: never a traceback
                 _error(disk_error(exc))
             except MemoryError:
                 _error("out of memory: use fewer layers (--layers), fewer samples (--shots), "
                        "a smaller --batch-size or --memory-gb, or a larger machine")
+            except RuntimeError as exc:  # under torchrun: a rank died mid-collective
+                from featcache.distributed import peer_died
+
+                line = peer_died(exc)
+                if line is None:
+                    raise
+                _error(line, every_rank=True)
             except KeyboardInterrupt:
                 err_console.print(f"[yellow]interrupted[/]: {_after_interrupt(func)}",
                                   highlight=False)
@@ -59,11 +66,11 @@ def _after_interrupt(func: Callable[..., Any]) -> str:
     return "no file is left half-written; run the same command again."
 
 
-def _error(text: str) -> None:
+def _error(text: str, every_rank: bool = False) -> None:
     from featcache.distributed import env_rank
 
     text = " ".join(str(text).split())  # one line, whatever a library's text held
-    if env_rank() == 0:  # under torchrun the line is said once, by rank 0
+    if env_rank() == 0 or every_rank:  # under torchrun the line is said once, by rank 0
         err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     raise typer.Exit(2) from None
 

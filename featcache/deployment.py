@@ -118,6 +118,9 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
     """`featcache export-model`: the run's backbone and head as one `torch.export` file
     (default `<run>/model.pt2`), its preprocessing and classes in `<out>.json`. Returns
     the file."""
+    from featcache.distributed import one_process_only
+
+    one_process_only("export-model")
     run = Path(run).expanduser()
     target = Path(out).expanduser() if out else run / "model.pt2"
     if target.suffix != ".pt2":

@@ -327,8 +327,10 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
     folders, globs) or to a dataset split (``dataset``, ``split``). ``csv``: also write
     the rows there (`write_csv`; an existing file only with ``overwrite``)."""
     from featcache import atomic
-    from featcache.distributed import resolve_device
+    from featcache.distributed import one_process_only, resolve_device
     from featcache.options import check_int
+
+    one_process_only("predict")
 
     reads = [Path(run).expanduser() / "record.json", *(Path(str(i)) for i in inputs
                                                        if Path(str(i)).is_file())]
@@ -360,8 +362,11 @@ def stop_on_interrupt() -> Iterator[Callable[[], None]]:
         yield lambda: None
         return
     hits: list[int] = []
+    main = os.getpid()
 
     def interrupted(signum: int, frame: Any) -> None:
+        if os.getpid() != main:  # a DataLoader worker forked before its own handler
+            return
         hits.append(signum)
         raise KeyboardInterrupt
 
@@ -373,6 +378,9 @@ def stop_on_interrupt() -> Iterator[Callable[[], None]]:
     try:
         yield check
         check()
+    except Exception:
+        check()  # what an interrupt broke on its way ("DataLoader worker exited"): Ctrl-C
+        raise
     finally:
         if previous is not None:  # None: a handler not set from Python, left as it was
             signal.signal(signal.SIGINT, previous)

@@ -411,3 +411,57 @@ def test_an_interrupt_a_library_swallows_still_stops(trained, tmp_path, monkeypa
     done = run("predict", trained["linear"], image, "--csv", out)
     assert done.exit_code == 130, (done.exit_code, done.output)
     assert not out.exists()
+
+
+# -- torchrun ----------------------------------------------------------------------------------
+
+def test_predict_under_torchrun_says_why_on_every_rank(trained, monkeypatch):
+    """Under torchrun, `predict` on rank 1 exited 2 with no message."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for args in (("predict", trained["linear"], "--dataset", "digits"),
+                 ("export-model", trained["linear"])):
+        assert_user_error(run(*args), "runs in one process", "rank 1 of 2", "without torchrun")
+
+
+@pytest.mark.slow
+def test_kill_9_of_rank_0_is_one_line_on_rank_1(tmp_path):
+    """`kill -9` of rank 0 made rank 1 print a gloo traceback ('Connection reset by
+    peer'); it must say, in one line, that rank 0 died."""
+    import subprocess
+    import sys
+
+    from probecache import SynthSpec, make_pair
+    from test_distributed import PROBE_SPEC
+
+    root = tmp_path / "cache"
+    make_pair(root, SynthSpec(**PROBE_SPEC))
+    script = (
+        "import os, signal, sys\n"
+        "from featcache import train\n"
+        "real = train.fit_grid\n"
+        "def dying(*a, **k):\n"
+        "    if os.environ['RANK'] == '0':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "train.fit_grid = dying\n"
+        "from featcache.cli.main import app\n"
+        "sys.argv[0] = 'featcache'\n"
+        "app()\n")
+    (tmp_path / "rank_script.py").write_text(script)
+    # torchrun's agent SIGTERMs the survivors once it sees rank 0 gone: polling every 20 s
+    # leaves rank 1 the time to meet the dead rank in its next collective (gloo says so at
+    # once), as it does on a cluster where the agent polls a busy node late
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "--monitor-interval", "20", str(tmp_path / "rank_script.py"), "probe",
+           "--method", "linear", "--cache", str(root), "--runs", str(tmp_path / "runs"),
+           "--grid", "quick", "--epochs", "1", "--min-steps", "5", "--memory-gb", "1e-6"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                          capture_output=True, timeout=400, cwd=Path(__file__).parents[1])
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "rank 0 died" in errors[0], done.stderr[-3000:]
+    # no traceback of the ranks (torchrun's launcher prints its own, of itself)
+    assert "Connection reset" not in done.stderr and "gloo" not in done.stderr
+    assert not [line for line in done.stderr.splitlines()
+                if line.strip().startswith("File ") and "/featcache/" in line]
