@@ -51,19 +51,22 @@ def probe(
              "CLS for the paper's models, AP for MAE).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     memory_gb: Annotated[float | None, typer.Option(
-        help="Memory budget for the grid's heads (default: half of free device memory).")
+        help="Memory budget for the grid's heads, in GiB (2^30 bytes; default: half of free "
+             "device memory).")
     ] = None,
     parallel: Annotated[str, typer.Option(
         help="Under torchrun: grid (ranks share each grid's configs; each holds all tokens), "
              "data (ranks share the samples, whole shards each; for tokens one device "
              "cannot hold), auto (data when the tokens do not fit one device).")] = "auto",
     max_host_memory_gb: Annotated[float | None, typer.Option(
-        help="Host memory the tokens may take; beyond it (default: 80 % of what is "
-             "available) they are streamed from the cache, shuffled by buffers of shards.")
+        help="Host memory the tokens may take, in GiB (2^30 bytes); beyond it (default: "
+             "80 % of what is available) they are streamed from the cache, shuffled by "
+             "buffers of shards.")
     ] = None,
     feature_memory_gb: Annotated[float | None, typer.Option(
-        help="Keep the cached tokens on the device up to this size, else stream them from "
-             "host memory (default: half of free device memory).")] = None,
+        help="Keep the cached tokens on the device up to this size, in GiB (2^30 bytes), "
+             "else stream them from host memory (default: half of free device memory).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch during the run (default: torch's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain finished runs.")] = False,

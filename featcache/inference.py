@@ -352,34 +352,53 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
                         stop)
 
 
+class Stopper:
+    """Ctrl-C always stops. A SIGINT is remembered as well as raised, and calling the
+    stopper raises it again where work goes on: an interrupt that lands while DataLoader
+    workers start was swallowed on its way (2 of 11 tries finished, wrote their CSV and
+    exited 0), or raised inside a finalizer ('Exception ignored in …', a traceback).
+    Inside `deferred()` (the DataLoader's loop) the first SIGINT is only remembered, and
+    raised at the next batch (a second one raises at once)."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.deferring = False
+        self.main = os.getpid()
+
+    def __call__(self) -> None:
+        if self.hits:
+            raise KeyboardInterrupt
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.main:  # a DataLoader worker forked before its own handler
+            return
+        self.hits += 1
+        if not self.deferring or self.hits > 1:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+
 @contextlib.contextmanager
 def stop_on_interrupt() -> Iterator[Callable[[], None]]:
-    """Ctrl-C always stops: a SIGINT is remembered as well as raised, and the yielded
-    check raises it again where work goes on (an interrupt that lands while DataLoader
-    workers start can be swallowed on its way: 2 of 11 tries finished, wrote their CSV and
-    exited 0). Off the main thread, where no signal arrives, the check does nothing."""
+    """A `Stopper` for the duration (off the main thread, where no signal arrives, one
+    that never stops)."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
-    hits: list[int] = []
-    main = os.getpid()
-
-    def interrupted(signum: int, frame: Any) -> None:
-        if os.getpid() != main:  # a DataLoader worker forked before its own handler
-            return
-        hits.append(signum)
-        raise KeyboardInterrupt
-
-    def check() -> None:
-        if hits:
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, interrupted)
+    stop = Stopper()
+    previous = signal.signal(signal.SIGINT, stop.handler)
     try:
-        yield check
-        check()
+        yield stop
+        stop()
     except Exception:
-        check()  # what an interrupt broke on its way ("DataLoader worker exited"): Ctrl-C
+        stop()  # what an interrupt broke on its way ("DataLoader worker exited"): Ctrl-C
         raise
     finally:
         if previous is not None:  # None: a handler not set from Python, left as it was
@@ -490,8 +509,9 @@ def _score(probe: TrainedProbe, backbone: Any, data: ImageDataset, device: torch
         if raw is not None and len(raw):
             pending.append(raw)
 
+    deferred = getattr(stop, "deferred", contextlib.nullcontext)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), deferred():
             for images, indices, errors in loader:
                 stop()
                 ok = [i for i, e in enumerate(errors) if not e]

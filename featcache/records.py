@@ -356,7 +356,8 @@ def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[RunRec
     root = Path(runs_root).expanduser()
     notes = problems if problems is not None else []
     if root.exists() and not root.is_dir():
-        raise FeatcacheError(f"the runs root {root} is a file, not a folder")
+        raise FeatcacheError(f"the runs root {root} is a file, not a folder; give the folder "
+                             "that holds the runs (<cache root>/runs by default)")
     if not root.is_dir():
         return []
     records = []
@@ -407,7 +408,10 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
     root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
     notes = problems if problems is not None else []
     rows = []
-    for rec in list_runs(root, notes):
+    found = list_runs(root, notes)
+    if not found and not notes:
+        misplaced_root(root, "--runs" if runs is not None else "--cache")
+    for rec in found:
         try:
             checked_run(rec)  # its metrics from its predictions, never only read
         except FeatcacheError as exc:
@@ -415,6 +419,24 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
             continue
         rows.append(summary_row(rec))
     return rows
+
+
+def misplaced_root(root: Path, option: str) -> None:
+    """A root that holds no runs where they live, but is one run's folder, lies inside a
+    runs root, or is itself the runs root given as --cache: one line naming the right
+    option (it said 'no runs; train some', of a folder full of them)."""
+    fix = "; give --runs {}"
+    if (root / "record.json").is_file():
+        raise FeatcacheError(f"{root} is one run's folder, not a runs root" +
+                             fix.format(root.parents[2]))
+    for depth in (1, 2):
+        if next(root.glob("*/" * depth + "record.json"), None) is not None:
+            raise FeatcacheError(f"{root} lies inside a runs root (<runs>/<model>/<dataset>"
+                                 "/<run>)" + fix.format(root.parents[3 - depth - 1]))
+    cache = root.parent if option == "--cache" else None
+    if cache is not None and next(cache.glob("*/*/*/record.json"), None) is not None:
+        raise FeatcacheError(f"--cache {cache} is a runs root, not a cache root" +
+                             fix.format(cache))
 
 
 def summary_row(record: dict[str, Any]) -> dict[str, Any]:

@@ -191,6 +191,9 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     if not records:
         if problems:
             raise FeatcacheError(f"no readable run records under {root}: {problems[0]}")
+        from featcache.records import misplaced_root
+
+        misplaced_root(root, "--runs")
         raise no_runs_error(root)
     records, predictions = checked_records(records, problems)
     rows = summarize(records, problems)

@@ -465,3 +465,45 @@ def test_kill_9_of_rank_0_is_one_line_on_rank_1(tmp_path):
     assert "Connection reset" not in done.stderr and "gloo" not in done.stderr
     assert not [line for line in done.stderr.splitlines()
                 if line.strip().startswith("File ") and "/featcache/" in line]
+
+
+# -- unclear lines ---------------------------------------------------------------------------
+
+def test_every_gb_option_says_gib():
+    """`--max-host-memory-gb 0.0005` printed 524.3 KiB: the options take GiB; say so."""
+    import typer
+
+    from featcache.cli.main import app
+
+    group = typer.main.get_command(app)
+    seen = []
+    for name, command in group.commands.items():
+        for param in command.params:
+            if any(opt.endswith("-gb") for opt in getattr(param, "opts", [])):
+                seen.append((name, param.opts[0]))
+                assert "GiB" in (param.help or ""), (name, param.opts, param.help)
+    assert ("probe", "--max-host-memory-gb") in seen
+
+
+def test_runs_on_a_run_folder_or_a_runs_root_as_cache_names_the_right_root(trained):
+    """`runs` on a run folder said 'no runs; train some with featcache probe'."""
+    runs_root = trained["root"] / "runs"
+    for args in (("--runs", trained["linear"]), ("--runs", trained["linear"].parent),
+                 ("--runs", trained["linear"].parent.parent), ("--cache", runs_root)):
+        line = assert_user_error(run("runs", *args), f"give --runs {runs_root}")
+        assert "train some" not in line
+    assert_user_error(run("report", "--runs", trained["linear"], "--out", trained["root"] /
+                          "no-report"), "one run's folder", f"give --runs {runs_root}")
+
+
+def test_verify_of_a_cache_root_points_to_cache_option(trained):
+    assert_user_error(run("verify", trained["root"]), "is a cache root",
+                      f"featcache verify --cache {trained['root']}")
+
+
+def test_predict_after_a_record_edit_names_the_record(copy):
+    """It blamed 'the images, the backbone or the device'."""
+    edit_record(copy["linear"], lambda r: r["metrics"].update(top1=1.0))
+    line = assert_user_error(run("predict", copy["linear"], "--dataset", "digits"),
+                             "its record says 1.0000", "changed after the run")
+    assert "the images, the backbone or the device" not in line
