@@ -119,27 +119,49 @@ def options_from(cls: type[Opts], params: dict[str, Any]) -> Opts:
     return cls(**{k: v for k, v in params.items() if k in fields})
 
 
+Column = tuple  # (header, cell of a row) or (header, cell, the terminal width it needs)
+
+
 def print_rows(rows: list[dict[str, Any]], json_out: bool, title: str,
-               columns: list[tuple[str, Callable[[dict[str, Any]], str]]],
-               **column_style: Any) -> bool:
+               columns: list[Column], **column_style: Any) -> bool:
     """A command's rows: JSON on stdout with `--json`, else a table of `columns`
-    (header, cell of a row). Returns False when there was nothing to show."""
+    (header, cell of a row[, the terminal width from which the column is shown]: a
+    narrow terminal gets fewer columns, never words broken inside cells). Returns False
+    when there was nothing to show."""
     if json_out:
         print_json(rows)
         return bool(rows)
     if not rows:
         return False
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
-    for i, (header, _) in enumerate(columns):
-        # the first column is a name to copy into a command: never wrapped or cut
-        table.add_column(header, **({**column_style, "no_wrap": True, "overflow": "ignore"}
-                                    if i == 0 else column_style))
-    for row in rows:
-        table.add_row(*(cell(row) for _, cell in columns))
+    shown = [c for c in columns if len(c) < 3 or console.width >= c[2]]
+    cells = [[column[1](row) for column in shown] for row in rows]
+    words = [max(_longest_word(t) for t in (col[0], *(line[i] for line in cells)))
+             for i, col in enumerate(shown)]
+    # each column takes its widest word plus 3 (padding and a separator), no outer edges
+    while sum(words) + 3 * len(words) - 3 > console.width and any(len(c) > 2 for c in shown):
+        drop = max((i for i, c in enumerate(shown) if len(c) > 2), key=lambda i: shown[i][2])
+        del shown[drop], words[drop]
+        cells = [line[:drop] + line[drop + 1:] for line in cells]
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    style = {**column_style, "overflow": "fold"}
+    for i, (header, *_) in enumerate(shown):
+        # the first column is a name to copy into a command: never wrapped or cut; the
+        # others wrap at spaces, never inside a word where the terminal is wide enough
+        table.add_column(header, **({**style, "no_wrap": True, "overflow": "ignore"}
+                                    if i == 0 else {**style, "min_width": words[i]}))
+    for line in cells:
+        table.add_row(*line)
     console.print(table)
     return True
+
+
+def _longest_word(text: str) -> int:
+    from rich.text import Text
+
+    return max((len(w) for w in Text.from_markup(text).plain.split()), default=0)
 
 
 def print_json(obj: Any) -> None:

@@ -97,11 +97,12 @@ def probe(
         return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in (r["selected"] or {}).items())
 
+    # 80 columns: the names and the paper's number; wider terminals add the rest
     print_rows(rows, json_out, f"probe --method {method}: test accuracy (%)", [
-        ("model", lambda r: r["model"]), ("dataset", lambda r: r["dataset"]),
+        ("model", lambda r: short_model(str(r["model"]))), ("dataset", lambda r: r["dataset"]),
         ("layers", lambda r: r["layer_set"]), ("seed", lambda r: str(r["seed"])),
         ("balanced top-1", lambda r: _fmt(r["balanced_top1"])),
-        ("top-1", lambda r: _fmt(r["top1"])), ("selected", selected),
+        ("top-1", lambda r: _fmt(r["top1"]), 100), ("selected", selected, 90),
         ("status", lambda r: "trained" if r["status"] == "trained"
          else "[dim]done before (--force)[/]")], overflow="fold")
 
@@ -129,15 +130,23 @@ def runs(
         err_console.print(f"[yellow]{len(skipped)} unreadable record(s) skipped[/]"
                           + (f" ({len(problems) - 5} notes not shown)" if len(problems) > 5
                              else ""))
+    variants = any(r["variant"] for r in rows)  # a column of "paper recipe" says nothing
     shown = print_rows(rows, json_out, f"runs under {root}", [
-        ("model", lambda r: str(r["model"])), ("dataset", lambda r: str(r["dataset"])),
+        ("model", lambda r: short_model(str(r["model"]))), ("dataset", lambda r: str(r["dataset"])),
         ("method", lambda r: str(r["method"])), ("layers", lambda r: str(r["layer_set"])),
-        ("variant", lambda r: r["variant"] or "paper recipe"),
+        *([("variant", lambda r: r["variant"] or "paper")] if variants else []),
         ("seed", lambda r: str(r["seed"])),
         ("balanced top-1", lambda r: _fmt(r["balanced_top1"])),
-        ("top-1", lambda r: _fmt(r["top1"]))], overflow="fold")
+        ("top-1", lambda r: _fmt(r["top1"]), 100),
+        ("settings id", lambda r: str(r["settings_id"] or ""), 120)])
     if not shown and not json_out:
         console.print(f"no runs under {root}; train some with `featcache probe`")
+
+
+def short_model(name: str) -> str:
+    """A model's name without its backend (`timm:`, `open_clip:`) below 100 columns:
+    the full name is in --json and the run's path."""
+    return name.split(":", 1)[-1] if console.width < 100 else name
 
 
 def register(app: typer.Typer) -> None:

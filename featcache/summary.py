@@ -240,7 +240,7 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
                 "gain": None,
                 "paper": (paper_number(model, dataset, first["method"], first.get("layer_set"))
                           if not per_layer(first["method"]) and not first["_variant"] else None),
-                "best_layer": max(set(best), key=best.count) if best else None,
+                "best_layer": max(sorted(set(best)), key=best.count) if best else None,
             }
         for col, cell in cells.items():
             base = cells.get(baseline_of(col))

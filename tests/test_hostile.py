@@ -507,3 +507,62 @@ def test_predict_after_a_record_edit_names_the_record(copy):
     line = assert_user_error(run("predict", copy["linear"], "--dataset", "digits"),
                              "its record says 1.0000", "changed after the run")
     assert "the images, the backbone or the device" not in line
+
+
+# -- 80-column tables -------------------------------------------------------------------------
+
+@pytest.fixture
+def narrow(monkeypatch):
+    """The CLI's consoles at a terminal's width (80 unless the test says otherwise)."""
+    from featcache.cli import common
+
+    def at(width: int) -> None:
+        for console in (common.console, common.err_console):
+            monkeypatch.setattr(console, "_width", width)
+
+    at(80)
+    return at
+
+
+def assert_whole(output: str, words: set[str], width: int) -> None:
+    lines = output.splitlines()
+    assert max(len(line) for line in lines) <= width, output
+    found = {w for line in lines for w in line.replace("│", " ").replace("┃", " ").split()}
+    assert words <= found, (words - found, output)
+
+
+def test_runs_and_probe_tables_are_readable_at_80_columns(trained, narrow):
+    """At 80 columns `runs` broke words inside cells ('digi ts', 'grid =qui ck')."""
+    done = run("runs", "--cache", trained["root"])
+    assert done.exit_code == 0, done.output
+    assert_whole(done.stdout, {"vit_tiny_patch16_224", "digits", "linear", "alf",
+                               "grid=quick,", "min_steps=5", "balanced", "top-1"}, 80)
+    narrow(140)  # a wider terminal shows more: top-1 and the settings id
+    wide = run("runs", "--cache", trained["root"])
+    ident = json.loads((trained["linear"] / "record.json").read_text())["settings_id"]
+    assert_whole(wide.stdout, {"timm:vit_tiny_patch16_224", ident, "top-1"}, 140)
+    narrow(80)
+    again = run("probe", "--method", "linear", "--cache", trained["root"], "--grid", "quick",
+                "--epochs", 1, "--min-steps", 5, "--threads", 1)
+    assert again.exit_code == 0, again.output
+    assert_whole(again.stdout, {"vit_tiny_patch16_224", "digits", "balanced"}, 80)
+
+
+def test_report_table_is_readable_at_80_columns(tmp_path, narrow):
+    """At 80 columns the report's table folded 'line ar' and cut the last columns; now its
+    method columns come in as many tables as fit, every number whole."""
+    from runrecords import write_realistic_set
+
+    write_realistic_set(tmp_path / "runs")
+    done = run("report", "--runs", tmp_path / "runs", "--format", "", "--no-cka",
+               "--resamples", 0)
+    assert done.exit_code == 0, done.output
+    words = {"clip-vit-b16", "tiny-vit", "linear", "concat:all", "alf:all", "layers",
+             "FER2013", "SVHN", "digits"}
+    assert_whole(done.stdout, words, 80)
+    assert "part 2 of 2" in done.stdout
+    narrow(200)
+    wide = run("report", "--runs", tmp_path / "runs", "--format", "", "--no-cka",
+               "--resamples", 0)
+    assert_whole(wide.stdout, words, 200)
+    assert "part" not in wide.stdout
