@@ -30,7 +30,7 @@ from featcache.features import NORM_EPS
 from featcache.inference import TrainedProbe, load_trained, rebuild_backbone
 
 EXTRA_FILE = "featcache.json"
-MAX_BATCH = 4096  # the exported batch axis runs 1 … MAX_BATCH
+MAX_BATCH = None  # the exported batch axis: 1 … any (None: torch.export sets no bound)
 
 
 class DeployedProbe(nn.Module):
@@ -136,7 +136,9 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
     backbone = rebuild_backbone(probe, weights).eval()
     module = DeployedProbe(backbone, probe).eval()
     example = torch.zeros(2, *backbone.input_size)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # no upper bound: the graph has no loop over batches (4,096 was an arbitrary bound;
+    # tests/test_hostile.py runs a batch beyond it through the exported file)
+    batch = torch.export.Dim("batch", min=1, **({"max": MAX_BATCH} if MAX_BATCH else {}))
     try:
         with torch.no_grad():
             program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},),
@@ -154,7 +156,7 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
         "tokens": [f"{n}.{k}" for n, k in probe.tokens],
         "class_names": probe.class_names,
         "input": {"shape": ["batch", *backbone.input_size], "dtype": "float32",
-                  "batch": [1, MAX_BATCH]},
+                  "batch": [1, MAX_BATCH]},  # null: no upper bound
         "output": "class probabilities (batch, classes), softmax of the logits",
         "preprocess": probe.fingerprint["model"].get("preprocess"),
         "preprocess_steps": preprocessing_steps(backbone.transform),

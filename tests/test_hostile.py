@@ -566,3 +566,20 @@ def test_report_table_is_readable_at_80_columns(tmp_path, narrow):
                "--resamples", 0)
     assert_whole(wide.stdout, words, 200)
     assert "part" not in wide.stdout
+
+
+# -- the exported model's batch ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_exported_model_takes_batches_beyond_4096(trained, tmp_path):
+    """The README said 'any batch size'; the file took 1 to 4,096."""
+    from featcache.deployment import export_model
+
+    path = export_model(trained["linear"], tmp_path / "m.pt2")
+    assert json.loads(path.with_suffix(".json").read_text())["input"]["batch"] == [1, None]
+    module = torch.export.load(str(path)).module()
+    x = torch.randn(4097, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        many, one = module(x), module(x[-1:])
+    assert many.shape == (4097, 10)
+    torch.testing.assert_close(many[-1:], one, atol=1e-5, rtol=1e-5)
