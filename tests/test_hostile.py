@@ -370,7 +370,6 @@ def test_ctrl_c_while_workers_start_always_stops(trained, tmp_path, delay):
     """Ctrl-C during `predict --workers 2` was swallowed 2 of 11 times while the workers
     started: the command finished, wrote its CSV and exited 0."""
     import threading
-
     import time
 
     images = many_images(tmp_path / "imgs")
@@ -472,7 +471,6 @@ def test_kill_9_of_rank_0_is_one_line_on_rank_1(tmp_path):
 def test_every_gb_option_says_gib():
     """`--max-host-memory-gb 0.0005` printed 524.3 KiB: the options take GiB; say so."""
     import typer
-
     from featcache.cli.main import app
 
     group = typer.main.get_command(app)
