@@ -98,20 +98,38 @@ def load_predictions(run_dir: str | Path, logits: bool = True,
     return out
 
 
-def test_metrics(pred: Predictions, n_classes: int | None = None) -> dict[str, float]:
-    """Top-1, top-k, balanced top-1 and balanced top-k in percent (k = the stored top-k's
-    width, min(5, C), as the probe scored them), from the predictions alone."""
+def test_metrics(pred: Predictions, n_classes: int | None = None
+                 ) -> dict[str, float | None]:
+    """Top-1, top-5, balanced top-1 and balanced top-5 in percent, from the predictions
+    alone, as the probe scores them (`featcache.selection.logit_metrics`: top-k with
+    k = min(5, C), the stored top-k's width; no top-5 below 6 classes, where every one is
+    trivially right). ``n_classes`` unknown: top-5 as the stored top-k gives it."""
     from featcache.bootstrap import balanced
+    from featcache.selection import TOP5_MIN_CLASSES
 
     size = max(int(pred.label.max()) + 1, n_classes or 0)
     counts = np.bincount(pred.label, minlength=size)
     hit_k = (pred.top_k == pred.label[:, None]).any(1)
-    out = {}
+    out: dict[str, float | None] = {}
     for name, hits in (("1", pred.correct), ("5", hit_k)):
         out[f"top{name}"] = float(100 * hits.mean())
         out[f"balanced_top{name}"] = float(balanced(
             np.bincount(pred.label, weights=hits, minlength=size), counts))
+    if n_classes is not None and n_classes < TOP5_MIN_CLASSES:
+        out["top5"] = out["balanced_top5"] = None
     return out
+
+
+def _n_classes(record: dict[str, Any], pred: Predictions) -> int | None:
+    """The run's class count: the record's, else its class names', else (below 5) the
+    stored top-k's width."""
+    names = (record.get("per_class") or {}).get("class_names") \
+        if isinstance(record.get("per_class"), dict) else None
+    for n in (record.get("n_classes"), len(names) if isinstance(names, list) else None):
+        if isinstance(n, int) and n > 0:
+            return n
+    width = pred.top_k.shape[1] if pred.top_k.ndim == 2 else 0
+    return width if 0 < width < 5 else None
 
 
 def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None:
@@ -121,13 +139,16 @@ def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None
     if not len(pred.label):
         return
     stated = record.get("metrics") or {}
-    here = test_metrics(pred)
+    here = test_metrics(pred, _n_classes(record, pred))
     for key, value in here.items():
         said = stated.get(key)
-        if not isinstance(said, (int, float)) or abs(value - said) > 1e-3:
+        if value is None and said is None:
+            continue
+        if value is None or not isinstance(said, (int, float)) or abs(value - said) > 1e-3:
             shown = f"{said:.4f}" if isinstance(said, (int, float)) else repr(said)
             name = key.replace("_", " ").replace("top", "top-")
-            raise FeatcacheError(f"{path} gives {name} {value:.4f} but its record says "
+            given = "none" if value is None else f"{value:.4f}"
+            raise FeatcacheError(f"{path} gives {name} {given} but its record says "
                                  f"{shown}: one of them was changed after the run; run the "
                                  "same `featcache probe` command again with --force")
 
@@ -142,5 +163,6 @@ def checked_run(record: dict[str, Any]) -> Predictions | None:
     check_record(record)
     pred = load_predictions(record["path"], logits=False, record=record)
     if pred is not None and len(pred.label):
-        record["metrics"] = {**(record.get("metrics") or {}), **test_metrics(pred)}
+        record["metrics"] = {**(record.get("metrics") or {}),
+                             **test_metrics(pred, _n_classes(record, pred))}
     return pred
