@@ -35,25 +35,42 @@ def user_errors(func: F) -> F:
             try:
                 return func(*args, **kwargs)
             except FeatcacheError as exc:
-                _error(str(exc))
+                _error(str(exc), exc.every_rank)
             except OSError as exc:  # a disk or a path the user gave: never a traceback
                 _error(disk_error(exc))
             except MemoryError:
                 _error("out of memory: use fewer layers (--layers), fewer samples (--shots), "
                        "a smaller --batch-size or --memory-gb, or a larger machine")
+            except RuntimeError as exc:  # under torchrun: a rank died mid-collective
+                from featcache.distributed import peer_died
+
+                line = peer_died(exc)
+                if line is None:
+                    raise
+                _error(line, every_rank=True)
             except KeyboardInterrupt:
-                err_console.print("[yellow]interrupted[/]: what was finished is kept; "
-                                  "re-run the same command to resume.")
+                err_console.print(f"[yellow]interrupted[/]: {_after_interrupt(func)}",
+                                  highlight=False)
                 raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def _error(text: str) -> None:
+# the commands whose work is kept piece by piece, so that the same command resumes it
+RESUMABLE = ("extract", "probe", "demo")
+
+
+def _after_interrupt(func: Callable[..., Any]) -> str:
+    if func.__name__ in RESUMABLE:
+        return "what was finished is kept; re-run the same command to resume."
+    return "no file is left half-written; run the same command again."
+
+
+def _error(text: str, every_rank: bool = False) -> None:
     from featcache.distributed import env_rank
 
     text = " ".join(str(text).split())  # one line, whatever a library's text held
-    if env_rank() == 0:  # under torchrun the line is said once, by rank 0
+    if env_rank() == 0 or every_rank:  # under torchrun the line is said once, by rank 0
         err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     raise typer.Exit(2) from None
 
@@ -102,27 +119,49 @@ def options_from(cls: type[Opts], params: dict[str, Any]) -> Opts:
     return cls(**{k: v for k, v in params.items() if k in fields})
 
 
+Column = tuple  # (header, cell of a row) or (header, cell, the terminal width it needs)
+
+
 def print_rows(rows: list[dict[str, Any]], json_out: bool, title: str,
-               columns: list[tuple[str, Callable[[dict[str, Any]], str]]],
-               **column_style: Any) -> bool:
+               columns: list[Column], **column_style: Any) -> bool:
     """A command's rows: JSON on stdout with `--json`, else a table of `columns`
-    (header, cell of a row). Returns False when there was nothing to show."""
+    (header, cell of a row[, the terminal width from which the column is shown]: a
+    narrow terminal gets fewer columns, never words broken inside cells). Returns False
+    when there was nothing to show."""
     if json_out:
         print_json(rows)
         return bool(rows)
     if not rows:
         return False
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
-    for i, (header, _) in enumerate(columns):
-        # the first column is a name to copy into a command: never wrapped or cut
-        table.add_column(header, **({**column_style, "no_wrap": True, "overflow": "ignore"}
-                                    if i == 0 else column_style))
-    for row in rows:
-        table.add_row(*(cell(row) for _, cell in columns))
+    shown = [c for c in columns if len(c) < 3 or console.width >= c[2]]
+    cells = [[column[1](row) for column in shown] for row in rows]
+    words = [max(_longest_word(t) for t in (col[0], *(line[i] for line in cells)))
+             for i, col in enumerate(shown)]
+    # each column takes its widest word plus 3 (padding and a separator), no outer edges
+    while sum(words) + 3 * len(words) - 3 > console.width and any(len(c) > 2 for c in shown):
+        drop = max((i for i, c in enumerate(shown) if len(c) > 2), key=lambda i: shown[i][2])
+        del shown[drop], words[drop]
+        cells = [line[:drop] + line[drop + 1:] for line in cells]
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    style = {**column_style, "overflow": "fold"}
+    for i, (header, *_) in enumerate(shown):
+        # the first column is a name to copy into a command: never wrapped or cut; the
+        # others wrap at spaces, never inside a word where the terminal is wide enough
+        table.add_column(header, **({**style, "no_wrap": True, "overflow": "ignore"}
+                                    if i == 0 else {**style, "min_width": words[i]}))
+    for line in cells:
+        table.add_row(*line)
     console.print(table)
     return True
+
+
+def _longest_word(text: str) -> int:
+    from rich.text import Text
+
+    return max((len(w) for w in Text.from_markup(text).plain.split()), default=0)
 
 
 def print_json(obj: Any) -> None:

@@ -10,6 +10,7 @@ from featcache.cli.common import console, options_from, print_json, print_rows, 
 from rich import box
 from rich.table import Table
 
+from featcache.errors import FeatcacheError
 from featcache.text import human_bytes
 
 CacheOpt = Annotated[Path | None, typer.Option(
@@ -211,6 +212,10 @@ def verify(
     not repaired (or a user error)."""
     from featcache.verification import verify as run_verify
 
+    if path is not None and not (path / "zarr.json").exists() \
+            and next(path.glob("*/*/*/zarr.json"), None) is not None:
+        raise FeatcacheError(f"{path} is a cache root, not one cache; verify every cache "
+                             f"under it with `featcache verify --cache {path}`")
     results = run_verify(path, cache, repair)
     if json_out:
         print_json([r.as_json() for r in results])

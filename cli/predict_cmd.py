@@ -45,10 +45,14 @@ def predict(
     """Apply a run's probe to new images: its backbone is rebuilt from the cache's
     fingerprint (same weights, checked) and the head scores them as in training. On the
     run's own test split it reproduces the record's test metrics."""
+    from featcache.errors import FeatcacheError
     from featcache.inference import csv_text
     from featcache.inference import predict as run_predict
     from featcache.progress import Bars
 
+    if json_out and csv == "-":
+        raise FeatcacheError("--json and --csv - both print the rows on standard output; "
+                             "choose one (or write the CSV to a file: --csv FILE)")
     quiet = json_out or csv == "-"
     with Bars("img", enabled=not quiet) as bars:
         result = run_predict(run, inputs or [], dataset=dataset, split=split, top_k=top_k,

@@ -51,19 +51,22 @@ def probe(
              "CLS for the paper's models, AP for MAE).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     memory_gb: Annotated[float | None, typer.Option(
-        help="Memory budget for the grid's heads (default: half of free device memory).")
+        help="Memory budget for the grid's heads, in GiB (2^30 bytes; default: half of free "
+             "device memory).")
     ] = None,
     parallel: Annotated[str, typer.Option(
         help="Under torchrun: grid (ranks share each grid's configs; each holds all tokens), "
              "data (ranks share the samples, whole shards each; for tokens one device "
              "cannot hold), auto (data when the tokens do not fit one device).")] = "auto",
     max_host_memory_gb: Annotated[float | None, typer.Option(
-        help="Host memory the tokens may take; beyond it (default: 80 % of what is "
-             "available) they are streamed from the cache, shuffled by buffers of shards.")
+        help="Host memory the tokens may take, in GiB (2^30 bytes); beyond it (default: "
+             "80 % of what is available) they are streamed from the cache, shuffled by "
+             "buffers of shards.")
     ] = None,
     feature_memory_gb: Annotated[float | None, typer.Option(
-        help="Keep the cached tokens on the device up to this size, else stream them from "
-             "host memory (default: half of free device memory).")] = None,
+        help="Keep the cached tokens on the device up to this size, in GiB (2^30 bytes), "
+             "else stream them from host memory (default: half of free device memory).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch during the run (default: torch's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain finished runs.")] = False,
@@ -98,11 +101,12 @@ def probe(
         return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in (r["selected"] or {}).items())
 
+    # 80 columns: the names and the paper's number; wider terminals add the rest
     print_rows(rows, json_out, f"probe --method {method}: test accuracy (%)", [
-        ("model", lambda r: r["model"]), ("dataset", lambda r: r["dataset"]),
+        ("model", lambda r: short_model(str(r["model"]))), ("dataset", lambda r: r["dataset"]),
         ("layers", lambda r: r["layer_set"]), ("seed", lambda r: str(r["seed"])),
         ("balanced top-1", lambda r: _fmt(r["balanced_top1"])),
-        ("top-1", lambda r: _fmt(r["top1"])), ("selected", selected),
+        ("top-1", lambda r: _fmt(r["top1"]), 100), ("selected", selected, 90),
         ("status", lambda r: "trained" if r["status"] == "trained"
          else "[dim]done before (--force)[/]")], overflow="fold")
 
@@ -130,15 +134,23 @@ def runs(
         err_console.print(f"[yellow]{len(skipped)} unreadable record(s) skipped[/]"
                           + (f" ({len(problems) - 5} notes not shown)" if len(problems) > 5
                              else ""))
+    variants = any(r["variant"] for r in rows)  # a column of "paper recipe" says nothing
     shown = print_rows(rows, json_out, f"runs under {root}", [
-        ("model", lambda r: str(r["model"])), ("dataset", lambda r: str(r["dataset"])),
+        ("model", lambda r: short_model(str(r["model"]))), ("dataset", lambda r: str(r["dataset"])),
         ("method", lambda r: str(r["method"])), ("layers", lambda r: str(r["layer_set"])),
-        ("variant", lambda r: r["variant"] or "paper recipe"),
+        *([("variant", lambda r: r["variant"] or "paper")] if variants else []),
         ("seed", lambda r: str(r["seed"])),
         ("balanced top-1", lambda r: _fmt(r["balanced_top1"])),
-        ("top-1", lambda r: _fmt(r["top1"]))], overflow="fold")
+        ("top-1", lambda r: _fmt(r["top1"]), 100),
+        ("settings id", lambda r: str(r["settings_id"] or ""), 120)])
     if not shown and not json_out:
         console.print(f"no runs under {root}; train some with `featcache probe`")
+
+
+def short_model(name: str) -> str:
+    """A model's name without its backend (`timm:`, `open_clip:`) below 100 columns:
+    the full name is in --json and the run's path."""
+    return name.split(":", 1)[-1] if console.width < 100 else name
 
 
 def register(app: typer.Typer) -> None:

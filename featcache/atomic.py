@@ -16,10 +16,13 @@ from pathlib import Path
 RUN_FILES = ("record.json", "head.safetensors", "predictions.safetensors")
 
 
-def check_target(path: str | Path, option: str, overwrite: bool = False) -> Path:
+def check_target(path: str | Path, option: str, overwrite: bool = False,
+                 inputs: tuple[str | Path, ...] | list[str | Path] = ()) -> Path:
     """Where a command will write one file, refused in one line before any work is done:
     no name, a folder, a device or other non-file (the rename would replace it), a
-    missing folder, one of a run's own files, or an existing file without --overwrite."""
+    missing folder, one of a run's own files, one of the command's ``inputs`` or a file
+    inside one (a cache, a run folder, a checkpoint: --overwrite never writes over what
+    the command reads), or an existing file without --overwrite."""
     from featcache.errors import FeatcacheError
 
     if not str(path).strip():
@@ -36,9 +39,22 @@ def check_target(path: str | Path, option: str, overwrite: bool = False) -> Path
     if target.name in RUN_FILES and (target.parent / "record.json").is_file():
         raise FeatcacheError(f"{option} {target} is one of a run's own files; write "
                              "elsewhere")
+    _refuse_inputs(target, option, inputs)
     if target.exists() and not overwrite:
         raise FeatcacheError(f"{target} exists; pass --overwrite to replace it")
     return target
+
+
+def _refuse_inputs(target: Path, option: str, inputs: tuple | list) -> None:
+    from featcache.errors import FeatcacheError
+
+    where = target.resolve()
+    for item in inputs:
+        source = Path(item).expanduser().resolve()
+        if where == source or source in where.parents:
+            what = "is" if where == source else f"lies inside {source},"
+            raise FeatcacheError(f"{option} {target} {what} one of this command's inputs; "
+                                 "write elsewhere")
 
 
 def _temporary(path: Path) -> Path:
@@ -59,6 +75,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
+        honour_umask(tmp)
         if path.is_dir() and tmp.is_dir():
             _swap_dirs(tmp, path)
         else:
@@ -66,6 +83,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def umask() -> int:
+    """The process's umask (read from /proc where it is shown: setting it to read it back
+    races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a written file (or a written folder's files) the mode a plain `open` would:
+    0666 less the umask. Some writers create theirs 0600 (safetensors does), so on a
+    shared cluster a colleague could read a run's record but not its head."""
+    mode = 0o666 & ~umask()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] \
+        if path.is_dir() else []
+    for file in files:
+        if not file.is_symlink():
+            os.chmod(file, mode)
 
 
 def _swap_dirs(tmp: Path, path: Path) -> None:

@@ -67,7 +67,7 @@ def export_hdf5(cache: Cache, out: Path, overwrite: bool = False) -> Path:
     if Path(out).is_dir():
         raise FeatcacheError(f"--out {out} is a folder; give a file name, e.g. "
                              f"{Path(out) / (cache.path.name + '.h5')}")
-    out = atomic.check_target(out, "--out", overwrite)
+    out = atomic.check_target(out, "--out", overwrite, inputs=[cache.path])
     if not cache.complete:
         raise FeatcacheError(f"{cache.path} is not complete; finish it with `featcache extract` "
                              "first (re-run the same command)")

@@ -126,9 +126,12 @@ CKA_FILE = "cka.json"
 CKA_MAX_SAMPLES = 2000
 
 
-def _cka_key(cache_path: str, fingerprint: Any, kind: str) -> str:
-    blob = json.dumps([cache_path, fingerprint, kind, CKA_MAX_SAMPLES], sort_keys=True,
-                      default=str)
+def _cka_key(fingerprint: Any, kind: str) -> str:
+    """A cache's CKA is keyed by its fingerprint, not its path: a cache replaced at the
+    same path (`extract --overwrite` with other settings) is another key."""
+    from featcache.records import settings_id
+
+    blob = json.dumps([settings_id(fingerprint), kind, CKA_MAX_SAMPLES], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -155,8 +158,10 @@ def layer_cka(records: Sequence[dict], out_dir: Path | None, compute: bool = Tru
             store = {}
     pairs: dict[tuple[str, str], dict] = {}
     for rec in records:
-        if per_layer(rec.get("method")):
-            pairs.setdefault((str(rec["model_dir"]), str(rec["dataset"])), rec)
+        pair = (str(rec["model_dir"]), str(rec["dataset"]))
+        if per_layer(rec.get("method")) and (  # the newest: on the cache there now
+                pair not in pairs or str(rec.get("created")) > str(pairs[pair].get("created"))):
+            pairs[pair] = rec
     out: dict[tuple[str, str], dict] = {}
     skipped: list[str] = []
     changed = False
@@ -168,14 +173,14 @@ def layer_cka(records: Sequence[dict], out_dir: Path | None, compute: bool = Tru
             skipped.append(f"{model_dir}/{dataset}: the record names no cache")
             continue
         fps = rec.get("fingerprints") if isinstance(rec.get("fingerprints"), dict) else {}
-        key = _cka_key(str(path), fps.get(split), "cls+ap")
+        key = _cka_key(fps.get(split), "cls+ap")
         if key in store:
             out[(model_dir, dataset)] = store[key]
             continue
         if not compute:
             continue
         try:
-            result = _compute_cka(str(path), open_cache)
+            result = _compute_cka(str(path), open_cache, fps.get(split))
         except FeatcacheError as exc:
             skipped.append(f"{model_dir}/{dataset}: {exc}")
             continue
@@ -202,7 +207,8 @@ def layer_cka(records: Sequence[dict], out_dir: Path | None, compute: bool = Tru
     return out
 
 
-def _compute_cka(path: str, open_cache: Callable[[str], Any] | None) -> dict[str, Any]:
+def _compute_cka(path: str, open_cache: Callable[[str], Any] | None,
+                 fingerprint: Any = None) -> dict[str, Any]:
     from featcache.cka import layer_cka_to_last
 
     if open_cache is None:
@@ -212,6 +218,9 @@ def _compute_cka(path: str, open_cache: Callable[[str], Any] | None) -> dict[str
 
         open_cache = _open
     cache = open_cache(path)
+    if not same_fingerprint(cache, fingerprint):
+        raise FeatcacheError(f"the cache at {path} was replaced since its runs (extract "
+                             "--overwrite?); its CKA would not describe them")
     kinds = getattr(cache, "token_kinds", ("cls", "ap"))  # a model without CLS has no curve
     out: dict[str, Any] = {"layers": list(cache.layer_names), "max_samples": CKA_MAX_SAMPLES}
     for kind in ("cls", "ap"):
@@ -220,3 +229,12 @@ def _compute_cka(path: str, open_cache: Callable[[str], Any] | None) -> dict[str
     return out
 
 
+def same_fingerprint(cache: Any, fingerprint: Any) -> bool:
+    """Whether an opened cache is the one a run names (a cache that states no fingerprint,
+    or a record that names none, cannot be told apart: taken as the same)."""
+    from featcache.records import settings_id
+
+    now = getattr(cache, "fingerprint", None)
+    if not isinstance(now, dict) or not isinstance(fingerprint, dict):
+        return True
+    return settings_id(now) == settings_id(fingerprint)

@@ -30,7 +30,7 @@ from featcache.features import NORM_EPS
 from featcache.inference import TrainedProbe, load_trained, rebuild_backbone
 
 EXTRA_FILE = "featcache.json"
-MAX_BATCH = 4096  # the exported batch axis runs 1 … MAX_BATCH
+MAX_BATCH = None  # the exported batch axis: 1 … any (None: torch.export sets no bound)
 
 
 class DeployedProbe(nn.Module):
@@ -118,18 +118,27 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
     """`featcache export-model`: the run's backbone and head as one `torch.export` file
     (default `<run>/model.pt2`), its preprocessing and classes in `<out>.json`. Returns
     the file."""
+    from featcache.distributed import one_process_only
+
+    one_process_only("export-model")
     run = Path(run).expanduser()
     target = Path(out).expanduser() if out else run / "model.pt2"
     if target.suffix != ".pt2":
         raise FeatcacheError(f"--out {target}: torch.export files end in .pt2")
     meta_path = target.with_suffix(".json")
+    if not (run / "record.json").is_file():  # the run first: --out may not have been given
+        raise FeatcacheError(f"{run} is not a run folder (no record.json); `featcache runs` "
+                             "lists them (the `path` column)")
+    reads = [run / name for name in atomic.RUN_FILES] + ([weights] if weights else [])
     for path in (target, meta_path):
-        atomic.check_target(path, "--out", overwrite)
+        atomic.check_target(path, "--out", overwrite, inputs=reads)
     probe = load_trained(run, "cpu")
     backbone = rebuild_backbone(probe, weights).eval()
     module = DeployedProbe(backbone, probe).eval()
     example = torch.zeros(2, *backbone.input_size)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # no upper bound: the graph has no loop over batches (4,096 was an arbitrary bound;
+    # tests/test_hostile.py runs a batch beyond it through the exported file)
+    batch = torch.export.Dim("batch", min=1, **({"max": MAX_BATCH} if MAX_BATCH else {}))
     try:
         with torch.no_grad():
             program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},),
@@ -147,7 +156,7 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
         "tokens": [f"{n}.{k}" for n, k in probe.tokens],
         "class_names": probe.class_names,
         "input": {"shape": ["batch", *backbone.input_size], "dtype": "float32",
-                  "batch": [1, MAX_BATCH]},
+                  "batch": [1, MAX_BATCH]},  # null: no upper bound
         "output": "class probabilities (batch, classes), softmax of the logits",
         "preprocess": probe.fingerprint["model"].get("preprocess"),
         "preprocess_steps": preprocessing_steps(backbone.transform),

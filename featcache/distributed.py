@@ -59,8 +59,29 @@ def session() -> Iterator[None]:
 
 
 def _leave() -> None:
-    if tdist.is_available() and tdist.is_initialized():
+    if tdist.is_available() and tdist.is_initialized() and not _PEER_DIED:
         tdist.destroy_process_group()
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+              "Connection refused", "NCCL communicator was aborted", "remote process exited")
+_PEER_DIED: list[int] = []
+
+
+def peer_died(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died (`kill -9`, out of
+    memory), or None for any other error. With two ranks the dead one is the other."""
+    if not isinstance(exc, RuntimeError) or not (tdist.is_available()
+                                                 and tdist.is_initialized()):
+        return None
+    if not any(sign in str(exc) for sign in _PEER_GONE):
+        return None
+    _PEER_DIED.append(1)  # the group is broken: leaving it would wait on the dead rank
+    me, n = rank(), world_size()
+    who = f"rank {1 - me}" if n == 2 else f"another of the {n} ranks"
+    return (f"{who} died (killed, or out of memory?) while rank {me} was working with it; "
+            "this rank stops too: run the same command again (finished work is kept)")
 
 
 def _gpu_per_rank() -> bool:
@@ -69,6 +90,17 @@ def _gpu_per_rank() -> bool:
     reduces CUDA tensors too."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     return torch.cuda.is_available() and torch.cuda.device_count() >= local
+
+
+def one_process_only(command: str) -> None:
+    """Refuse, on every rank, a command that runs in one process when torchrun started
+    several (each rank would do the whole work, and race for the same output files)."""
+    if is_distributed():
+        from featcache.errors import RankError
+
+        raise RankError(f"`featcache {command}` runs in one process, not under torchrun "
+                        f"(this is rank {env_rank()} of {os.environ.get('WORLD_SIZE')}); run "
+                        "it without torchrun")
 
 
 def barrier() -> None:

@@ -9,7 +9,16 @@ from pathlib import Path
 
 
 class FeatcacheError(Exception):
-    """A problem with the user's input or environment; the CLI prints it as one line."""
+    """A problem with the user's input or environment; the CLI prints it as one line.
+    Under torchrun rank 0 alone says it, unless `every_rank` (a rank's own problem)."""
+
+    every_rank = False
+
+
+class RankError(FeatcacheError):
+    """A problem only this rank knows of (under torchrun): every rank says its own."""
+
+    every_rank = True
 
 
 class FingerprintMismatch(FeatcacheError):

@@ -11,10 +11,13 @@ were computed, so on the run's own test split it reproduces those scores exactly
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import os
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,9 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
         raise FeatcacheError(f"{path}: the record lacks {exc} (made by an older featcache?); "
                              "run the same `featcache probe` command with --force") from None
     check_file(path, HEAD_FILE, record)
+    from featcache.predictions import checked_run
+
+    checked_run(record)  # a record edited, or a file gone, is named before any work
     try:
         state = load_file(str(path / HEAD_FILE), device=str(device))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -247,11 +253,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         elif path.is_file():
             out.append(path)
         elif glob.has_magic(str(item)):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True)
-                           if Path(p).is_file())
-            if not found:
-                raise FeatcacheError(f"no files match {item}")
-            out += found
+            out += _glob_images(str(item), path)
         elif path.exists():
             raise FeatcacheError(f"{item} is neither a file nor a folder (a device?)")
         else:
@@ -261,10 +263,32 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def _glob_images(item: str, path: Path) -> list[Path]:
+    """A pattern's files, and the image files of the folders it matches."""
+    matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    found = [p for p in matches if p.is_file()]
+    folders = [p for p in matches if p.is_dir()]
+    for folder in folders:
+        found += _walk_images(folder)
+    if not found:
+        raise FeatcacheError(f"no files match {item}" if not folders else
+                             f"{item} matches {len(folders)} folder(s) that hold no image "
+                             f"files (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
 def _walk_images(folder: Path) -> list[Path]:
-    """Image files under a folder, recursively, hidden ones left out, in sorted order."""
+    """Image files under a folder, recursively, hidden ones left out, in sorted order.
+    Symlinked folders are followed; one already walked (a link back up: a loop) is not
+    walked again."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")
                   and f.rpartition(".")[2].lower() in IMAGE_EXTENSIONS]
@@ -303,11 +327,17 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
     folders, globs) or to a dataset split (``dataset``, ``split``). ``csv``: also write
     the rows there (`write_csv`; an existing file only with ``overwrite``)."""
     from featcache import atomic
-    from featcache.distributed import resolve_device
+    from featcache.distributed import one_process_only, resolve_device
     from featcache.options import check_int
 
+    one_process_only("predict")
+
+    reads = [Path(run).expanduser() / "record.json", *(Path(str(i)) for i in inputs
+                                                       if Path(str(i)).is_file())]
+    if weights:
+        reads.append(Path(weights))
     if csv is not None:
-        csv = atomic.check_target(csv, "--csv", overwrite)
+        csv = atomic.check_target(csv, "--csv", overwrite, inputs=reads)
 
     check_int(top_k, "--top-k")
     check_int(batch_size, "--batch-size")
@@ -316,7 +346,75 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
         raise FeatcacheError("give images (files, folders, globs) or --dataset, not both"
                              if inputs else "nothing to predict: give images (files, "
                              "folders, globs) or --dataset NAME [--split test]")
-    dev = resolve_device(device)
+    with stop_on_interrupt() as stop:
+        return _predict(run, inputs, dataset, split, top_k, weights, batch_size, workers,
+                        resolve_device(device), data_root, download, csv, overwrite, progress,
+                        stop)
+
+
+class Stopper:
+    """Ctrl-C always stops. A SIGINT is remembered as well as raised, and calling the
+    stopper raises it again where work goes on: an interrupt that lands while DataLoader
+    workers start was swallowed on its way (2 of 11 tries finished, wrote their CSV and
+    exited 0), or raised inside a finalizer ('Exception ignored in …', a traceback).
+    Inside `deferred()` (the DataLoader's loop) the first SIGINT is only remembered, and
+    raised at the next batch (a second one raises at once)."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.deferring = False
+        self.main = os.getpid()
+
+    def __call__(self) -> None:
+        if self.hits:
+            raise KeyboardInterrupt
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.main:  # a DataLoader worker forked before its own handler
+            return
+        self.hits += 1
+        if not self.deferring or self.hits > 1:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[Callable[[], None]]:
+    """A `Stopper` for the duration (off the main thread, where no signal arrives, one
+    that never stops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    stop = Stopper()
+    previous = signal.signal(signal.SIGINT, stop.handler)
+    try:
+        yield stop
+        stop()
+    except Exception:
+        stop()  # what an interrupt broke on its way ("DataLoader worker exited"): Ctrl-C
+        raise
+    finally:
+        if previous is not None:  # None: a handler not set from Python, left as it was
+            signal.signal(signal.SIGINT, previous)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """A DataLoader worker leaves Ctrl-C to the main process, which stops them all."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _predict(run: str | Path, inputs: Sequence[str | Path], dataset: str | None, split: str,
+             top_k: int, weights: str | None, batch_size: int, workers: int | None,
+             dev: torch.device, data_root: str | Path | None, download: bool,
+             csv: Path | None, overwrite: bool, progress: Any,
+             stop: Callable[[], None]) -> PredictResult:
     probe = load_trained(run, dev)
     if dataset is not None:
         from featcache.sources import open_dataset
@@ -327,7 +425,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
         data = ImageFiles(collect_images(inputs), probe.class_names)
     backbone = rebuild_backbone(probe, weights).to(dev).eval()
     logits, index, unreadable = _score(probe, backbone, data, dev, batch_size, workers,
-                                       progress)
+                                       progress, stop)
     if not len(index):
         raise FeatcacheError(f"none of the {len(data)} images could be read; the first: "
                              f"{unreadable[0] if unreadable else 'none given'}")
@@ -340,6 +438,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
         result.metrics = {k: v for k, v in logit_metrics(logits, y, len(probe.class_names))
                           .items() if k != "per_class"}
         _compare_with_record(probe, data, index, logits, result)
+    stop()  # never a CSV of an interrupted run
     if csv is not None:
         write_csv(result.rows, csv, overwrite)
     return result
@@ -375,7 +474,8 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path,
 
 
 def _score(probe: TrainedProbe, backbone: Any, data: ImageDataset, device: torch.device,
-           batch_size: int, workers: int | None, progress: Any
+           batch_size: int, workers: int | None, progress: Any,
+           stop: Callable[[], None] = lambda: None
            ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Backbone in batches, tokens gathered in float16, the head every `HEAD_BATCH`
     readable images (the same batches the record's test scores used)."""
@@ -386,7 +486,8 @@ def _score(probe: TrainedProbe, backbone: Any, data: ImageDataset, device: torch
     n_workers, threads = plan_workers(device, workers)
     loader = DataLoader(_Prepared(data, backbone.transform, backbone.input_size),
                         batch_size=batch_size, num_workers=n_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda",
+                        worker_init_fn=_ignore_interrupts if n_workers else None)
     dtype = probe.compute_dtype
     label = "predict images" if isinstance(data, ImageFiles) else \
         f"predict {data.name} {data.split}"
@@ -408,9 +509,11 @@ def _score(probe: TrainedProbe, backbone: Any, data: ImageDataset, device: torch
         if raw is not None and len(raw):
             pending.append(raw)
 
+    deferred = getattr(stop, "deferred", contextlib.nullcontext)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), deferred():
             for images, indices, errors in loader:
+                stop()
                 ok = [i for i, e in enumerate(errors) if not e]
                 unreadable += [e for e in errors if e]
                 if ok:
@@ -424,6 +527,7 @@ def _score(probe: TrainedProbe, backbone: Any, data: ImageDataset, device: torch
                     flush(False)
                 if task is not None:
                     progress.advance(task, len(indices))
+            stop()
             flush(True)
     finally:
         torch.set_num_threads(old_threads)

@@ -45,43 +45,79 @@ _RICH = {"value": "", "gain+": "green", "gain-": "red", "ci": "dim", "layer": "d
          "paper": "dim"}
 
 
-def summary_table(rows: Sequence[dict], title: str | None = None) -> Any:
-    """The terminal table (rich): model × dataset rows, method columns."""
-    from rich.markup import escape
+def summary_table(rows: Sequence[dict], title: str | None = None,
+                  columns: Sequence[str] | None = None) -> Any:
+    """The terminal table (rich): model × dataset rows, method columns (``columns``: a
+    subset of them, as `render_table` splits them to fit the terminal)."""
     from rich.table import Table
 
     table = Table(title=title, show_lines=True, header_style="bold")
-    # Names may fold onto several lines; numbers never (a cropped number is a wrong number).
-    table.add_column("model", overflow="fold", ratio=2, min_width=10)
-    table.add_column("dataset", overflow="fold", ratio=1, min_width=8)
-    cols = columns_of(rows)
-    for col in cols:  # the variant (`[grid=quick]`: not rich markup) on a line of its own
-        table.add_column(escape(col).replace(" \\[", "\n\\["), justify="right",
-                         no_wrap=True, min_width=11)
+    # Names and numbers are never broken inside a word (a cropped number is a wrong
+    # number): `render_table` gives each table only the columns that fit.
+    table.add_column("model", no_wrap=True)
+    table.add_column("dataset", no_wrap=True)
+    cols = list(columns_of(rows) if columns is None else columns)
+    for col in cols:
+        table.add_column(_header(col), justify="right", no_wrap=True)
     for row in rows:
-        cells = []
-        for col in cols:
-            cell = row["cells"][col]
-            if cell is None:
-                cells.append("[dim]—[/]")
-                continue
-            cells.append("\n".join(text.replace(" ± ", "±") if kind == "value"
-                                   else f"[{_RICH[kind]}]{text}[/]"
-                                   for kind, text in cell_parts(cell, col)))
-        table.add_row(row["model_dir"], row["display"], *cells)
+        table.add_row(row["model_dir"], row["display"], *(_rich_cell(row, col) for col in cols))
     return table
 
 
+def _header(col: str) -> str:
+    """A method column's label: the variant (`[grid=quick]`: not rich markup) below the
+    method, one setting a line, so that the label wraps at its commas, never in a word."""
+    from rich.markup import escape
+
+    return escape(col).replace(" \\[", "\n\\[").replace(", ", ",\n")
+
+
+def _rich_cell(row: dict, col: str) -> str:
+    cell = row["cells"][col]
+    if cell is None:
+        return "[dim]—[/]"
+    return "\n".join(text.replace(" ± ", "±") if kind == "value" else f"[{_RICH[kind]}]{text}[/]"
+                     for kind, text in cell_parts(cell, col))
+
+
+def _width(text: str) -> int:
+    from rich.text import Text
+
+    return max((len(line) for line in Text.from_markup(text).plain.splitlines()), default=0)
+
+
+def column_groups(rows: Sequence[dict], width: int) -> list[list[str]]:
+    """The method columns in groups that fit `width` beside the model and dataset
+    columns (each column: its widest line plus 3 for padding and a rule): 80 columns
+    get two or three methods a table, wider terminals more."""
+    names = 3 + max(_width(r["model_dir"]) for r in rows) + 3 + max(
+        _width(r["display"]) for r in rows) + 1
+    groups: list[list[str]] = [[]]
+    used = names
+    for col in columns_of(rows):
+        need = 3 + max(_width(_header(col)), *(_width(_rich_cell(r, col)) for r in rows))
+        if groups[-1] and used + need > width:
+            groups.append([])
+            used = names
+        groups[-1].append(col)
+        used += need
+    return groups
+
+
 def render_table(rows: Sequence[dict], console: Any = None, notes: Sequence[str] = ()) -> None:
-    """Print the summary table, then the notes (missing methods, skipped records)."""
+    """Print the summary table (split by method columns where the terminal is too narrow
+    for all of them), then the notes (missing methods, skipped records)."""
     if console is None:
         from rich.console import Console
 
         console = Console()
     n_runs = sum(c["n"] for r in rows for c in r["cells"].values() if c)
-    console.print(summary_table(
-        rows, title=f"test balanced top-1 (%) — mean ± std over seeds, gain over linear "
-                    f"({n_runs} runs)"))
+    title = (f"test balanced top-1 (%) — mean ± std over seeds, gain over linear "
+             f"({n_runs} runs)")
+    groups = column_groups(rows, console.width) if rows else [[]]
+    for i, cols in enumerate(groups):
+        part = f" — part {i + 1} of {len(groups)}" if len(groups) > 1 else ""
+        console.print(summary_table(rows, title + part, cols))
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
 

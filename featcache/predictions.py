@@ -65,9 +65,13 @@ def load_predictions(run_dir: str | Path, logits: bool = True,
     from featcache.records import array_digest, read_run
 
     path = Path(run_dir) / PREDICTIONS_FILE
-    if not path.is_file():
-        return None
     record = read_run(Path(run_dir)) if record is None else record
+    if not path.is_file():
+        if PREDICTIONS_FILE in (record.get("files") or {}):
+            raise FeatcacheError(f"{Path(run_dir)}: its record lists {PREDICTIONS_FILE} but "
+                                 "the file is missing (damaged run); run the same `featcache "
+                                 "probe` command again with --force")
+        return None
     try:
         with safe_open(str(path), framework="np") as f:
             keys = set(f.keys())
@@ -94,17 +98,75 @@ def load_predictions(run_dir: str | Path, logits: bool = True,
     return out
 
 
-def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None:
-    """The record's balanced top-1 was computed from these predictions: they must agree
-    (a record edited by hand, or a file from another run, must not lend its numbers)."""
-    stated = (record.get("metrics") or {}).get("balanced_top1")
-    if not isinstance(stated, (int, float)) or not len(pred.label):
-        return
+def test_metrics(pred: Predictions, n_classes: int | None = None
+                 ) -> dict[str, float | None]:
+    """Top-1, top-5, balanced top-1 and balanced top-5 in percent, from the predictions
+    alone, as the probe scores them (`featcache.selection.logit_metrics`: top-k with
+    k = min(5, C), the stored top-k's width; no top-5 below 6 classes, where every one is
+    trivially right). ``n_classes`` unknown: top-5 as the stored top-k gives it."""
     from featcache.bootstrap import balanced
+    from featcache.selection import TOP5_MIN_CLASSES
 
-    here = float(balanced(np.bincount(pred.label, weights=pred.correct),
-                          np.bincount(pred.label)))
-    if abs(here - stated) > 1e-3:
-        raise FeatcacheError(f"{path} gives balanced top-1 {here:.4f} but its record says "
-                             f"{stated:.4f}: one of them was changed after the run; run the "
-                             "same `featcache probe` command again with --force")
+    size = max(int(pred.label.max()) + 1, n_classes or 0)
+    counts = np.bincount(pred.label, minlength=size)
+    hit_k = (pred.top_k == pred.label[:, None]).any(1)
+    out: dict[str, float | None] = {}
+    for name, hits in (("1", pred.correct), ("5", hit_k)):
+        out[f"top{name}"] = float(100 * hits.mean())
+        out[f"balanced_top{name}"] = float(balanced(
+            np.bincount(pred.label, weights=hits, minlength=size), counts))
+    if n_classes is not None and n_classes < TOP5_MIN_CLASSES:
+        out["top5"] = out["balanced_top5"] = None
+    return out
+
+
+def _n_classes(record: dict[str, Any], pred: Predictions) -> int | None:
+    """The run's class count: the record's, else its class names', else (below 5) the
+    stored top-k's width."""
+    names = (record.get("per_class") or {}).get("class_names") \
+        if isinstance(record.get("per_class"), dict) else None
+    for n in (record.get("n_classes"), len(names) if isinstance(names, list) else None):
+        if isinstance(n, int) and n > 0:
+            return n
+    width = pred.top_k.shape[1] if pred.top_k.ndim == 2 else 0
+    return width if 0 < width < 5 else None
+
+
+def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None:
+    """Every test metric of the record was computed from these predictions: they must
+    agree (a record edited by hand, or a file from another run, must not lend its
+    numbers). The report and `runs` then take the numbers computed here."""
+    if not len(pred.label):
+        return
+    stated = record.get("metrics") or {}
+    here = test_metrics(pred, _n_classes(record, pred))
+    for key, value in here.items():
+        said = stated.get(key)
+        if value is None and said is None:
+            continue
+        if value is None or not isinstance(said, (int, float)) or abs(value - said) > 1e-3:
+            shown = f"{said:.4f}" if isinstance(said, (int, float)) else repr(said)
+            name = key.replace("_", " ").replace("top", "top-")
+            given = "none" if value is None else f"{value:.4f}"
+            raise FeatcacheError(f"{path} gives {name} {given} but its record says "
+                                 f"{shown}: one of them was changed after the run; run the "
+                                 "same `featcache probe` command again with --force")
+
+
+def checked_run(record: dict[str, Any]) -> Predictions | None:
+    """A listed run checked whole (`featcache.records.check_record`, then its predictions
+    against every test metric), its metrics replaced by the ones its predictions give:
+    what `runs` and the report show is computed, never only read. None for a record made
+    before predictions were kept (its numbers are the record's; docs/records.md)."""
+    from featcache.records import check_record
+
+    check_record(record)
+    pred = load_predictions(record["path"], logits=False, record=record)
+    if pred is not None and len(pred.label):
+        stated = record.get("metrics") or {}
+        here = test_metrics(pred, _n_classes(record, pred))
+        # the record's own float where it is the same number (torch's sums and numpy's
+        # differ in the last bits: predict compares a rerun with the record exactly)
+        record["metrics"] = {**stated, **{k: v for k, v in here.items() if v is None or
+                                          abs(v - (stated.get(k) or 0.0)) > 1e-9}}
+    return pred

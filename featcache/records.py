@@ -159,6 +159,56 @@ def check_file(run_dir: Path, name: str, record: dict[str, Any]) -> None:
                              "with --force")
 
 
+PROBE_AGAIN = "run the same `featcache probe` command again with --force"
+
+
+def check_record(record: dict[str, Any]) -> None:
+    """A record must be what the probe wrote: every file it lists is there, its settings
+    hash to its settings id (which its folder name repeats), and what it says of itself
+    (method, layer set, tokens, model, dataset, seed, caches) agrees with those settings
+    and its fingerprints. A hand edit, or a file gone, is one line naming it. Records
+    before run identities (format 1) carry no settings: only their files are checked."""
+    folder = Path(record.get("path") or ".")
+    for name in record.get("files") or {}:
+        if not (folder / name).is_file():
+            raise FeatcacheError(f"{folder}: its record lists {name} but the file is missing "
+                                 f"(damaged run); {PROBE_AGAIN}")
+    settings = record.get("settings")
+    if not isinstance(settings, dict):
+        return
+    problem = _identity_problem(record, settings, folder)
+    if problem:
+        raise FeatcacheError(f"{folder}/record.json: {problem}: the record was changed after "
+                             f"the run; {PROBE_AGAIN}")
+
+
+def _identity_problem(record: dict[str, Any], settings: dict[str, Any],
+                      folder: Path) -> str | None:
+    ident = settings_id(settings)
+    if record.get("settings_id") != ident:
+        return f"its settings hash to {ident}, not to its settings id {record.get('settings_id')}"
+    named = parse_run_name(folder.name)
+    if named.get("settings_id") not in (None, ident):
+        return f"its folder is named for settings id {named['settings_id']}, not {ident}"
+    if "seed" in named and record.get("seed") != named["seed"]:
+        return f"'seed' is {record.get('seed')!r} but its folder says {named['seed']}"
+    for key in ("method", "layer_set", "tokens"):
+        if key in settings and record.get(key) != settings[key]:
+            return f"'{key}' is {record.get(key)!r} but its settings say {settings[key]!r}"
+    prints = record.get("fingerprints") if isinstance(record.get("fingerprints"), dict) else {}
+    caches = settings.get("caches") if isinstance(settings.get("caches"), dict) else {}
+    for split, want in caches.items():
+        if settings_id(prints.get(split)) != want:
+            return f"its {split} cache's fingerprint is not the one its settings name"
+    train = prints.get("train") or {}
+    said = {"model": (train.get("model") or {}).get("model"),
+            "dataset": (train.get("dataset") or {}).get("name")}
+    for key, value in said.items():
+        if value is not None and record.get(key) != value:
+            return f"'{key}' is {record.get(key)!r} but its train cache says {value!r}"
+    return None
+
+
 def recover(path: Path) -> None:
     """Tidy up after a probe killed while writing this record: delete half-built
     temporaries (`.NAME.tmp-PID`) of dead processes, and put back a finished record that
@@ -306,7 +356,8 @@ def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[RunRec
     root = Path(runs_root).expanduser()
     notes = problems if problems is not None else []
     if root.exists() and not root.is_dir():
-        raise FeatcacheError(f"the runs root {root} is a file, not a folder")
+        raise FeatcacheError(f"the runs root {root} is a file, not a folder; give the folder "
+                             "that holds the runs (<cache root>/runs by default)")
     if not root.is_dir():
         return []
     records = []
@@ -352,8 +403,40 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
     if runs is None and cache is not None and Path(cache).expanduser().is_file():
         raise FeatcacheError(f"the cache root {cache} is a file, not a folder; point --cache "
                              "at a folder")
+    from featcache.predictions import checked_run
+
     root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
-    return [summary_row(r) for r in list_runs(root, problems)]
+    notes = problems if problems is not None else []
+    rows = []
+    found = list_runs(root, notes)
+    if not found and not notes:
+        misplaced_root(root, "--runs" if runs is not None else "--cache")
+    for rec in found:
+        try:
+            checked_run(rec)  # its metrics from its predictions, never only read
+        except FeatcacheError as exc:
+            notes.append(f"skipped: {exc}")
+            continue
+        rows.append(summary_row(rec))
+    return rows
+
+
+def misplaced_root(root: Path, option: str) -> None:
+    """A root that holds no runs where they live, but is one run's folder, lies inside a
+    runs root, or is itself the runs root given as --cache: one line naming the right
+    option (it said 'no runs; train some', of a folder full of them)."""
+    fix = "; give --runs {}"
+    if (root / "record.json").is_file():
+        raise FeatcacheError(f"{root} is one run's folder, not a runs root" +
+                             fix.format(root.parents[2]))
+    for depth in (1, 2):
+        if next(root.glob("*/" * depth + "record.json"), None) is not None:
+            raise FeatcacheError(f"{root} lies inside a runs root (<runs>/<model>/<dataset>"
+                                 "/<run>)" + fix.format(root.parents[3 - depth - 1]))
+    cache = root.parent if option == "--cache" else None
+    if cache is not None and next(cache.glob("*/*/*/record.json"), None) is not None:
+        raise FeatcacheError(f"--cache {cache} is a runs root, not a cache root" +
+                             fix.format(cache))
 
 
 def summary_row(record: dict[str, Any]) -> dict[str, Any]:

@@ -84,6 +84,7 @@ def csv_rows(records: Sequence[dict], rows: Sequence[dict] = ()) -> list[dict[st
             for name, value in timings.items():
                 if not isinstance(value, (dict, list)):
                     row[f"time_{name}"] = value
+        row["caches_replaced"] = rec.get("caches_replaced")
         row["created"] = rec.get("created")
         row["featcache_version"] = rec.get("featcache_version")
         row["path"] = rec["path"]
@@ -156,20 +157,21 @@ class ReportData:
 
 
 def checked_records(records: list[Any], problems: list[str]) -> tuple[list[Any], dict]:
-    """The records whose predictions file is the one they were written with and agrees
-    with their balanced accuracy (a record edited by hand, or predictions copied from
-    another run, lend no number to the report: skipped, with a note); and those
-    predictions, for the intervals."""
-    from featcache.predictions import load_predictions
+    """The records that are what their run wrote (`featcache.predictions.checked_run`:
+    files, identity, every test metric recomputed from the predictions); a record edited
+    by hand, a file missing or copied from another run lend no number to the report
+    (skipped, with a note). Returns them and their predictions, for the intervals."""
+    from featcache.predictions import checked_run
+    from featcache.summary import derive
 
     kept, loaded = [], {}
     for rec in records:
         try:
-            loaded[rec["path"]] = load_predictions(rec["path"], logits=False, record=rec)
+            loaded[rec["path"]] = checked_run(rec)
         except FeatcacheError as exc:
             problems.append(f"skipped: {exc}")
             continue
-        kept.append(rec)
+        kept.append(derive(rec))  # its value from the recomputed metrics
     return kept, loaded
 
 
@@ -189,6 +191,9 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     if not records:
         if problems:
             raise FeatcacheError(f"no readable run records under {root}: {problems[0]}")
+        from featcache.records import misplaced_root
+
+        misplaced_root(root, "--runs")
         raise no_runs_error(root)
     records, predictions = checked_records(records, problems)
     rows = summarize(records, problems)
@@ -204,11 +209,47 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     if any(row["in_paper"] for row in rows) and taps - {"reference"}:
         notes.append("paper numbers use the reference tap; runs on another tap "
                      f"({', '.join(sorted(taps - {'reference'}))}) are not like for like")
+    mark_replaced_caches(records, notes, open_cache)
     from featcache.cka import layer_cka
 
     cka_values = layer_cka(records, Path(out_dir) if out_dir is not None else None,
                            compute=cka, open_cache=open_cache, problems=notes)
     return ReportData(root, records, rows, notes, cka_values, resamples=resamples)
+
+
+def mark_replaced_caches(records: list[dict], notes: list[str],
+                         open_cache: Callable[[str], Any] | None = None) -> None:
+    """Mark (`caches_replaced` in results.csv, and a note) the runs whose caches were
+    replaced at the same path since they were trained (`extract --overwrite` with other
+    settings): their numbers stand for the old caches, which are gone. A cache that is
+    not there (moved, another machine) is not a replaced one."""
+    from featcache.cka import same_fingerprint
+
+    if open_cache is None:
+        from featcache.cache import open_cache
+    opened: dict[str, Any] = {}
+    for rec in records:
+        caches = rec.get("caches") if isinstance(rec.get("caches"), dict) else {}
+        prints = rec.get("fingerprints") if isinstance(rec.get("fingerprints"), dict) else {}
+        gone = [split for split, path in sorted(caches.items())
+                if not same_fingerprint(_opened(str(path), open_cache, opened),
+                                        prints.get(split))]
+        rec["caches_replaced"] = ",".join(gone) or None
+    marked = [r for r in records if r["caches_replaced"]]
+    if marked:
+        notes.append(f"{len(marked)} run(s) were trained on caches replaced since at the same "
+                     f"path (extract --overwrite), e.g. {marked[0]['path']}: their numbers "
+                     "stand for the old caches (results.csv: caches_replaced)")
+
+
+def _opened(path: str, open_cache: Callable[[str], Any], seen: dict[str, Any]) -> Any:
+    """The cache at a path, once per report; None when it cannot be opened."""
+    if path not in seen:
+        try:
+            seen[path] = open_cache(path) if Path(path).exists() else None
+        except Exception:  # noqa: BLE001 (a cache that cannot be opened is not checked here)
+            seen[path] = None
+    return seen[path]
 
 
 def parse_formats(formats: str | Iterable[str]) -> list[str]:

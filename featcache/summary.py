@@ -78,14 +78,14 @@ def load_records(runs_root: str | Path, problems: list[str] | None = None) -> li
     notes = problems if problems is not None else []
     records = list_runs(Path(runs_root), notes)
     for rec in records:
-        _derive(rec)
+        derive(rec)
         if rec["_value"] is None:
             notes.append(f"{rec['path']}: no test {METRIC} in the record; listed in "
                          "results.csv only")
     return records
 
 
-def _derive(rec: dict) -> dict:
+def derive(rec: dict) -> dict:
     """Add the report's derived keys (column, value, best layer) to a record in place."""
     rec.setdefault("path", "")
     rec.setdefault("model_dir", rec.get("model"))
@@ -191,7 +191,7 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
     listed in its `missing`. When one seed was run twice, the newest record counts.
     """
     notes = problems if problems is not None else []
-    records = [rec if "_column" in rec else _derive(rec) for rec in records]
+    records = [rec if "_column" in rec else derive(rec) for rec in records]
     separate_variants(records, notes)
     groups: dict[tuple[str, str], dict[str, dict[int, dict]]] = defaultdict(
         lambda: defaultdict(dict))
@@ -240,7 +240,7 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
                 "gain": None,
                 "paper": (paper_number(model, dataset, first["method"], first.get("layer_set"))
                           if not per_layer(first["method"]) and not first["_variant"] else None),
-                "best_layer": max(set(best), key=best.count) if best else None,
+                "best_layer": max(sorted(set(best)), key=best.count) if best else None,
             }
         for col, cell in cells.items():
             base = cells.get(baseline_of(col))

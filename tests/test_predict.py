@@ -107,7 +107,7 @@ def test_predict_on_files_folders_and_globs_names_the_unreadable(trained, tmp_pa
     assert_user_error(run("predict", tmp_path, "--dataset", "digits"), "not a run folder")
 
 
-def test_predict_refuses_a_backbone_it_cannot_get_again(tmp_path):
+def test_predict_refuses_a_backbone_it_cannot_get_again(tmp_path, monkeypatch):
     """A run on a local checkpoint needs that file: none, or another, is one line."""
     from featcache.backbones import create_backbone
 
@@ -126,11 +126,20 @@ def test_predict_refuses_a_backbone_it_cannot_get_again(tmp_path):
         predict(result.path, dataset="digits", weights=str(other))
     ok = predict(result.path, dataset="digits", weights=str(ckpt), batch_size=128)
     assert ok.reproduces_record is True
-    # a record whose backbone this featcache would build otherwise: named, refused
-    record_file = result.path / "record.json"
-    record = json.loads(record_file.read_text())
-    record["fingerprints"]["train"]["model"]["preprocess"]["interpolation"] = "nearest"
-    record_file.write_text(json.dumps(record))
+    # a featcache that would build the backbone otherwise (the record is left as it was
+    # written: an edited record is refused before this check): named, refused
+    import featcache.backbones as backbones
+
+    real = backbones.create_backbone
+
+    def other_build(*args, **kwargs):
+        built = real(*args, **kwargs)
+        said = built.describe()
+        said["preprocess"] = {**said["preprocess"], "interpolation": "nearest"}
+        built.describe = lambda: said
+        return built
+
+    monkeypatch.setattr(backbones, "create_backbone", other_build)
     with pytest.raises(FeatcacheError, match="builds the backbone differently.*interpolation"):
         predict(result.path, dataset="digits", weights=str(ckpt))
 

@@ -132,22 +132,32 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB for every model; palette transparency goes through RGBA to avoid PIL's warning.
 
     High bit depths are scaled, not clipped (PIL's own conversion turns a 16-bit PNG white
-    and a [0, 1] float TIFF black): 16-bit integers by 255/65535; 32-bit integers by the
-    smallest of 8/16/32-bit ranges that holds the image; floats in [0, 1] by 255, in
-    [0, 255] as they are, anything else from its own min..max."""
+    and a [0, 1] float TIFF black): 16-bit images by the format's range, 255/65535 (a dark
+    one stays dark: never by the values found); 32-bit integers of formats that declare
+    no range by the smallest of 8/16/32-bit ranges that holds the image; floats in [0, 1]
+    by 255, in [0, 255] as they are, anything else from its own min..max."""
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(img)), mode="L").convert("RGB")
+        return Image.fromarray(_to_uint8(np.asarray(img), _format_top(img)),
+                               mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
+def _format_top(img: Image.Image) -> int | None:
+    """The largest value an image's format can hold, where it says (16-bit modes; PNG,
+    whose integers have at most 16 bits, even when PIL opens them as 32-bit "I")."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        return 65535
+    return None
+
+
+def _to_uint8(values: np.ndarray, top: int | None = None) -> np.ndarray:
     if values.dtype.kind in "iu":
-        top = int(values.max(initial=0))
-        scale = next(r for r in (255, 65535, 2**32 - 1) if top <= r)
+        found = int(values.max(initial=0))
+        scale = top or next(r for r in (255, 65535, 2**32 - 1) if found <= r)
         return np.rint(values.astype(np.float64) * (255.0 / scale)).clip(0, 255).astype(np.uint8)
     values = np.nan_to_num(values.astype(np.float64))
     low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
