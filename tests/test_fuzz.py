@@ -3,8 +3,10 @@ data"): random caches, random reads and random damage.
 
 - Sound cache: `Cache.read(kind, layers, rows)` and `read_into` return exactly (bit for
   bit) what plain zarr returns for the same selection.
-- One damaged file (a flipped byte, a truncation, extra bytes, a deletion): every read
-  either refuses with a FeatcacheError or returns the clean cache's values bit for bit.
+- One damaged file (a flipped byte, a truncation, extra bytes, a deletion): opening the
+  cache and checking its files (what probe, export and verify do first), then every
+  read, either refuses with a FeatcacheError or returns the clean cache's values bit
+  for bit.
   A shard file swapped for another valid one is the known hole (docs) and is not drawn.
 
 A small seeded run by default; the full run (850 caches) is marked slow.
@@ -121,8 +123,9 @@ def check_damaged(path: Path, truth: dict[str, np.ndarray], rng: np.random.Gener
 
 def check_damaged_reads(path: Path, truth: dict[str, np.ndarray], rng: np.random.Generator,
                         what: str) -> None:
-    try:
+    try:  # what probe, export and verify do first: open, then look for lost files
         cache = open_cache(path)
+        cache.check_files()
     except FeatcacheError:
         return
     for name in cache.arrays:
