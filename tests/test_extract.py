@@ -378,8 +378,8 @@ def test_a_killed_writers_orphaned_workers_are_waited_for(tmp_path):
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    with open(lock, "a+") as probe:  # the premise: the orphan still holds the lock
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # the premise: the orphan still holds the lock
+    with open(lock, "a+") as probe, pytest.raises(BlockingIOError):
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with write_lock(path):
         assert released.exists()  # got the lock only once the orphan had let go

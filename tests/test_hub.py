@@ -49,9 +49,9 @@ def test_hub_mode_is_restored(fresh, monkeypatch):
 
 
 def test_hub_weights_offline_fail_fast_in_one_line(fresh, monkeypatch):
-    from featcache.backbones import create_backbone
-
     import socket
+
+    from featcache.backbones import create_backbone
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tried: list[object] = []  # fast because nothing is tried: no connection, no retry
