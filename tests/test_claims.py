@@ -212,3 +212,36 @@ def test_a_clean_runs_gain_is_over_the_linear_run_of_its_protocol(tmp_path):
     assert cells["alf:all"]["gain"] == pytest.approx(15.0)
     assert cells["alf:all [protocol=clean]"]["gain"] == pytest.approx(7.0)
     assert cells["linear [protocol=clean]"]["mean"] == 60.0
+
+
+def test_a_resume_with_another_batch_size_agrees_within_rounding(wds_path, clean, tmp_path,
+                                                                   monkeypatch):
+    """docs/cache-format.md: another --batch-size on resume is allowed; the shards it
+    writes agree with an uninterrupted run's within float rounding (fp16 storage), the
+    shards written before are untouched."""
+    from featcache.cache import Cache
+
+    real, calls = Cache.write_shard, []
+
+    def dies_on_the_third(self, shard, data):
+        calls.append(shard)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, shard, data)
+
+    monkeypatch.setattr(Cache, "write_shard", dies_on_the_third)
+    args = ["extract", *TINY, "--dataset", f"wds:{wds_path}", "--split", "train", "--cache",
+            tmp_path / "c", "--shard-size", 8, "--workers", 0]
+    assert run(*args, "--batch-size", 4).exit_code == 130
+    monkeypatch.undo()
+    cache = split_dir(tmp_path / "c")
+    assert flags(cache) == [True, True, False, False, False]
+    resumed = run(*args, "--batch-size", 3)  # batches of 3, 3, 2 in each shard of 8
+    assert resumed.exit_code == 0 and "resumed" in resumed.output, resumed.output
+    reference = split_dir(clean)
+    for kind in ("cls", "ap"):
+        got = zarr.open_array(str(cache / kind), mode="r")[...]
+        want = zarr.open_array(str(reference / kind), mode="r")[...]
+        assert got[:16].tobytes() == want[:16].tobytes()  # written before: the same bytes
+        np.testing.assert_allclose(got[16:].astype(np.float32), want[16:].astype(np.float32),
+                                   rtol=2 ** -9, atol=1e-4)  # one or two fp16 ulps
