@@ -101,7 +101,7 @@ def extract_command(cache: Cache) -> str:
     if dtype in ("bfloat16", "float16"):
         parts.append(f"--dtype {'bf16' if dtype == 'bfloat16' else 'fp16'}")
     if cache.attrs.get("batch_size"):  # caches written before it was recorded lack it
-        pass
+        parts.append(f"--batch-size {int(cache.attrs['batch_size'])}")
     root = cache.path.parent.parent.parent
     parts.append(f"--cache {q(str(root))}")
     return " ".join(parts)
