@@ -77,7 +77,7 @@ def by_hand(trunk, x: torch.Tensor) -> list[torch.Tensor]:
 
     def catch(block, args, kwargs):
         names = list(inspect.signature(block.forward).parameters)[1:]
-        calls.append((block, args[0], {**dict(zip(names, args[1:])), **kwargs}))
+        calls.append((block, args[0], {**dict(zip(names, args[1:], strict=False)), **kwargs}))
 
     handles = [b.register_forward_pre_hook(catch, with_kwargs=True) for b in trunk.blocks]
     try:
