@@ -361,7 +361,10 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
                     n_tokens, token_dim, backbone.has_cls, backbone.pool_dim)
     cache = create_cache(target, fingerprint, layout, dataset.labels,
                          list(dataset.class_names), backbone.layer_names, backbone.layer_dims,
-                         {"probe_token": backbone.probe_token})
+                         {"probe_token": backbone.probe_token,
+                          # verify's extract command repeats it: batches of another size
+                          # round differently, and a repair must be bitwise
+                          "batch_size": opts.batch_size})
     return cache, "written"
 
 

@@ -11,6 +11,7 @@ those, bitwise equal to a clean run.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,9 @@ def extract_command(cache: Cache) -> str:
     """The `featcache extract` command that (re)computes this cache's missing shards."""
     fp = cache.fingerprint
     model, data = fp.get("model", {}), fp.get("dataset", {})
-    parts = ["featcache extract", f"--model {model.get('model')}",
-             f"--dataset {data.get('name')}", f"--split {data.get('split')}"]
+    q = shlex.quote  # pasted into a shell as it is printed
+    parts = ["featcache extract", f"--model {q(str(model.get('model')))}",
+             f"--dataset {q(str(data.get('name')))}", f"--split {q(str(data.get('split')))}"]
     weights = str(model.get("weights") or "")
     if weights.startswith("random:"):
         parts.append(f"--weights {weights}")
@@ -92,14 +94,16 @@ def extract_command(cache: Cache) -> str:
     if model.get("tap") not in (None, "reference"):
         parts.append(f"--tap {model['tap']}")
     for key, value in (model.get("model_kwargs") or {}).items():
-        parts.append(f"--model-arg '{key}={json.dumps(value)}'")
+        parts.append(f"--model-arg {q(f'{key}={json.dumps(value)}')}")
     if fp.get("all_tokens"):
         parts.append("--all-tokens")
     dtype = fp.get("compute_dtype")
     if dtype in ("bfloat16", "float16"):
         parts.append(f"--dtype {'bf16' if dtype == 'bfloat16' else 'fp16'}")
+    if cache.attrs.get("batch_size"):  # caches written before it was recorded lack it
+        parts.append(f"--batch-size {int(cache.attrs['batch_size'])}")
     root = cache.path.parent.parent.parent
-    parts.append(f"--cache {root}")
+    parts.append(f"--cache {q(str(root))}")
     return " ".join(parts)
 
 

@@ -50,6 +50,7 @@ class SynthSpec:
     probe_token: str = "cls"
     class_balance: tuple[float, ...] | None = None  # class probabilities (None: uniform)
     token_kinds: tuple[str, ...] = ("cls", "ap")  # ("ap", "pool"): a model without CLS
+    class_sorted: bool = False  # samples in class order, as many datasets store them
 
     @property
     def layer_names(self) -> list[str]:
@@ -114,6 +115,8 @@ def make_split(root: Path, spec: SynthSpec, split: str, n: int, dataset: str = "
     rng = np.random.default_rng([spec.seed, _stable_hash(split)])
     p = None if spec.class_balance is None else np.asarray(spec.class_balance, float)
     y = rng.choice(spec.n_classes, size=n, p=None if p is None else p / p.sum())
+    if spec.class_sorted:  # every shard then holds one or two classes
+        y = np.sort(y)
     names = spec.layer_names
     arrays: dict[str, np.ndarray] = {}
     for kind in ("cls", "ap"):

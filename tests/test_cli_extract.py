@@ -112,12 +112,17 @@ def test_models_and_datasets_listings():
     assert models.exit_code == 0
     names = {r["name"] for r in json.loads(models.stdout)}
     assert {"clip-vit-b16", "dinov2-vit-b14", "vit-l16", "mae-vit-b16"} <= names
-    assert run("models").exit_code == 0
+    table = run("models")
+    assert table.exit_code == 0 and all(name in table.stdout for name in names)
     datasets = run("datasets", "--json")
     assert datasets.exit_code == 0
-    names = {r["name"] for r in json.loads(datasets.stdout)}
+    rows = json.loads(datasets.stdout)
+    names = {r["name"] for r in rows}
     assert {"fer2013", "cifar10", "svhn", "digits", "wds:PATH"} <= names
-    assert run("datasets").exit_code == 0
+    assert {r["name"]: r["n_classes"] for r in rows if r["name"] in ("cifar10", "svhn")} == {
+        "cifar10": 10, "svhn": 10}
+    table = run("datasets")
+    assert table.exit_code == 0 and all(name in table.stdout for name in names)
 
 
 def test_clip_through_the_cli(wds_path, tmp_path):

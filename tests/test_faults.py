@@ -149,7 +149,11 @@ def test_any_single_damage_is_refused_or_repaired_bitwise(copy, clean, wds_path,
     cache = split_dir(copy)
     damage(cache)
     verified = run("verify", cache)
-    assert verified.exit_code in (0, 2) and "Traceback" not in verified.output
+    assert "Traceback" not in verified.output
+    if name == "done chunk deleted":  # a lost flag is a shard not written yet (docs)
+        assert verified.exit_code == 0 and "1 not written yet" in verified.output
+    else:
+        assert verified.exit_code == 2, verified.output
     if repairable:
         repaired = run("verify", cache, "--repair")
         # fsck's convention: 1 when damage was found and repaired

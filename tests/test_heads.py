@@ -163,7 +163,9 @@ def test_linear_heads_equal_nn_linear() -> None:
         (o * w[g]).sum().backward()
         torch.testing.assert_close(heads.weight.grad[g], lin.weight.grad, **TIGHT)
         torch.testing.assert_close(heads.bias.grad[g], lin.bias.grad, **TIGHT)
-    assert nn.Linear(D, C).load_state_dict(heads.export(1)) is not None
+    plain = nn.Linear(D, C).to(F64)
+    plain.load_state_dict(heads.export(1))  # strict: exactly the keys of nn.Linear
+    torch.testing.assert_close(plain(x), out[1], **TIGHT)
 
 
 def test_init_same_for_every_config_and_grid_size() -> None:

@@ -167,13 +167,15 @@ def test_exported_model_loads_with_torch_alone_and_agrees(trained, method, tmp_p
         "import torch\n"
         f"m = torch.export.load({str(out)!r}).module()\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
-        f"torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n"
-        "m(x[:1]); m(torch.cat([x, x]))  # any batch size\n")
+        f"torch.save([m(x), m(x[:1]), m(torch.cat([x, x]))], {str(tmp_path / 'y.pt')!r})\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    got = torch.load(tmp_path / "y.pt")
+    got, one, twice = torch.load(tmp_path / "y.pt")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # any batch size, the same outputs (within float rounding)
+    torch.testing.assert_close(one, want[:1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(twice, torch.cat([want, want]), rtol=1e-4, atol=1e-5)
     assert_user_error(run("export-model", trained[method], "--out", out), "--overwrite")
 
 

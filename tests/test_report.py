@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import statistics
-import time
 from collections import defaultdict
 from html.parser import HTMLParser
 from pathlib import Path
@@ -313,7 +312,8 @@ def test_cka_is_computed_when_asked_and_then_reused(tmp_path: Path) -> None:
     assert prepare_report(runs, tmp_path / "other", cka=False).cka == {}
 
 
-def test_hundreds_of_runs_summarise_fast(tmp_path: Path) -> None:
+def test_hundreds_of_runs_are_each_read_once(tmp_path: Path, monkeypatch) -> None:
+    """(How long it takes is measured in benchmarks/report.py, not asserted here.)"""
     runs = tmp_path / "runs"
     rng = np.random.default_rng(0)
     n = 0
@@ -325,11 +325,20 @@ def test_hundreds_of_runs_summarise_fast(tmp_path: Path) -> None:
                                  layer_set=ls, seed=s,
                                  metrics={"balanced_top1": float(rng.uniform(40, 90))})
                     n += 1
-    start = time.perf_counter()
-    data = prepare_report(runs, None, cka=True)
-    elapsed = time.perf_counter() - start
+    reads: list[str] = []
+    real = Path.read_text
+
+    def counted(self, *args, **kwargs):
+        if runs in self.parents:
+            reads.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    opened: list[str] = []
+    data = prepare_report(runs, None, cka=True, open_cache=lambda p: opened.append(p))
     assert len(data.records) == n == 360 and len(data.rows) == 40
-    assert elapsed < 2.0, elapsed
+    assert reads.count("record.json") == 360 == len(reads)  # each once, nothing else
+    assert opened == []  # no `layers` runs: no cache is opened for CKA
 
 
 def test_cli_report(built: tuple[Path, Path, dict], tmp_path: Path) -> None:
