@@ -50,7 +50,9 @@ def default_cache_root() -> Path:
     """$FEATCACHE_CACHE, else <user cache dir>/featcache."""
     env = os.environ.get("FEATCACHE_CACHE")
     if env:
-        return Path(env).expanduser()
+        from featcache.stores import local_path
+
+        return local_path(env, "$FEATCACHE_CACHE")
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "featcache"
 
@@ -545,7 +547,9 @@ def disk_bytes(path: Path) -> int:
 
 def open_cache(path: str | Path, mode: str = "r") -> Cache:
     """Open a cache for reading ("r", the default) or for writing shards ("r+")."""
-    path = Path(path).expanduser()
+    from featcache.stores import local_path
+
+    path = local_path(path)
     if not (path / "zarr.json").is_file():
         raise FeatcacheError(f"no featcache cache at {path} (expected {path / 'zarr.json'});"
                              " see `featcache ls` for what is cached")
@@ -635,7 +639,9 @@ def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
 
     A cache that cannot be opened (damaged metadata, an unreadable folder) is left out and
     described in ``problems`` as (path, why), so that callers can say why it is not there."""
-    root = Path(root).expanduser()
+    from featcache.stores import resolve_root
+
+    root = resolve_root(root)
     notes = problems if problems is not None else []
     if root.exists() and not root.is_dir():
         raise FeatcacheError(f"the cache root {root} is a file, not a folder; point --cache "

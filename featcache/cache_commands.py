@@ -13,11 +13,11 @@ import numpy as np
 from featcache import atomic
 from featcache.cache import (
     Cache,
-    default_cache_root,
     find_caches,
     open_cache,
 )
 from featcache.errors import FeatcacheError, os_error
+from featcache.stores import resolve_root
 
 
 def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
@@ -25,7 +25,7 @@ def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
     A cache that cannot be opened is not a row but a warning naming it and why."""
     from featcache.errors import warn
 
-    root = Path(cache).expanduser() if cache else default_cache_root()
+    root = resolve_root(cache)
     problems: list[tuple[Path, str]] = []
     rows = [c.summary() for c in find_caches(root, problems)]
     for path, why in problems:

@@ -31,7 +31,6 @@ from featcache.cache import (
     cache_path,
     choose_shard_size,
     create_cache,
-    default_cache_root,
     model_dir_name,
     open_cache,
 )
@@ -40,6 +39,7 @@ from featcache.errors import FeatcacheError, FingerprintMismatch
 from featcache.fingerprint import check_fingerprint
 from featcache.options import check_int, make_options, parse_model_args
 from featcache.sources import dataset_dir_name, short_name
+from featcache.stores import resolve_root
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -288,6 +288,7 @@ def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
     resolve_model(opts.model, model_kwargs)
     parse_weights(opts.weights)
     check_tap(opts.tap)
+    resolve_root(opts.cache)  # a URL it cannot serve is refused before any work
     with dist.session():
         device = dist.resolve_device(opts.device)
         compute_dtype = resolve_dtype(opts.dtype, device)
@@ -296,7 +297,7 @@ def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
                     for split in splits]
         backbone = create_backbone(opts.model, opts.weights, opts.tap, model_kwargs)
         backbone.to(device)
-        root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
+        root = resolve_root(opts.cache)
         model_dir = model_dir_name(opts.model, opts.tap, backbone.weights_id)
         results = []
         for dataset in datasets:

@@ -24,7 +24,7 @@ import torch
 
 from featcache import __version__
 from featcache import distributed as dist
-from featcache.cache import Cache, default_cache_root
+from featcache.cache import Cache
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
 from featcache.methods import get_method
@@ -41,6 +41,7 @@ from featcache.selection import (
     logit_metrics,
     sample_shots,
 )
+from featcache.stores import resolve_root
 
 GRIDS = ("paper", "quick")
 # paper: what the authors' code does (validation scored on jittered features; all-tokens
@@ -202,8 +203,8 @@ def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
 
 def _probe(opts: ProbeOptions, progress: Any) -> list[RunResult]:
     spec = get_method(opts.method)
-    cache_root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
-    runs_root = Path(opts.runs).expanduser() if opts.runs else default_runs_root(cache_root)
+    cache_root = resolve_root(opts.cache)
+    runs_root = resolve_root(opts.runs, "--runs") if opts.runs else default_runs_root(cache_root)
     pairs = find_pairs(cache_root, opts.model, opts.dataset, opts.train_split, opts.test_split)
     if opts.layers is not None and not opts.layers.strip():
         warn(f"--layers is empty: using {opts.method}'s default layer set "

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from featcache import atomic
-from featcache.cache import default_cache_root
 from featcache.errors import FeatcacheError, os_error
 from featcache.fingerprint import file_sha256
 from featcache.text import slug
@@ -33,7 +32,9 @@ HEAD_FILE = "head.safetensors"
 
 def default_runs_root(cache_root: str | Path | None = None) -> Path:
     """Runs live beside the caches they were trained on: <cache root>/runs."""
-    return Path(cache_root or default_cache_root()).expanduser() / "runs"
+    from featcache.stores import resolve_root
+
+    return resolve_root(cache_root) / "runs"
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -349,10 +350,12 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
          problems: list[str] | None = None) -> list[dict[str, Any]]:
     """`featcache runs`: a summary row per run record under the runs root (default
     <cache root>/runs); records that cannot be read are described in ``problems``."""
-    if runs is None and cache is not None and Path(cache).expanduser().is_file():
+    from featcache.stores import resolve_root
+
+    if runs is None and cache is not None and resolve_root(cache).is_file():
         raise FeatcacheError(f"the cache root {cache} is a file, not a folder; point --cache "
                              "at a folder")
-    root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
+    root = resolve_root(runs, "--runs") if runs is not None else default_runs_root(cache)
     return [summary_row(r) for r in list_runs(root, problems)]
 
 

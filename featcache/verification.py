@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import Cache, default_cache_root, find_caches, open_cache
+from featcache.cache import Cache, find_caches, open_cache
 from featcache.errors import FeatcacheError
+from featcache.stores import local_path, resolve_root
 
 
 @dataclass
@@ -105,7 +106,7 @@ def extract_command(cache: Cache) -> str:
 
 def verify_cache(path: str | Path, repair: bool = False) -> VerifyResult:
     """Verify one cache (and, with ``repair``, clear its damaged shards)."""
-    path = Path(path).expanduser()
+    path = local_path(path)
     try:
         cache = open_cache(path, "r+" if repair else "r")
     except FeatcacheError as exc:
@@ -131,7 +132,7 @@ def verify(path: str | Path | None = None, cache: str | Path | None = None,
     """`featcache verify`: one cache (``path``) or every cache under a root (``cache``)."""
     if path is not None:
         return [verify_cache(path, repair)]
-    root = Path(cache).expanduser() if cache else default_cache_root()
+    root = resolve_root(cache)
     problems: list[tuple[Path, str]] = []
     found = find_caches(root, problems)
     results = [verify_cache(c.path, repair) for c in found]
