@@ -28,12 +28,14 @@ from zarr.codecs import Crc32cCodec
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
+from featcache.identity import IDENTITY, WRONG_PLACE, cache_tag, chunks_per_shard, file_crcs
 from featcache.text import slug
 
 # 2: crc32c on every chunk, fills that cannot pass for data; 3: the token kinds a model
-# has (no `cls` array without a class token; `pool` for a pooled embedding of its own)
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+# has (no `cls` array without a class token; `pool` for a pooled embedding of its own);
+# 4: a per-shard identity (`featcache.identity`): a valid file in the wrong place is refused
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 FEATURE_KINDS = ("cls", "ap")  # per layer
 POOL_KIND = "pool"  # the final layer's pooled embedding, where the model has its own
 TOKEN_KIND = "last_tokens"
@@ -174,6 +176,12 @@ class Cache:
             expected[POOL_KIND] = ((lay.n, 1, lay.pool_dim), "float16")
         if lay.n_tokens is not None:
             expected[TOKEN_KIND] = ((lay.n, lay.n_tokens, lay.token_dim or 0), "float16")
+        if self.has_identity:
+            try:
+                width = 1 + sum(self.identity_widths().values())
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise self.metadata_error("zarr.json of an array", exc) from None
+            expected[IDENTITY] = ((lay.n_shards, width), "uint32")
         for name, (shape, dtype) in expected.items():
             try:
                 array = self.group[name]
@@ -252,6 +260,96 @@ class Cache:
         such thing (chunks equal to the fill were not stored; other tools may chunk as
         they like), so its files are not checked."""
         return self.arrays if self.format >= 2 else []
+
+    # -- where each shard belongs (format 4, `featcache.identity`) -----------------------
+    @property
+    def has_identity(self) -> bool:
+        """Whether shards record their identity (format 4); older caches read as before."""
+        return self.format >= 4
+
+    def identity_widths(self) -> dict[str, int]:
+        """Chunks per shard of every array, in the order of an identity row."""
+        if "_widths" not in self.__dict__:
+            self._widths = {name: chunks_per_shard(self.path / name) for name in self.arrays}
+        return self._widths
+
+    def shard_crcs(self, name: str, shard: int) -> np.ndarray | None:
+        """The crc32c stored with every chunk of the array's shard file (None: no file).
+        Raises ValueError when its index does not parse."""
+        try:
+            data = np.fromfile(self.shard_file(name, shard), dtype=np.uint8)
+        except FileNotFoundError:
+            return None
+        layout = self._shard_layout(name)
+        chunk = None if layout is None else math.prod(layout.chunk) * layout.dtype.itemsize
+        return file_crcs(data, self.identity_widths()[name], chunk)
+
+    def identity_row(self, shard: int) -> np.ndarray:
+        """The row a written shard records: its tag, then its files' chunk crcs."""
+        parts = [np.array([cache_tag(self.fingerprint, shard)], dtype=np.uint32)]
+        for name in self.identity_widths():
+            crcs = self.shard_crcs(name, shard)
+            if crcs is None:
+                raise self.damage(name, shard, "its file is missing right after its write")
+            parts.append(crcs)
+        return np.concatenate(parts)
+
+    def recorded_crcs(self, name: str, shard: int) -> np.ndarray | None:
+        """The chunk crcs shard `shard` of `name` recorded when it was written; None for a
+        cache before format 4, or a shard not written yet. Raises the damage line when a
+        written shard has no record, or another shard's or cache's."""
+        if not self.has_identity:
+            return None
+        row = self._identity_row(shard, fresh=False)
+        tag = cache_tag(self.fingerprint, shard)
+        if row is None or row[0] != tag:
+            row = self._identity_row(shard, fresh=True)  # written since we last looked?
+        if row is None or row[0] == 0:
+            if not self.done()[shard]:
+                return None
+            raise self.damage(name, shard, "its identity record is missing or unreadable")
+        if row[0] != tag:
+            raise self.damage(name, shard, "its identity record is another shard's or "
+                              "another cache's (copied into the wrong place)")
+        start = 1
+        for other, width in self.identity_widths().items():
+            if other == name:
+                return row[start: start + width]
+            start += width
+        raise ValueError(f"{name} is not an array of {self.path}")
+
+    def _identity_row(self, shard: int, fresh: bool) -> np.ndarray | None:
+        """One row of the identity array (all rows are read at once, then kept)."""
+        rows = self.__dict__.get("_identity_rows")
+        if rows is None:
+            try:
+                rows = self._identity_rows = np.asarray(self.group[IDENTITY][:])
+            except Exception:
+                rows = self._identity_rows = np.zeros(
+                    (self.layout.n_shards, 1 + sum(self.identity_widths().values())),
+                    np.uint32)
+                fresh = True
+        if fresh:
+            try:
+                rows[shard] = self.group[IDENTITY][shard]
+            except Exception:
+                return None
+        return rows[shard]
+
+    def check_identity(self, name: str, shard: int) -> None:
+        """Refuse shard `shard` of `name` when its file's chunks are not the recorded ones
+        (the zarr read path's check; the shard reader checks chunk by chunk)."""
+        expected = self.recorded_crcs(name, shard)
+        if expected is None:
+            return
+        try:
+            found = self.shard_crcs(name, shard)
+        except ValueError as exc:
+            raise self.damage(name, shard, f"its checksum cannot match: {exc}") from None
+        if found is None:
+            raise self.damage(name, shard, "its file is missing")
+        if found.shape != expected.shape or (found != expected).any():
+            raise self.damage(name, shard, WRONG_PLACE)
 
     def done(self) -> np.ndarray:
         """Which shards are written. A flag that cannot be read counts as not written, so
@@ -340,8 +438,14 @@ class Cache:
         array = self.group[name]
         try:
             if selection is None:
-                return np.asarray(array[rows])
-            return np.asarray(array.get_orthogonal_selection((rows, *selection)))
+                values = np.asarray(array[rows])
+            else:
+                values = np.asarray(array.get_orthogonal_selection((rows, *selection)))
+            for k in self.shards_of(rows) if self.has_identity else ():
+                self.check_identity(name, k)
+            return values
+        except FeatcacheError:
+            raise
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -400,7 +504,7 @@ class Cache:
                         raise ShardDamage("its file is missing")
                     read_shard(layout, (k, *zeros), select,
                                out[lo - rows.start: hi - rows.start], lo - k * S - c0 * r,
-                               columns, data)
+                               columns, data, self.recorded_crcs(name, k))
                 except ShardDamage as exc:
                     raise self.damage(name, k, str(exc)) from None
         return out
@@ -487,6 +591,8 @@ class Cache:
                 raise ValueError(f"shard {shard}: {name} has {data.shape[0]} rows, "
                                  f"expected {rows.stop - rows.start}")
             self._writable(name)[rows] = data
+        if self.has_identity:  # after the files (it records their chunks), before the flag
+            self._writable(IDENTITY)[shard] = self.identity_row(shard)
         self._writable("done")[shard] = True
 
     def _writable(self, name: str) -> Any:
@@ -504,9 +610,24 @@ class Cache:
         for k in shards:
             self._writable("done")[k] = False
         for k in shards:
-            for name in self.arrays:
+            for name in self.arrays + [IDENTITY] * self.has_identity:
                 with contextlib.suppress(FileNotFoundError):
                     self.shard_file(name, k).unlink()
+        self.__dict__.pop("_identity_rows", None)
+
+    def add_identity(self) -> None:
+        """Upgrade an unfinished format-2/3 cache to format 4 before new shards are added
+        (the extractor, under the write lock): the shards already written are recorded as
+        they are (they were trusted so far), later ones as they are written."""
+        if self.has_identity:
+            return
+        self.format = 4  # the identity array is expected, and written, from here on
+        widths = self.identity_widths()
+        if IDENTITY not in self.group:
+            self.group.create_array(IDENTITY, **_identity_spec(self.layout.n_shards, widths))
+        for k in np.flatnonzero(self.done()):
+            self._writable(IDENTITY)[int(k)] = self.identity_row(int(k))
+        self.update_attrs({"featcache": {"format": 4, "version": __version__}})
 
     def update_attrs(self, attrs: dict[str, Any]) -> None:
         """Change attributes (zarr ≥ 3.1.3 rewrites zarr.json atomically: a temporary file
@@ -600,8 +721,12 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
                        **checked)
     group.create_array("done", shape=(lay.n_shards,), dtype="bool", chunks=(1,),
                        fill_value=False, **checked)
+    if checksums:  # the identity records chunk crcs: without them there is none to record
+        names = [a for a in SHARD_ARRAYS if a in group]
+        widths = {a: chunks_per_shard(tmp / a) for a in names}
+        group.create_array(IDENTITY, **_identity_spec(lay.n_shards, widths))
     group.attrs.update({
-        "featcache": {"format": FORMAT_VERSION, "version": __version__},
+        "featcache": {"format": FORMAT_VERSION if checksums else 3, "version": __version__},
         "fingerprint": fingerprint,
         "layer_names": layer_names,
         "layer_dims": layer_dims,
@@ -622,6 +747,13 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
         shutil.rmtree(path)
     os.replace(tmp, path)
     return Cache(path, "r+")
+
+
+def _identity_spec(n_shards: int, widths: dict[str, int]) -> dict[str, Any]:
+    """The identity array: one row (one object) per shard, crc-checked like the rest."""
+    return {"shape": (n_shards, 1 + sum(widths.values())),
+            "dtype": "uint32", "chunks": (1, 1 + sum(widths.values())), "fill_value": 0,
+            "compressors": [Crc32cCodec()], "config": {"write_empty_chunks": True}}
 
 
 READ_AHEAD = 3  # shards the kernel is asked to read ahead of the one being decoded

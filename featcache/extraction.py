@@ -314,8 +314,9 @@ def _open_existing(path: Path, fingerprint: dict[str, Any]) -> tuple[Cache | Non
     except FeatcacheError as exc:  # damaged metadata, an older reader's format
         return None, str(exc)
     # a format-2 cache of a model with CLS is byte for byte a format-3 one (3 only added
-    # the layouts of models without CLS or with a pool): an upgrade mid-extraction resumes
-    same_bytes = cache.format == 2 and cache.token_kinds == ["cls", "ap"]
+    # the layouts of models without CLS or with a pool), and 4 only adds the identity
+    # array: an upgrade mid-extraction resumes (`Cache.add_identity`)
+    same_bytes = cache.format == 3 or (cache.format == 2 and cache.token_kinds == ["cls", "ap"])
     if cache.format != FORMAT_VERSION and not same_bytes:
         return None, (f"{path} is a format-{cache.format} cache from an older featcache "
                       f"(it stays readable; new shards need format {FORMAT_VERSION})")
@@ -336,8 +337,11 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
     target = path
     if (path / "zarr.json").exists():
         cache, why = _open_existing(path, fingerprint)
+        if cache is not None and cache.complete:
+            return cache, "complete"
         if cache is not None:
-            return cache, ("complete" if cache.complete else "resumed")
+            cache.add_identity()  # an older cache's new shards record where they belong
+            return cache, "resumed"
         if not opts.overwrite:
             pending = (" An unfinished replacement is kept beside it: --overwrite resumes it."
                        if (next_path(path) / "zarr.json").exists() else "")
@@ -349,6 +353,7 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
         if (target / "zarr.json").exists():
             cache, _ = _open_existing(target, fingerprint)
             if cache is not None:
+                cache.add_identity()
                 return cache, "resumed"
     token_dim = backbone.final_dim if opts.all_tokens else None
     n_tokens = backbone.n_tokens if opts.all_tokens else None

@@ -116,7 +116,7 @@ def shard_bytes(layout: ShardLayout, index: tuple[int, ...],
 
 def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, ...],
                out: np.ndarray, skip: int = 0, columns: Sequence[int] | None = None,
-               data: np.ndarray | None = None) -> None:
+               data: np.ndarray | None = None, expected: np.ndarray | None = None) -> None:
     """Copy inner chunks of one written shard into ``out``, each once, straight from the
     file's bytes (``data``: already read by `shard_bytes`; else read here). ``select``
     gives, per axis, the chunk coordinates wanted (None: all).
@@ -124,8 +124,10 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
     fall outside ``out`` are dropped: a range that starts or ends inside a chunk); along
     axis 1 (chunks of width 1), picked chunk j goes to column ``columns[j]`` (default j);
     further axes keep their place (``out`` may be narrower: a zero-padded tail is left
-    alone). Raises ShardDamage with the reason when the file is gone, a wanted chunk is
-    missing, or the bytes fail their checksums."""
+    alone). ``expected``: the crc32c recorded for every chunk of this shard (index
+    order, `featcache.identity`); a chunk whose stored crc is not its recorded one belongs
+    elsewhere. Raises ShardDamage with the reason when the file is gone, a wanted chunk is
+    missing, the bytes fail their checksums, or the chunks are not this shard's."""
     import google_crc32c
 
     grid = layout.grid
@@ -154,6 +156,9 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
     if (sizes != chunk_bytes + 4).any() or (offsets + chunk_bytes + 4 > total - size).any():
         raise ShardDamage("its checksum cannot match: the shard index gives an inner chunk "
                           "a bad offset or size")
+    if expected is not None:
+        _check_place(view, offsets + chunk_bytes, expected,
+                     np.ravel_multi_index(np.ix_(*picks), grid).reshape(-1))
     r = layout.chunk[0]
     for pos, start in zip(np.ndindex(*(len(p) for p in picks)), offsets.tolist(),
                           strict=True):
@@ -179,6 +184,16 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
             where.append(slice(pos[axis] * c, pos[axis] * c + width))
             part = part[(slice(None),) * (part.ndim - len(pos) + axis) + (slice(0, width),)]
         out[tuple(where)] = part
+
+
+def _check_place(view: np.ndarray, ends: np.ndarray, expected: np.ndarray,
+                 flat: np.ndarray) -> None:
+    """The crcs stored after the picked chunks are the ones recorded for them here."""
+    from featcache.identity import WRONG_PLACE
+
+    stored = np.ascontiguousarray(view[ends[:, None] + np.arange(4)]).view("<u4").reshape(-1)
+    if len(expected) <= int(flat.max(initial=0)) or (stored != expected[flat]).any():
+        raise ShardDamage(WRONG_PLACE)
 
 
 def _crc(module: Any, data: Any) -> bytes:

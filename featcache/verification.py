@@ -53,6 +53,9 @@ def check_cache(cache: Cache) -> dict[int, list[str]]:
     done = cache.done()
     for name, shard in cache.missing_files():
         bad(shard, f"{name}: file missing")
+    for k in np.flatnonzero(done) if cache.has_identity else ():
+        for why in identity_problems(cache, int(k)):
+            bad(int(k), why)
     n_classes = len(cache.class_names)
     for k in np.flatnonzero(done):
         k = int(k)
@@ -70,6 +73,25 @@ def check_cache(cache: Cache) -> dict[int, list[str]]:
             elif name == "labels" and ((values < 0) | (values >= n_classes)).any():
                 bad(k, f"labels: outside 0..{n_classes - 1} (a missing chunk reads as -1)")
     return damaged
+
+
+def identity_problems(cache: Cache, shard: int) -> list[str]:
+    """Why shard `shard`'s files are not the ones recorded for it (format 4)."""
+    from featcache.identity import WRONG_PLACE
+
+    out = []
+    for name in cache.arrays:
+        try:
+            expected = cache.recorded_crcs(name, shard)
+            found = cache.shard_crcs(name, shard)
+        except FeatcacheError as exc:
+            return [f"{name}: {str(exc).split(' is damaged: ')[-1].split('. Run')[0]}"]
+        except ValueError:
+            continue  # an unreadable index: the read below names it
+        if found is not None and expected is not None and (
+                found.shape != expected.shape or (found != expected).any()):
+            out.append(f"{name}: {WRONG_PLACE}")
+    return out
 
 
 def _why(exc: BaseException) -> str:

@@ -111,7 +111,7 @@ DAMAGES = {
     "labels chunk flipped": (lambda c: flip(c / "labels/c/0", 3),
                              ["shard 0 of 'labels'", "checksum"], True),
     "label out of range": (lambda c: set_label(c, 20, 99),
-                           ["shard 1 of 'labels'", "label 99"], True),
+                           ["shard 1 of 'labels'", "not the ones written"], True),
     "valid chunk deleted": (lambda c: (c / "valid/c/2").unlink(),
                             ["shard 2 of 'valid'", "missing"], True),
     "done chunk deleted": (lambda c: (c / "done/c/2").unlink(), ["incomplete"], True),
