@@ -765,6 +765,15 @@ def _inner_rows(shard_size: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(shard_size, limit)) + 1) if shard_size % d == 0)
 
 
+LOST_GROUP = ("damaged: its zarr.json (the cache's metadata) is missing, its arrays are "
+              "there; it cannot be repaired shard by shard: re-extract it with --overwrite")
+
+
+def headless(folder: Path) -> bool:
+    """A cache whose group zarr.json is gone: featcache's arrays without their group."""
+    return all((Path(folder) / name / "zarr.json").is_file() for name in ("ap", "done"))
+
+
 def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
                 ) -> list[Cache]:
     """Every cache under a root (a cache is a directory holding a featcache zarr.json).
@@ -789,6 +798,9 @@ def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
     for folder, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         if "zarr.json" not in filenames:
+            if headless(Path(folder)):
+                dirnames[:] = []
+                notes.append((Path(folder), LOST_GROUP))
             continue
         meta = Path(folder) / "zarr.json"
         try:

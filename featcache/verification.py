@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import Cache, find_caches, open_cache
+from featcache.cache import LOST_GROUP, Cache, find_caches, headless, open_cache
 from featcache.errors import FeatcacheError
 from featcache.stores import local_path, resolve_root
 
@@ -132,6 +132,8 @@ def verify_cache(path: str | Path, repair: bool = False) -> VerifyResult:
     try:
         cache = open_cache(path, "r+" if repair else "r")
     except FeatcacheError as exc:
+        if headless(path):
+            return VerifyResult(path, False, metadata=LOST_GROUP)
         if not (path / "zarr.json").is_file():
             raise
         return VerifyResult(path, False, metadata=str(exc))
