@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from zarr.codecs import Crc32cCodec
 from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.identity import IDENTITY, WRONG_PLACE, cache_tag, chunks_per_shard, file_crcs
+from featcache.stores import is_remote, read_all, zarr_store
 from featcache.text import slug
 
 # 2: crc32c on every chunk, fills that cannot pass for data; 3: the token kinds a model
@@ -48,13 +50,18 @@ CHUNK_ROWS = 64  # rows of one inner chunk of cls/ap (one layer wide)
 TOKEN_CHUNK_ROWS = 16  # rows of one inner chunk of last_tokens (all tokens wide)
 
 
-def default_cache_root() -> Path:
-    """$FEATCACHE_CACHE, else <user cache dir>/featcache."""
+def default_cache_root() -> Any:
+    """$FEATCACHE_CACHE (a folder or an object store URL), else <user cache dir>/featcache."""
     env = os.environ.get("FEATCACHE_CACHE")
     if env:
-        from featcache.stores import local_path
+        from featcache.stores import location
 
-        return local_path(env, "$FEATCACHE_CACHE")
+        return location(env, "$FEATCACHE_CACHE")
+    return user_cache_root()
+
+
+def user_cache_root() -> Path:
+    """<user cache dir>/featcache: $XDG_CACHE_HOME/featcache or ~/.cache/featcache."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "featcache"
 
@@ -71,8 +78,8 @@ def model_dir_name(model: str, tap: str, weights_id: str) -> str:
     return name
 
 
-def cache_path(root: Path, model_dir: str, dataset_dir: str, split: str) -> Path:
-    return Path(root) / model_dir / dataset_dir / slug(split)
+def cache_path(root: Any, model_dir: str, dataset_dir: str, split: str) -> Any:
+    return (root if is_remote(root) else Path(root)) / model_dir / dataset_dir / slug(split)
 
 
 def choose_shard_size(bytes_per_sample: int) -> int:
@@ -111,10 +118,10 @@ class Cache:
 
     def __init__(self, path: Path, mode: str = "r") -> None:
         """`mode` "r" (readers: probe, report) or "r+" (the extractor, which writes)."""
-        self.path = Path(path)
+        self.path = path if is_remote(path) else Path(path)
         self.mode = mode
         try:
-            self.group = zarr.open_group(str(self.path), mode=mode)
+            self.group = zarr.open_group(zarr_store(self.path, mode), mode=mode)
         except FileNotFoundError:
             raise FeatcacheError(f"{self.path} is not a featcache cache (no Zarr group there);"
                                  " see `featcache ls`") from None
@@ -276,9 +283,8 @@ class Cache:
     def shard_crcs(self, name: str, shard: int) -> np.ndarray | None:
         """The crc32c stored with every chunk of the array's shard file (None: no file).
         Raises ValueError when its index does not parse."""
-        try:
-            data = np.fromfile(self.shard_file(name, shard), dtype=np.uint8)
-        except FileNotFoundError:
+        data = read_all(self.shard_file(name, shard))
+        if data is None:
             return None
         layout = self._shard_layout(name)
         chunk = None if layout is None else math.prod(layout.chunk) * layout.dtype.itemsize
@@ -472,7 +478,13 @@ class Cache:
         into its column ``columns[j]``)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from featcache.shardfiles import ShardDamage, read_shard, shard_bytes, will_need
+        from featcache.shardfiles import (
+            ShardDamage,
+            read_shard,
+            remote_shard_bytes,
+            shard_bytes,
+            will_need,
+        )
 
         S, r = layout.shard[0], layout.chunk[0]
         if out is None:
@@ -483,26 +495,42 @@ class Cache:
         tail = (None,) * (len(layout.shape) - 2)
         zeros = (0,) * (len(layout.shape) - 1)
         shards = list(range(rows.start // S, (rows.stop - 1) // S + 1))
-        # the next shard's file is read while this one is checked and placed: on a cold
-        # disk, decoding then costs (almost) nothing beyond the read itself
-        buffers = [bytearray(), bytearray()]  # one being read, one being decoded
-        with ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(shard_bytes, layout, (shards[0], *zeros), buffers, 0)
+
+        def select(k: int) -> tuple[Any, ...]:
+            lo, hi = max(rows.start, k * S), min(rows.stop, (k + 1) * S)
+            c0, c1 = (lo - k * S) // r, (hi - 1 - k * S) // r
+            return (np.arange(c0, c1 + 1), *(() if len(layout.shape) == 1 else (layers,)),
+                    *tail)
+
+        remote = is_remote(self.path)
+        # the next shards' bytes are read while this one is checked and placed: on a cold
+        # disk, decoding then costs (almost) nothing beyond the read itself; on an object
+        # store several shards are in flight, each as concurrent ranged reads of just the
+        # inner chunks asked for (benchmarks/read.py --store s3)
+        depth = REMOTE_AHEAD if remote else 1
+        buffers = [bytearray() for _ in range(depth + 1)]  # being read, and being decoded
+
+        def fetch(i: int) -> Any:
+            index = (shards[i], *zeros)
+            if remote:
+                return remote_shard_bytes(layout, index, select(shards[i]), buffers,
+                                          i % len(buffers))
+            return shard_bytes(layout, index, buffers, i % len(buffers))
+
+        with ThreadPoolExecutor(depth) as pool:
+            ahead = [pool.submit(fetch, i) for i in range(min(depth, len(shards)))]
             for i, k in enumerate(shards):
-                data = ahead.result()
-                if i + 1 < len(shards):
-                    ahead = pool.submit(shard_bytes, layout, (shards[i + 1], *zeros),
-                                        buffers, (i + 1) % 2)
-                if i + READ_AHEAD < len(shards):  # and the kernel reads further ahead
+                data = ahead.pop(0).result()
+                if i + depth < len(shards):
+                    ahead.append(pool.submit(fetch, i + depth))
+                if not remote and i + READ_AHEAD < len(shards):  # the kernel reads ahead
                     will_need(layout, (shards[i + READ_AHEAD], *zeros))
                 lo, hi = max(rows.start, k * S), min(rows.stop, (k + 1) * S)
-                c0, c1 = (lo - k * S) // r, (hi - 1 - k * S) // r
-                select = (np.arange(c0, c1 + 1),
-                          *(() if len(layout.shape) == 1 else (layers,)), *tail)
+                c0 = (lo - k * S) // r
                 try:
                     if data is None:
                         raise ShardDamage("its file is missing")
-                    read_shard(layout, (k, *zeros), select,
+                    read_shard(layout, (k, *zeros), select(k),
                                out[lo - rows.start: hi - rows.start], lo - k * S - c0 * r,
                                columns, data, self.recorded_crcs(name, k))
                 except ShardDamage as exc:
@@ -662,15 +690,17 @@ def _reason(exc: BaseException) -> str:
     return f"its bytes cannot be decoded ({type(exc).__name__}: {text[:120]})"
 
 
-def disk_bytes(path: Path) -> int:
+def disk_bytes(path: Any) -> int:
+    if is_remote(path):
+        return int(path._call(path.fs.du, path.key))
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def open_cache(path: str | Path, mode: str = "r") -> Cache:
     """Open a cache for reading ("r", the default) or for writing shards ("r+")."""
-    from featcache.stores import local_path
+    from featcache.stores import location
 
-    path = local_path(path)
+    path = location(path)
     if not (path / "zarr.json").is_file():
         raise FeatcacheError(f"no featcache cache at {path} (expected {path / 'zarr.json'});"
                              " see `featcache ls` for what is cached")
@@ -684,8 +714,12 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
 
     ``checksums=False`` leaves out the crc32c codec; only `benchmarks/checksum.py` uses it,
     to measure what the checksums cost."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remote = is_remote(path)
+    path = path if remote else Path(path)
+    # on an object store the group is built in a local temporary folder and uploaded,
+    # its zarr.json last (`featcache.stores.upload_group`): no rename there
+    tmp = (Path(tempfile.mkdtemp(prefix="featcache-")) / path.name if remote
+           else path.with_name(f".{path.name}.tmp-{os.getpid()}"))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -743,6 +777,12 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra_attrs or {}),
     })
+    if remote:
+        from featcache.stores import upload_group
+
+        upload_group(tmp, path)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+        return Cache(path, "r+")
     if path.exists():  # a half-made replacement (`.NAME.next`) of ours: start it again
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -756,6 +796,7 @@ def _identity_spec(n_shards: int, widths: dict[str, int]) -> dict[str, Any]:
             "compressors": [Crc32cCodec()], "config": {"write_empty_chunks": True}}
 
 
+REMOTE_AHEAD = 4  # shards in flight from an object store (benchmarks/read.py --store s3)
 READ_AHEAD = 3  # shards the kernel is asked to read ahead of the one being decoded
 
 
@@ -769,9 +810,32 @@ LOST_GROUP = ("damaged: its zarr.json (the cache's metadata) is missing, its arr
               "there; it cannot be repaired shard by shard: re-extract it with --overwrite")
 
 
-def headless(folder: Path) -> bool:
+def _find_remote(root: Any, notes: list[tuple[Any, str]]) -> list[Cache]:
+    """`find_caches` on an object store: one listing; a cache is a prefix holding
+    `ap/zarr.json` and `done/zarr.json` (its group's zarr.json gone: damage, noted)."""
+    keys = set(root.keys())
+    found = []
+    for key in sorted(keys):
+        if not key.endswith("/done/zarr.json") or key == "done/zarr.json":
+            continue
+        folder = key[: -len("/done/zarr.json")]
+        if any(part.startswith(".") for part in folder.split("/")) or \
+                f"{folder}/ap/zarr.json" not in keys:
+            continue
+        if f"{folder}/zarr.json" not in keys:
+            notes.append((root / folder, LOST_GROUP))
+            continue
+        try:
+            found.append(Cache(root / folder))
+        except FeatcacheError as exc:
+            notes.append((root / folder, str(exc)))
+    return found
+
+
+def headless(folder: Any) -> bool:
     """A cache whose group zarr.json is gone: featcache's arrays without their group."""
-    return all((Path(folder) / name / "zarr.json").is_file() for name in ("ap", "done"))
+    folder = folder if is_remote(folder) else Path(folder)
+    return all((folder / name / "zarr.json").is_file() for name in ("ap", "done"))
 
 
 def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
@@ -784,6 +848,8 @@ def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
 
     root = resolve_root(root)
     notes = problems if problems is not None else []
+    if is_remote(root):
+        return _find_remote(root, notes)
     if root.exists() and not root.is_dir():
         raise FeatcacheError(f"the cache root {root} is a file, not a folder; point --cache "
                              "at a folder")

@@ -17,7 +17,7 @@ from featcache.cache import (
     open_cache,
 )
 from featcache.errors import FeatcacheError, os_error
-from featcache.stores import resolve_root
+from featcache.stores import is_remote, local_path, resolve_root
 
 
 def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
@@ -58,7 +58,10 @@ def export(path: str | Path, format: str = "hdf5", out: str | Path | None = None
     if format.lower() not in ("hdf5", "h5"):
         raise FeatcacheError(f"unknown export format {format!r}: hdf5 is supported")
     c = open_cache(path)
-    target = Path(out).expanduser() if out else Path(str(c.path).rstrip("/") + ".h5")
+    if out is None and is_remote(c.path):
+        raise FeatcacheError(f"{c.path} is on an object store: give --out FILE.h5, a file on "
+                             "this machine")
+    target = local_path(out, "--out") if out else Path(str(c.path).rstrip("/") + ".h5")
     return export_hdf5(c, target, overwrite=overwrite)
 
 

@@ -39,7 +39,7 @@ from featcache.errors import FeatcacheError, FingerprintMismatch
 from featcache.fingerprint import check_fingerprint
 from featcache.options import check_int, make_options, parse_model_args
 from featcache.sources import dataset_dir_name, short_name
-from featcache.stores import resolve_root
+from featcache.stores import is_remote, resolve_root
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -342,6 +342,11 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
         if cache is not None:
             cache.add_identity()  # an older cache's new shards record where they belong
             return cache, "resumed"
+        if opts.overwrite and is_remote(path):
+            raise FeatcacheError(f"{why}. --overwrite cannot swap a cache on an object store "
+                                 f"in one step (no renames there): delete {path} first "
+                                 "(e.g. `aws s3 rm --recursive`), or extract under another "
+                                 "--cache prefix")
         if not opts.overwrite:
             pending = (" An unfinished replacement is kept beside it: --overwrite resumes it."
                        if (next_path(path) / "zarr.json").exists() else "")

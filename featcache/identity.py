@@ -49,7 +49,9 @@ def cache_tag(fingerprint: dict[str, Any], shard: int) -> int:
 def chunks_per_shard(array_path: Path) -> int:
     """Inner chunks in one shard of an array (1 for an unsharded array: its chunk is the
     shard), from its zarr.json."""
-    meta = json.loads((Path(array_path) / "zarr.json").read_text())
+    from featcache.stores import location
+
+    meta = json.loads((location(array_path) / "zarr.json").read_text())
     codecs = meta.get("codecs") or []
     if codecs and codecs[0].get("name") == "sharding_indexed":
         shard = meta["chunk_grid"]["configuration"]["chunk_shape"]

@@ -41,7 +41,7 @@ from featcache.selection import (
     logit_metrics,
     sample_shots,
 )
-from featcache.stores import resolve_root
+from featcache.stores import local_path, resolve_root
 
 GRIDS = ("paper", "quick")
 # paper: what the authors' code does (validation scored on jittered features; all-tokens
@@ -204,7 +204,7 @@ def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
 def _probe(opts: ProbeOptions, progress: Any) -> list[RunResult]:
     spec = get_method(opts.method)
     cache_root = resolve_root(opts.cache)
-    runs_root = resolve_root(opts.runs, "--runs") if opts.runs else default_runs_root(cache_root)
+    runs_root = local_path(opts.runs, "--runs") if opts.runs else default_runs_root(cache_root)
     pairs = find_pairs(cache_root, opts.model, opts.dataset, opts.train_split, opts.test_split)
     if opts.layers is not None and not opts.layers.strip():
         warn(f"--layers is empty: using {opts.method}'s default layer set "

@@ -31,10 +31,15 @@ HEAD_FILE = "head.safetensors"
 
 
 def default_runs_root(cache_root: str | Path | None = None) -> Path:
-    """Runs live beside the caches they were trained on: <cache root>/runs."""
-    from featcache.stores import resolve_root
+    """Runs live beside the caches they were trained on: <cache root>/runs; for a cache
+    root on an object store, on this machine (<user cache dir>/featcache/runs): a record
+    is written by a rename (atomic on a disk, not on a store), the report and `predict`
+    read them back often, and they are small (`--runs` puts them anywhere)."""
+    from featcache.cache import user_cache_root
+    from featcache.stores import is_remote, resolve_root
 
-    return resolve_root(cache_root) / "runs"
+    root = resolve_root(cache_root)
+    return (user_cache_root() if is_remote(root) else root) / "runs"
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -350,12 +355,13 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
          problems: list[str] | None = None) -> list[dict[str, Any]]:
     """`featcache runs`: a summary row per run record under the runs root (default
     <cache root>/runs); records that cannot be read are described in ``problems``."""
-    from featcache.stores import resolve_root
+    from featcache.stores import is_remote, local_path, resolve_root
 
-    if runs is None and cache is not None and resolve_root(cache).is_file():
+    root = resolve_root(cache) if runs is None and cache is not None else None
+    if root is not None and not is_remote(root) and root.is_file():
         raise FeatcacheError(f"the cache root {cache} is a file, not a folder; point --cache "
                              "at a folder")
-    root = resolve_root(runs, "--runs") if runs is not None else default_runs_root(cache)
+    root = local_path(runs, "--runs") if runs is not None else default_runs_root(cache)
     return [summary_row(r) for r in list_runs(root, problems)]
 
 

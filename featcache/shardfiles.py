@@ -57,7 +57,10 @@ class ShardLayout:
 def shard_layout(array_path: Path) -> ShardLayout | None:
     """The array's layout if it is the one featcache writes (else None: read with zarr)."""
     try:
-        meta = json.loads((Path(array_path) / "zarr.json").read_text())
+        from featcache.stores import location
+
+        array_path = location(array_path)
+        meta = json.loads((array_path / "zarr.json").read_text())
         (codec,) = meta["codecs"]
         config = codec["configuration"]
         ok = (codec["name"] == "sharding_indexed" and config.get("codecs") == _CHECKED
@@ -73,7 +76,7 @@ def shard_layout(array_path: Path) -> ShardLayout | None:
         if any(s % c for s, c in zip(shard, chunk, strict=True)):
             return None
         fill = meta.get("fill_value")
-        return ShardLayout(Path(array_path), tuple(int(v) for v in meta["shape"]), shard,
+        return ShardLayout(array_path, tuple(int(v) for v in meta["shape"]), shard,
                            chunk, np.dtype(meta["data_type"]).newbyteorder("<"),
                            float("nan") if fill == "NaN" else float(fill or 0))
     except (OSError, ValueError, KeyError, TypeError):
@@ -198,3 +201,62 @@ def _check_place(view: np.ndarray, ends: np.ndarray, expected: np.ndarray,
 
 def _crc(module: Any, data: Any) -> bytes:
     return np.uint32(module.value(data)).tobytes()
+
+
+def remote_shard_bytes(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, ...],
+                       buffers: list[bytearray], slot: int) -> np.ndarray | None:
+    """The bytes of one shard object that a read needs, by ranged requests: its index (a
+    suffix range: no size lookup), then the picked inner chunks with their crcs (adjacent
+    ones merged), all in flight at once. They are laid at their own offsets in a buffer
+    the size of the object, so that `read_shard` checks and places them unchanged (it
+    reads nothing else). None when there is no such object."""
+    import google_crc32c
+
+    path: Any = layout.file(index)
+    grid = layout.grid
+    n = math.prod(grid)
+    size = 16 * n + 4
+    try:
+        tail = path._call(path.fs.cat_file, path.key, start=-size)
+    except FileNotFoundError:
+        return None
+    index_bytes = np.frombuffer(tail, dtype=np.uint8)
+    if len(tail) < size or _crc(google_crc32c, index_bytes[:-4]) != bytes(tail[-4:]):
+        return index_bytes  # too short or a bad index: `read_shard` names the damage
+    entries = index_bytes[:-4].view("<u8").reshape(*grid, 2)
+    present = entries[..., 0] != _MISSING
+    total = int((entries[..., 0][present] + entries[..., 1][present]).max(initial=0)) + size
+    picks = [np.arange(g) if sel is None else np.asarray(sel, dtype=np.int64).reshape(-1)
+             for g, sel in zip(grid, select, strict=True)]
+    chosen = entries[np.ix_(*picks)].reshape(-1, 2)
+    chosen = chosen[chosen[:, 0] != _MISSING]
+    if len(buffers[slot]) < total:
+        buffers[slot] = bytearray(total)
+    view = memoryview(buffers[slot])
+    view[total - size: total] = tail
+    for start, stop, blob in _ranges(path, chosen, total - size):
+        view[start:stop] = blob
+    return np.frombuffer(buffers[slot], dtype=np.uint8, count=total)
+
+
+def _ranges(path: Any, chosen: np.ndarray, limit: int) -> list[tuple[int, int, bytes]]:
+    """Fetch the (offset, size) ranges, adjacent ones merged, concurrently; a range the
+    object does not hold comes back short (and fails its checksum)."""
+    spans: list[list[int]] = []
+    for offset, nbytes in sorted(chosen.tolist()):
+        end = min(offset + nbytes, limit)
+        if spans and spans[-1][1] == offset:
+            spans[-1][1] = end
+        elif offset < end:
+            spans.append([offset, end])
+    if not spans:
+        return []
+    blobs = path._call(path.fs.cat_ranges, [path.key] * len(spans),
+                       [s for s, _ in spans], [e for _, e in spans])
+    out = []
+    for (start, stop), blob in zip(spans, blobs, strict=True):
+        if isinstance(blob, BaseException):
+            raise blob
+        out.append((start, start + len(blob), blob))
+        del stop
+    return out

@@ -19,7 +19,7 @@ import numpy as np
 
 from featcache.cache import LOST_GROUP, Cache, find_caches, headless, open_cache
 from featcache.errors import FeatcacheError
-from featcache.stores import local_path, resolve_root
+from featcache.stores import location, resolve_root
 
 
 @dataclass
@@ -128,7 +128,7 @@ def extract_command(cache: Cache) -> str:
 
 def verify_cache(path: str | Path, repair: bool = False) -> VerifyResult:
     """Verify one cache (and, with ``repair``, clear its damaged shards)."""
-    path = local_path(path)
+    path = location(path)
     try:
         cache = open_cache(path, "r+" if repair else "r")
     except FeatcacheError as exc:
