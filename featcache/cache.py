@@ -30,7 +30,7 @@ from zarr.codecs import Crc32cCodec
 from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.identity import IDENTITY, WRONG_PLACE, cache_tag, chunks_per_shard, file_crcs
-from featcache.stores import is_remote, read_all, zarr_store
+from featcache.stores import is_remote, read_all, store_failure, zarr_store
 from featcache.text import slug
 
 # 2: crc32c on every chunk, fills that cannot pass for data; 3: the token kinds a model
@@ -129,11 +129,13 @@ class Cache:
             raise FeatcacheError(f"cannot open {self.path}: {exc.strerror or exc}; check its "
                                  "permissions") from None
         except Exception as exc:  # malformed zarr.json: bad JSON, wrong fields
-            raise self.metadata_error("zarr.json", exc) from None
+            raise store_failure(self.path, exc) or self.metadata_error("zarr.json", exc) \
+                from None
         try:
             attrs = dict(self.group.attrs)
         except Exception as exc:
-            raise self.metadata_error("zarr.json", exc) from None
+            raise store_failure(self.path, exc) or self.metadata_error("zarr.json", exc) \
+                from None
         if "featcache" not in attrs:
             raise FeatcacheError(f"{self.path} is a Zarr group but not a featcache cache")
         fmt = attrs["featcache"].get("format") if isinstance(attrs["featcache"], dict) else None
@@ -196,7 +198,8 @@ class Cache:
             except KeyError:
                 raise self.metadata_error(name, "the array is missing") from None
             except Exception as exc:
-                raise self.metadata_error(f"{name}/zarr.json", exc) from None
+                raise store_failure(self.path, exc) or \
+                    self.metadata_error(f"{name}/zarr.json", exc) from None
             if got_shape != shape or got_dtype != dtype:
                 raise self.metadata_error(
                     f"{name}/zarr.json", f"shape {got_shape} {got_dtype}, the cache's "
@@ -330,7 +333,9 @@ class Cache:
         if rows is None:
             try:
                 rows = self._identity_rows = np.asarray(self.group[IDENTITY][:])
-            except Exception:
+            except Exception as exc:
+                if store_failure(self.path, exc):
+                    raise store_failure(self.path, exc) from None
                 rows = self._identity_rows = np.zeros(
                     (self.layout.n_shards, 1 + sum(self.identity_widths().values())),
                     np.uint32)
@@ -338,7 +343,9 @@ class Cache:
         if fresh:
             try:
                 rows[shard] = self.group[IDENTITY][shard]
-            except Exception:
+            except Exception as exc:
+                if store_failure(self.path, exc):
+                    raise store_failure(self.path, exc) from None
                 return None
         return rows[shard]
 
@@ -363,7 +370,9 @@ class Cache:
         array = self.group["done"]
         try:
             return np.asarray(array[:], dtype=bool)
-        except Exception:
+        except Exception as exc:
+            if store_failure(self.path, exc):
+                raise store_failure(self.path, exc) from None
             out = np.zeros(self.layout.n_shards, dtype=bool)
             for k in range(self.layout.n_shards):
                 with contextlib.suppress(Exception):
@@ -455,11 +464,14 @@ class Cache:
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:
+            if store_failure(self.path, exc):
+                raise store_failure(self.path, exc) from None
             for k in self.shards_of(rows):
                 try:
                     array[self.layout.rows(k)]
                 except Exception as inner:
-                    raise self.damage(name, k, _reason(inner)) from None
+                    raise store_failure(self.path, inner) or \
+                        self.damage(name, k, _reason(inner)) from None
             raise self.damage(name, self.shards_of(rows)[0], _reason(exc)) from None
 
     def _shard_layout(self, name: str) -> Any:

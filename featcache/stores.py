@@ -261,3 +261,19 @@ def upload_group(folder: Path, path: RemotePath) -> None:
     top = folder / "zarr.json"
     for f in [f for f in files if f != top] + [top]:
         (path / f.relative_to(folder).as_posix()).write_bytes(f.read_bytes())
+
+
+_STORE_MODULES = ("aiohttp", "botocore", "aiobotocore", "s3fs", "gcsfs", "google", "fsspec")
+
+
+def store_failure(path: Any, exc: BaseException) -> FeatcacheError | None:
+    """The one line for an exception raised while reading `path` when it is the store's
+    doing (network, credentials, throttling), not damaged bytes; None otherwise. Zarr
+    hands both out as plain exceptions: a dropped connection must not be reported as a
+    damaged shard (`verify --repair` would then delete good data)."""
+    if not is_remote(path) or isinstance(exc, FeatcacheError):
+        return exc if isinstance(exc, FeatcacheError) else None
+    module = type(exc).__module__.split(".")[0]
+    if isinstance(exc, (OSError, TimeoutError)) or module in _STORE_MODULES:
+        return store_error(path, exc)
+    return None

@@ -19,7 +19,7 @@ import numpy as np
 
 from featcache.cache import LOST_GROUP, Cache, find_caches, headless, open_cache
 from featcache.errors import FeatcacheError
-from featcache.stores import location, resolve_root
+from featcache.stores import location, resolve_root, store_failure
 
 
 @dataclass
@@ -66,6 +66,8 @@ def check_cache(cache: Cache) -> dict[int, list[str]]:
             try:
                 values = np.asarray(cache.group[name][rows])
             except Exception as exc:
+                if store_failure(cache.path, exc):  # the network, not the bytes: no damage
+                    raise store_failure(cache.path, exc) from None
                 bad(k, f"{name}: {_why(exc)}")
                 continue
             if values.dtype.kind == "f" and not np.isfinite(values).all():

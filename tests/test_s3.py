@@ -270,3 +270,42 @@ def test_store_errors_are_one_line(bucket, s3_server, monkeypatch):
                           "AWS_ENDPOINT_URL")
     finally:
         _fresh_clients()
+
+
+def test_a_server_stopped_mid_probe_is_one_line_and_leaves_no_record(s3_server, tmp_path,
+                                                                     monkeypatch):
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from probecache import SynthSpec, make_pair
+
+    from featcache.cache import Cache
+    from featcache.stores import location
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setattr("featcache.stores.STORE_OPTIONS", {"s3": {"config_kwargs": {
+        "retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}})
+    _fresh_clients()
+    try:
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="gone")
+        make_pair(location("s3://gone/c"), SynthSpec(n_train=96, n_test=64, shard_size=32))
+        real, calls = Cache.read_into, []
+
+        def stopping(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # the train tokens were read: the server goes away
+                server.stop()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Cache, "read_into", stopping)
+        result = run("probe", "--method", "linear", "--cache", "s3://gone/c", "--runs",
+                     tmp_path / "runs", *QUICK[:-1])
+        assert len(calls) >= 2
+        assert_user_error(result, "s3://gone/c", "unreachable", "run the same command again")
+        assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    finally:
+        _fresh_clients()
+        with __import__("contextlib").suppress(Exception):
+            server.stop()
