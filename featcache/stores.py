@@ -109,13 +109,12 @@ _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "
 def _filesystem(scheme: str, url: str, option: str) -> Any:
     import fsspec
 
-    try:
-        cls = fsspec.get_filesystem_class(scheme)
+    try:  # the package behind a scheme is imported only now (s3fs, gcsfs, pyarrow ...)
+        return fsspec.get_filesystem_class(scheme)(**STORE_OPTIONS.get(scheme, {}))
     except (ValueError, ImportError) as exc:
         need = _PACKAGES.get(scheme)
         why = f" (install {need})" if need else f" ({str(exc).splitlines()[0][:80]})"
         raise unsupported_url(url, option, why) from None
-    return cls(**STORE_OPTIONS.get(scheme, {}))
 
 
 class RemotePath:
