@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 _MISSING = np.uint64(2**64 - 1)
+RANGES_IN_FLIGHT = 32  # ranged requests of one shard object at once (benchmarks/read.py)
 _CHECKED = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
@@ -251,8 +252,8 @@ def _ranges(path: Any, chosen: np.ndarray, limit: int) -> list[tuple[int, int, b
             spans.append([offset, end])
     if not spans:
         return []
-    blobs = path._call(path.fs.cat_ranges, [path.key] * len(spans),
-                       [s for s, _ in spans], [e for _, e in spans])
+    blobs = path._call(path.fs.cat_ranges, [path.key] * len(spans), [s for s, _ in spans],
+                       [e for _, e in spans], batch_size=RANGES_IN_FLIGHT)
     out = []
     for (start, stop), blob in zip(spans, blobs, strict=True):
         if isinstance(blob, BaseException):
