@@ -30,7 +30,7 @@ from zarr.codecs import Crc32cCodec
 from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.identity import IDENTITY, WRONG_PLACE, cache_tag, chunks_per_shard, file_crcs
-from featcache.stores import is_remote, read_all, store_failure, zarr_store
+from featcache.stores import is_remote, read_all, store_failure, through_copy, zarr_store
 from featcache.text import slug
 
 # 2: crc32c on every chunk, fills that cannot pass for data; 3: the token kinds a model
@@ -120,6 +120,7 @@ class Cache:
         """`mode` "r" (readers: probe, report) or "r+" (the extractor, which writes)."""
         self.path = path if is_remote(path) else Path(path)
         self.mode = mode
+        self.local_copy: Path | None = None  # `probe --local-cache`: shards copied there
         try:
             self.group = zarr.open_group(zarr_store(self.path, mode), mode=mode)
         except FileNotFoundError:
@@ -349,6 +350,21 @@ class Cache:
                 return None
         return rows[shard]
 
+    def whole_shard_ok(self, name: str, shard: int, data: np.ndarray) -> bool:
+        """Whether a shard file's bytes pass every check a read makes (its index and
+        chunk checksums, its recorded identity): what a local copy must pass to be kept."""
+        from featcache.shardfiles import ShardDamage, read_shard
+
+        layout = self._shard_layout(name)
+        out = np.empty(layout.shard, dtype=layout.dtype)
+        try:
+            read_shard(layout, (shard,) + (0,) * (len(layout.shape) - 1),
+                       (None,) * len(layout.shape), out, 0, None, data,
+                       self.recorded_crcs(name, shard))
+        except ShardDamage:
+            return False
+        return True
+
     def check_identity(self, name: str, shard: int) -> None:
         """Refuse shard `shard` of `name` when its file's chunks are not the recorded ones
         (the zarr read path's check; the shard reader checks chunk by chunk)."""
@@ -524,6 +540,9 @@ class Cache:
 
         def fetch(i: int) -> Any:
             index = (shards[i], *zeros)
+            if remote and self.local_copy is not None:
+                return through_copy(self.local_copy, layout.file(index),
+                                    lambda data: self.whole_shard_ok(name, shards[i], data))
             if remote:
                 return remote_shard_bytes(layout, index, select(shards[i]), buffers,
                                           i % len(buffers))

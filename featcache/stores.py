@@ -276,3 +276,43 @@ def store_failure(path: Any, exc: BaseException) -> FeatcacheError | None:
     if isinstance(exc, (OSError, TimeoutError)) or module in _STORE_MODULES:
         return store_error(path, exc)
     return None
+
+
+def keep_local_copies(caches: list[Any], folder: str | Path) -> None:
+    """`probe --local-cache DIR`: the caches on an object store read their shard objects
+    through a copy under DIR (`<DIR>/<scheme>/<bucket>/<key>`), kept after the read; a
+    local cache needs none and is left alone."""
+    root = local_path(folder, "--local-cache")
+    if root.exists() and not root.is_dir():
+        raise FeatcacheError(f"--local-cache {root} is a file; give a folder")
+    for cache in caches:
+        if is_remote(cache.path):
+            cache.local_copy = root
+
+
+def copy_path(folder: Path, path: RemotePath) -> Path:
+    """Where the local copy of an object lives."""
+    return folder / path.scheme / path.key
+
+
+def through_copy(folder: Path, path: RemotePath, check: Any) -> np.ndarray | None:
+    """An object's bytes from its local copy when that passes ``check(data)`` (a copy
+    that does not is replaced), else from the store, saved as the copy when it passes
+    (written to a temporary name and renamed: never half a copy). None: no object."""
+    from featcache import atomic
+
+    local = copy_path(folder, path)
+    if local.is_file():
+        data = np.fromfile(local, dtype=np.uint8)
+        if check(data):
+            return data
+        local.unlink(missing_ok=True)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    data = np.frombuffer(blob, dtype=np.uint8)
+    if check(data):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(local, blob)
+    return data

@@ -309,3 +309,42 @@ def test_a_server_stopped_mid_probe_is_one_line_and_leaves_no_record(s3_server, 
         _fresh_clients()
         with __import__("contextlib").suppress(Exception):
             server.stop()
+
+
+def test_local_cache_keeps_a_verified_copy_and_replaces_a_bad_one(bucket, tmp_path,
+                                                                 monkeypatch):
+    from probecache import SynthSpec, make_pair
+
+    from featcache.stores import RemotePath, location
+
+    real, fetched = RemotePath.read_bytes, []
+
+    def counted(self):
+        fetched.append(self.url)
+        return real(self)
+
+    monkeypatch.setattr(RemotePath, "read_bytes", counted)
+
+    url = f"{bucket}/c"
+    make_pair(location(url), SynthSpec(n_train=96, n_test=64, shard_size=32))
+    copies = tmp_path / "copies"
+    results = []
+    for i in range(3):
+        fetched.clear()
+        probed = run("probe", "--method", "linear", "--cache", url, "--runs",
+                     tmp_path / f"runs{i}", "--local-cache", copies, *QUICK)
+        assert probed.exit_code == 0, probed.output
+        results.append(json.loads(probed.stdout)[0])
+        shards = [u for u in fetched if "/cls/c/" in u]
+        assert len(shards) == [5, 1, 0][i]  # all; the damaged copy again; none
+        kept = sorted(p for p in copies.rglob("*") if p.is_file())
+        # the final layer's CLS of every shard of both splits: 3 + 2 objects
+        assert [p.relative_to(copies).parts[-5] for p in kept] == ["cls"] * 5, kept
+        for p in kept:  # each copy is the store's object, byte for byte
+            key = p.relative_to(copies / "s3").as_posix()
+            assert p.read_bytes() == location(f"s3://{key}").read_bytes()
+        if i == 0:
+            flipped = bytearray(kept[0].read_bytes())
+            flipped[10] ^= 0xFF
+            kept[0].write_bytes(bytes(flipped))  # a damaged copy is fetched again
+    assert len({json.dumps([r["balanced_top1"], r["top1"]]) for r in results}) == 1
