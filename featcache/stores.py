@@ -1,14 +1,17 @@
 """Where a cache root is: one function resolves every `--cache` (and $FEATCACHE_CACHE).
 
 `resolve_root(value)` is what every command that takes a cache root calls (extract,
-probe, ls, info, verify, export, report, predict, runs, and the commands other issues
-add: evaluate, suites). A URL (`s3://bucket/prefix`, `gs://…`, any `scheme://`) is never
-taken as a relative path: before this check, `--cache s3://bucket/c` wrote the whole
-cache into a local folder named `s3:` and the user believed it was in the bucket.
+probe, ls, info, verify, export, report, runs; evaluate and suites too): a local `Path`,
+or a `RemotePath` for an object store URL (`s3://bucket/prefix`, `gs://…`, any fsspec URL
+whose package is installed). A URL it cannot serve is refused in one line, never taken
+as a relative path: before this, `--cache s3://bucket/c` wrote the whole cache into a
+local folder named `s3:` and the user believed it was in the bucket.
 
-Typer hands options over as `pathlib.Path`, which folds `s3://b/c` into `s3:/b/c`; both
-spellings are recognised as URLs (a local folder whose first component ends in ':' is
-reached as `./s3:/…`).
+`RemotePath` gives the cache code the few `pathlib.Path` operations it uses, over fsspec;
+zarr reads and writes the arrays through its `FsspecStore` (`zarr_store`). Typer hands
+options over as `pathlib.Path`, which folds `s3://b/c` into `s3:/b/c`; both spellings
+are recognised (a local folder whose first component ends in ':' is reached as
+`./s3:/…`). See docs/cache-format.md, "Object stores".
 """
 
 from __future__ import annotations
