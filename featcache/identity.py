@@ -62,8 +62,10 @@ def chunks_per_shard(array_path: Path) -> int:
 
 def file_crcs(data: np.ndarray, n_chunks: int, chunk_bytes: int | None) -> np.ndarray:
     """The stored crc32c of every chunk of one shard file's bytes (uint8), in index
-    order; for an unsharded file (``chunk_bytes`` None), its one trailing crc. Raises
-    ValueError when the bytes are too short or the index does not parse."""
+    order (0 for a chunk the shard does not hold: in the last, partial shard, the chunks
+    wholly past the end of the array); for an unsharded file (``chunk_bytes`` None), its
+    one trailing crc. Raises ValueError when the bytes are too short or the index does
+    not parse."""
     if chunk_bytes is None:
         if len(data) < 4:
             raise ValueError("the file is truncated")
@@ -72,12 +74,15 @@ def file_crcs(data: np.ndarray, n_chunks: int, chunk_bytes: int | None) -> np.nd
     if len(data) < size:
         raise ValueError("the file is truncated")
     entries = data[len(data) - size: len(data) - 4].view("<u8").reshape(n_chunks, 2)
-    ends = entries[:, 0].astype(np.int64) + chunk_bytes
-    if (entries[:, 1] != chunk_bytes + 4).any() or (ends + 4 > len(data) - size).any() \
+    held = entries[:, 0] != np.uint64(2**64 - 1)
+    ends = entries[held, 0].astype(np.int64) + chunk_bytes
+    if (entries[held, 1] != chunk_bytes + 4).any() or (ends + 4 > len(data) - size).any() \
             or (ends < 0).any():
         raise ValueError("its shard index gives a chunk a bad offset or size")
-    picks = data[ends[:, None] + np.arange(4)]
-    return np.ascontiguousarray(picks).view("<u4").reshape(-1).astype(np.uint32)
+    out = np.zeros(n_chunks, dtype=np.uint32)
+    picks = np.ascontiguousarray(data[ends[:, None] + np.arange(4)])
+    out[held] = picks.view("<u4").reshape(-1)
+    return out
 
 
 def row_slices(widths: dict[str, int]) -> dict[str, slice]:

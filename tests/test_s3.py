@@ -348,3 +348,24 @@ def test_local_cache_keeps_a_verified_copy_and_replaces_a_bad_one(bucket, tmp_pa
             flipped[10] ^= 0xFF
             kept[0].write_bytes(bytes(flipped))  # a damaged copy is fetched again
     assert len({json.dumps([r["balanced_top1"], r["top1"]]) for r in results}) == 1
+
+
+def test_a_missing_or_truncated_object_is_damage_named_as_such(bucket, tmp_path):
+    from probecache import SynthSpec, make_pair
+
+    from featcache.stores import location
+    from featcache.verification import verify
+
+    url = f"{bucket}/c"
+    train, _ = make_pair(location(url), SynthSpec(n_train=96, n_test=64, shard_size=32))
+    (train.path / "ap/c/1/0/0").unlink()
+    cut = train.path / "cls/c/2/0/0"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    (result,) = verify(train.path)
+    assert sorted(result.damaged) == [1, 2]
+    assert any("file missing" in why for why in result.damaged[1])
+    assert any("cls" in why for why in result.damaged[2])
+    probed = run("probe", "--method", "linear", "--cache", url, "--runs", tmp_path / "r",
+                 *QUICK[:-1])
+    assert_user_error(probed, "is damaged", "featcache verify")
+    assert not list((tmp_path / "r").rglob("record.json"))

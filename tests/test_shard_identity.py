@@ -123,3 +123,19 @@ def test_a_split_without_its_zarr_json_is_damage_for_verify_and_ls(pair):
     listed = run("ls", "--cache", root, "--json")
     assert listed.exit_code == 0 and [r["split"] for r in json.loads(listed.stdout)] == ["test"]
     assert f"not listed: {train}: damaged" in listed.stderr
+
+
+def test_a_last_shard_with_chunks_past_the_end_records_and_checks(tmp_path):
+    """300 rows in shards of 256: the last shard holds 44 rows, one inner chunk of 64;
+    its three chunks past the end are not stored (their crcs are recorded as 0)."""
+    from probecache import make_split
+
+    cache = make_split(tmp_path, SynthSpec(shard_size=256), "train", 300)
+    row = zarr.open_group(str(cache.path), mode="r")["identity"][1]
+    assert (row == cache.identity_row(1)).all()
+    assert (cache.recorded_crcs("ap", 1).reshape(4, 5)[1:] == 0).all()
+    assert cache.read("ap", [0, 4], slice(250, 300)).shape == (50, 2, 32)
+    assert all(r.ok for r in verify(cache.path))
+    copy_over(cache.path / "cls/c/1/0/0", cache.path / "ap/c/1/0/0")
+    with pytest.raises(FeatcacheError, match="shard 1 of 'ap'.*not the ones written"):
+        cache.read("ap", [4], slice(256, 300))
