@@ -85,9 +85,12 @@ def identity_problems(cache: Cache, shard: int) -> list[str]:
     for name in cache.arrays:
         try:
             expected = cache.recorded_crcs(name, shard)
-            found = cache.shard_crcs(name, shard)
         except FeatcacheError as exc:
+            if " is damaged: " not in str(exc):
+                raise  # the store failed, not the cache: never damage
             return [f"{name}: {str(exc).split(' is damaged: ')[-1].split('. Run')[0]}"]
+        try:
+            found = cache.shard_crcs(name, shard)
         except ValueError:
             continue  # an unreadable index: the read below names it
         if found is not None and expected is not None and (
