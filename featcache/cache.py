@@ -431,6 +431,10 @@ class Cache:
         """(array, shard) pairs whose file is absent although the shard is flagged done."""
         done = self.done()
         wanted = np.flatnonzero(done) if shards is None else [s for s in shards if done[s]]
+        if is_remote(self.path):  # one listing, not a request per file
+            held = {f"{self.path}/{key}" for key in self.path.keys()}
+            return [(name, int(k)) for k in wanted for name in self.file_checked_arrays
+                    if str(self.shard_file(name, int(k))) not in held]
         return [(name, int(k)) for k in wanted for name in self.file_checked_arrays
                 if not self.shard_file(name, int(k)).is_file()]
 
