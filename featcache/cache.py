@@ -432,7 +432,7 @@ class Cache:
         done = self.done()
         wanted = np.flatnonzero(done) if shards is None else [s for s in shards if done[s]]
         if is_remote(self.path):  # one listing, not a request per file
-            held = {f"{self.path}/{key}" for key in self.path.keys()}
+            held = {f"{self.path}/{key}" for key in self.path.listing()}
             return [(name, int(k)) for k in wanted for name in self.file_checked_arrays
                     if str(self.shard_file(name, int(k))) not in held]
         return [(name, int(k)) for k in wanted for name in self.file_checked_arrays
@@ -848,7 +848,7 @@ LOST_GROUP = ("damaged: its zarr.json (the cache's metadata) is missing, its arr
 def _find_remote(root: Any, notes: list[tuple[Any, str]]) -> list[Cache]:
     """`find_caches` on an object store: one listing; a cache is a prefix holding
     `ap/zarr.json` and `done/zarr.json` (its group's zarr.json gone: damage, noted)."""
-    keys = set(root.keys())
+    keys = set(root.listing())
     found = []
     for key in sorted(keys):
         if not key.endswith("/done/zarr.json") or key == "done/zarr.json":

@@ -190,7 +190,7 @@ class RemotePath:
             if not missing_ok:
                 raise
 
-    def keys(self) -> list[str]:
+    def listing(self) -> list[str]:
         """Every object under this prefix, as keys relative to it."""
         found = self._call(self.fs.find, self.key)
         return [k[len(self.key) + 1:] for k in found if k.startswith(self.key + "/")]
@@ -257,7 +257,7 @@ def upload_group(folder: Path, path: RemotePath) -> None:
     """Put a cache group built in a local folder at `path`, replacing whatever objects
     were under that prefix (a half-made or headless cache), its zarr.json last: a cache
     on a store has a zarr.json only once every array's metadata is there."""
-    if path.keys():
+    if path.listing():
         path._call(path.fs.rm, path.key, recursive=True)
     files = sorted(f for f in folder.rglob("*") if f.is_file())
     top = folder / "zarr.json"

@@ -72,7 +72,7 @@ def objects(url: str) -> dict[str, bytes]:
     from featcache.stores import location
 
     root = location(url)
-    return {k: (root / k).read_bytes() for k in root.keys()}
+    return {k: (root / k).read_bytes() for k in root.listing()}
 
 
 def local_files(root: Path) -> dict[str, bytes]:
@@ -144,7 +144,7 @@ def test_a_flipped_byte_in_an_object_is_refused_then_repaired(bucket, wds_path, 
 
     url = f"{bucket}/cache"
     assert extract(wds_path, url, "--split", "train").exit_code == 0
-    (split,) = [k[: -len("/ap/c/1/0/0")] for k in location(url).keys()
+    (split,) = [k[: -len("/ap/c/1/0/0")] for k in location(url).listing()
                 if k.endswith("train/ap/c/1/0/0")]
     obj = location(f"{url}/{split}/ap/c/1/0/0")
     data = bytearray(obj.read_bytes())
@@ -236,7 +236,7 @@ def test_kill_9_mid_extraction_resumes_bitwise(bucket, wds_path, local_root):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and child.poll() is None:
-            flags = [k for k in location(url).keys() if "/train/done/c/" in f"/{k}"]
+            flags = [k for k in location(url).listing() if "/train/done/c/" in f"/{k}"]
             if flags:
                 break
             time.sleep(0.2)
