@@ -201,9 +201,9 @@ def test_the_split_lock_is_a_conditional_create(bucket):
     lock = path.with_name(".train.lock")
     with write_lock(path):
         assert json.loads(lock.read_bytes())["pid"] == os.getpid()
-        with pytest.raises(FeatcacheError, match="another featcache process is writing"):
-            with write_lock(path):
-                pass
+        with pytest.raises(FeatcacheError, match="another featcache process is writing"), \
+                write_lock(path):
+            pass
     assert not lock.exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
@@ -213,9 +213,8 @@ def test_the_split_lock_is_a_conditional_create(bucket):
     with write_lock(path):  # a killed writer's lock on this host is taken over
         pass
     lock.write_bytes(json.dumps({"host": "elsewhere", "pid": 1}).encode())
-    with pytest.raises(FeatcacheError, match=f"delete {lock}"):
-        with write_lock(path):
-            pass
+    with pytest.raises(FeatcacheError, match=f"delete {lock}"), write_lock(path):
+        pass
 
 
 @pytest.mark.slow
