@@ -661,8 +661,12 @@ class Cache:
     def _writable(self, name: str) -> Any:
         """An array that stores every chunk it is given, even one equal to the fill value
         (zarr skips those by default, and the setting is not stored with the array): so a
-        flagged shard's files always exist, and a missing one is damage."""
-        return self.group[name].with_config({"write_empty_chunks": True})
+        flagged shard's files always exist, and a missing one is damage. Opened once per
+        cache (on an object store each opening is a request)."""
+        arrays = self.__dict__.setdefault("_writables", {})
+        if name not in arrays:
+            arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return arrays[name]
 
     def clear_shards(self, shards: list[int]) -> None:
         """Forget shards (`verify --repair`): their done flags go first, then their files,

@@ -165,7 +165,7 @@ def test_two_writers_on_one_cache_lose_no_flag(bucket):
     from featcache.cache import Layout, create_cache, open_cache
     from featcache.stores import location
 
-    n, shard = 96, 8
+    n, shard = 48, 8
     path = location(f"{bucket}/c/m/d/train")
     fp = {"model": {"model": "m"}, "dataset": {"name": "d", "split": "train"}}
     create_cache(path, fp, Layout(n, 2, 4, shard), np.zeros(n, int), ["a"],
