@@ -310,6 +310,7 @@ def test_a_server_stopped_mid_probe_is_one_line_and_leaves_no_record(s3_server, 
             server.stop()
 
 
+@pytest.mark.slow
 def test_local_cache_keeps_a_verified_copy_and_replaces_a_bad_one(bucket, tmp_path,
                                                                  monkeypatch):
     from probecache import SynthSpec, make_pair
