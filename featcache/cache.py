@@ -29,7 +29,14 @@ from zarr.codecs import Crc32cCodec
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
-from featcache.identity import IDENTITY, WRONG_PLACE, cache_tag, chunks_per_shard, file_crcs
+from featcache.identity import (
+    IDENTITY,
+    WRONG_PLACE,
+    cache_tag,
+    chunks_per_shard,
+    file_crcs,
+    fingerprint_digest,
+)
 from featcache.stores import is_remote, read_all, store_failure, through_copy, zarr_store
 from featcache.text import slug
 
@@ -278,6 +285,12 @@ class Cache:
         """Whether shards record their identity (format 4); older caches read as before."""
         return self.format >= 4
 
+    @property
+    def fingerprint_digest(self) -> str:
+        if "_digest" not in self.__dict__:
+            self._digest = fingerprint_digest(self.fingerprint)
+        return self._digest
+
     def identity_widths(self) -> dict[str, int]:
         """Chunks per shard of every array, in the order of an identity row."""
         if "_widths" not in self.__dict__:
@@ -296,7 +309,7 @@ class Cache:
 
     def identity_row(self, shard: int) -> np.ndarray:
         """The row a written shard records: its tag, then its files' chunk crcs."""
-        parts = [np.array([cache_tag(self.fingerprint, shard)], dtype=np.uint32)]
+        parts = [np.array([cache_tag(self.fingerprint_digest, shard)], dtype=np.uint32)]
         for name in self.identity_widths():
             crcs = self.shard_crcs(name, shard)
             if crcs is None:
@@ -311,7 +324,7 @@ class Cache:
         if not self.has_identity:
             return None
         row = self._identity_row(shard, fresh=False)
-        tag = cache_tag(self.fingerprint, shard)
+        tag = cache_tag(self.fingerprint_digest, shard)
         if row is None or row[0] != tag:
             row = self._identity_row(shard, fresh=True)  # written since we last looked?
         if row is None or row[0] == 0:

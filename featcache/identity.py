@@ -40,9 +40,13 @@ def crc32c(data: Any) -> int:
     return int(google_crc32c.value(bytes(data) if isinstance(data, str) else data))
 
 
-def cache_tag(fingerprint: dict[str, Any], shard: int) -> int:
-    """The tag of shard `shard` of the cache with this fingerprint (split included)."""
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """sha256 of the fingerprint as sorted JSON: the cache and split a tag ties to."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def cache_tag(digest: str, shard: int) -> int:
+    """The tag of shard `shard` of the cache whose fingerprint has this digest."""
     return crc32c(f"{digest}/{shard}".encode())
 
 
