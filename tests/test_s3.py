@@ -255,6 +255,19 @@ def test_kill_9_mid_extraction_resumes_bitwise(bucket, wds_path, local_root):
     assert data_only(objects(url)) == train
 
 
+def test_no_credentials_is_one_line(bucket, s3_server, tmp_path):
+    """No AWS_ACCESS_KEY_ID and no ~/.aws: the line says where credentials come from."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=s3_server, AWS_DEFAULT_REGION="us-east-1",
+               HOME=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "featcache", "ls", "--cache", bucket],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.strip()]
+    assert line.startswith(f"error: {bucket}: no valid credentials") and \
+        "AWS_ACCESS_KEY_ID" in line
+
+
 def test_store_errors_are_one_line(bucket, s3_server, monkeypatch):
     assert_user_error(run("ls", "--cache", "s3://no-such-bucket-here/c"),
                       "no-such-bucket-here", "does not exist")
