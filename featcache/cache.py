@@ -299,12 +299,18 @@ class Cache:
 
     def shard_crcs(self, name: str, shard: int) -> np.ndarray | None:
         """The crc32c stored with every chunk of the array's shard file (None: no file).
-        Raises ValueError when its index does not parse."""
+        Raises ValueError when its index does not parse. On a store, by ranged reads of
+        the index and the crcs (the object is not downloaded)."""
+        layout = self._shard_layout(name)
+        chunk = None if layout is None else math.prod(layout.chunk) * layout.dtype.itemsize
+        if is_remote(self.path):
+            from featcache.shardfiles import remote_crcs
+
+            return remote_crcs(self.shard_file(name, shard), self.identity_widths()[name],
+                               chunk)
         data = read_all(self.shard_file(name, shard))
         if data is None:
             return None
-        layout = self._shard_layout(name)
-        chunk = None if layout is None else math.prod(layout.chunk) * layout.dtype.itemsize
         return file_crcs(data, self.identity_widths()[name], chunk)
 
     def identity_row(self, shard: int) -> np.ndarray:

@@ -261,3 +261,31 @@ def _ranges(path: Any, chosen: np.ndarray, limit: int) -> list[tuple[int, int, b
         out.append((start, start + len(blob), blob))
         del stop
     return out
+
+
+def remote_crcs(path: Any, n_chunks: int, chunk_bytes: int | None) -> np.ndarray | None:
+    """`featcache.identity.file_crcs` of an object without downloading it: its index by a
+    suffix range, then the 4-byte crc after each chunk it holds, ranges in flight at once
+    (the writer records a shard's identity this way). None when there is no object."""
+    from featcache.identity import file_crcs
+
+    size = 4 if chunk_bytes is None else 16 * n_chunks + 4
+    try:
+        tail = np.frombuffer(path._call(path.fs.cat_file, path.key, start=-size), np.uint8)
+    except FileNotFoundError:
+        return None
+    if chunk_bytes is None or len(tail) < size:
+        return file_crcs(tail, n_chunks, chunk_bytes)
+    entries = tail[:-4].view("<u8").reshape(n_chunks, 2)
+    held = entries[:, 0] != _MISSING
+    if (entries[held, 1] != chunk_bytes + 4).any():
+        raise ValueError("its shard index gives a chunk a bad offset or size")
+    ends = (entries[held, 0] + np.uint64(chunk_bytes)).astype(np.int64).tolist()
+    out = np.zeros(n_chunks, dtype=np.uint32)
+    if ends:
+        blobs = path._call(path.fs.cat_ranges, [path.key] * len(ends), ends,
+                           [e + 4 for e in ends], batch_size=RANGES_IN_FLIGHT)
+        if any(isinstance(b, BaseException) or len(b) != 4 for b in blobs):
+            raise ValueError("its shard index points past the end of the object")
+        out[held] = np.frombuffer(b"".join(blobs), "<u4")
+    return out
