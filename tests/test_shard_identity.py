@@ -139,3 +139,29 @@ def test_a_last_shard_with_chunks_past_the_end_records_and_checks(tmp_path):
     copy_over(cache.path / "cls/c/1/0/0", cache.path / "ap/c/1/0/0")
     with pytest.raises(FeatcacheError, match="shard 1 of 'ap'.*not the ones written"):
         cache.read("ap", [4], slice(256, 300))
+
+
+def test_an_unfinished_format_3_cache_is_upgraded_when_resumed(tmp_path):
+    """No identity array at all (a format-3 cache): `add_identity` (what `extract` calls
+    on resume) records the shards already written, and the rest as they are written."""
+    from probecache import make_split
+
+    spec = SynthSpec()
+    whole = make_split(tmp_path / "whole", spec, "train", 240)
+    part = make_split(tmp_path / "part", spec, "train", 240, complete=False)
+    meta = json.loads((part.path / "zarr.json").read_text())
+    meta["attributes"]["featcache"]["format"] = 3
+    (part.path / "zarr.json").write_text(json.dumps(meta))
+    shutil.rmtree(part.path / "identity")
+    cache = open_cache(part.path, "r+")
+    assert not cache.has_identity and cache.done().tolist() == [True] * 3 + [False]
+    cache.add_identity()
+    rows = slice(192, 240)
+    cache.write_shard(3, {name: np.asarray(whole.group[name][rows])
+                          for name in whole.arrays})
+    assert cache.finalize()
+    again = open_cache(part.path)
+    assert again.format == 4 and all(r.ok for r in verify(part.path))
+    ours = zarr.open_group(str(part.path), mode="r")["identity"][:]
+    theirs = zarr.open_group(str(whole.path), mode="r")["identity"][:]
+    assert (ours == theirs).all()  # the same record as a cache written whole
