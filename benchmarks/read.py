@@ -15,7 +15,13 @@ With `--stream`, also one training epoch of a linear probe, reading included, wi
 tokens loaded into memory against streamed from the cold cache within a quarter of their
 size (`featcache.streaming`).
 
-    python benchmarks/read.py [--n 16384] [--repeats 3] [--stream]
+With `--store s3`, the same bytes are also put in an S3 bucket served on 127.0.0.1 by
+moto (`moto[server]`, the dev extras) and read from there (`s3://…`): featcache from
+the store against featcache from the local disk (warm and cold), and what the read-ahead
+(shards in flight, `featcache.cache.REMOTE_AHEAD`) and the ranged requests in flight per
+shard (`featcache.shardfiles.RANGES_IN_FLIGHT`) buy. Goal: ≥ 0.5 of the local disk.
+
+    python benchmarks/read.py [--n 16384] [--repeats 3] [--stream] [--store s3]
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--store", choices=["disk", "s3"], default="disk")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("FEATCACHE_BENCH_DIR")) as tmp:
         path = build(Path(tmp), args.n, True)
@@ -103,6 +110,64 @@ def main() -> None:
                   f"{med['raw'] / med['featcache']:.2f}" + (" (goal ≥ 0.7)" if cold else ""))
         if args.stream:
             stream_epochs(path, files, args.repeats)
+        if args.store == "s3":
+            from_store(path, files, size, args.repeats)
+
+
+def from_store(path: Path, files: list[Path], size: float, repeats: int) -> None:
+    """The same cache read from moto's S3 on the loopback, against the local disk."""
+    import socket
+    import subprocess
+
+    import boto3
+
+    from featcache import cache as cache_module
+    from featcache import shardfiles
+    from featcache.stores import location
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        host, port = s.getsockname()
+    # a process of its own: in this one, the server's threads would share the reader's GIL
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                break
+        time.sleep(0.1)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    boto3.client("s3").create_bucket(Bucket="bench")
+    url = "s3://bench/" + "/".join(path.parts[-3:])
+    remote = location(url)
+    for f in sorted(f for f in path.rglob("*") if f.is_file()):
+        (remote / f.relative_to(path).as_posix()).write_bytes(f.read_bytes())
+    try:
+        evict(files)
+        local = {"cold": statistics.median(_cold(path, files) for _ in range(repeats)),
+                 "warm": statistics.median(timed_read(path) for _ in range(repeats))}
+        s3 = statistics.median(timed_read(remote) for _ in range(repeats))
+        print(f"s3 (moto on 127.0.0.1): featcache {s3:.3f} s ({size / s3:.2f} GiB/s); local "
+              f"disk cold {local['cold']:.3f} s, warm {local['warm']:.3f} s: s3 / local "
+              f"throughput {local['cold'] / s3:.2f} cold, {local['warm'] / s3:.2f} warm "
+              "(goal ≥ 0.5)")
+        default = (cache_module.REMOTE_AHEAD, shardfiles.RANGES_IN_FLIGHT)
+        for ahead, ranges in ((1, 1), (1, default[1]), (default[0], 1), default, (8, 64)):
+            cache_module.REMOTE_AHEAD, shardfiles.RANGES_IN_FLIGHT = ahead, ranges
+            t = statistics.median(timed_read(remote) for _ in range(repeats))
+            print(f"  shards in flight {ahead}, ranged requests in flight per shard "
+                  f"{ranges}: {t:.3f} s ({size / t:.2f} GiB/s)")
+        cache_module.REMOTE_AHEAD, shardfiles.RANGES_IN_FLIGHT = default
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _cold(path: Path, files: list[Path]) -> float:
+    evict(files)
+    return timed_read(path)
 
 
 def stream_epochs(path: Path, files: list[Path], repeats: int) -> None:

@@ -96,10 +96,10 @@ def ls(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the caches under the root: model, dataset, split, size, complete or not."""
-    from featcache.cache import default_cache_root
     from featcache.cache_commands import ls as list_caches
+    from featcache.stores import resolve_root
 
-    root = cache or default_cache_root()
+    root = resolve_root(cache)
     rows = list_caches(root)
     if json_out:
         print_json(rows)

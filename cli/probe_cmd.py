@@ -33,6 +33,10 @@ def probe(
     cache: Annotated[Path | None, typer.Option(
         help="Cache root (env FEATCACHE_CACHE; default ~/.cache/featcache).")] = None,
     runs: Annotated[Path | None, typer.Option(help="Runs root (default: CACHE/runs).")] = None,
+    local_cache: Annotated[Path | None, typer.Option(
+        help="With an s3:// (or other object store) cache: keep a copy of every shard read "
+             "in this folder, verified by the same checksums, and read it from there next "
+             "time.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; mean ± std in reports.")
                      ] = "0",
     grid: Annotated[str, typer.Option(

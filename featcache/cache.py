@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,22 @@ from zarr.codecs import Crc32cCodec
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
+from featcache.identity import (
+    IDENTITY,
+    WRONG_PLACE,
+    cache_tag,
+    chunks_per_shard,
+    file_crcs,
+    fingerprint_digest,
+)
+from featcache.stores import is_remote, read_all, store_failure, through_copy, zarr_store
 from featcache.text import slug
 
 # 2: crc32c on every chunk, fills that cannot pass for data; 3: the token kinds a model
-# has (no `cls` array without a class token; `pool` for a pooled embedding of its own)
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+# has (no `cls` array without a class token; `pool` for a pooled embedding of its own);
+# 4: a per-shard identity (`featcache.identity`): a valid file in the wrong place is refused
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 FEATURE_KINDS = ("cls", "ap")  # per layer
 POOL_KIND = "pool"  # the final layer's pooled embedding, where the model has its own
 TOKEN_KIND = "last_tokens"
@@ -46,11 +57,18 @@ CHUNK_ROWS = 64  # rows of one inner chunk of cls/ap (one layer wide)
 TOKEN_CHUNK_ROWS = 16  # rows of one inner chunk of last_tokens (all tokens wide)
 
 
-def default_cache_root() -> Path:
-    """$FEATCACHE_CACHE, else <user cache dir>/featcache."""
+def default_cache_root() -> Any:
+    """$FEATCACHE_CACHE (a folder or an object store URL), else <user cache dir>/featcache."""
     env = os.environ.get("FEATCACHE_CACHE")
     if env:
-        return Path(env).expanduser()
+        from featcache.stores import location
+
+        return location(env, "$FEATCACHE_CACHE")
+    return user_cache_root()
+
+
+def user_cache_root() -> Path:
+    """<user cache dir>/featcache: $XDG_CACHE_HOME/featcache or ~/.cache/featcache."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "featcache"
 
@@ -67,8 +85,8 @@ def model_dir_name(model: str, tap: str, weights_id: str) -> str:
     return name
 
 
-def cache_path(root: Path, model_dir: str, dataset_dir: str, split: str) -> Path:
-    return Path(root) / model_dir / dataset_dir / slug(split)
+def cache_path(root: Any, model_dir: str, dataset_dir: str, split: str) -> Any:
+    return (root if is_remote(root) else Path(root)) / model_dir / dataset_dir / slug(split)
 
 
 def choose_shard_size(bytes_per_sample: int) -> int:
@@ -107,10 +125,11 @@ class Cache:
 
     def __init__(self, path: Path, mode: str = "r") -> None:
         """`mode` "r" (readers: probe, report) or "r+" (the extractor, which writes)."""
-        self.path = Path(path)
+        self.path = path if is_remote(path) else Path(path)
         self.mode = mode
+        self.local_copy: Path | None = None  # `probe --local-cache`: shards copied there
         try:
-            self.group = zarr.open_group(str(self.path), mode=mode)
+            self.group = zarr.open_group(zarr_store(self.path, mode), mode=mode)
         except FileNotFoundError:
             raise FeatcacheError(f"{self.path} is not a featcache cache (no Zarr group there);"
                                  " see `featcache ls`") from None
@@ -118,11 +137,13 @@ class Cache:
             raise FeatcacheError(f"cannot open {self.path}: {exc.strerror or exc}; check its "
                                  "permissions") from None
         except Exception as exc:  # malformed zarr.json: bad JSON, wrong fields
-            raise self.metadata_error("zarr.json", exc) from None
+            raise store_failure(self.path, exc) or self.metadata_error("zarr.json", exc) \
+                from None
         try:
             attrs = dict(self.group.attrs)
         except Exception as exc:
-            raise self.metadata_error("zarr.json", exc) from None
+            raise store_failure(self.path, exc) or self.metadata_error("zarr.json", exc) \
+                from None
         if "featcache" not in attrs:
             raise FeatcacheError(f"{self.path} is a Zarr group but not a featcache cache")
         fmt = attrs["featcache"].get("format") if isinstance(attrs["featcache"], dict) else None
@@ -172,6 +193,12 @@ class Cache:
             expected[POOL_KIND] = ((lay.n, 1, lay.pool_dim), "float16")
         if lay.n_tokens is not None:
             expected[TOKEN_KIND] = ((lay.n, lay.n_tokens, lay.token_dim or 0), "float16")
+        if self.has_identity:
+            try:
+                width = 1 + sum(self.identity_widths().values())
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise self.metadata_error("zarr.json of an array", exc) from None
+            expected[IDENTITY] = ((lay.n_shards, width), "uint32")
         for name, (shape, dtype) in expected.items():
             try:
                 array = self.group[name]
@@ -179,7 +206,8 @@ class Cache:
             except KeyError:
                 raise self.metadata_error(name, "the array is missing") from None
             except Exception as exc:
-                raise self.metadata_error(f"{name}/zarr.json", exc) from None
+                raise store_failure(self.path, exc) or \
+                    self.metadata_error(f"{name}/zarr.json", exc) from None
             if got_shape != shape or got_dtype != dtype:
                 raise self.metadata_error(
                     f"{name}/zarr.json", f"shape {got_shape} {got_dtype}, the cache's "
@@ -251,13 +279,135 @@ class Cache:
         they like), so its files are not checked."""
         return self.arrays if self.format >= 2 else []
 
+    # -- where each shard belongs (format 4, `featcache.identity`) -----------------------
+    @property
+    def has_identity(self) -> bool:
+        """Whether shards record their identity (format 4); older caches read as before."""
+        return self.format >= 4
+
+    @property
+    def fingerprint_digest(self) -> str:
+        if "_digest" not in self.__dict__:
+            self._digest = fingerprint_digest(self.fingerprint)
+        return self._digest
+
+    def identity_widths(self) -> dict[str, int]:
+        """Chunks per shard of every array, in the order of an identity row."""
+        if "_widths" not in self.__dict__:
+            self._widths = {name: chunks_per_shard(self.path / name) for name in self.arrays}
+        return self._widths
+
+    def shard_crcs(self, name: str, shard: int) -> np.ndarray | None:
+        """The crc32c stored with every chunk of the array's shard file (None: no file).
+        Raises ValueError when its index does not parse. On a store, by ranged reads of
+        the index and the crcs (the object is not downloaded)."""
+        layout = self._shard_layout(name)
+        chunk = None if layout is None else math.prod(layout.chunk) * layout.dtype.itemsize
+        if is_remote(self.path):
+            from featcache.shardfiles import remote_crcs
+
+            return remote_crcs(self.shard_file(name, shard), self.identity_widths()[name],
+                               chunk)
+        data = read_all(self.shard_file(name, shard))
+        if data is None:
+            return None
+        return file_crcs(data, self.identity_widths()[name], chunk)
+
+    def identity_row(self, shard: int) -> np.ndarray:
+        """The row a written shard records: its tag, then its files' chunk crcs."""
+        parts = [np.array([cache_tag(self.fingerprint_digest, shard)], dtype=np.uint32)]
+        for name in self.identity_widths():
+            crcs = self.shard_crcs(name, shard)
+            if crcs is None:
+                raise self.damage(name, shard, "its file is missing right after its write")
+            parts.append(crcs)
+        return np.concatenate(parts)
+
+    def recorded_crcs(self, name: str, shard: int) -> np.ndarray | None:
+        """The chunk crcs shard `shard` of `name` recorded when it was written; None for a
+        cache before format 4, or a shard not written yet. Raises the damage line when a
+        written shard has no record, or another shard's or cache's."""
+        if not self.has_identity:
+            return None
+        row = self._identity_row(shard, fresh=False)
+        tag = cache_tag(self.fingerprint_digest, shard)
+        if row is None or row[0] != tag:
+            row = self._identity_row(shard, fresh=True)  # written since we last looked?
+        if row is None or row[0] == 0:
+            if not self.done()[shard]:
+                return None
+            raise self.damage(name, shard, "its identity record is missing or unreadable")
+        if row[0] != tag:
+            raise self.damage(name, shard, "its identity record is another shard's or "
+                              "another cache's (copied into the wrong place)")
+        start = 1
+        for other, width in self.identity_widths().items():
+            if other == name:
+                return row[start: start + width]
+            start += width
+        raise ValueError(f"{name} is not an array of {self.path}")
+
+    def _identity_row(self, shard: int, fresh: bool) -> np.ndarray | None:
+        """One row of the identity array (all rows are read at once, then kept)."""
+        rows = self.__dict__.get("_identity_rows")
+        if rows is None:
+            try:
+                rows = self._identity_rows = np.asarray(self.group[IDENTITY][:])
+            except Exception as exc:
+                if store_failure(self.path, exc):
+                    raise store_failure(self.path, exc) from None
+                rows = self._identity_rows = np.zeros(
+                    (self.layout.n_shards, 1 + sum(self.identity_widths().values())),
+                    np.uint32)
+                fresh = True
+        if fresh:
+            try:
+                rows[shard] = self.group[IDENTITY][shard]
+            except Exception as exc:
+                if store_failure(self.path, exc):
+                    raise store_failure(self.path, exc) from None
+                return None
+        return rows[shard]
+
+    def whole_shard_ok(self, name: str, shard: int, data: np.ndarray) -> bool:
+        """Whether a shard file's bytes pass every check a read makes (its index and
+        chunk checksums, its recorded identity): what a local copy must pass to be kept."""
+        from featcache.shardfiles import ShardDamage, read_shard
+
+        layout = self._shard_layout(name)
+        out = np.empty(layout.shard, dtype=layout.dtype)
+        try:
+            read_shard(layout, (shard,) + (0,) * (len(layout.shape) - 1),
+                       (None,) * len(layout.shape), out, 0, None, data,
+                       self.recorded_crcs(name, shard))
+        except ShardDamage:
+            return False
+        return True
+
+    def check_identity(self, name: str, shard: int) -> None:
+        """Refuse shard `shard` of `name` when its file's chunks are not the recorded ones
+        (the zarr read path's check; the shard reader checks chunk by chunk)."""
+        expected = self.recorded_crcs(name, shard)
+        if expected is None:
+            return
+        try:
+            found = self.shard_crcs(name, shard)
+        except ValueError as exc:
+            raise self.damage(name, shard, f"its checksum cannot match: {exc}") from None
+        if found is None:
+            raise self.damage(name, shard, "its file is missing")
+        if found.shape != expected.shape or (found != expected).any():
+            raise self.damage(name, shard, WRONG_PLACE)
+
     def done(self) -> np.ndarray:
         """Which shards are written. A flag that cannot be read counts as not written, so
         the extractor recomputes that shard rather than trusting it."""
         array = self.group["done"]
         try:
             return np.asarray(array[:], dtype=bool)
-        except Exception:
+        except Exception as exc:
+            if store_failure(self.path, exc):
+                raise store_failure(self.path, exc) from None
             out = np.zeros(self.layout.n_shards, dtype=bool)
             for k in range(self.layout.n_shards):
                 with contextlib.suppress(Exception):
@@ -300,6 +450,10 @@ class Cache:
         """(array, shard) pairs whose file is absent although the shard is flagged done."""
         done = self.done()
         wanted = np.flatnonzero(done) if shards is None else [s for s in shards if done[s]]
+        if is_remote(self.path):  # one listing, not a request per file
+            held = {f"{self.path}/{key}" for key in self.path.listing()}
+            return [(name, int(k)) for k in wanted for name in self.file_checked_arrays
+                    if str(self.shard_file(name, int(k))) not in held]
         return [(name, int(k)) for k in wanted for name in self.file_checked_arrays
                 if not self.shard_file(name, int(k)).is_file()]
 
@@ -338,16 +492,25 @@ class Cache:
         array = self.group[name]
         try:
             if selection is None:
-                return np.asarray(array[rows])
-            return np.asarray(array.get_orthogonal_selection((rows, *selection)))
+                values = np.asarray(array[rows])
+            else:
+                values = np.asarray(array.get_orthogonal_selection((rows, *selection)))
+            for k in self.shards_of(rows) if self.has_identity else ():
+                self.check_identity(name, k)
+            return values
+        except FeatcacheError:
+            raise
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:
+            if store_failure(self.path, exc):
+                raise store_failure(self.path, exc) from None
             for k in self.shards_of(rows):
                 try:
                     array[self.layout.rows(k)]
                 except Exception as inner:
-                    raise self.damage(name, k, _reason(inner)) from None
+                    raise store_failure(self.path, inner) or \
+                        self.damage(name, k, _reason(inner)) from None
             raise self.damage(name, self.shards_of(rows)[0], _reason(exc)) from None
 
     def _shard_layout(self, name: str) -> Any:
@@ -366,7 +529,13 @@ class Cache:
         into its column ``columns[j]``)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from featcache.shardfiles import ShardDamage, read_shard, shard_bytes, will_need
+        from featcache.shardfiles import (
+            ShardDamage,
+            read_shard,
+            remote_shard_bytes,
+            shard_bytes,
+            will_need,
+        )
 
         S, r = layout.shard[0], layout.chunk[0]
         if out is None:
@@ -377,28 +546,47 @@ class Cache:
         tail = (None,) * (len(layout.shape) - 2)
         zeros = (0,) * (len(layout.shape) - 1)
         shards = list(range(rows.start // S, (rows.stop - 1) // S + 1))
-        # the next shard's file is read while this one is checked and placed: on a cold
-        # disk, decoding then costs (almost) nothing beyond the read itself
-        buffers = [bytearray(), bytearray()]  # one being read, one being decoded
-        with ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(shard_bytes, layout, (shards[0], *zeros), buffers, 0)
+
+        def select(k: int) -> tuple[Any, ...]:
+            lo, hi = max(rows.start, k * S), min(rows.stop, (k + 1) * S)
+            c0, c1 = (lo - k * S) // r, (hi - 1 - k * S) // r
+            return (np.arange(c0, c1 + 1), *(() if len(layout.shape) == 1 else (layers,)),
+                    *tail)
+
+        remote = is_remote(self.path)
+        # the next shards' bytes are read while this one is checked and placed: on a cold
+        # disk, decoding then costs (almost) nothing beyond the read itself; on an object
+        # store several shards are in flight, each as concurrent ranged reads of just the
+        # inner chunks asked for (benchmarks/read.py --store s3)
+        depth = REMOTE_AHEAD if remote else 1
+        buffers = [bytearray() for _ in range(depth + 1)]  # being read, and being decoded
+
+        def fetch(i: int) -> Any:
+            index = (shards[i], *zeros)
+            if remote and self.local_copy is not None:
+                return through_copy(self.local_copy, layout.file(index),
+                                    lambda data: self.whole_shard_ok(name, shards[i], data))
+            if remote:
+                return remote_shard_bytes(layout, index, select(shards[i]), buffers,
+                                          i % len(buffers))
+            return shard_bytes(layout, index, buffers, i % len(buffers))
+
+        with ThreadPoolExecutor(depth) as pool:
+            ahead = [pool.submit(fetch, i) for i in range(min(depth, len(shards)))]
             for i, k in enumerate(shards):
-                data = ahead.result()
-                if i + 1 < len(shards):
-                    ahead = pool.submit(shard_bytes, layout, (shards[i + 1], *zeros),
-                                        buffers, (i + 1) % 2)
-                if i + READ_AHEAD < len(shards):  # and the kernel reads further ahead
+                data = ahead.pop(0).result()
+                if i + depth < len(shards):
+                    ahead.append(pool.submit(fetch, i + depth))
+                if not remote and i + READ_AHEAD < len(shards):  # the kernel reads ahead
                     will_need(layout, (shards[i + READ_AHEAD], *zeros))
                 lo, hi = max(rows.start, k * S), min(rows.stop, (k + 1) * S)
-                c0, c1 = (lo - k * S) // r, (hi - 1 - k * S) // r
-                select = (np.arange(c0, c1 + 1),
-                          *(() if len(layout.shape) == 1 else (layers,)), *tail)
+                c0 = (lo - k * S) // r
                 try:
                     if data is None:
                         raise ShardDamage("its file is missing")
-                    read_shard(layout, (k, *zeros), select,
+                    read_shard(layout, (k, *zeros), select(k),
                                out[lo - rows.start: hi - rows.start], lo - k * S - c0 * r,
-                               columns, data)
+                               columns, data, self.recorded_crcs(name, k))
                 except ShardDamage as exc:
                     raise self.damage(name, k, str(exc)) from None
         return out
@@ -485,13 +673,19 @@ class Cache:
                 raise ValueError(f"shard {shard}: {name} has {data.shape[0]} rows, "
                                  f"expected {rows.stop - rows.start}")
             self._writable(name)[rows] = data
+        if self.has_identity:  # after the files (it records their chunks), before the flag
+            self._writable(IDENTITY)[shard] = self.identity_row(shard)
         self._writable("done")[shard] = True
 
     def _writable(self, name: str) -> Any:
         """An array that stores every chunk it is given, even one equal to the fill value
         (zarr skips those by default, and the setting is not stored with the array): so a
-        flagged shard's files always exist, and a missing one is damage."""
-        return self.group[name].with_config({"write_empty_chunks": True})
+        flagged shard's files always exist, and a missing one is damage. Opened once per
+        cache (on an object store each opening is a request)."""
+        arrays = self.__dict__.setdefault("_writables", {})
+        if name not in arrays:
+            arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return arrays[name]
 
     def clear_shards(self, shards: list[int]) -> None:
         """Forget shards (`verify --repair`): their done flags go first, then their files,
@@ -502,9 +696,24 @@ class Cache:
         for k in shards:
             self._writable("done")[k] = False
         for k in shards:
-            for name in self.arrays:
+            for name in self.arrays + [IDENTITY] * self.has_identity:
                 with contextlib.suppress(FileNotFoundError):
                     self.shard_file(name, k).unlink()
+        self.__dict__.pop("_identity_rows", None)
+
+    def add_identity(self) -> None:
+        """Upgrade an unfinished format-2/3 cache to format 4 before new shards are added
+        (the extractor, under the write lock): the shards already written are recorded as
+        they are (they were trusted so far), later ones as they are written."""
+        if self.has_identity:
+            return
+        self.format = 4  # the identity array is expected, and written, from here on
+        widths = self.identity_widths()
+        if IDENTITY not in self.group:
+            self.group.create_array(IDENTITY, **_identity_spec(self.layout.n_shards, widths))
+        for k in np.flatnonzero(self.done()):
+            self._writable(IDENTITY)[int(k)] = self.identity_row(int(k))
+        self.update_attrs({"featcache": {"format": 4, "version": __version__}})
 
     def update_attrs(self, attrs: dict[str, Any]) -> None:
         """Change attributes (zarr ≥ 3.1.3 rewrites zarr.json atomically: a temporary file
@@ -539,13 +748,17 @@ def _reason(exc: BaseException) -> str:
     return f"its bytes cannot be decoded ({type(exc).__name__}: {text[:120]})"
 
 
-def disk_bytes(path: Path) -> int:
+def disk_bytes(path: Any) -> int:
+    if is_remote(path):
+        return int(path._call(path.fs.du, path.key))
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def open_cache(path: str | Path, mode: str = "r") -> Cache:
     """Open a cache for reading ("r", the default) or for writing shards ("r+")."""
-    path = Path(path).expanduser()
+    from featcache.stores import location
+
+    path = location(path)
     if not (path / "zarr.json").is_file():
         raise FeatcacheError(f"no featcache cache at {path} (expected {path / 'zarr.json'});"
                              " see `featcache ls` for what is cached")
@@ -559,8 +772,12 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
 
     ``checksums=False`` leaves out the crc32c codec; only `benchmarks/checksum.py` uses it,
     to measure what the checksums cost."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remote = is_remote(path)
+    path = path if remote else Path(path)
+    # on an object store the group is built in a local temporary folder and uploaded,
+    # its zarr.json last (`featcache.stores.upload_group`): no rename there
+    tmp = (Path(tempfile.mkdtemp(prefix="featcache-")) / path.name if remote
+           else path.with_name(f".{path.name}.tmp-{os.getpid()}"))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -596,8 +813,12 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
                        **checked)
     group.create_array("done", shape=(lay.n_shards,), dtype="bool", chunks=(1,),
                        fill_value=False, **checked)
+    if checksums:  # the identity records chunk crcs: without them there is none to record
+        names = [a for a in SHARD_ARRAYS if a in group]
+        widths = {a: chunks_per_shard(tmp / a) for a in names}
+        group.create_array(IDENTITY, **_identity_spec(lay.n_shards, widths))
     group.attrs.update({
-        "featcache": {"format": FORMAT_VERSION, "version": __version__},
+        "featcache": {"format": FORMAT_VERSION if checksums else 3, "version": __version__},
         "fingerprint": fingerprint,
         "layer_names": layer_names,
         "layer_dims": layer_dims,
@@ -614,12 +835,26 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra_attrs or {}),
     })
+    if remote:
+        from featcache.stores import upload_group
+
+        upload_group(tmp, path)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+        return Cache(path, "r+")
     if path.exists():  # a half-made replacement (`.NAME.next`) of ours: start it again
         shutil.rmtree(path)
     os.replace(tmp, path)
     return Cache(path, "r+")
 
 
+def _identity_spec(n_shards: int, widths: dict[str, int]) -> dict[str, Any]:
+    """The identity array: one row (one object) per shard, crc-checked like the rest."""
+    return {"shape": (n_shards, 1 + sum(widths.values())),
+            "dtype": "uint32", "chunks": (1, 1 + sum(widths.values())), "fill_value": 0,
+            "compressors": [Crc32cCodec()], "config": {"write_empty_chunks": True}}
+
+
+REMOTE_AHEAD = 4  # shards in flight from an object store (benchmarks/read.py --store s3)
 READ_AHEAD = 3  # shards the kernel is asked to read ahead of the one being decoded
 
 
@@ -629,14 +864,50 @@ def _inner_rows(shard_size: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(shard_size, limit)) + 1) if shard_size % d == 0)
 
 
+LOST_GROUP = ("damaged: its zarr.json (the cache's metadata) is missing, its arrays are "
+              "there; it cannot be repaired shard by shard: re-extract it with --overwrite")
+
+
+def _find_remote(root: Any, notes: list[tuple[Any, str]]) -> list[Cache]:
+    """`find_caches` on an object store: one listing; a cache is a prefix holding
+    `ap/zarr.json` and `done/zarr.json` (its group's zarr.json gone: damage, noted)."""
+    keys = set(root.listing())
+    found = []
+    for key in sorted(keys):
+        if not key.endswith("/done/zarr.json") or key == "done/zarr.json":
+            continue
+        folder = key[: -len("/done/zarr.json")]
+        if any(part.startswith(".") for part in folder.split("/")) or \
+                f"{folder}/ap/zarr.json" not in keys:
+            continue
+        if f"{folder}/zarr.json" not in keys:
+            notes.append((root / folder, LOST_GROUP))
+            continue
+        try:
+            found.append(Cache(root / folder))
+        except FeatcacheError as exc:
+            notes.append((root / folder, str(exc)))
+    return found
+
+
+def headless(folder: Any) -> bool:
+    """A cache whose group zarr.json is gone: featcache's arrays without their group."""
+    folder = folder if is_remote(folder) else Path(folder)
+    return all((folder / name / "zarr.json").is_file() for name in ("ap", "done"))
+
+
 def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
                 ) -> list[Cache]:
     """Every cache under a root (a cache is a directory holding a featcache zarr.json).
 
     A cache that cannot be opened (damaged metadata, an unreadable folder) is left out and
     described in ``problems`` as (path, why), so that callers can say why it is not there."""
-    root = Path(root).expanduser()
+    from featcache.stores import resolve_root
+
+    root = resolve_root(root)
     notes = problems if problems is not None else []
+    if is_remote(root):
+        return _find_remote(root, notes)
     if root.exists() and not root.is_dir():
         raise FeatcacheError(f"the cache root {root} is a file, not a folder; point --cache "
                              "at a folder")
@@ -651,6 +922,9 @@ def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
     for folder, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         if "zarr.json" not in filenames:
+            if headless(Path(folder)):
+                dirnames[:] = []
+                notes.append((Path(folder), LOST_GROUP))
             continue
         meta = Path(folder) / "zarr.json"
         try:

@@ -13,11 +13,11 @@ import numpy as np
 from featcache import atomic
 from featcache.cache import (
     Cache,
-    default_cache_root,
     find_caches,
     open_cache,
 )
 from featcache.errors import FeatcacheError, os_error
+from featcache.stores import is_remote, local_path, resolve_root
 
 
 def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
@@ -25,7 +25,7 @@ def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:
     A cache that cannot be opened is not a row but a warning naming it and why."""
     from featcache.errors import warn
 
-    root = Path(cache).expanduser() if cache else default_cache_root()
+    root = resolve_root(cache)
     problems: list[tuple[Path, str]] = []
     rows = [c.summary() for c in find_caches(root, problems)]
     for path, why in problems:
@@ -58,7 +58,10 @@ def export(path: str | Path, format: str = "hdf5", out: str | Path | None = None
     if format.lower() not in ("hdf5", "h5"):
         raise FeatcacheError(f"unknown export format {format!r}: hdf5 is supported")
     c = open_cache(path)
-    target = Path(out).expanduser() if out else Path(str(c.path).rstrip("/") + ".h5")
+    if out is None and is_remote(c.path):
+        raise FeatcacheError(f"{c.path} is on an object store: give --out FILE.h5, a file on "
+                             "this machine")
+    target = local_path(out, "--out") if out else Path(str(c.path).rstrip("/") + ".h5")
     return export_hdf5(c, target, overwrite=overwrite)
 
 

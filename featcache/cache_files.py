@@ -33,6 +33,49 @@ def promote(new: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _store_lock(path: Any) -> Iterator[None]:
+    """The lock on an object store: `.NAME.lock` created with If-None-Match (S3's
+    conditional create; a store that cannot do it is refused in one line). It names its
+    holder (host, pid); one left by a killed writer on this host is taken over, one of
+    another host is for the user to remove (no store tells whether its writer lives)."""
+    import json
+    import socket
+
+    lock = path.with_name(f".{path.name}.lock")
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    body = json.dumps(me).encode()
+    try:
+        lock._call(lock.fs.pipe_file, lock.key, body, mode="create")
+    except FileExistsError:
+        _take_over(lock, me, body, path)
+    except (TypeError, NotImplementedError):
+        raise FeatcacheError(f"{lock}: this store cannot create an object only if it is "
+                             "absent, so featcache cannot keep two extractions apart there; "
+                             "extract to an s3:// store (or a local folder)") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            lock.unlink(missing_ok=True)
+
+
+def _take_over(lock: Any, me: dict[str, Any], body: bytes, path: Any) -> None:
+    import json
+
+    try:
+        holder = json.loads(lock.read_bytes())
+    except (FileNotFoundError, ValueError):
+        holder = {}
+    if holder.get("host") == me["host"] and not process_alive(int(holder.get("pid") or 0)):
+        lock.write_bytes(body)  # its writer died (kill -9): resume
+        return
+    raise FeatcacheError(
+        f"another featcache process is writing {path} right now (pid {holder.get('pid')} on "
+        f"{holder.get('host')}); wait for it to finish (nothing was changed). If it is gone, "
+        f"delete {lock} and run again")
+
+
 def remove_leftovers(path: Path) -> list[Path]:
     """Tidy up after a killed writer. Call only while holding `write_lock(path)`:
 
@@ -42,6 +85,10 @@ def remove_leftovers(path: Path) -> list[Path]:
       without one, the old cache comes back; once NAME exists, old copies are deleted;
     - zarr's unfinished file writes (`*.partial`) inside the cache or its replacement go.
     `.NAME.next` itself is kept: the next `--overwrite` run resumes it."""
+    from featcache.stores import is_remote
+
+    if is_remote(path):  # nothing is built beside a cache on a store (`create_cache`)
+        return []
     path = Path(path)
     gone: list[Path] = []
     if not path.parent.is_dir():
@@ -124,7 +171,14 @@ def process_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def write_lock(path: Path) -> Iterator[None]:
     """One writer per cache at a time, across processes (an advisory flock on
-    `.NAME.lock` beside the cache, removed when the writer is done)."""
+    `.NAME.lock` beside the cache, removed when the writer is done). On an object store,
+    the lock is an object created only if absent (a conditional PUT), see `_store_lock`."""
+    from featcache.stores import is_remote
+
+    if is_remote(path):
+        with _store_lock(path):
+            yield
+        return
     path = Path(path)
     lock_path = path.with_name(f".{path.name}.lock")
     try:

@@ -31,7 +31,6 @@ from featcache.cache import (
     cache_path,
     choose_shard_size,
     create_cache,
-    default_cache_root,
     model_dir_name,
     open_cache,
 )
@@ -40,6 +39,7 @@ from featcache.errors import FeatcacheError, FingerprintMismatch
 from featcache.fingerprint import check_fingerprint
 from featcache.options import check_int, make_options, parse_model_args
 from featcache.sources import dataset_dir_name, short_name
+from featcache.stores import is_remote, resolve_root
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -288,6 +288,7 @@ def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
     resolve_model(opts.model, model_kwargs)
     parse_weights(opts.weights)
     check_tap(opts.tap)
+    resolve_root(opts.cache)  # a URL it cannot serve is refused before any work
     with dist.session():
         device = dist.resolve_device(opts.device)
         compute_dtype = resolve_dtype(opts.dtype, device)
@@ -296,7 +297,7 @@ def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
                     for split in splits]
         backbone = create_backbone(opts.model, opts.weights, opts.tap, model_kwargs)
         backbone.to(device)
-        root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
+        root = resolve_root(opts.cache)
         model_dir = model_dir_name(opts.model, opts.tap, backbone.weights_id)
         results = []
         for dataset in datasets:
@@ -313,8 +314,9 @@ def _open_existing(path: Path, fingerprint: dict[str, Any]) -> tuple[Cache | Non
     except FeatcacheError as exc:  # damaged metadata, an older reader's format
         return None, str(exc)
     # a format-2 cache of a model with CLS is byte for byte a format-3 one (3 only added
-    # the layouts of models without CLS or with a pool): an upgrade mid-extraction resumes
-    same_bytes = cache.format == 2 and cache.token_kinds == ["cls", "ap"]
+    # the layouts of models without CLS or with a pool), and 4 only adds the identity
+    # array: an upgrade mid-extraction resumes (`Cache.add_identity`)
+    same_bytes = cache.format == 3 or (cache.format == 2 and cache.token_kinds == ["cls", "ap"])
     if cache.format != FORMAT_VERSION and not same_bytes:
         return None, (f"{path} is a format-{cache.format} cache from an older featcache "
                       f"(it stays readable; new shards need format {FORMAT_VERSION})")
@@ -335,8 +337,16 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
     target = path
     if (path / "zarr.json").exists():
         cache, why = _open_existing(path, fingerprint)
+        if cache is not None and cache.complete:
+            return cache, "complete"
         if cache is not None:
-            return cache, ("complete" if cache.complete else "resumed")
+            cache.add_identity()  # an older cache's new shards record where they belong
+            return cache, "resumed"
+        if opts.overwrite and is_remote(path):
+            raise FeatcacheError(f"{why}. --overwrite cannot swap a cache on an object store "
+                                 f"in one step (no renames there): delete {path} first "
+                                 "(e.g. `aws s3 rm --recursive`), or extract under another "
+                                 "--cache prefix")
         if not opts.overwrite:
             pending = (" An unfinished replacement is kept beside it: --overwrite resumes it."
                        if (next_path(path) / "zarr.json").exists() else "")
@@ -348,6 +358,7 @@ def _prepare_cache(backbone: Backbone, dataset: Any, path: Path, opts: ExtractOp
         if (target / "zarr.json").exists():
             cache, _ = _open_existing(target, fingerprint)
             if cache is not None:
+                cache.add_identity()
                 return cache, "resumed"
     token_dim = backbone.final_dim if opts.all_tokens else None
     n_tokens = backbone.n_tokens if opts.all_tokens else None

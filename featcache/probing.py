@@ -24,7 +24,7 @@ import torch
 
 from featcache import __version__
 from featcache import distributed as dist
-from featcache.cache import Cache, default_cache_root
+from featcache.cache import Cache
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
 from featcache.methods import get_method
@@ -41,6 +41,7 @@ from featcache.selection import (
     logit_metrics,
     sample_shots,
 )
+from featcache.stores import keep_local_copies, local_path, resolve_root
 
 GRIDS = ("paper", "quick")
 # paper: what the authors' code does (validation scored on jittered features; all-tokens
@@ -66,6 +67,7 @@ class ProbeOptions:
     dataset: str | None = None  # only pairs of this dataset
     cache: str | Path | None = None
     runs: str | Path | None = None  # runs root (default: <cache>/runs)
+    local_cache: str | Path | None = None  # read-through copy of a store's shards
     seeds: str | Sequence[int] = (0,)
     grid: str = "paper"
     epochs: int | None = None
@@ -215,9 +217,11 @@ def probe(options: ProbeOptions | None = None, /, *, progress: Any = None,
 
 def _probe(opts: ProbeOptions, progress: Any) -> list[RunResult]:
     spec = get_method(opts.method)
-    cache_root = Path(opts.cache).expanduser() if opts.cache else default_cache_root()
-    runs_root = Path(opts.runs).expanduser() if opts.runs else default_runs_root(cache_root)
+    cache_root = resolve_root(opts.cache)
+    runs_root = local_path(opts.runs, "--runs") if opts.runs else default_runs_root(cache_root)
     pairs = find_pairs(cache_root, opts.model, opts.dataset, opts.train_split, opts.test_split)
+    if opts.local_cache is not None:
+        keep_local_copies([c for pair in pairs for c in pair], opts.local_cache)
     if opts.layers is not None and not opts.layers.strip():
         warn(f"--layers is empty: using {opts.method}'s default layer set "
              f"'{spec.default_layers}'")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from featcache import atomic
-from featcache.cache import default_cache_root
 from featcache.errors import FeatcacheError, os_error
 from featcache.fingerprint import file_sha256
 from featcache.text import slug
@@ -32,8 +31,15 @@ HEAD_FILE = "head.safetensors"
 
 
 def default_runs_root(cache_root: str | Path | None = None) -> Path:
-    """Runs live beside the caches they were trained on: <cache root>/runs."""
-    return Path(cache_root or default_cache_root()).expanduser() / "runs"
+    """Runs live beside the caches they were trained on: <cache root>/runs; for a cache
+    root on an object store, on this machine (<user cache dir>/featcache/runs): a record
+    is written by a rename (atomic on a disk, not on a store), the report and `predict`
+    read them back often, and they are small (`--runs` puts them anywhere)."""
+    from featcache.cache import user_cache_root
+    from featcache.stores import is_remote, resolve_root
+
+    root = resolve_root(cache_root)
+    return (user_cache_root() if is_remote(root) else root) / "runs"
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -400,12 +406,15 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
          problems: list[str] | None = None) -> list[dict[str, Any]]:
     """`featcache runs`: a summary row per run record under the runs root (default
     <cache root>/runs); records that cannot be read are described in ``problems``."""
-    if runs is None and cache is not None and Path(cache).expanduser().is_file():
+    from featcache.stores import is_remote, local_path, resolve_root
+
+    root = resolve_root(cache) if runs is None and cache is not None else None
+    if root is not None and not is_remote(root) and root.is_file():
         raise FeatcacheError(f"the cache root {cache} is a file, not a folder; point --cache "
                              "at a folder")
     from featcache.predictions import checked_run
 
-    root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
+    root = local_path(runs, "--runs") if runs is not None else default_runs_root(cache)
     notes = problems if problems is not None else []
     rows = []
     found = list_runs(root, notes)

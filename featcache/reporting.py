@@ -314,7 +314,9 @@ def report(cache: str | Path | None = None, runs: str | Path | None = None,
         raise FeatcacheError(f"--resamples {resamples} is more than a report needs; at most "
                              f"{MAX_RESAMPLES:,} (1,000 gives the interval to about 0.1 "
                              "points)")
-    root = Path(runs).expanduser() if runs is not None else default_runs_root(cache)
+    from featcache.stores import local_path
+
+    root = local_path(runs, "--runs") if runs is not None else default_runs_root(cache)
     if formats and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
         raise FeatcacheError(f"--out {out} is a file; the report is a folder of files: give "
                              "a folder")

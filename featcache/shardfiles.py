@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 _MISSING = np.uint64(2**64 - 1)
+RANGES_IN_FLIGHT = 32  # ranged requests of one shard object at once (benchmarks/read.py)
 _CHECKED = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
@@ -57,7 +58,10 @@ class ShardLayout:
 def shard_layout(array_path: Path) -> ShardLayout | None:
     """The array's layout if it is the one featcache writes (else None: read with zarr)."""
     try:
-        meta = json.loads((Path(array_path) / "zarr.json").read_text())
+        from featcache.stores import location
+
+        array_path = location(array_path)
+        meta = json.loads((array_path / "zarr.json").read_text())
         (codec,) = meta["codecs"]
         config = codec["configuration"]
         ok = (codec["name"] == "sharding_indexed" and config.get("codecs") == _CHECKED
@@ -73,7 +77,7 @@ def shard_layout(array_path: Path) -> ShardLayout | None:
         if any(s % c for s, c in zip(shard, chunk, strict=True)):
             return None
         fill = meta.get("fill_value")
-        return ShardLayout(Path(array_path), tuple(int(v) for v in meta["shape"]), shard,
+        return ShardLayout(array_path, tuple(int(v) for v in meta["shape"]), shard,
                            chunk, np.dtype(meta["data_type"]).newbyteorder("<"),
                            float("nan") if fill == "NaN" else float(fill or 0))
     except (OSError, ValueError, KeyError, TypeError):
@@ -116,7 +120,7 @@ def shard_bytes(layout: ShardLayout, index: tuple[int, ...],
 
 def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, ...],
                out: np.ndarray, skip: int = 0, columns: Sequence[int] | None = None,
-               data: np.ndarray | None = None) -> None:
+               data: np.ndarray | None = None, expected: np.ndarray | None = None) -> None:
     """Copy inner chunks of one written shard into ``out``, each once, straight from the
     file's bytes (``data``: already read by `shard_bytes`; else read here). ``select``
     gives, per axis, the chunk coordinates wanted (None: all).
@@ -124,8 +128,10 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
     fall outside ``out`` are dropped: a range that starts or ends inside a chunk); along
     axis 1 (chunks of width 1), picked chunk j goes to column ``columns[j]`` (default j);
     further axes keep their place (``out`` may be narrower: a zero-padded tail is left
-    alone). Raises ShardDamage with the reason when the file is gone, a wanted chunk is
-    missing, or the bytes fail their checksums."""
+    alone). ``expected``: the crc32c recorded for every chunk of this shard (index
+    order, `featcache.identity`); a chunk whose stored crc is not its recorded one belongs
+    elsewhere. Raises ShardDamage with the reason when the file is gone, a wanted chunk is
+    missing, the bytes fail their checksums, or the chunks are not this shard's."""
     import google_crc32c
 
     grid = layout.grid
@@ -154,6 +160,9 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
     if (sizes != chunk_bytes + 4).any() or (offsets + chunk_bytes + 4 > total - size).any():
         raise ShardDamage("its checksum cannot match: the shard index gives an inner chunk "
                           "a bad offset or size")
+    if expected is not None:
+        _check_place(view, offsets + chunk_bytes, expected,
+                     np.ravel_multi_index(np.ix_(*picks), grid).reshape(-1))
     r = layout.chunk[0]
     for pos, start in zip(np.ndindex(*(len(p) for p in picks)), offsets.tolist(),
                           strict=True):
@@ -181,5 +190,102 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
         out[tuple(where)] = part
 
 
+def _check_place(view: np.ndarray, ends: np.ndarray, expected: np.ndarray,
+                 flat: np.ndarray) -> None:
+    """The crcs stored after the picked chunks are the ones recorded for them here."""
+    from featcache.identity import WRONG_PLACE
+
+    stored = np.ascontiguousarray(view[ends[:, None] + np.arange(4)]).view("<u4").reshape(-1)
+    if len(expected) <= int(flat.max(initial=0)) or (stored != expected[flat]).any():
+        raise ShardDamage(WRONG_PLACE)
+
+
 def _crc(module: Any, data: Any) -> bytes:
     return np.uint32(module.value(data)).tobytes()
+
+
+def remote_shard_bytes(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, ...],
+                       buffers: list[bytearray], slot: int) -> np.ndarray | None:
+    """The bytes of one shard object that a read needs, by ranged requests: its index (a
+    suffix range: no size lookup), then the picked inner chunks with their crcs (adjacent
+    ones merged), all in flight at once. They are laid at their own offsets in a buffer
+    the size of the object, so that `read_shard` checks and places them unchanged (it
+    reads nothing else). None when there is no such object."""
+    import google_crc32c
+
+    path: Any = layout.file(index)
+    grid = layout.grid
+    n = math.prod(grid)
+    size = 16 * n + 4
+    try:
+        tail = path._call(path.fs.cat_file, path.key, start=-size)
+    except FileNotFoundError:
+        return None
+    index_bytes = np.frombuffer(tail, dtype=np.uint8)
+    if len(tail) < size or _crc(google_crc32c, index_bytes[:-4]) != bytes(tail[-4:]):
+        return index_bytes  # too short or a bad index: `read_shard` names the damage
+    entries = index_bytes[:-4].view("<u8").reshape(*grid, 2)
+    present = entries[..., 0] != _MISSING
+    total = int((entries[..., 0][present] + entries[..., 1][present]).max(initial=0)) + size
+    picks = [np.arange(g) if sel is None else np.asarray(sel, dtype=np.int64).reshape(-1)
+             for g, sel in zip(grid, select, strict=True)]
+    chosen = entries[np.ix_(*picks)].reshape(-1, 2)
+    chosen = chosen[chosen[:, 0] != _MISSING]
+    if len(buffers[slot]) < total:
+        buffers[slot] = bytearray(total)
+    view = memoryview(buffers[slot])
+    view[total - size: total] = tail
+    for start, stop, blob in _ranges(path, chosen, total - size):
+        view[start:stop] = blob
+    return np.frombuffer(buffers[slot], dtype=np.uint8, count=total)
+
+
+def _ranges(path: Any, chosen: np.ndarray, limit: int) -> list[tuple[int, int, bytes]]:
+    """Fetch the (offset, size) ranges, adjacent ones merged, concurrently; a range the
+    object does not hold comes back short (and fails its checksum)."""
+    spans: list[list[int]] = []
+    for offset, nbytes in sorted(chosen.tolist()):
+        end = min(offset + nbytes, limit)
+        if spans and spans[-1][1] == offset:
+            spans[-1][1] = end
+        elif offset < end:
+            spans.append([offset, end])
+    if not spans:
+        return []
+    blobs = path._call(path.fs.cat_ranges, [path.key] * len(spans), [s for s, _ in spans],
+                       [e for _, e in spans], batch_size=RANGES_IN_FLIGHT)
+    out = []
+    for (start, stop), blob in zip(spans, blobs, strict=True):
+        if isinstance(blob, BaseException):
+            raise blob
+        out.append((start, start + len(blob), blob))
+        del stop
+    return out
+
+
+def remote_crcs(path: Any, n_chunks: int, chunk_bytes: int | None) -> np.ndarray | None:
+    """`featcache.identity.file_crcs` of an object without downloading it: its index by a
+    suffix range, then the 4-byte crc after each chunk it holds, ranges in flight at once
+    (the writer records a shard's identity this way). None when there is no object."""
+    from featcache.identity import file_crcs
+
+    size = 4 if chunk_bytes is None else 16 * n_chunks + 4
+    try:
+        tail = np.frombuffer(path._call(path.fs.cat_file, path.key, start=-size), np.uint8)
+    except FileNotFoundError:
+        return None
+    if chunk_bytes is None or len(tail) < size:
+        return file_crcs(tail, n_chunks, chunk_bytes)
+    entries = tail[:-4].view("<u8").reshape(n_chunks, 2)
+    held = entries[:, 0] != _MISSING
+    if (entries[held, 1] != chunk_bytes + 4).any():
+        raise ValueError("its shard index gives a chunk a bad offset or size")
+    ends = (entries[held, 0] + np.uint64(chunk_bytes)).astype(np.int64).tolist()
+    out = np.zeros(n_chunks, dtype=np.uint32)
+    if ends:
+        blobs = path._call(path.fs.cat_ranges, [path.key] * len(ends), ends,
+                           [e + 4 for e in ends], batch_size=RANGES_IN_FLIGHT)
+        if any(isinstance(b, BaseException) or len(b) != 4 for b in blobs):
+            raise ValueError("its shard index points past the end of the object")
+        out[held] = np.frombuffer(b"".join(blobs), "<u4")
+    return out

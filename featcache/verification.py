@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import Cache, default_cache_root, find_caches, open_cache
+from featcache.cache import LOST_GROUP, Cache, find_caches, headless, open_cache
 from featcache.errors import FeatcacheError
+from featcache.stores import location, resolve_root, store_failure
 
 
 @dataclass
@@ -53,6 +54,9 @@ def check_cache(cache: Cache) -> dict[int, list[str]]:
     done = cache.done()
     for name, shard in cache.missing_files():
         bad(shard, f"{name}: file missing")
+    for k in np.flatnonzero(done) if cache.has_identity else ():
+        for why in identity_problems(cache, int(k)):
+            bad(int(k), why)
     n_classes = len(cache.class_names)
     for k in np.flatnonzero(done):
         k = int(k)
@@ -63,6 +67,8 @@ def check_cache(cache: Cache) -> dict[int, list[str]]:
             try:
                 values = np.asarray(cache.group[name][rows])
             except Exception as exc:
+                if store_failure(cache.path, exc):  # the network, not the bytes: no damage
+                    raise store_failure(cache.path, exc) from None
                 bad(k, f"{name}: {_why(exc)}")
                 continue
             if values.dtype.kind == "f" and not np.isfinite(values).all():
@@ -70,6 +76,28 @@ def check_cache(cache: Cache) -> dict[int, list[str]]:
             elif name == "labels" and ((values < 0) | (values >= n_classes)).any():
                 bad(k, f"labels: outside 0..{n_classes - 1} (a missing chunk reads as -1)")
     return damaged
+
+
+def identity_problems(cache: Cache, shard: int) -> list[str]:
+    """Why shard `shard`'s files are not the ones recorded for it (format 4)."""
+    from featcache.identity import WRONG_PLACE
+
+    out = []
+    for name in cache.arrays:
+        try:
+            expected = cache.recorded_crcs(name, shard)
+        except FeatcacheError as exc:
+            if " is damaged: " not in str(exc):
+                raise  # the store failed, not the cache: never damage
+            return [f"{name}: {str(exc).split(' is damaged: ')[-1].split('. Run')[0]}"]
+        try:
+            found = cache.shard_crcs(name, shard)
+        except ValueError:
+            continue  # an unreadable index: the read below names it
+        if found is not None and expected is not None and (
+                found.shape != expected.shape or (found != expected).any()):
+            out.append(f"{name}: {WRONG_PLACE}")
+    return out
 
 
 def _why(exc: BaseException) -> str:
@@ -109,10 +137,12 @@ def extract_command(cache: Cache) -> str:
 
 def verify_cache(path: str | Path, repair: bool = False) -> VerifyResult:
     """Verify one cache (and, with ``repair``, clear its damaged shards)."""
-    path = Path(path).expanduser()
+    path = location(path)
     try:
         cache = open_cache(path, "r+" if repair else "r")
     except FeatcacheError as exc:
+        if headless(path):
+            return VerifyResult(path, False, metadata=LOST_GROUP)
         if not (path / "zarr.json").is_file():
             raise
         return VerifyResult(path, False, metadata=str(exc))
@@ -135,7 +165,7 @@ def verify(path: str | Path | None = None, cache: str | Path | None = None,
     """`featcache verify`: one cache (``path``) or every cache under a root (``cache``)."""
     if path is not None:
         return [verify_cache(path, repair)]
-    root = Path(cache).expanduser() if cache else default_cache_root()
+    root = resolve_root(cache)
     problems: list[tuple[Path, str]] = []
     found = find_caches(root, problems)
     results = [verify_cache(c.path, repair) for c in found]

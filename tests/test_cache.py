@@ -124,7 +124,9 @@ def test_zarr_array_layout(train_cache):
     for kind in ("labels", "valid", "done"):
         assert group[kind].compressors == (Crc32cCodec(),)
     attrs = group.attrs.asdict()
-    assert attrs["featcache"]["format"] == 3 and attrs["token_kinds"] == ["cls", "ap"]
+    assert attrs["featcache"]["format"] == 4 and attrs["token_kinds"] == ["cls", "ap"]
+    # one identity row (one object) per shard: tag, then 4 + 4 + 1 + 1 + 1 chunk crcs
+    assert group["identity"].shape == (3, 12) and group["identity"].chunks == (1, 12)
     assert attrs["complete"] is True and attrs["n_shards"] == 3 and attrs["shard_size"] == 16
 
 

@@ -111,7 +111,7 @@ DAMAGES = {
     "labels chunk flipped": (lambda c: flip(c / "labels/c/0", 3),
                              ["shard 0 of 'labels'", "checksum"], True),
     "label out of range": (lambda c: set_label(c, 20, 99),
-                           ["shard 1 of 'labels'", "label 99"], True),
+                           ["shard 1 of 'labels'", "not the ones written"], True),
     "valid chunk deleted": (lambda c: (c / "valid/c/2").unlink(),
                             ["shard 2 of 'valid'", "missing"], True),
     "done chunk deleted": (lambda c: (c / "done/c/2").unlink(), ["incomplete"], True),
@@ -503,7 +503,7 @@ def test_ls_names_a_cache_it_cannot_open(copy):
 @pytest.mark.parametrize("method", ["linear", "alf"])
 def test_nan_written_into_a_cache_is_no_score(copy, tmp_path, method):
     """A value changed after extraction through zarr itself keeps every checksum valid:
-    the probe must refuse its chance-level result, not record it as trained."""
+    the per-shard identity (format 4) refuses it before any training."""
     train = split_dir(copy)
     cls = zarr.open_array(str(train / "cls"), mode="r+")
     row = cls[0]
@@ -511,7 +511,7 @@ def test_nan_written_into_a_cache_is_no_score(copy, tmp_path, method):
     cls[0] = row
     result = run("probe", "--method", method, "--cache", copy, "--runs", tmp_path / "runs",
                  *QUICK)
-    assert_user_error(result, "non-finite", "featcache verify")
+    assert_user_error(result, "shard 0 of 'cls'", "edited in place", "featcache verify")
     assert not list((tmp_path / "runs").rglob("record.json"))
 
 
