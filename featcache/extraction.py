@@ -294,7 +294,7 @@ def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
     parse_weights(opts.weights)
     check_tap(opts.tap)
     if len(models) == 1 and len(names) == 1:  # one pair: its error is the command's
-        return _extract_model(opts, opts.model, [opts.dataset], splits, model_kwargs, progress)
+        return _extract_model(opts, models[0], names, splits, model_kwargs, progress)
     failures: list[tuple[str, str, str]] = []
 
     def failed(model: str, dataset: str, exc: FeatcacheError) -> None:

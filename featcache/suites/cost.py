@@ -81,11 +81,13 @@ def cache_bytes(arch: Arch, n: int, all_tokens: bool) -> float:
     return float(n * per_image)
 
 
-def alf_macs(batch: int, tokens: int, dim: int, classes: int) -> float:
-    """Forward + backward MACs of one config's training step (docs/benchmarks.md)."""
+def alf_macs(batch: int, tokens: int, dim: int, classes: int, heads: int | None = None
+             ) -> float:
+    """Forward + backward MACs of one config's training step (docs/benchmarks.md); ALF has
+    a head per token, the all-tokens baseline 8."""
     from featcache.heads import head_dim_for
 
-    heads = tokens
+    heads = heads or tokens
     e = head_dim_for(dim, heads)
     return (batch * (4 * tokens * dim * heads + 6 * heads * e * dim + 3 * dim * classes)
             + 9 * heads * e * dim)
@@ -96,7 +98,7 @@ def linear_macs(batch: int, features: int, classes: int) -> float:
 
 
 def grid_flops(n: int, tokens: int, dim: int, classes: int, configs: int = 63,
-               attentive: bool = True) -> float:
+               attentive: bool = True, heads: int | None = None) -> float:
     """A grid (configs on 80 % of train) and the refit (one config on all of it), with the
     recipe's step plan (`featcache.train.plan_steps`)."""
     from featcache.train import TrainConfig, plan_steps
@@ -106,7 +108,7 @@ def grid_flops(n: int, tokens: int, dim: int, classes: int, configs: int = 63,
     flops = 0.0
     for size, count in ((n_grid, configs), (n, 1)):
         plan = plan_steps(size, cfg)
-        macs = (alf_macs(plan.batch_size, tokens, dim, classes) if attentive
+        macs = (alf_macs(plan.batch_size, tokens, dim, classes, heads) if attentive
                 else linear_macs(plan.batch_size, tokens * dim, classes))
         flops += 2 * macs * plan.total_steps * count
     return flops
@@ -118,4 +120,5 @@ def probe_flops(method: str, arch: Arch, n: int, classes: int, seeds: int) -> fl
               "attentive": arch.tokens, "layers": arch.blocks + 1}.get(method, 1)
     attentive = method in GRID_POINTS
     configs = GRID_POINTS.get(method, 21)
-    return seeds * grid_flops(n, tokens, arch.dim, classes, configs, attentive)
+    heads = 8 if method == "attentive" else None
+    return seeds * grid_flops(n, tokens, arch.dim, classes, configs, attentive, heads)

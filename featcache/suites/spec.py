@@ -47,7 +47,7 @@ class Suite:
 
 def suite_text(suite: str | Path) -> tuple[Path, str]:
     """(path, text) of a suite file, or of a shipped suite by name (`paper`)."""
-    path = Path(suite).expanduser()
+    path = Path(suite).expanduser().absolute()
     if str(suite) in SHIPPED and not path.exists():
         from featcache.catalogue import data_text
 
