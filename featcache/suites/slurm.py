@@ -7,6 +7,7 @@ submitit's result files, never by SLURM's final state."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import shutil
@@ -194,12 +195,14 @@ class Slurm:
 
         failures: list[dict[str, Any]] = []
         console = Console(stderr=True)
-        with Live(console=console, disable=not view, auto_refresh=False) as live:
+        live = Live(console=console, auto_refresh=False, transient=False)
+        with live if view else contextlib.nullcontext():
             while True:
                 queue = squeue_states()
                 failures += self.refresh(queue)
-                live.update(jobs_table(self.rows(queue), f"suite {self.name} on SLURM"),
-                            refresh=True)
+                if view:
+                    live.update(jobs_table(self.rows(queue), f"suite {self.name} on SLURM"),
+                                refresh=True)
                 if not self.active():
                     return failures
                 time.sleep(poll_s)
