@@ -181,6 +181,8 @@ def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
                    ("set", lambda r: "paper" if r.get("paper") else "extension"
                     if r.get("extension") else ""),
                    ("description", lambda r: r["description"])])
+    if not json_out:
+        _collections("models")
 
 
 @user_errors
@@ -193,6 +195,19 @@ def datasets(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
         ("name", lambda r: r["name"]), ("source", lambda r: r["source"]),
         ("classes", lambda r: str(r.get("n_classes") or "?")),
         ("description", lambda r: r["description"])], overflow="fold")
+    if not json_out:
+        _collections("datasets")
+
+
+def _collections(kind: str) -> None:
+    """The names that stand for several (`--model paper`, `--dataset natural`)."""
+    from featcache.suites.names import collection_rows
+
+    option = "--model" if kind == "models" else "--dataset"
+    console.print(f"collections ({option}, comma lists and suite files take them too):")
+    for row in collection_rows(kind):
+        console.print(f"  [bold]{row['collection']}[/] ({row['n']}): "
+                      f"{', '.join(row['members'])}", highlight=False, soft_wrap=True)
 
 
 @user_errors

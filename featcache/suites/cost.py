@@ -68,9 +68,11 @@ def dataset_size(name: str) -> tuple[int, int] | None:
 
 
 def extract_flops(arch: Arch, n: int) -> float:
-    """Forward FLOPs of n images: per block 12·T·D² (qkv, proj, MLP 4×) + 2·T²·D (attention)."""
+    """Forward FLOPs of n images: the patch embedding, then per block 12·T·D² MACs (qkv,
+    proj, MLP 4×) and 2·T²·D (attention's two products)."""
     t, d = arch.tokens, arch.dim
-    return 2.0 * n * arch.blocks * (12 * t * d * d + 2 * t * t * d)
+    patches = 2.0 * (t - 1) * 3 * arch.patch**2 * d
+    return n * (patches + 2.0 * arch.blocks * (12 * t * d * d + 2 * t * t * d))
 
 
 def cache_bytes(arch: Arch, n: int, all_tokens: bool) -> float:
