@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from featcache.cli.common import console, err_console, print_json, user_errors
+from rich.markup import escape
 
 from featcache.text import human_bytes
 
@@ -50,8 +51,9 @@ def _show(result: dict[str, Any], json_out: bool) -> None:
     from rich.table import Table
 
     for failure in result.get("resubmitted") or []:
-        err_console.print(f"[yellow]resubmitted[/] {failure['unit']} (job {failure['job']} "
-                          f"failed: {failure['error']}; log {failure['log']})",
+        err_console.print(f"[yellow]resubmitted[/] {escape(failure['unit'])} (job "
+                          f"{failure['job']} failed: {escape(str(failure['error']))}; log "
+                          f"{failure['log']})",
                           highlight=False, soft_wrap=True)
     rows = result["units"]
     if result["plan"] or any(r["state"] not in ("done",) for r in rows) or len(rows) <= 40:
@@ -61,12 +63,13 @@ def _show(result: dict[str, Any], json_out: bool) -> None:
             table.add_column(column, overflow="fold",
                              justify="right" if column in ("bytes", "FLOPs") else "left")
         for r in rows:
-            table.add_row(r["label"], _state(r["state"]), str(r["job"] or ""),
+            table.add_row(escape(r["label"]), _state(r["state"]), str(r["job"] or ""),
                           human_bytes(r["bytes"]) if r["bytes"] else "",
                           _flops(r["flops"]))
         console.print(table)
     for failure in result.get("failed") if result["launcher"] == "slurm" else []:
-        err_console.print(f"[red]failed[/] {failure['unit']}: {failure['error']}"
+        err_console.print(f"[red]failed[/] {escape(failure['unit'])}: "
+                          f"{escape(str(failure['error']))}"
                           + (f" (log {failure['log']})" if failure.get("log") else ""),
                           highlight=False, soft_wrap=True)
     t = result["totals"]

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from featcache import distributed as dist
-from featcache.backbones import create_backbone, parse_weights, resolve_model
+from featcache.backbones import create_backbone, parse_weights
 from featcache.backbones.base import Backbone
 from featcache.backbones.spec import check_tap
 from featcache.cache import (

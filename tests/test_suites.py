@@ -75,13 +75,15 @@ def test_expand_keeps_order_and_checks_every_name():
 @pytest.mark.slow
 def test_a_failing_pair_is_one_line_and_the_others_finish(tmp_path, folder_data):
     result = run("extract", "--model", TIMM_TINY, "--dataset", f"{folder_data},fer2013",
-                 "--no-download", "--weights", "random", "--cache", tmp_path / "c",
+                 "--no-download", "--weights", "random", "--cache", tmp_path / "c", "--json",
                  *[x for a in TINY_ARGS for x in ("--model-arg", a)])
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 2, result.stderr  # the pair, then the summary
-    assert "fer2013" in lines[0] and "not downloaded" in lines[0]
+    assert lines[0].startswith("failed timm:vit_tiny_patch16_224 × fer2013: fer2013 split")
+    assert "not downloaded" in lines[0]
     assert lines[1].startswith("error: 1 of 2 pairs failed")
+    assert [r["split"] for r in json.loads(result.stdout)] == ["train", "test"]
     done = featcache.ls(tmp_path / "c")
     assert sorted(r["split"] for r in done if r["complete"]) == ["test", "train"]
 

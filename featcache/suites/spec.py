@@ -5,12 +5,13 @@ runs; a mistake is one line naming the file, the key and what is accepted."""
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from featcache.errors import FeatcacheError
 
@@ -92,7 +93,8 @@ def _check_keys(where: str, section: str, data: dict[str, Any], types_: dict[str
             raise FeatcacheError(f"{where}: {prefix}unknown key {key!r}; accepted: "
                                  f"{', '.join(sorted(types_))}")
         if not accepts(types_[key], value):
-            raise FeatcacheError(f"{where}: {prefix}{key} = {value!r} is not {describe(types_[key])}")
+            raise FeatcacheError(f"{where}: {prefix}{key} = {value!r} is not "
+                                 f"{describe(types_[key])}")
 
 
 def _section(where: str, name: str, data: dict[str, Any], types_: dict[str, Any],

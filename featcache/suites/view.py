@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from featcache.progress import Bars
@@ -40,7 +41,7 @@ class SuiteView:
             self.failed.append((unit, error))
             if self.enabled:
                 self.bars.progress.console.print(
-                    f"[red]failed[/] {unit.label}: {' '.join(error.split())}",
+                    f"[red]failed[/] {escape(unit.label)}: {escape(' '.join(error.split()))}",
                     highlight=False, soft_wrap=True)
 
 
@@ -53,6 +54,6 @@ def jobs_table(rows: list[dict[str, Any]], title: str) -> Table:
     for row in rows:
         state = row["state"]
         colour = colours.get(state, "white")
-        table.add_row(row["unit"], str(row.get("job") or ""), f"[{colour}]{state}[/]",
-                      row.get("error") or row.get("log") or "")
+        table.add_row(escape(row["unit"]), str(row.get("job") or ""), f"[{colour}]{state}[/]",
+                      escape(row.get("error") or row.get("log") or ""))
     return table
