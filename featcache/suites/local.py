@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,12 +132,16 @@ def _subprocess(unit: Unit, folder: Path, device: int) -> tuple[int, str]:
 
 
 def _last_error(log: Path) -> str:
-    """The last line of a log that says what went wrong."""
+    """The line of a log that says what went wrong: the exception that ended it (Python's
+    last `...Error: text` line), else SLURM's word (CANCELLED, TIME LIMIT), else the end."""
     try:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return f"no log at {log}"
     for line in reversed(lines):
-        if "error" in line.lower() or "exception" in line.lower():
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b[^:]*:", line):
+            return line
+    for line in reversed(lines):
+        if "error" in line.lower() and "exited with exit code" not in line.lower():
             return line
     return lines[-1] if lines else "(empty log)"

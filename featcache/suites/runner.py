@@ -70,7 +70,8 @@ def _launch(spec: Suite, state: State, units: list[Unit], no_wait: bool, view: b
         from featcache.suites.slurm import Slurm, squeue_states
 
         slurm = Slurm(units, state, spec.launcher, spec.name)
-        earlier = slurm.refresh(squeue_states())
+        slurm.refresh(squeue_states())
+        earlier = slurm.failed_rows()
         slurm.submit()
         return ([] if no_wait else slurm.follow(view)), earlier
     from featcache.suites.local import local_devices, run_local

@@ -110,6 +110,16 @@ class Slurm:
         self.state.save()
         return failures
 
+    def failed_rows(self) -> list[dict[str, Any]]:
+        """Units whose last job failed (listed with its log, then resubmitted)."""
+        rows = []
+        for unit in self.units:
+            entry = self.state.get(unit.key)
+            if entry.get("error") and not entry.get("active") and not unit.done:
+                rows.append({"unit": unit.label, "job": entry.get("job"),
+                             "log": entry.get("log"), "error": entry["error"]})
+        return rows
+
     def _succeeded(self, entry: dict[str, Any]) -> bool:
         result = Path(entry.get("log", "")).with_name(f"{entry.get('job')}_0_result.pkl")
         try:
