@@ -84,8 +84,8 @@ def test_records_match_a_local_run_and_a_second_submission_is_a_no_op(tmp_path):
 def test_scancel_mid_extraction_resumes_bitwise(tmp_path):
     """Cancelled after some shards: the next run lists the job's failure, resubmits, and
     the cache is the one an uninterrupted local extraction writes."""
-    model_arg = '["img_size=32", "patch_size=8", "depth=6", "embed_dim=96", "num_heads=3"]'
-    extra = f"shard_size = 48\nbatch_size = 16\nmodel_arg = {model_arg}\n"
+    model_arg = '["img_size=32", "patch_size=8", "depth=4", "embed_dim=48", "num_heads=3"]'
+    extra = f"shard_size = 32\nbatch_size = 16\nmodel_arg = {model_arg}\n"
     path = suite_file(tmp_path, ["digits"], methods=["linear"], extra=SLURM)
     text = path.read_text().replace("[extract]\n", f"[extract]\n{extra}")
     text = text.replace('model_arg = ["img_size=32", "patch_size=8", "depth=2", "embed_dim=48"'
@@ -112,8 +112,9 @@ def test_scancel_mid_extraction_resumes_bitwise(tmp_path):
     assert resubmitted["job"] == job and Path(resubmitted["log"]).is_file()
     assert finished["units"][0]["job"] != job and finished["totals"]["to_do"] == 0
     featcache.extract(model=plan["units"][0]["model"], dataset="digits", weights="random",
-                      model_arg=["img_size=32", "patch_size=8", "depth=6", "embed_dim=96",
-                                 "num_heads=3"], shard_size=48, cache=tmp_path / "uncut")
+                      model_arg=["img_size=32", "patch_size=8", "depth=4", "embed_dim=48",
+                                 "num_heads=3"], shard_size=32, batch_size=16,
+                      cache=tmp_path / "uncut")
     for split in ("train", "test"):
         cut = cache_arrays(train.replace("/train", f"/{split}"))
         uncut = list((tmp_path / "uncut").glob(f"*/digits/{split}"))[0]
