@@ -119,5 +119,8 @@ def _report(spec: Suite, root: Path, state: State) -> dict[str, str]:
     from featcache.reporting import report
 
     options = {"out": str(state.folder / "report"), **spec.report}
+    out = Path(options["out"]).expanduser()
+    if not out.is_absolute() and spec.path.is_file():  # like `cache`: beside the suite file
+        options["out"] = str(spec.path.parent / out)
     data = report(cache=root, **options)
     return {k: str(v) for k, v in (data.written or {}).items()}
