@@ -55,14 +55,16 @@ def by_hand(cache: Path, out: Path) -> float:
     return timed(extract, *probes, report)
 
 
-def suite(folder: Path, launcher: str) -> tuple[float, float]:
-    """(seconds to the end, seconds to return with --no-wait; 0 locally)."""
+def suite(folder: Path, launcher: str) -> tuple[float, float, float]:
+    """(seconds to the end, seconds to return with --no-wait, seconds of `--status` before
+    anything ran: the command's start-up and planning; 0, 0 locally)."""
     path = folder / f"{launcher}.toml"
     path.write_text(suite_text(folder / f"cache-{launcher}", launcher))
-    submit = 0.0
+    submit = startup = 0.0
     if launcher == "slurm":
+        startup = timed([*FEATCACHE, "run", str(path), "--status", "--json"])
         submit = timed([*FEATCACHE, "run", str(path), "--no-wait", "--json"])
-    return submit + timed([*FEATCACHE, "run", str(path), "--json"]), submit
+    return submit + timed([*FEATCACHE, "run", str(path), "--json"]), submit, startup
 
 
 def main() -> None:
@@ -73,16 +75,17 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix="featcache-suite-bench-"))
         try:
             hand = by_hand(folder / "cache-hand", folder / "report-hand")
-            local, _ = suite(folder, "local")
+            local, _, _ = suite(folder, "local")
             print(f"by hand: {hand:.1f} s; featcache run (local): {local:.1f} s; "
                   f"ratio suite / by hand: {local / hand:.2f}")
             if shutil.which("sbatch") is None:
                 print("SLURM: no sbatch here (start the test cluster: .ci/slurm-up.sh)")
                 continue
-            slurm, submit = suite(folder, "slurm")
+            slurm, submit, startup = suite(folder, "slurm")
             print(f"featcache run (slurm): {slurm:.1f} s, of which submitting 3 jobs "
-                  f"(--no-wait) {submit:.1f} s; ratio slurm / local suite: {slurm / local:.2f}"
-                  f"; submission / local suite: {submit / local:.2f}")
+                  f"(--no-wait) {submit:.1f} s, {startup:.1f} s of it the command's start-up "
+                  f"and plan (--status); ratio slurm / local suite: {slurm / local:.2f}; "
+                  f"submission beyond start-up / local suite: {(submit - startup) / local:.2f}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -175,3 +175,15 @@ def test_a_suite_runs_resumes_and_reports(tmp_path, folder_data):
     assert len(featcache.runs(tmp_path / "cache")) == len(runs)
     status = run("run", path, "--status", "--json")
     assert [u["state"] for u in json.loads(status.stdout)["units"]] == ["done"] * 3
+
+
+def test_a_slurm_jobs_tasks_get_torchruns_environment():
+    from types import SimpleNamespace
+
+    from featcache.suites.jobs import torchrun_environment
+
+    job = SimpleNamespace(job_id="4242_3", global_rank=3, local_rank=1, num_tasks=4,
+                          num_nodes=2, hostnames=["node-a", "node-b"])
+    env = torchrun_environment(job)
+    assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "node-a", "MASTER_PORT": str(20000 + 4242)}
