@@ -187,3 +187,25 @@ def test_a_slurm_jobs_tasks_get_torchruns_environment():
     env = torchrun_environment(job)
     assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
                    "MASTER_ADDR": "node-a", "MASTER_PORT": str(20000 + 4242)}
+
+
+@pytest.mark.slow
+def test_one_pair_per_device_runs_probes_after_their_caches(tmp_path):
+    """The several-GPU scheduler (one unit per device, probes once their cache is complete),
+    driven on the CPU: `devices` only sets each worker's CUDA_VISIBLE_DEVICES."""
+    names = []
+    for i in range(2):
+        make_imagefolder(tmp_path / f"data{i}", {"train": 12, "test": 6}, seed=i)
+        names.append(f"imagefolder:{tmp_path / f'data{i}'}")
+    path = suite_file(tmp_path, names, methods=["linear"],
+                      extra="[launcher]\nname = \"local\"\ndevices = [0, 1]")
+    result = featcache.run(path, view=False)
+    assert result["totals"]["done"] == 4
+    logs = sorted((tmp_path / "cache" / "suites" / "suite" / "logs").glob("*.log"))
+    assert len(logs) == 4
+    order = {u["key"]: json.loads(Path(result["state_file"]).read_text())["units"][u["key"]]
+             for u in result["units"]}
+    for unit in result["units"]:
+        if unit["kind"] == "probe":  # it started after its extraction had finished
+            assert order[unit["key"]]["started"] >= order[unit["after"]]["updated"]
+    assert len(featcache.runs(tmp_path / "cache")) == 2

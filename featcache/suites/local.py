@@ -103,6 +103,7 @@ def _run_on_gpus(units: list[Unit], state: State, view: Any, devices: list[int])
                     break
                 device = free.pop(0)
                 waiting.remove(unit)
+                state.set(unit.key, started=time.time(), device=device)
                 view.started(unit)
                 running[pool.submit(_subprocess, unit, state.folder, device)] = (unit, device)
             if not running:  # what is left waits on failed extractions

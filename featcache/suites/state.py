@@ -42,10 +42,6 @@ class State:
     def done_probes(self) -> dict[str, str]:
         return {k: v.get("stamp", "") for k, v in self.units.items() if v.get("done")}
 
-    def jobs(self) -> dict[str, str]:
-        """unit key → job id, for units whose job has not been seen to end."""
-        return {k: v["job"] for k, v in self.units.items() if v.get("job") and v.get("active")}
-
 
 @contextlib.contextmanager
 def state_lock(folder: Path) -> Iterator[None]:
