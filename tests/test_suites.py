@@ -184,9 +184,12 @@ def test_a_slurm_jobs_tasks_get_torchruns_environment():
 
     job = SimpleNamespace(job_id="4242_3", global_rank=3, local_rank=1, num_tasks=4,
                           num_nodes=2, hostnames=["node-a", "node-b"])
-    env = torchrun_environment(job)
+    env = torchrun_environment(job, slurm_job_id="4245")
     assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "node-a", "MASTER_PORT": str(20000 + 4242)}
+                   "MASTER_ADDR": "node-a", "MASTER_PORT": str(20000 + 4245)}
+    # the tasks of one array run side by side: each its own port
+    other = SimpleNamespace(**{**vars(job), "job_id": "4242_4"})
+    assert torchrun_environment(other, "4246")["MASTER_PORT"] != env["MASTER_PORT"]
 
 
 @pytest.mark.slow

@@ -56,11 +56,13 @@ def records(cache: Path) -> dict[tuple[str, int], dict]:
     return {(r["method"], r["seed"]): r for r in featcache.runs(cache)}
 
 
-def test_records_match_a_local_run_and_a_second_submission_is_a_no_op(tmp_path):
+def test_records_on_two_ranks_match_a_local_run_and_resubmitting_is_a_no_op(tmp_path):
     make_imagefolder(tmp_path / "data", {"train": 12, "test": 6})
     data = f"imagefolder:{tmp_path / 'data'}"
     local = featcache.run(suite_file(tmp_path, [data]), cache=tmp_path / "local", view=False)
-    path = suite_file(tmp_path, [data], extra=SLURM)
+    # two tasks per job, as gpus_per_job = 2 gives: ranks share each job's work (torchrun's
+    # environment), and the numbers must not change
+    path = suite_file(tmp_path, [data], extra=SLURM + "ranks_per_job = 2\n")
     first = featcache.run(path, cache=tmp_path / "slurm", no_wait=True, view=False)
     jobs = {u["key"]: u["job"] for u in first["units"]}
     assert all(jobs.values()) and len(set(jobs.values())) == 3  # an extract, an array of 2
@@ -76,6 +78,8 @@ def test_records_match_a_local_run_and_a_second_submission_is_a_no_op(tmp_path):
     for key, record in ours.items():
         for field in ("settings_id", "metrics", "val_balanced_top1", "selected"):
             assert record[field] == theirs[key][field], (key, field)
+    ranks = featcache.open_cache(done["units"][0]["caches"][0]).attrs["environment"]
+    assert ranks["world_size"] == 2
     for a, b in zip(local["units"][0]["caches"], done["units"][0]["caches"], strict=True):
         for name, array in cache_arrays(a).items():
             np.testing.assert_array_equal(array, cache_arrays(b)[name], err_msg=name)

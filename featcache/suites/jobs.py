@@ -23,11 +23,14 @@ def run_unit(payload: dict[str, Any], progress: Any = None) -> dict[str, Any]:
             "status": [r.status for r in results]}
 
 
-def torchrun_environment(job: Any) -> dict[str, str]:
+def torchrun_environment(job: Any, slurm_job_id: str | None = None) -> dict[str, str]:
     """What torchrun would set, from a SLURM job's tasks (submitit's JobEnvironment):
-    featcache's ranks (`featcache.distributed`) read only these."""
-    base = job.job_id.split("_")[0]
-    port = 20000 + int(base) % 20000 if base.isdigit() else 29500
+    featcache's ranks (`featcache.distributed`) read only these. The port comes from
+    SLURM_JOB_ID, which differs between the tasks of an array (their `123_4` ids share
+    123: two array tasks on one node once both bound the same port)."""
+    raw = slurm_job_id or os.environ.get("SLURM_JOB_ID", "")
+    digits = raw if raw.isdigit() else "".join(c for c in job.job_id if c.isdigit())
+    port = 20000 + int(digits) % 20000 if digits else 29500
     per_node = max(1, job.num_tasks // max(1, job.num_nodes))
     return {"RANK": str(job.global_rank), "LOCAL_RANK": str(job.local_rank),
             "WORLD_SIZE": str(job.num_tasks), "LOCAL_WORLD_SIZE": str(per_node),
