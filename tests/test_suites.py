@@ -68,6 +68,8 @@ def test_expand_keeps_order_and_checks_every_name():
     with pytest.raises(FeatcacheError, match="unknown dataset 'nope'"):
         expand_datasets(["digits", "nope"])
     assert expand_models(f"{TIMM_TINY},paper")[0] == TIMM_TINY
+    # a list's elements are whole: a local path may hold a comma
+    assert expand_datasets(["imagefolder:/data/a,b"]) == ["imagefolder:/data/a,b"]
 
 
 # -- extract with lists --------------------------------------------------------------------

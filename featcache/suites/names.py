@@ -10,9 +10,10 @@ from featcache.errors import FeatcacheError
 
 
 def split_list(value: str | Sequence[str]) -> list[str]:
-    """ "a,b" or ["a", "b,c"] → ["a", "b", "c"] (blanks dropped)."""
-    parts = [value] if isinstance(value, str) else list(value)
-    return [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
+    """ "a,b" (the CLI's form) → ["a", "b"]; a list is taken as it is, so that a local
+    path holding a comma can be one element of it. Blanks are dropped."""
+    parts = str(value).split(",") if isinstance(value, str) else [str(p) for p in value]
+    return [p.strip() for p in parts if p.strip()]
 
 
 def _unique(names: list[str]) -> list[str]:
