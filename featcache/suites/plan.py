@@ -72,7 +72,7 @@ def make_plan(suite: Suite, root: Path, done_probes: dict[str, str]) -> list[Uni
             data_dir = dataset_dir_name(dataset)
             caches = [root / model_dir / data_dir / slug(s) for s in splits]
             extract = Unit(f"extract/{model_dir}/{data_dir}", "extract", model, dataset, None,
-                           {**suite.extract, "model": model, "dataset": dataset,
+                           {**suite.extract, "model": model, "dataset": [dataset],
                             "cache": str(root)}, caches=caches)
             extract.done = all(_complete(c) for c in caches)
             units.append(extract)
