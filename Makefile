@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/probe.py
 	$(BIN)/python benchmarks/report.py
+	$(BIN)/python benchmarks/suite.py
 
 # Every CUDA path once against the CPU, then the GPU figures (benchmarks/gpu_check.py).
 gpu-check: $(STAMP)

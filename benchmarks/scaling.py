@@ -16,7 +16,6 @@ attentive head's count from docs/benchmarks.md, the recipe's steps from
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -25,31 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from featcache.catalogue import paper_datasets  # noqa: E402
 from featcache.features import DEVICE_FRACTION, HOST_FRACTION  # noqa: E402
-from featcache.heads import head_dim_for  # noqa: E402
-from featcache.train import TrainConfig, plan_steps  # noqa: E402
+from featcache.suites.cost import grid_flops  # noqa: E402  (as `featcache run --dry-run`)
 
 MODELS = {"ViT-B": (12, 768), "ViT-L": (24, 1024)}
 GPUS = {"80 GB": 80e9, "141 GB": 141e9}
-GRID = 63  # 3 lr × 7 wd × 3 dropout
-
-
-def alf_macs(batch: int, tokens: int, dim: int, classes: int) -> float:
-    """Forward + backward MACs of one config's training step (docs/benchmarks.md)."""
-    H = tokens
-    E = head_dim_for(dim, H)
-    return batch * (4 * tokens * dim * H + 6 * H * E * dim + 3 * dim * classes) + 9 * H * E * dim
-
-
-def grid_flops(n: int, tokens: int, dim: int, classes: int) -> float:
-    """The paper grid (63 configs on 80 % of train) and the refit (one on all of it)."""
-    cfg = TrainConfig()
-    n_grid = n - math.ceil(0.2 * n)
-    flops = 0.0
-    for size, configs in ((n_grid, GRID), (n, 1)):
-        plan = plan_steps(size, cfg)
-        per_step = 2 * alf_macs(plan.batch_size, tokens, dim, classes)
-        flops += per_step * plan.total_steps * configs
-    return flops
 
 
 def mode(nbytes: float, gpu: float, ranks: int, host: float) -> str:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from featcache.errors import FeatcacheError, FeatcacheWarning
 
@@ -71,7 +72,9 @@ def _error(text: str, every_rank: bool = False) -> None:
 
     text = " ".join(str(text).split())  # one line, whatever a library's text held
     if env_rank() == 0 or every_rank:  # under torchrun the line is said once, by rank 0
-        err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+        # escaped: a message may quote "[probe]" or "[default]", which rich would eat
+        err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False,
+                          soft_wrap=True)
     raise typer.Exit(2) from None
 
 

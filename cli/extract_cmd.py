@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from featcache.cli.common import console, options_from, print_json, print_rows, user_errors
+from featcache.cli.common import (
+    console,
+    err_console,
+    options_from,
+    print_json,
+    print_rows,
+    user_errors,
+)
 from rich import box
 from rich.table import Table
 
@@ -20,9 +27,11 @@ CacheOpt = Annotated[Path | None, typer.Option(
 @user_errors
 def extract(
     model: Annotated[str, typer.Option(
-        help="Registry name (see `featcache models`), timm:NAME or open_clip:ARCH:PRETRAINED.")],
+        help="Registry name (see `featcache models`), timm:NAME or open_clip:ARCH:PRETRAINED; "
+             "a comma list or a collection (paper) extracts every pair.")],
     dataset: Annotated[str, typer.Option(
-        help="Registry name (see `featcache datasets`), imagefolder:PATH, wds:PATH, ...")
+        help="Registry name (see `featcache datasets`), imagefolder:PATH, wds:PATH, ...; a "
+             "comma list or a collection (paper, natural, specialized, structured).")
     ] = "digits",
     split: Annotated[str, typer.Option(help="Comma-separated splits.")] = "train,test",
     weights: Annotated[str | None, typer.Option(
@@ -60,14 +69,36 @@ def extract(
     from featcache.extraction import ExtractOptions
     from featcache.extraction import extract as run_extract
     from featcache.progress import Bars
+    from featcache.suites.names import PairsFailed
 
     opts = options_from(ExtractOptions, locals())
     # Under torchrun only rank 0 speaks (its bar counts its own share of the shards).
     show = not json_out and distributed.env_rank() == 0
+    failed: PairsFailed | None = None
     with Bars("img", enabled=show) as bars:
-        results = run_extract(opts, progress=bars)
+        try:
+            results = run_extract(opts, progress=bars, on_failure=_pair_failed)
+        except PairsFailed as exc:  # the other pairs' lines first, then the summary
+            results, failed = exc.results, exc
     if distributed.env_rank() != 0:
         return
+    _show_extracted(results, json_out)
+    if failed is not None:
+        raise failed
+
+
+def _pair_failed(model: str, dataset: str, exc: Exception) -> None:
+    from rich.markup import escape
+
+    from featcache.distributed import env_rank
+
+    if env_rank() == 0:
+        err_console.print(f"[red]failed[/] {escape(model)} × {escape(dataset)}: "
+                          f"{escape(' '.join(str(exc).split()))}", highlight=False,
+                          soft_wrap=True)
+
+
+def _show_extracted(results: list, json_out: bool) -> None:
     rows = [{"path": str(r.path), "split": r.split, "n": r.n, "status": r.status,
              "shards_written": r.shards_written, "seconds": round(r.seconds, 2),
              "images_per_s": round(r.images_per_s, 1), "skipped": r.n_skipped,
@@ -182,6 +213,8 @@ def models(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
                    ("set", lambda r: "paper" if r.get("paper") else "extension"
                     if r.get("extension") else ""),
                    ("description", lambda r: r["description"])])
+    if not json_out:
+        _collections("models")
 
 
 @user_errors
@@ -194,6 +227,19 @@ def datasets(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
         ("name", lambda r: r["name"]), ("source", lambda r: r["source"]),
         ("classes", lambda r: str(r.get("n_classes") or "?")),
         ("description", lambda r: r["description"])], overflow="fold")
+    if not json_out:
+        _collections("datasets")
+
+
+def _collections(kind: str) -> None:
+    """The names that stand for several (`--model paper`, `--dataset natural`)."""
+    from featcache.suites.names import collection_rows
+
+    option = "--model" if kind == "models" else "--dataset"
+    console.print(f"collections ({option}, comma lists and suite files take them too):")
+    for row in collection_rows(kind):
+        console.print(f"  [bold]{row['collection']}[/] ({row['n']}): "
+                      f"{', '.join(row['members'])}", highlight=False, soft_wrap=True)
 
 
 @user_errors

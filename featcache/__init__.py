@@ -35,6 +35,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "predict": ("featcache.inference", "predict"),
     "export_model": ("featcache.deployment", "export_model"),
     "demo": ("featcache.offline_demo", "demo"),
+    "run": ("featcache.suites.runner", "run"),
     "ExtractOptions": ("featcache.extraction", "ExtractOptions"),
     "ProbeOptions": ("featcache.probing", "ProbeOptions"),
     "open_cache": ("featcache.cache", "open_cache"),

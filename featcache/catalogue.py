@@ -61,6 +61,25 @@ def paper_datasets() -> dict[str, PaperDataset]:
             for d in _table()["datasets"]}
 
 
+# `--dataset natural` etc.: the catalogue's domains ("Natural (single-domain)" is natural)
+DOMAIN_COLLECTIONS = {"natural": "Natural", "specialized": "Specialized",
+                      "structured": "Structured"}
+
+
+def dataset_collections() -> dict[str, list[str]]:
+    """Names that stand for several datasets: `paper` (its 20) and the three domains."""
+    rows = list(paper_datasets().values())
+    out = {"paper": [d.name for d in rows]}
+    for key, prefix in DOMAIN_COLLECTIONS.items():
+        out[key] = [d.name for d in rows if d.domain.startswith(prefix)]
+    return out
+
+
+def model_collections() -> dict[str, list[str]]:
+    """Names that stand for several models: `paper` (the 9 of its tables)."""
+    return {"paper": [m["name"] for m in model_entries() if m.get("paper_id")]}
+
+
 def model_entries() -> list[dict[str, Any]]:
     return [dict(m) for m in _table()["models"]]
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from featcache import distributed as dist
-from featcache.backbones import create_backbone, parse_weights, resolve_model
+from featcache.backbones import create_backbone, parse_weights
 from featcache.backbones.base import Backbone
 from featcache.backbones.spec import check_tap
 from featcache.cache import (
@@ -270,13 +270,18 @@ def plan_workers(device: torch.device, requested: int | None) -> tuple[int, int 
 
 
 def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
+            on_failure: Callable[[str, str, FeatcacheError], None] | None = None,
             **kwargs: Any) -> list[ExtractResult]:
     """Extract every requested split; returns one result per split.
 
     ``extract(model="clip-vit-b16", dataset="fer2013")`` or ``extract(ExtractOptions(...))``:
     the keywords are `featcache extract`'s options. ``progress``: a `featcache.progress.Bars`.
+    ``model`` and ``dataset`` may be comma lists and collections (`paper`, `natural`): then
+    each backbone is built once, a failing pair does not stop the others (``on_failure``
+    hears of each: model, dataset, error) and `PairsFailed` names them all at the end.
     """
-    from featcache.sources import open_dataset, parse_splits
+    from featcache.sources import parse_splits
+    from featcache.suites.names import PairsFailed, expand_datasets, expand_models
 
     opts = make_options(ExtractOptions, options, kwargs)
     check_int(opts.batch_size, "--batch-size")
@@ -285,26 +290,72 @@ def extract(options: ExtractOptions | None = None, /, *, progress: Any = None,
     splits = parse_splits(opts.split if isinstance(opts.split, str) else ",".join(opts.split))
     model_kwargs = parse_model_args(opts.model_arg)
     # Cheap checks first: a typo in the model, tap or weights must not wait for a download.
-    resolve_model(opts.model, model_kwargs)
+    models, names = expand_models(opts.model), expand_datasets(opts.dataset)
     parse_weights(opts.weights)
     check_tap(opts.tap)
     resolve_root(opts.cache)  # a URL it cannot serve is refused before any work
+    if len(models) == 1 and len(names) == 1:  # one pair: its error is the command's
+        return _extract_model(opts, models[0], names, splits, model_kwargs, progress)
+    failures: list[tuple[str, str, str]] = []
+
+    def failed(model: str, dataset: str, exc: FeatcacheError) -> None:
+        failures.append((model, dataset, str(exc)))
+        if on_failure is not None:
+            on_failure(model, dataset, exc)
+
+    results = [r for model in models for r in _extract_model(
+        opts, model, names, splits, model_kwargs, progress, failed)]
+    if failures:
+        raise PairsFailed(results, failures, len(models) * len(names))
+    return results
+
+
+def _extract_model(opts: ExtractOptions, model: str, names: list[str], splits: list[str],
+                   model_kwargs: dict[str, Any], progress: Any,
+                   failed: Callable[[str, str, FeatcacheError], None] | None = None
+                   ) -> list[ExtractResult]:
+    """One model over datasets, its backbone built once (when the first dataset opens).
+    Without ``failed`` an error stops everything; with it, only its pair."""
+    from featcache.sources import open_dataset
+
     with dist.session():
         device = dist.resolve_device(opts.device)
         compute_dtype = resolve_dtype(opts.dtype, device)
         data_root = Path(opts.data_root) if opts.data_root is not None else None
-        datasets = [open_dataset(opts.dataset, split, data_root, opts.download)
-                    for split in splits]
-        backbone = create_backbone(opts.model, opts.weights, opts.tap, model_kwargs)
-        backbone.to(device)
         root = resolve_root(opts.cache)
-        model_dir = model_dir_name(opts.model, opts.tap, backbone.weights_id)
+        backbone: Backbone | FeatcacheError | None = None
         results = []
-        for dataset in datasets:
-            path = cache_path(root, model_dir, dataset_dir_name(dataset.name), dataset.split)
-            results.append(_extract_split(backbone, dataset, path, opts, device, compute_dtype,
-                                          progress))
+        for name in names:
+            try:
+                datasets = [open_dataset(name, split, data_root, opts.download)
+                            for split in splits]
+                if backbone is None:
+                    backbone = _build(model, opts, model_kwargs, device, failed is not None)
+                if isinstance(backbone, FeatcacheError):
+                    raise backbone  # built once, failed once: each of its pairs says so
+                model_dir = model_dir_name(model, opts.tap, backbone.weights_id)
+                for dataset in datasets:
+                    path = cache_path(root, model_dir, dataset_dir_name(dataset.name),
+                                      dataset.split)
+                    results.append(_extract_split(backbone, dataset, path, opts, device,
+                                                  compute_dtype, progress))
+            except (FeatcacheError, OSError) as exc:
+                if failed is None:
+                    raise
+                failed(model, name, exc if isinstance(exc, FeatcacheError)
+                       else FeatcacheError(f"{type(exc).__name__}: {exc}"))
         return results
+
+
+def _build(model: str, opts: ExtractOptions, model_kwargs: dict[str, Any],
+           device: torch.device, keep_error: bool) -> Backbone | FeatcacheError:
+    try:
+        backbone = create_backbone(model, opts.weights, opts.tap, model_kwargs)
+    except FeatcacheError as exc:
+        if not keep_error:
+            raise
+        return exc
+    return backbone.to(device)
 
 
 def _open_existing(path: Path, fingerprint: dict[str, Any]) -> tuple[Cache | None, str]:

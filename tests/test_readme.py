@@ -47,3 +47,29 @@ def test_readme_python_block_runs_as_pasted(tmp_path):
     assert last.startswith(f"{value} {{'item': 0, 'label'")  # predict: the record's score
     assert (tmp_path / "report" / "report.html").is_file()
     assert (tmp_path / "report" / "results.csv").is_file()
+
+
+def benchmark_block() -> str:
+    text = README.read_text()
+    section = text[text.index("## A benchmark in one command"):]
+    match = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert match, "README has no shell block under 'A benchmark in one command'"
+    return match.group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_readme_benchmark_block_runs_as_pasted(tmp_path):
+    """The suite section's shell block, pasted into bash with featcache on the PATH."""
+    import json
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", benchmark_block()], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    status = json.loads(run.stdout[run.stdout.index('{\n  "suite"'):])
+    assert [u["state"] for u in status["units"]] == ["done"] * 3
+    assert (tmp_path / "suite-report" / "report.html").is_file()
+    records = list((tmp_path / "suite-cache" / "runs").rglob("record.json"))
+    assert len(records) == 2  # 2 methods × 1 seed
