@@ -355,7 +355,14 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
     cfg = train_config(opts, seed)
     tokens, token_names = run_tokens(opts.method, layer_set, train, opts.token)
-    settings = run_settings(opts, cfg, layer_set, token_names, train, test, device)
+    knn = get_method(opts.method).head == "knn"  # no training: featcache.knn
+    if knn:
+        from featcache.knn import run_knn
+        from featcache.knn import run_settings as knn_settings
+
+        settings = knn_settings(opts, layer_set, token_names, train, test)
+    else:
+        settings = run_settings(opts, cfg, layer_set, token_names, train, test, device)
     ident = settings_id(settings)
     path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed, ident)
     base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
@@ -375,8 +382,10 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
         extra = {"settings": settings, "settings_id": ident, "options": variant_options(opts)}
         failure, result = None, base
         try:
-            result = _train_run(train, test, opts, layer_set, seed, path, device, progress,
-                                cfg, tokens, token_names, extra, base)
+            result = (run_knn(train, test, opts, layer_set, seed, path, device, progress,
+                              tokens, token_names, extra, base) if knn else
+                      _train_run(train, test, opts, layer_set, seed, path, device, progress,
+                                 cfg, tokens, token_names, extra, base))
         except BaseException as exc:
             failure = exc
         dist.gather_or_fail(None, failure)  # rank 0's refit and record: all wait for them
