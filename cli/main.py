@@ -6,7 +6,14 @@ import sys
 from typing import Any
 
 import typer
-from featcache.cli import demo_cmd, extract_cmd, predict_cmd, probe_cmd, report_cmd
+from featcache.cli import (
+    demo_cmd,
+    evaluate_cmd,
+    extract_cmd,
+    predict_cmd,
+    probe_cmd,
+    report_cmd,
+)
 from typer.core import TyperGroup
 
 
@@ -49,7 +56,7 @@ app = typer.Typer(
 )
 
 # Each command module registers its own commands.
-for _module in (extract_cmd, probe_cmd, report_cmd, predict_cmd, demo_cmd):
+for _module in (extract_cmd, probe_cmd, report_cmd, predict_cmd, evaluate_cmd, demo_cmd):
     _module.register(app)
 
 
