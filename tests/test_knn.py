@@ -13,6 +13,8 @@ from probecache import SynthSpec, expected_tokens, make_pair
 from featcache.features import FeatureSource
 from featcache.knn import KS, TEMPERATURE, nearest, vote
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def brute_neighbours(q: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """All similarities in float64; order by (similarity desc, bank row asc): the rule."""
