@@ -154,14 +154,16 @@ def significance(rows: Sequence[dict], baseline: str = BASELINE,
             continue
         entry: dict[str, Any] = {"model_dir": model_dir, "baseline": baseline,
                                  "alpha": alpha, "wilcoxon": {}}
-        for col in _columns(mine):
-            if col == baseline:
+        cols = _columns(mine)
+        for col in cols:
+            base = _baseline_of(col, cols, baseline)
+            if base is None or col == base or _split(col) == baseline:
                 continue
-            pairs = [(r["cells"][col]["mean"], r["cells"][baseline]["mean"]) for r in mine
-                     if _mean(r, col) is not None and _mean(r, baseline) is not None]
+            pairs = [(_mean(r, col), _mean(r, base)) for r in mine
+                     if _mean(r, col) is not None and _mean(r, base) is not None]
             if len(pairs) >= 2:
                 a, b = zip(*pairs, strict=True)
-                entry["wilcoxon"][col] = wilcoxon(a, b)
+                entry["wilcoxon"][col] = {**wilcoxon(a, b), "baseline": base}
         datasets, cols, table = score_table(rows, model_dir)
         if len(cols) >= 2 and len(datasets) >= 2:
             entry["friedman"] = {**friedman(table), "methods": cols, "datasets": datasets}
@@ -170,6 +172,23 @@ def significance(rows: Sequence[dict], baseline: str = BASELINE,
         if entry["wilcoxon"] or "friedman" in entry:
             out.append(entry)
     return out
+
+
+def _split(col: str) -> str:
+    from featcache.columns import split_column
+
+    return split_column(col)[0]
+
+
+def _baseline_of(col: str, cols: list[str], baseline: str) -> str | None:
+    """The baseline's column of the same variant (as the report's gains), else its
+    first column."""
+    from featcache.columns import split_column, with_variant
+
+    same = with_variant(baseline, split_column(col)[1])
+    if same in cols:
+        return same
+    return next((c for c in cols if _split(c) == baseline), None)
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:
@@ -198,7 +217,6 @@ def cd_figure(entry: dict[str, Any]) -> Any:
     ax = fig.add_subplot()
     ax.set_xlim(0.5, k + 0.5)
     ax.set_ylim(k + 1.5, -1.2)
-    ax.axhline(0, color="black", linewidth=1)
     ax.set_xticks(range(1, k + 1))
     ax.xaxis.tick_top()
     ax.set_yticks([])
@@ -206,13 +224,14 @@ def cd_figure(entry: dict[str, Any]) -> Any:
         ax.spines[side].set_visible(False)
     for row, j in enumerate(order):
         y = row + 1
-        ax.plot([mean[j], mean[j]], [0, y], color="#57606a", linewidth=0.8)
+        ax.plot([mean[j], mean[j]], [-1.2, y], color="#57606a", linewidth=0.8)
         ax.text(mean[j] + 0.05, y, f"{names[j]} ({mean[j]:.2f})", va="center", fontsize=8)
     for g, (lo, hi) in enumerate(_cliques(mean[order], cd)):
         ax.plot([mean[order][lo] - 0.03, mean[order][hi] + 0.03], [0.35 + 0.22 * g] * 2,
                 color="black", linewidth=3)
     ax.plot([1, 1 + cd], [-0.7, -0.7], color="#cf222e", linewidth=2)
-    ax.text(1 + cd / 2, -0.95, f"CD = {cd:.2f}", ha="center", fontsize=8, color="#cf222e")
+    ax.text(1 + cd + 0.05, -0.7, f"CD = {cd:.2f}", va="center", fontsize=8,
+            color="#cf222e")
     p = fr["p"]
     fig.suptitle(f"{entry['model_dir']}: mean rank over {fr['n']} datasets (Friedman p = "
                  f"{p:.3g}; Nemenyi α = {entry['alpha']})" if p is not None else
@@ -230,3 +249,39 @@ def _cliques(sorted_ranks: np.ndarray, cd: float) -> list[tuple[int, int]]:
         if hi > lo and not any(a <= lo and hi <= b for a, b in out):
             out.append((lo, hi))
     return out
+
+
+def section(rows: Sequence[dict], baseline: str = BASELINE) -> dict[str, Any] | None:
+    """The report's table "Significance across datasets": a row per model and method
+    (Wilcoxon against the baseline), the model's Friedman test beside it."""
+    results = significance(rows, baseline)
+    if not results:
+        return None
+    body = []
+    for entry in results:
+        fr = entry.get("friedman") or {}
+        friedman_text = "—" if fr.get("p") is None else \
+            f"p = {fr['p']:.3g} ({fr['k']} methods, {fr['n']} datasets; CD " \
+            f"{entry['critical_difference']:.2f})"
+        for col, w in entry["wilcoxon"].items():
+            rank = _rank_of(fr, col)
+            body.append([entry["model_dir"], col, str(w["n"]),
+                         f"{w['wins']}/{w['ties']}/{w['losses']}",
+                         "—" if w["p"] is None else f"{w['p']:.3g}", rank, friedman_text])
+    return {"title": "Significance across datasets",
+            "intro": (f"Per method against {baseline}: the Wilcoxon signed-rank test over the "
+                      "datasets both were run on (mean balanced top-1 per dataset; two-sided), "
+                      "wins/ties/losses; per model: the Friedman test over the methods run on "
+                      "every dataset, the methods' mean rank (1 = best) and Nemenyi's critical "
+                      "difference at α = 0.05 (Demšar 2006); the critical-difference diagram "
+                      "is among the figures."),
+            "header": ["model", "method", "datasets", f"wins/ties/losses vs {baseline}",
+                       "Wilcoxon p", "mean rank", "Friedman"],
+            "rows": body, "data": results}
+
+
+def _rank_of(friedman_entry: dict, col: str) -> str:
+    methods = friedman_entry.get("methods") or []
+    if col not in methods:
+        return "—"
+    return f"{friedman_entry['mean_ranks'][methods.index(col)]:.2f}"
