@@ -161,3 +161,26 @@ def test_knn_identity_ignores_training_options(tmp_path) -> None:
     assert again.status == "skipped" and again.path == first.path
     rows = featcache.runs(cache=tmp_path)
     assert [r["method"] for r in rows] == ["knn"] and rows[0]["variant"] in ("", None)
+
+
+@pytest.mark.slow
+def test_predict_and_export_treat_a_knn_run_like_any(tmp_path) -> None:
+    """`predict` on the run's own test split: the record's vote shares bit for bit (the
+    training tokens read back from its train cache); `export-model` is one line."""
+    from cliutil import assert_user_error, run
+    from conftest import TIMM_TINY, TIMM_TINY_KW
+
+    import featcache
+    from featcache.predictions import load_predictions
+
+    featcache.extract(model=TIMM_TINY, model_arg=dict(TIMM_TINY_KW), weights="random:3",
+                      dataset="digits", cache=tmp_path, batch_size=64, workers=0)
+    for method in ("knn", "knn-layers"):
+        path = featcache.probe(method=method, cache=tmp_path)[0].path
+        result = featcache.predict(path, dataset="digits", split="test", workers=0,
+                                   device="cpu")
+        stored = load_predictions(path)
+        np.testing.assert_array_equal(result.index, stored.index)
+        assert torch.equal(result.logits, torch.from_numpy(stored.logits))
+        assert result.reproduces_record is True and result.agreement == 1.0
+    assert_user_error(run("export-model", path), "a k-NN run has no head to export")
