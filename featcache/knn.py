@@ -23,7 +23,7 @@ softmax over the k neighbours of DINOv2, summed per class): same ranking, in [0,
 
 Fast: the similarity is computed in blocks of the training split (read once) against
 blocks of the queries, with a running top-k per query; never the N × N matrix. Inside a
-block `torch.topk` picks the candidates; only rows where ties straddle the k-th place are
+block `torch.topk` picks k + 1 candidates; only rows where ties straddle the k-th place are
 re-sorted (stably), so the tie rule costs nothing in the common case.
 """
 
@@ -52,12 +52,16 @@ BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
 # -- neighbours -------------------------------------------------------------------------
 
 def _block_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest of each row, (value desc, column asc): `topk`, and a stable sort for
-    the rows where equal values straddle the k-th place (topk's pick there is arbitrary)."""
+    """The k largest of each row, (value desc, column asc): `topk` of k + 1, and a stable
+    sort of the rows whose k-th and (k+1)-th values are equal (ties straddling the k-th
+    place, where topk's pick is arbitrary). One more candidate instead of a pass comparing
+    the whole block with the k-th value: that pass cost as much as the topk itself."""
     k = min(k, sims.shape[1])
-    vals, idx = sims.topk(k, dim=1)
-    kth = vals[:, -1:]
-    tied = (sims == kth).sum(1) > (vals == kth).sum(1)
+    vals, idx = sims.topk(min(k + 1, sims.shape[1]), dim=1)
+    if vals.shape[1] == k:  # the block is no wider than k: all of it, sorted below
+        return vals, idx
+    tied = vals[:, k - 1] == vals[:, k]
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
     rows = tied.nonzero().flatten()
     if rows.numel():
         order = torch.sort(sims.index_select(0, rows), dim=1, descending=True, stable=True)
