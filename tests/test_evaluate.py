@@ -167,3 +167,19 @@ def test_the_catalogue_knows_the_robustness_sets() -> None:
         assert keeps == sorted(keeps) and name in DATASETS
     assert sets["imagenet-r"].keeps != sets["imagenet-a"].keeps
     assert sets["imagenet-r"].keeps[:6] == [1, 2, 4, 6, 8, 9]  # the published list
+
+
+def test_the_report_shows_results_under_shift(runs, tmp_path) -> None:
+    import featcache
+
+    root, paths = runs
+    featcache.evaluate(paths["knn"], dataset="synth")
+    data = featcache.report(cache=root, out=tmp_path / "rep", format="md", resamples=0,
+                            cka=False)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Under shift" in md
+    table = data.as_json()["under_shift"]
+    assert "synth (test)" in table["columns"]
+    row = next(r for r in table["rows"] if r["path"] == str(paths["knn"]))
+    assert row["cells"]["synth (test)"]["balanced_top1"] == row["own_test"]
+    assert any(line.startswith("| synth-vit | synth | knn | 0 |") for line in md.splitlines())
