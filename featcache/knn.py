@@ -45,8 +45,11 @@ from featcache.inference import TrainedProbe
 TEMPERATURE = 0.07
 KS = (10, 20, 100, 200)
 # similarities per block (queries × training samples): 16 M floats (64 MB) on the CPU,
-# 256 M (1 GiB) on a GPU; larger blocks bought nothing in benchmarks/knn.py
+# 256 M (1 GiB) on a GPU. Few queries per block, many training samples: the running lists
+# are merged once per (query block, training block), so their cost falls with the
+# training block's width (1,024 × 16,384 took 0.6 of 4,096 × 4,096's time on this CPU)
 BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+QUERY_ROWS = {"cpu": 1024, "cuda": 8192}
 
 
 # -- neighbours -------------------------------------------------------------------------
@@ -94,11 +97,11 @@ def nearest(queries: Any, bank: Any, k: int, block_elements: int | None = None,
     if k < 1 or not len(queries):
         raise FeatcacheError("k-NN needs at least one training sample and one query")
     n_tok, nq, dev = queries.sample_shape[0], len(queries), queries.device
-    per = BLOCK_ELEMENTS["cuda" if dev.type == "cuda" else "cpu"] if block_elements is None \
-        else int(block_elements)
+    kind = "cuda" if dev.type == "cuda" else "cpu"
+    per = BLOCK_ELEMENTS[kind] if block_elements is None else int(block_elements)
     # block shapes depend on the device only, never on how many queries come: a query
     # scored alone (`predict`, `evaluate`) meets the training samples in the same blocks
-    bq = max(1, int(math.isqrt(per)))
+    bq = max(1, min(QUERY_ROWS[kind], int(math.isqrt(per))))
     bb = max(k, per // bq)
     # running lists, (value desc, index asc); -inf placeholders sort last, then leave
     run_v = torch.full((n_tok, nq, k), -math.inf, device=dev)
