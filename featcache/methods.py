@@ -126,7 +126,7 @@ for _method in (
            "one grid", per_layer=True, show_layers="never"),
     # no training: DINOv2's k-NN protocol from the cache (featcache.knn)
     Method("knn", "knn", "last", "probe", "k-nearest-neighbour vote (DINOv2's protocol) on "
-           "the model's own embedding"),
+           "the model's own embedding", takes_layers=False),
     Method("knn-layers", "knn", "every", "cls+ap", "a k-NN vote per stored layer's CLS and "
            "AP", per_layer=True, show_layers="never"),
 ):

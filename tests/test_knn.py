@@ -184,3 +184,12 @@ def test_predict_and_export_treat_a_knn_run_like_any(tmp_path) -> None:
         assert torch.equal(result.logits, torch.from_numpy(stored.logits))
         assert result.reproduces_record is True and result.agreement == 1.0
     assert_user_error(run("export-model", path), "a k-NN run has no head to export")
+
+
+def test_knn_reads_one_token_and_says_so_for_layer_sets(tmp_path) -> None:
+    import featcache
+    from featcache.errors import FeatcacheError
+
+    make_pair(tmp_path, SynthSpec(n_train=60, n_test=20))
+    with pytest.raises(FeatcacheError, match="--layers does not apply"):
+        featcache.probe(method="knn", cache=tmp_path, layers="middle+last")
