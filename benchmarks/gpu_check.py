@@ -19,7 +19,9 @@ a summary and writes `gpu_check.json`:
    pre-decoded batches (and whether decoding keeps up); the ALF paper grid end to end on
    a FER2013-sized synthetic cache (seconds, FLOP/s against the measured bf16 matmul
    peak); a grid trained at once against one config at a time; what bf16 extraction and
-   bf16 heads change in linear and ALF numbers, and the time each saves.
+   bf16 heads change in linear and ALF numbers, and the time each saves; k-NN at
+   ImageNet-1k's shape (50,000 × 1,281,167, D = 768) blocked, and beside one torch.topk
+   over the full similarity matrix of 4,096 queries (`benchmarks/knn.py`).
 3. `--dry-run`: the same on the CPU with tiny shapes (fp32), run by the test suite so
    that the script cannot rot.
 
@@ -552,6 +554,38 @@ def precision_figure(work: Path, device: torch.device, dry: bool) -> dict[str, A
     return out
 
 
+def knn_matches_cpu(device: torch.device) -> dict[str, Any]:
+    """featcache.knn's neighbours on the device against the CPU's, duplicated training
+    rows included (ties: the lower row first on both)."""
+    from featcache.features import FeatureSource
+    from featcache.knn import nearest
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(300, 2, 32, generator=g).half()
+    b = torch.randn(6000, 2, 32, generator=g).half()
+    b[3000:3200] = b[:200]
+    sc, ic = nearest(FeatureSource(q), FeatureSource(b), 50)
+    sd, idd = nearest(FeatureSource(q.to(device), device), FeatureSource(b.to(device), device),
+                      50)
+    same = float((ic == idd.cpu()).float().mean())
+    err = float((sc - sd.cpu()).abs().max())
+    assert err < 1e-5 and same > 0.999, (err, same)
+    return {"same_neighbours": same, "max_similarity_error": err}
+
+
+def knn_figure(device: torch.device, dry: bool) -> dict[str, Any]:
+    """benchmarks/knn.py: ImageNet-1k's shape (50,000 × 1,281,167 at D = 768) measured whole,
+    and 4,096 of its queries beside one torch.topk over their full similarity matrix."""
+    from knn import IMAGENET, measure
+
+    if dry:
+        return {"tiny": measure(256, 8192, 64, device, full_max_gb=1.0)}
+    shape = (IMAGENET["val"], IMAGENET["train"], IMAGENET["dim"])
+    return {"imagenet_1k": measure(*shape, device, full_max_gb=0.0),
+            "beside_full_topk": measure(4096, IMAGENET["train"], IMAGENET["dim"], device,
+                                        full_max_gb=40.0)}
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -596,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                          ("probe every method and placement",
                           lambda: probe_all(work, device, args.dry_run)),
                          ("predict and report", lambda: predict_and_report(work, device)),
+                         ("k-NN on the device equals the CPU", lambda: knn_matches_cpu(device)),
                          ("torchrun", lambda: torchrun_check(work, device, args.dry_run))):
             if name not in skip:
                 ctx.run(name, fn)
@@ -607,7 +642,9 @@ def main(argv: list[str] | None = None) -> int:
                          ("grid at once vs one by one",
                           lambda: grid_at_once_figure(device, args.dry_run)),
                          ("bf16 against fp32: extraction and heads",
-                          lambda: precision_figure(work, device, args.dry_run))):
+                          lambda: precision_figure(work, device, args.dry_run)),
+                         ("k-NN blocked vs full topk, ImageNet-1k shape",
+                          lambda: knn_figure(device, args.dry_run))):
             if name not in skip:
                 ctx.figures[name] = ctx.run(name, fn)
         shutil.rmtree(work, ignore_errors=True)

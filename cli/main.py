@@ -7,7 +7,15 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import typer
-from featcache.cli import demo_cmd, extract_cmd, predict_cmd, probe_cmd, report_cmd, run_cmd
+from featcache.cli import (
+    demo_cmd,
+    evaluate_cmd,
+    extract_cmd,
+    predict_cmd,
+    probe_cmd,
+    report_cmd,
+    run_cmd,
+)
 from typer.core import TyperGroup, TyperOption
 
 if TYPE_CHECKING:  # Typer carries its own copy of click
@@ -87,7 +95,8 @@ app = typer.Typer(
 )
 
 # Each command module registers its own commands.
-for _module in (extract_cmd, probe_cmd, report_cmd, predict_cmd, demo_cmd, run_cmd):
+for _module in (extract_cmd, probe_cmd, report_cmd, predict_cmd, evaluate_cmd, demo_cmd,
+                run_cmd):
     _module.register(app)
 
 

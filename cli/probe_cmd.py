@@ -24,7 +24,7 @@ def _fmt(value: object) -> str:
 @user_errors
 def probe(
     method: Annotated[str, typer.Option(
-        help="linear | concat | attentive | alf | layers.")] = "alf",
+        help="linear | concat | attentive | alf | layers | knn | knn-layers.")] = "alf",
     layers: Annotated[str | None, typer.Option(
         help="Layer set: last, middle+last, quarterly, all, or indices/names (3,7,-1).")
     ] = None,

@@ -34,6 +34,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "report": ("featcache.reporting", "report"),
     "predict": ("featcache.inference", "predict"),
     "export_model": ("featcache.deployment", "export_model"),
+    "evaluate": ("featcache.shift", "evaluate"),
     "demo": ("featcache.offline_demo", "demo"),
     "run": ("featcache.suites.runner", "run"),
     "ExtractOptions": ("featcache.extraction", "ExtractOptions"),

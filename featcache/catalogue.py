@@ -80,6 +80,30 @@ def model_collections() -> dict[str, list[str]]:
     return {"paper": [m["name"] for m in model_entries() if m.get("paper_id")]}
 
 
+@dataclass(frozen=True)
+class ShiftDataset:
+    """A test set under distribution shift of a training dataset (``of``): CLIP_benchmark's
+    imagenet_robustness collection, for `featcache evaluate`. ``keeps``: the indices of
+    ``of``'s classes it keeps, "all", or None when its class names are its own."""
+
+    name: str
+    hub: str
+    display: str
+    of: str
+    classes: int
+    test_size: int
+    keeps: Any
+    about: str
+    aliases: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=1)
+def shift_datasets() -> dict[str, ShiftDataset]:
+    """The robustness test sets by short name (`featcache evaluate --dataset NAME`)."""
+    return {d["name"]: ShiftDataset(**{**d, "aliases": tuple(d.get("aliases", ()))})
+            for d in _table().get("shift_datasets", [])}
+
+
 def model_entries() -> list[dict[str, Any]]:
     return [dict(m) for m in _table()["models"]]
 

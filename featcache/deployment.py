@@ -133,6 +133,9 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
     for path in (target, meta_path):
         atomic.check_target(path, "--out", overwrite, inputs=reads)
     probe = load_trained(run, "cpu")
+    if probe.grid is None:  # featcache.knn.KnnProbe
+        raise FeatcacheError(f"{run}: a k-NN run has no head to export (its classifier is "
+                             "its training set); use `featcache predict` on it")
     backbone = rebuild_backbone(probe, weights).eval()
     module = DeployedProbe(backbone, probe).eval()
     example = torch.zeros(2, *backbone.input_size)

@@ -308,6 +308,13 @@ def _per_layer_curves(recs: Sequence[dict]) -> dict[str, dict[str, float]]:
     return {tok: {layer: float(np.mean(v)) for layer, v in d.items()} for tok, d in sums.items()}
 
 
+def _is_knn(rec: dict) -> bool:
+    from featcache.methods import method_of
+
+    spec = method_of(rec.get("method"))
+    return spec is not None and spec.head == "knn"
+
+
 def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
                  cka: dict[tuple[str, str], dict], dataset_label: Any = None) -> Figure | None:
     """Per dataset of one model: probe accuracy by layer (left axis) beside CKA to the last
@@ -318,10 +325,13 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
     for rec in records:
         if per_layer(rec.get("method")) and str(rec["model_dir"]) == model_dir:
             by_ds[str(rec["dataset"])].append(rec)
-    datasets = sorted((d for d in by_ds if _per_layer_curves(by_ds[d])), key=dataset_sort)
+    knn = {d: [r for r in recs if _is_knn(r)] for d, recs in by_ds.items()}
+    by_ds = {d: [r for r in recs if not _is_knn(r)] for d, recs in by_ds.items()}
+    datasets = sorted((d for d in by_ds if _per_layer_curves(by_ds[d])
+                       or _per_layer_curves(knn[d])), key=dataset_sort)
     if not datasets:
         return None
-    if len(datasets) > LINE_PANELS_MAX:
+    if len(datasets) > LINE_PANELS_MAX:  # (linear probes by depth; k-NN in the JSON)
         return _depth_heatmaps(model_dir, {d: _per_layer_curves(by_ds[d]) for d in datasets},
                                cka, label)
     cells = {r["dataset"]: r["cells"] for r in rows if r["model_dir"] == model_dir}
@@ -332,7 +342,8 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
         ax = fig.add_subplot(nrows, ncols, k + 1)
         curves = _per_layer_curves(by_ds[ds])
         sim = cka.get((model_dir, ds)) or {}
-        layers = {layer for c in curves.values() for layer in c} | set(sim.get("layers") or [])
+        layers = {layer for c in [*curves.values(), *_per_layer_curves(knn[ds]).values()]
+                  for layer in c} | set(sim.get("layers") or [])
         order = sorted(layers, key=lambda n: (_layer_pos(n), n))
         x = {name: i for i, name in enumerate(order)}
         for tok, style in (("cls", "-o"), ("ap", "-s")):
@@ -343,6 +354,13 @@ def depth_figure(model_dir: str, records: Sequence[dict], rows: Sequence[dict],
                                markersize=3, label=f"probe {tok.upper()}",
                                color="#0969da" if tok == "cls" else "#bf8700")
                 handles.setdefault(h.get_label(), h)
+        for tok, curve in _per_layer_curves(knn[ds]).items():  # k-NN by depth, dashed
+            names = sorted(curve, key=lambda n: x.get(n, len(x)))
+            (h,) = ax.plot([x[n] for n in names if n in x], [curve[n] for n in names if n in x],
+                           "--^" if tok == "cls" else "--v", markersize=3,
+                           label=f"k-NN {tok.upper()}",
+                           color="#0969da" if tok == "cls" else "#bf8700", alpha=0.7)
+            handles.setdefault(h.get_label(), h)
         for col, colour, ls in (("linear", "black", "--"), ("alf:all", "#8250df", ":")):
             cell = (cells.get(ds) or {}).get(col)
             if cell is not None:
@@ -551,8 +569,25 @@ register_figure(
     "depth", lambda d, model: depth_figure(model, d.records, d.rows, d.cka, display_name),
     title="Accuracy by depth beside CKA",
     question="Are early layers dissimilar to the last one (low CKA, grey) while still "
-    "predictive (per-layer linear probes)? Dashed: linear baseline; dotted: ALF.",
+    "predictive (per-layer linear probes; k-NN by depth dashed, where `knn-layers` ran)? "
+    "Dashed horizontal: linear baseline; dotted: ALF.",
     per_model=True)
+register_figure(
+    "critical_difference", lambda d, model: _cd_figure(d.rows, model),
+    title="Critical-difference diagram",
+    question="Which methods are told apart across datasets? Mean rank per method (1 = best) "
+    "over the datasets every method was run on; methods joined by a bar differ by less than "
+    "Nemenyi's critical difference (α = 0.05; Demšar 2006).", per_model=True)
+
+
+def _cd_figure(rows: Sequence[dict], model_dir: str) -> Figure | None:
+    from featcache.significance import cd_figure, significance
+
+    entry = next((e for e in significance([r for r in rows if r["model_dir"] == model_dir])
+                  if e.get("friedman") and e["friedman"]["k"] >= 3), None)
+    return cd_figure(entry) if entry is not None else None
+
+
 register_figure(
     "paper_comparison", lambda d: paper_scatter(d.rows),
     title="Your numbers beside the paper's",

@@ -78,7 +78,11 @@ class TrainedProbe:
         from featcache.features import FeatureSource
 
         device = next(self.grid.heads.parameters()).device
-        src = FeatureSource(raw.to(device), device, normalise=self.normalisation)
+        return self.score(FeatureSource(raw.to(device), device, normalise=self.normalisation))
+
+    def score(self, src: Any) -> torch.Tensor:
+        """(N, C) logits (CPU) of a `FeatureSource` of this run's tokens, computed as the
+        record's test logits were (`featcache evaluate` scores other caches with it)."""
         return self.grid.predict_logits(src, HEAD_BATCH, out_device="cpu")[0]
 
 
@@ -105,6 +109,10 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
     if spec is None:
         raise FeatcacheError(f"{path}: method {record.get('method')!r} is not registered here "
                              "(a plugin's method? install it)")
+    if spec.head == "knn":  # no head: the training samples vote (featcache.knn)
+        from featcache.knn import load_knn
+
+        return load_knn(path, record, device)
     try:
         fp = record["fingerprints"]["train"]
         model = fp["model"]

@@ -178,6 +178,14 @@ def _layout_text(cell: dict) -> str:
     return text + (f" (paper {cell['paper']:.2f})" if cell["paper"] is not None else "")
 
 
+def more_tables(data: ReportData) -> list[dict[str, Any]]:
+    """Significance across datasets, results under shift: where the runs have them."""
+    from featcache import shift, significance
+
+    tables = (significance.section(data.rows), shift.section(data.records))
+    return [t for t in tables if t]
+
+
 def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
     """report.md: the tables, paper comparison, figures (PNG files) and notes."""
     rows, cols = data.rows, columns_of(data.rows)
@@ -236,6 +244,11 @@ def to_markdown(data: ReportData, figures: Sequence[Any] = ()) -> str:
         for lrow in layout["rows"]:
             lines.append(f"| {lrow['model_dir']} | {lrow['display']} | "
                          + " | ".join(_layout_text(lrow["cells"][e]) for e in exps) + " |")
+    for table in more_tables(data):
+        lines += ["", f"## {table['title']}", "", table["intro"], "",
+                  "| " + " | ".join(table["header"]) + " |",
+                  "|" + "---|" * len(table["header"])]
+        lines += ["| " + " | ".join(r) + " |" for r in table["rows"]]
     if figures:
         lines += ["", "## Figures", ""]
         for fig in figures:
@@ -356,6 +369,13 @@ def to_html(data: ReportData, figures: Sequence[Any] = ()) -> str:
                      f'<td class="l">{_esc(lrow["display"])}</td>'
                      + "".join(f"<td>{_esc(_layout_text(lrow['cells'][e]))}</td>"
                                for e in exps) + "</tr>")
+        h.append("</tbody></table></div>")
+    for table in more_tables(data):
+        h += [f"<h2>{_esc(table['title'])}</h2>", f'<p class="sub">{_esc(table["intro"])}</p>',
+              '<div class="scroll"><table><thead><tr>'
+              + "".join(f"<th>{_esc(c)}</th>" for c in table["header"]) + "</tr></thead><tbody>"]
+        h += ["<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>"
+              for r in table["rows"]]
         h.append("</tbody></table></div>")
     if figures:
         h.append("<h2>Figures</h2>")

@@ -381,10 +381,17 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
     cfg = train_config(opts, seed)
     tokens, token_names = run_tokens(opts.method, layer_set, train, opts.token)
-    from featcache.features import token_plan
+    knn = get_method(opts.method).head == "knn"  # no training: featcache.knn
+    if knn:
+        from featcache.knn import run_knn
+        from featcache.knn import run_settings as knn_settings
 
-    settings = run_settings(opts, cfg, layer_set, token_names, train, test, device,
-                            token_plan(train, tokens).widths)
+        settings = knn_settings(opts, layer_set, token_names, train, test)
+    else:
+        from featcache.features import token_plan
+
+        settings = run_settings(opts, cfg, layer_set, token_names, train, test, device,
+                                token_plan(train, tokens).widths)
     ident = settings_id(settings)
     path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed, ident)
     base = RunResult(path, train.model, train.dataset, opts.method, layer_set, seed, "skipped")
@@ -404,8 +411,10 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
         extra = {"settings": settings, "settings_id": ident, "options": variant_options(opts)}
         failure, result = None, base
         try:
-            result = _train_run(train, test, opts, layer_set, seed, path, device, progress,
-                                cfg, tokens, token_names, extra, base)
+            result = (run_knn(train, test, opts, layer_set, seed, path, device, progress,
+                              tokens, token_names, extra, base) if knn else
+                      _train_run(train, test, opts, layer_set, seed, path, device, progress,
+                                 cfg, tokens, token_names, extra, base))
         except BaseException as exc:
             failure = exc
         dist.gather_or_fail(None, failure)  # rank 0's refit and record: all wait for them

@@ -151,6 +151,10 @@ class ReportData:
 
     def as_json(self) -> dict[str, Any]:
         out = summary_json(self.rows, self.notes)
+        from featcache import shift, significance
+
+        out["significance"] = significance.significance(self.rows)
+        out["under_shift"] = shift.shift_table(self.records)
         out["runs_root"] = str(self.runs_root)
         out["n_runs"] = len(self.records)
         return out

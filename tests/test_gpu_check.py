@@ -37,6 +37,7 @@ def test_dry_run_passes_every_check_and_writes_the_figures(tmp_path: Path) -> No
     assert figures["extraction vs bare forward"]["extract_over_bare"] > 0
     assert figures["ALF paper grid, FER2013-sized"]["seconds"] > 0
     assert figures["grid at once vs one by one"]["configs"] == 8
+    assert figures["k-NN blocked vs full topk, ImageNet-1k shape"]["tiny"]["same_similarities"]
     assert "passed" in done.stdout and str(out) in done.stdout
 
 

@@ -112,7 +112,8 @@ def test_markdown_lists_pairs_and_marks_missing(built: tuple[Path, Path, dict]) 
     assert "—" in missing_line
     assert "alf:all not run for 1 of 6 model/dataset pairs: tiny-vit/digits" in md
     for name in ("gain_overview", "gain_heatmap", "alf_attention", "depth_clip-vit-b16",
-                 "depth_tiny-vit", "paper_comparison"):
+                 "depth_tiny-vit", "critical_difference_clip-vit-b16",
+                 "critical_difference_tiny-vit", "paper_comparison"):
         assert f"figures/{name}.png" in md
         assert (written["figures"] / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -140,11 +141,11 @@ def test_html_is_self_contained(built: tuple[Path, Path, dict]) -> None:
     assert "link" not in parser.tags and "script" not in parser.tags
     assert "url(" not in text and "@import" not in text
     imgs = [v for tag, name, v in parser.refs if tag == "img" and name == "src"]
-    assert len(imgs) == 6
+    assert len(imgs) == 8  # 6, and a critical-difference diagram per model
     for src in imgs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1], validate=True).startswith(PNG_MAGIC)
-    assert parser.tags.count("figure") == 6
+    assert parser.tags.count("figure") == 8
 
 
 def test_paper_numbers_beside_users(built: tuple[Path, Path, dict]) -> None:

@@ -305,6 +305,13 @@ def _register_builtins() -> None:
                            "downloaded on first use", d.classes, d.domain, True, d.display,
                            d.train_size)
         DATASETS.add(d.name, _PaperEntry(info, _PaperOpener(d.name, d.hub), d.aliases))
+    from featcache.catalogue import shift_datasets
+
+    for s in shift_datasets().values():  # test sets only: `featcache evaluate` scores them
+        info = DatasetInfo(s.name, f"hf:{s.hub}", f"{s.display}: {s.of} under shift, test "
+                           "split only (CLIP-benchmark webdataset)", s.classes,
+                           "Shift (ImageNet)", False, s.display, None)
+        DATASETS.add(s.name, _PaperEntry(info, _PaperOpener(s.name, s.hub), s.aliases))
     DATASETS.add("digits", NamedDataset(DatasetInfo(
         "digits", "sklearn", "scikit-learn's bundled 8x8 handwritten digits (1797 images, "
         "offline); stratified 75/25 train/test split", 10, None, False, "Digits", 1347),
