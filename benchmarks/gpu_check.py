@@ -18,7 +18,8 @@ a summary and writes `gpu_check.json`:
 2. Figures: ViT-B/16 extraction images/s against a bare bf16 forward over the same
    pre-decoded batches (and whether decoding keeps up); the ALF paper grid end to end on
    a FER2013-sized synthetic cache (seconds, FLOP/s against the measured bf16 matmul
-   peak); a grid trained at once against one config at a time.
+   peak); a grid trained at once against one config at a time; featcache beside
+   thingsvision and CLIP_benchmark (benchmarks/peers.py) when their environments exist.
 3. `--dry-run`: the same on the CPU with tiny shapes (fp32), run by the test suite so
    that the script cannot rot.
 
@@ -512,6 +513,23 @@ def grid_at_once_figure(device: torch.device, dry: bool) -> dict[str, Any]:
             "ratio": round(times["one_by_one"] / times["at_once"], 2)}
 
 
+def peers_figure(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
+    """benchmarks/peers.py on the GPU (thingsvision and CLIP_benchmark on the same work),
+    when the peers' environments were built (`make bench-peers`; they need the registry)."""
+    from peers import peer_envs
+
+    missing = [name for name, env in peer_envs().items() if not env.ready()]
+    if dry or missing:
+        return {"skipped": "a dry run" if dry else f"no environment for {', '.join(missing)} "
+                "in .peers/ (make bench-peers builds them)"}
+    out = work / "peers.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--device",
+                    str(device), "--json", str(out)], check=True, timeout=1200)
+    fig = json.loads(out.read_text())
+    return {"extraction": fig["extraction"]["goals"], "probe": fig["probe"]["goals"],
+            "tokens_within_fp16": fig["tokens"]["within_fp16"]}
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
                          ("ALF paper grid, FER2013-sized",
                           lambda: alf_grid_figure(work, device, args.dry_run)),
                          ("grid at once vs one by one",
-                          lambda: grid_at_once_figure(device, args.dry_run))):
+                          lambda: grid_at_once_figure(device, args.dry_run)),
+                         ("peers (thingsvision, CLIP_benchmark)",
+                          lambda: peers_figure(work, device, args.dry_run))):
             if name not in skip:
                 ctx.figures[name] = ctx.run(name, fn)
         shutil.rmtree(work, ignore_errors=True)

@@ -5,13 +5,15 @@ reused; the build time is reported apart from the figures:
 
   - ``thingsvision==2.7.3`` pins torchvision 0.15.2 (so torch 2.0.1), tensorflow < 2.16
     and numpy < 2: it cannot share featcache's environment and gets a whole one;
-  - ``clip-benchmark==1.6.2`` pins nothing featcache's environment contradicts. Its venv
-    reads the main venv's site-packages *after* its own (one ``.pth`` line): torch,
-    torchvision, open_clip and scikit-learn are shared (the CUDA torch wheels are
-    gigabytes), while everything it needs beyond them (transformers, webdataset,
-    pycocoevalcap) is installed into its own site-packages and wins there. pip installs
-    into that venv only; featcache itself is not importable from it (an editable
-    install's finder is a ``.pth`` of the main venv, which a ``.pth`` path does not run).
+  - ``clip-benchmark==1.6.2`` pins nothing featcache's environment contradicts, but
+    needs numpy < 2 (its accuracy() calls float() on a one-element array, which numpy 2
+    refuses). Its venv reads the main venv's site-packages *after* its own (``.pth``
+    lines): torch, torchvision, open_clip and scikit-learn are shared (the CUDA torch
+    wheels are gigabytes), while everything it needs beyond them (numpy 1.26,
+    transformers, webdataset, pycocoevalcap) is installed into its own site-packages and
+    wins there. pip installs into that venv only; featcache itself is not importable from
+    it (an editable install's finder is a ``.pth`` of the main venv, which a ``.pth``
+    path does not run).
 
 Every run is a fresh interpreter (this file, ``--child KIND``) on files this script
 writes — a seeded checkpoint of timm ``vit_small_patch16_224``, a folder of JPEGs, cached
@@ -157,7 +159,9 @@ def main_sites() -> list[str]:
 def peer_envs(root: Path = PEERS_DIR) -> dict[str, PeerEnv]:
     return {"thingsvision": PeerEnv("thingsvision", ["thingsvision==2.7.3"], "thingsvision",
                                     share_main=False, root=root),
-            "clip-benchmark": PeerEnv("clip-benchmark", ["clip-benchmark==1.6.2"],
+            # its accuracy() calls float() on a one-element array, which numpy 2 refuses
+            # (TypeError): its own numpy < 2 shadows the main venv's
+            "clip-benchmark": PeerEnv("clip-benchmark", ["clip-benchmark==1.6.2", "numpy<2"],
                                       "clip_benchmark.metrics.linear_probe", share_main=True,
                                       root=root)}
 
@@ -225,7 +229,7 @@ def grating(rng: Any, angle: float, size: int) -> Any:
     freq, phase = rng.uniform(0.15, 0.45), rng.uniform(0, 2 * np.pi)
     wave = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
     tint = rng.uniform(0.3, 1.0, 3)
-    img = 127 + 60 * wave[..., None] * tint + rng.normal(0, 70, (size, size, 3))
+    img = 127 + 60 * wave[..., None] * tint + rng.normal(0, 30, (size, size, 3))
     return img.clip(0, 255).astype(np.uint8)
 
 
@@ -441,7 +445,7 @@ def child_featcache_probe(spec: dict[str, Any]) -> dict[str, Any]:
 
     t = time.perf_counter()
     (res,) = probe(method="linear", token="cls", cache=spec["cache"], runs=spec["runs"],
-                   device=spec["device"], seeds=[spec["seed"]], force=True)
+                   device=spec["device"], seeds=[spec["seed"]], grid=spec["grid"], force=True)
     seconds = time.perf_counter() - t
     record = json.loads((Path(res.path) / "record.json").read_text()) \
         if (Path(res.path) / "record.json").exists() else {}
@@ -604,7 +608,7 @@ def probe_runs(envs: dict[str, PeerEnv], data: dict[str, Any], work: Path,
             "device": args.device}),
         "featcache": (sys.executable, "featcache-probe", {
             "cache": data["cache_root"], "runs": str(work / "probe-runs"),
-            "device": args.device, "seed": args.seed}),
+            "device": args.device, "seed": args.seed, "grid": args.probe_grid}),
         "sklearn": (sys.executable, "sklearn", {
             "features": data["npz"], "cs": np.logspace(-2, 4, 13).tolist(),
             "max_iter": 1000})}
@@ -685,7 +689,8 @@ def print_table(fig: dict[str, Any]) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="the smallest mode (N=64, one repeat, 600 probe images)")
+                   help="the smallest mode (N=64, one repeat, 600 probe images, featcache's "
+                        "quick grid)")
     p.add_argument("--n", type=int, default=None, help="JPEGs for the extraction [512]")
     p.add_argument("--batch-size", type=int, default=64, help="[64, the authors' default]")
     p.add_argument("--reps", type=int, default=None, help="alternating extraction repeats [2]")
@@ -693,6 +698,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-test", type=int, default=None, help="probe test images [600]")
     p.add_argument("--probe-size", type=int, default=64, help="probe images' side in px")
     p.add_argument("--probe-reps", type=int, default=None, help="probe repeats [2]")
+    p.add_argument("--probe-grid", default=None,
+                   help="featcache's linear grid: paper (21 configs, >= 1000 steps) or quick "
+                        "(4 configs, >= 200 steps) [paper; quick with --quick]")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers-dir", type=Path, default=PEERS_DIR,
@@ -709,6 +717,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.probe_train = args.probe_train or (480 if quick else 2400)
     args.probe_test = args.probe_test or (120 if quick else 600)
     args.probe_reps = args.probe_reps or (1 if quick else 2)
+    args.probe_grid = args.probe_grid or ("quick" if quick else "paper")
     return args
 
 
@@ -735,7 +744,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     settings = {"n": args.n, "batch_size": args.batch_size, "reps": args.reps,
                 "device": args.device, "seed": args.seed, "probe_reps": args.probe_reps,
-                "probe_size": args.probe_size}
+                "probe_size": args.probe_size, "probe_grid": args.probe_grid}
     print(f"# {info['cpu']}, {info['cores']} cores, load {info['load_avg']:.2f}; torch "
           f"{torch.__version__}; {args.device}", flush=True)
     inputs = write_inputs(work, args.n, args.seed)
