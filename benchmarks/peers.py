@@ -60,6 +60,7 @@ Not a test: it prints figures and ratios (docs/benchmarks.md); tests/test_peers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -276,8 +277,10 @@ def child_bare(spec: dict[str, Any]) -> dict[str, Any]:
     transform = timm.data.create_transform(**cfg, is_training=False)
     x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
     bs, dev = spec["batch_size"], spec["device"]
-    amp = dev.startswith("cuda")
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+    # torch 2.0's autocast asks the driver about bf16 even when disabled: enter it only on
+    # a GPU (featcache's default there: bf16 autocast; thingsvision's: float32)
+    amp = torch.autocast("cuda", torch.bfloat16) if spec.get("amp") else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
         model.forward_features(x[:2].to(dev))  # warm-up
         sync(dev)
         t = time.perf_counter()
@@ -299,7 +302,7 @@ def child_featcache(spec: dict[str, Any]) -> dict[str, Any]:
                           split=tuple(spec.get("splits", ["train"])),
                           weights=spec["checkpoint"], cache=spec["out"],
                           batch_size=spec["batch_size"], device=spec["device"],
-                          model_arg=spec.get("model_arg"))
+                          model_arg=spec.get("model_arg"), dtype=spec.get("dtype", "auto"))
     results = extract(opts)
     return {"seconds": results[0].seconds, "n": results[0].n, "path": str(results[0].path),
             "paths": {r.split: str(r.path) for r in results},
@@ -468,13 +471,18 @@ def extraction_runs(envs: dict[str, PeerEnv], inputs: dict[str, Any], work: Path
     """Every run in a fresh process, alternating; outputs of the last repeat are kept."""
     base = {**inputs, "batch_size": args.batch_size, "device": args.device}
     tv = envs["thingsvision"].python
-    runs = {"bare": (sys.executable, "bare", {}),
+    gpu = args.device.startswith("cuda")
+    runs = {"bare": (sys.executable, "bare", {"amp": gpu}),
             "featcache": (sys.executable, "featcache", {"out": str(work / "fc-cache")}),
             "thingsvision": (tv, "thingsvision", {"out": str(work / "tv-authors"),
                                                   "passes": AUTHORS_PASSES}),
             "thingsvision-one-pass": (tv, "thingsvision", {"out": str(work / "tv-one"),
                                                            "passes": ONE_PASS}),
-            "bare-torch2.0": (tv, "bare", {})}
+            "bare-torch2.0": (tv, "bare", {"amp": False})}
+    if gpu:  # featcache's GPU default is bf16 autocast; thingsvision computes in float32
+        runs["bare-fp32"] = (sys.executable, "bare", {"amp": False})
+        runs["featcache-fp32"] = (sys.executable, "featcache", {"out": str(work / "fc-fp32"),
+                                                                "dtype": "fp32"})
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in runs}
     for rep in range(args.reps):
         for name, (python, kind, extra) in runs.items():
@@ -493,7 +501,8 @@ def extraction_runs(envs: dict[str, PeerEnv], inputs: dict[str, Any], work: Path
 def extraction_table(results: dict[str, list[dict[str, Any]]], n: int) -> dict[str, Any]:
     """Best and median images/s of each run, ratios to the floor of the same torch."""
     floor_of = {"bare": "bare", "featcache": "bare", "thingsvision": "bare-torch2.0",
-                "thingsvision-one-pass": "bare-torch2.0", "bare-torch2.0": "bare-torch2.0"}
+                "thingsvision-one-pass": "bare-torch2.0", "bare-torch2.0": "bare-torch2.0",
+                "bare-fp32": "bare-fp32", "featcache-fp32": "bare-fp32"}
     best = {k: min(r["seconds"] for r in v) for k, v in results.items()}
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     rows = {}
@@ -697,7 +706,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-train", type=int, default=None, help="probe train images [2400]")
     p.add_argument("--probe-test", type=int, default=None, help="probe test images [600]")
     p.add_argument("--probe-size", type=int, default=64, help="probe images' side in px")
-    p.add_argument("--probe-reps", type=int, default=None, help="probe repeats [2]")
+    p.add_argument("--probe-reps", type=int, default=None, help="probe repeats [1]")
     p.add_argument("--probe-grid", default=None,
                    help="featcache's linear grid: paper (21 configs, >= 1000 steps) or quick "
                         "(4 configs, >= 200 steps) [paper; quick with --quick]")
@@ -716,7 +725,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.reps = args.reps or (1 if quick else 2)
     args.probe_train = args.probe_train or (480 if quick else 2400)
     args.probe_test = args.probe_test or (120 if quick else 600)
-    args.probe_reps = args.probe_reps or (1 if quick else 2)
+    args.probe_reps = args.probe_reps or 1
     args.probe_grid = args.probe_grid or ("quick" if quick else "paper")
     return args
 
@@ -751,7 +760,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print("1. extraction (each run a fresh process)", flush=True)
     ex_runs = extraction_runs(envs, inputs, work, args)
     extraction = extraction_table(ex_runs, args.n)
-    fc_path = Path(ex_runs["featcache"][-1]["path"])
+    # the tokens of featcache's float32 compute (its CPU default; on a GPU its fp32 run)
+    fc_path = Path(ex_runs.get("featcache-fp32", ex_runs["featcache"])[-1]["path"])
     layers = token_errors(fc_path, work / "tv-authors")
     # 1 % over 2^-11: the two torch builds' own fp32 arithmetic differs by ~1e-6 relative
     tokens = {"layers": layers, "labels_agree": labels_agree(fc_path, work / "tv-authors"),

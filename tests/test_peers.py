@@ -39,6 +39,7 @@ def test_an_environment_is_reused_only_for_what_it_was_built_for(tmp_path: Path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 4 minutes on 2 idle cores; far more on a shared machine
 @pytest.mark.skipif(bool(missing_envs()),
                     reason=f"the peers' environments are not built ({', '.join(missing_envs())} "
                            "missing in .peers/; `make bench-peers` builds them, which needs the "
