@@ -174,8 +174,11 @@ def dir_bytes(path: Path) -> int:
 
 # -- running a child and what the kernel says about it -------------------------------------
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def run_child(python: Path | str, kind: str, spec: dict[str, Any], work: Path,
-              timeout: float = 1800) -> dict[str, Any]:
+              threads: int | None = None) -> dict[str, Any]:
     """This file as ``--child kind`` under `python`; its last stdout line is its JSON.
     Adds the child's peak RSS (the kernel's ru_maxrss) and its wall time."""
     spec_file = work / f"spec-{kind}-{time.monotonic_ns()}.json"
@@ -183,6 +186,8 @@ def run_child(python: Path | str, kind: str, spec: dict[str, Any], work: Path,
     out_file = spec_file.with_suffix(".out")
     env = {**os.environ, "PYTHONNOUSERSITE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("PYTHONPATH", None)
+    if threads:  # the same for every tool (torch, numpy and sklearn read these at start)
+        env.update({k: str(threads) for k in THREAD_VARS})
     t = time.perf_counter()
     with out_file.open("w") as out:
         proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--child", kind,
@@ -488,7 +493,7 @@ def extraction_runs(envs: dict[str, PeerEnv], inputs: dict[str, Any], work: Path
         for name, (python, kind, extra) in runs.items():
             if "out" in extra:
                 shutil.rmtree(extra["out"], ignore_errors=True)
-            r = run_child(python, kind, {**base, **extra}, work)
+            r = run_child(python, kind, {**base, **extra}, work, args.threads)
             if "out" in extra:
                 r["disk_bytes"] = dir_bytes(Path(extra["out"]))
             results[name].append(r)
@@ -578,7 +583,8 @@ def probe_inputs(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size, "device": args.device,
             "model_arg": {"img_size": args.probe_size}}
     t = time.perf_counter()
-    r = run_child(sys.executable, "featcache", {**spec, "splits": ["train", "test"]}, work)
+    r = run_child(sys.executable, "featcache", {**spec, "splits": ["train", "test"]}, work,
+                  args.threads)
     paths = {k: Path(v) for k, v in r["paths"].items()}
     extract_s = time.perf_counter() - t
 
@@ -624,7 +630,7 @@ def probe_runs(envs: dict[str, PeerEnv], data: dict[str, Any], work: Path,
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in runs}
     for rep in range(args.probe_reps):
         for name, (python, kind, spec) in runs.items():
-            r = run_child(python, kind, spec, work)
+            r = run_child(python, kind, spec, work, args.threads)
             results[name].append(r)
             print(f"  repeat {rep + 1}/{args.probe_reps} {name:15s} {r['seconds']:7.2f} s  "
                   f"test balanced top-1 {r['balanced_top1']:6.2f}  [load "
@@ -712,6 +718,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "(4 configs, >= 200 steps) [paper; quick with --quick]")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of every run (OMP_NUM_THREADS ...) [each tool's default]")
     p.add_argument("--peers-dir", type=Path, default=PEERS_DIR,
                    help="where the peers' virtualenvs live [.peers/]")
     p.add_argument("--rebuild", action="store_true", help="rebuild the peers' environments")
@@ -753,7 +761,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     settings = {"n": args.n, "batch_size": args.batch_size, "reps": args.reps,
                 "device": args.device, "seed": args.seed, "probe_reps": args.probe_reps,
-                "probe_size": args.probe_size, "probe_grid": args.probe_grid}
+                "probe_size": args.probe_size, "probe_grid": args.probe_grid,
+                "threads": args.threads}
     print(f"# {info['cpu']}, {info['cores']} cores, load {info['load_avg']:.2f}; torch "
           f"{torch.__version__}; {args.device}", flush=True)
     inputs = write_inputs(work, args.n, args.seed)
