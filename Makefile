@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench gpu-check docs clean screenshot
+.PHONY: demo test lint bench bench-peers gpu-check docs clean screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/probe.py
 	$(BIN)/python benchmarks/report.py
 	$(BIN)/python benchmarks/suite.py
+
+# featcache beside thingsvision and CLIP_benchmark on the same work; builds the peers'
+# virtualenvs in .peers/ the first time (minutes, the registry needed), reuses them after.
+bench-peers: $(STAMP)
+	$(BIN)/python benchmarks/peers.py --json peers.json
 
 # Every CUDA path once against the CPU, then the GPU figures (benchmarks/gpu_check.py).
 gpu-check: $(STAMP)

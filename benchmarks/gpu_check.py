@@ -21,7 +21,9 @@ a summary and writes `gpu_check.json`:
    peak); a grid trained at once against one config at a time; what bf16 extraction and
    bf16 heads change in linear and ALF numbers, and the time each saves; k-NN at
    ImageNet-1k's shape (50,000 × 1,281,167, D = 768) blocked, and beside one torch.topk
-   over the full similarity matrix of 4,096 queries (`benchmarks/knn.py`).
+   over the full similarity matrix of 4,096 queries (`benchmarks/knn.py`); featcache
+   beside thingsvision and CLIP_benchmark (benchmarks/peers.py) when their environments
+   exist.
 3. `--dry-run`: the same on the CPU with tiny shapes (fp32), run by the test suite so
    that the script cannot rot.
 
@@ -586,6 +588,23 @@ def knn_figure(device: torch.device, dry: bool) -> dict[str, Any]:
                                         full_max_gb=40.0)}
 
 
+def peers_figure(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
+    """benchmarks/peers.py on the GPU (thingsvision and CLIP_benchmark on the same work),
+    when the peers' environments were built (`make bench-peers`; they need the registry)."""
+    from peers import peer_envs
+
+    missing = [name for name, env in peer_envs().items() if not env.ready()]
+    if dry or missing:
+        return {"skipped": "a dry run" if dry else f"no environment for {', '.join(missing)} "
+                "in .peers/ (make bench-peers builds them)"}
+    out = work / "peers.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--device",
+                    str(device), "--json", str(out)], check=True, timeout=1200)
+    fig = json.loads(out.read_text())
+    return {"extraction": fig["extraction"]["goals"], "probe": fig["probe"]["goals"],
+            "tokens_within_fp16": fig["tokens"]["within_fp16"]}
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,7 +663,9 @@ def main(argv: list[str] | None = None) -> int:
                          ("bf16 against fp32: extraction and heads",
                           lambda: precision_figure(work, device, args.dry_run)),
                          ("k-NN blocked vs full topk, ImageNet-1k shape",
-                          lambda: knn_figure(device, args.dry_run))):
+                          lambda: knn_figure(device, args.dry_run)),
+                         ("peers (thingsvision, CLIP_benchmark)",
+                          lambda: peers_figure(work, device, args.dry_run))):
             if name not in skip:
                 ctx.figures[name] = ctx.run(name, fn)
         shutil.rmtree(work, ignore_errors=True)
