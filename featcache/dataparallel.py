@@ -119,8 +119,8 @@ def global_dropout_mask(heads: Any, src: RankSource, n_tokens: int,
     if not getattr(heads, "_any_dropout", False) or not heads.training:
         return None
     positions, mask = src.last
-    full = heads.sample_dropout_mask(len(positions), n_tokens, gen)  # (B, T, G, H)
-    return full[mask.to(full.device)].permute(2, 0, 3, 1)  # (G, B_mine, H, T)
+    full = heads.sample_dropout_mask(len(positions), n_tokens, gen)  # (G, B, H, T)
+    return full[:, mask.to(full.device)]  # (G, B_mine, H, T)
 
 
 def global_loss(logits: Tensor, yb: Tensor, weight: Tensor | None, src: RankSource,

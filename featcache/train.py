@@ -140,13 +140,20 @@ def per_sample_nll(logits: Tensor, y: Tensor) -> Tensor:
     return -logp.gather(1, y.view(1, 1, B).expand(G, 1, B)).squeeze(1)
 
 
-def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
-    """Cross entropy per config, (G,): ``CrossEntropyLoss(weight=w)``'s weighted mean."""
+def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None,
+                     total: Tensor | float | None = None) -> Tensor:
+    """Cross entropy per config, (G,): ``CrossEntropyLoss(weight=w)``'s weighted mean (or,
+    with ``total``, the weighted sum over these samples divided by ``total``: a rank's
+    share of a global batch's mean).
+
+    Config by config: one reduction over the (G, B) losses splits its sums over threads
+    by G, and a config's loss (and so its gradient) must not depend on its neighbours."""
     nll = per_sample_nll(logits, y)
-    if weight is None:
-        return nll.mean(1)
-    wb = weight[y]
-    return (nll * wb).sum(1) / wb.sum()
+    wb = None if weight is None else weight[y]
+    if total is None:
+        total = float(y.numel()) if wb is None else wb.sum()
+    rows = nll.unbind(0) if wb is None else [row * wb for row in nll.unbind(0)]
+    return torch.stack([row.sum() for row in rows]) / total
 
 
 def _jitter(xb: Tensor, std: float, p: float, gen: torch.Generator,
