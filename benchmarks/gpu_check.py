@@ -139,6 +139,7 @@ def placements_equal(work: Path, device: torch.device) -> dict[str, Any]:
 
     from featcache.features import load_source
     from featcache.pairs import token_list
+    from featcache.streaming import StreamedSource
 
     train, _ = make_pair(work / "placements", SynthSpec(n_blocks=3, dim=24, n_classes=3,
                                                         n_train=700, n_test=10,
@@ -147,7 +148,7 @@ def placements_equal(work: Path, device: torch.device) -> dict[str, Any]:
     resident = load_source(train, tokens, device, budget_bytes=1 << 40)
     host = load_source(train, tokens, device, budget_bytes=0)
     streamed = load_source(train, tokens, device, budget_bytes=0, host_budget_bytes=40_000,
-                           stream=True)
+                           stream=StreamedSource)
     kinds = [type(s).__name__ + ":" + getattr(s, "placement", "stream")
              for s in (resident, host, streamed)]
     if len(set(kinds)) != 3:

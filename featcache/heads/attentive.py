@@ -116,6 +116,10 @@ class AttentiveHeads(StackedHeads):
         self.reset_parameters(generator)
 
     has_dropout = True
+
+    @property
+    def any_dropout(self) -> bool:
+        return self._any_dropout
     # the BatchNorm over the batch: F.batch_norm's signature; data-parallel training
     # swaps in `featcache.dataparallel.sync_batch_norm` (statistics of the global batch)
     batch_norm = staticmethod(F.batch_norm)
