@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featcache.heads.matmul import config_mm
+from featcache.heads.matmul import aligned, config_mm
 from featcache.heads.pooling import pool_project, pool_scratch_bytes
 from featcache.heads.stacked import StackedHeads, uniform
 
@@ -340,7 +340,7 @@ def _fold_keys(q: Tensor, k_w: Tensor) -> Tensor:
     config on CPU (its shape is a config's), one einsum elsewhere."""
     if q.device.type != "cpu":
         return torch.einsum("ghe,ghed->ghd", q, k_w)
-    return torch.stack([torch.bmm(q[g].unsqueeze(1), k_w[g]).squeeze(1)
+    return torch.stack([torch.bmm(aligned(q[g]).unsqueeze(1), aligned(k_w[g])).squeeze(1)
                         for g in range(q.shape[0])])
 
 

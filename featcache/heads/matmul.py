@@ -7,7 +7,11 @@ work over threads by the whole shape, so a config's rows round differently besid
 or 62 others (measured: a (5·G, 32) @ (32, 240) product, and torch's ``bmm`` over G,
 differ from the same config alone in the last bits as soon as 2 threads run). Here each
 config is its own ``mm`` of a fixed shape, so the split over threads is the same for it
-whatever G is. On CUDA the one batched kernel stays (bitwise equality is not promised
+whatever G is. And each operand is handed over contiguous and 64-byte aligned, as it is
+when the config is alone: MKL's small-matrix kernels round by the alignment of their
+operands (measured: a (3, 24) @ (24, 19) product differed in its last bits between the
+first and the second config of a stack, whose slab starts 1,824 bytes in). On CUDA the
+one batched kernel stays (bitwise equality is not promised
 there; `benchmarks/gpu_check.py` reports the spread).
 """
 
@@ -44,6 +48,32 @@ def _batched(w: Tensor, x: Tensor, bias: Tensor | None, idx: tuple[int, ...]) ->
     return torch.baddbmm(bias.unsqueeze(2), w, xs)
 
 
+ALIGN = 64  # bytes: the CPU allocator's alignment, so a config alone is aligned so
+
+
+def aligned(t: Tensor) -> Tensor:
+    """``t`` contiguous at an ``ALIGN``-byte address: itself, or a fresh copy."""
+    if t.is_contiguous() and t.data_ptr() % ALIGN == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _into(out: Tensor, product: Tensor) -> None:
+    if out.data_ptr() != product.data_ptr():
+        out.copy_(product)
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None) -> None:
+    """out = a @ b (+ bias), computed on aligned operands into an aligned result."""
+    a, b = aligned(a), aligned(b)
+    target = out if out.data_ptr() % ALIGN == 0 else torch.empty_like(out)
+    if bias is None:
+        torch.mm(a, b, out=target)
+    else:
+        torch.addmm(aligned(bias), a, b, out=target)
+    _into(out, target)
+
+
 class _ConfigMM(torch.autograd.Function):
     """One ``mm`` per config, forward and backward; every product has a config's shape."""
 
@@ -53,10 +83,7 @@ class _ConfigMM(torch.autograd.Function):
         G, M, _ = w.shape
         out = w.new_empty(G, M, x.shape[2])
         for g, i in enumerate(idx):
-            if bias is None:
-                torch.mm(w[g], x[i], out=out[g])
-            else:
-                torch.addmm(bias[g].unsqueeze(1), w[g], x[i], out=out[g])
+            _mm(w[g], x[i], out[g], None if bias is None else bias[g].unsqueeze(1))
         ctx.save_for_backward(w, x)
         ctx.idx, ctx.has_bias = idx, bias is not None
         return out
@@ -69,10 +96,13 @@ class _ConfigMM(torch.autograd.Function):
         d_x = torch.zeros_like(x) if need_x else None
         d_b = w.new_empty(w.shape[0], w.shape[1]) if need_b and ctx.has_bias else None
         for g, i in enumerate(ctx.idx):
+            d_g = aligned(d_out[g])
             if d_w is not None:
-                torch.mm(d_out[g], x[i].t(), out=d_w[g])
+                _mm(d_g, x[i].t(), d_w[g])
             if d_x is not None:
-                d_x[i].addmm_(w[g].t(), d_out[g])
+                part = torch.empty_like(x[i], memory_format=torch.contiguous_format)
+                _mm(w[g].t(), d_g, part)
+                d_x[i].add_(part)
             if d_b is not None:
-                torch.sum(d_out[g], dim=1, out=d_b[g])
+                d_b[g] = d_g.sum(dim=1)
         return d_w, d_x, d_b, None
