@@ -142,7 +142,7 @@ def test_two_threads_grouping_changes_no_bit(head: str) -> None:
     x = torch.randn(N, T, D, generator=gen)
     y = torch.randint(0, C, (N,), generator=gen)
     x[torch.arange(N), y + 1, :3] += 1.5
-    cfg = train_mod.TrainConfig(epochs=1, batch_size=32, min_total_steps=6, lrs=(0.1, 0.01),
+    cfg = train_mod.TrainConfig(epochs=1, batch_size=32, min_total_steps=5, lrs=(0.1,),
                                 wds=(1e-4, 0.1), dropouts=(0.0, 0.3))
     points = train_mod.grid_points(cfg, attentive=head == "attentive")
     xs = x if head == "attentive" else x.flatten(1)
