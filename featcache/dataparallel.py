@@ -2,8 +2,9 @@
 
 Each rank holds the tokens of a contiguous range of whole cache shards (`RankSource`)
 and trains every config of the grid on its part of each batch. Everything that decides
-a result is defined over the global batch, so that the run does not depend on the
-number of ranks beyond float rounding:
+a result is defined over the global batch, so that the run is the one-process run up to
+float rounding (sums over ranks round in another order, so it is not bitwise: its
+identity names it, `data_parallel_ranks`, and docs/scaling.md states the bound):
 
 - the shuffle: one permutation of all samples per epoch, drawn identically on every
   rank, cut into the same batches as in one process; a rank takes the samples of each

@@ -246,6 +246,9 @@ def test_data_parallel_says_so_and_stays_within_its_bound(cache_root: Path,
     assert rec["settings"]["data_parallel_ranks"] == 2
     assert "stream_buffer_shards" not in rec["settings"]
     assert rec["config"]["feature_placement"] == "data-parallel"
+    from featcache.columns import run_variant
+
+    assert "data-parallel=2 ranks" in run_variant(rec) and "streamed" not in run_variant(rec)
     (streamed,) = probe(method="alf", cache=cache_root, runs=tmp_path / "dp", threads=1,
                         max_host_memory_gb=host_gb, **RECIPE)
     (one,) = probe(method="alf", cache=cache_root, runs=tmp_path / "dp", threads=1, **RECIPE)
