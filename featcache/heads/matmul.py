@@ -82,8 +82,10 @@ class _ConfigMM(torch.autograd.Function):
                 idx: tuple[int, ...]) -> Tensor:
         G, M, _ = w.shape
         out = w.new_empty(G, M, x.shape[2])
-        for g, i in enumerate(idx):
-            _mm(w[g], x[i], out[g], None if bias is None else bias[g].unsqueeze(1))
+        xs = {i: aligned(x[i]) for i in sorted(set(idx))}  # a shared x: one copy at most
+        biases = [None] * G if bias is None else bias.unsqueeze(2).unbind(0)
+        for w_g, i, out_g, b_g in zip(w.unbind(0), idx, out.unbind(0), biases, strict=True):
+            _mm(w_g, xs[i], out_g, b_g)
         ctx.save_for_backward(w, x)
         ctx.idx, ctx.has_bias = idx, bias is not None
         return out
@@ -95,10 +97,11 @@ class _ConfigMM(torch.autograd.Function):
         d_w = torch.empty_like(w) if need_w else None
         d_x = torch.zeros_like(x) if need_x else None
         d_b = w.new_empty(w.shape[0], w.shape[1]) if need_b and ctx.has_bias else None
-        for g, i in enumerate(ctx.idx):
-            d_g = aligned(d_out[g])
+        x_t = {i: aligned(x[i].t()) for i in sorted(set(ctx.idx))} if d_w is not None else {}
+        for g, (i, d_g) in enumerate(zip(ctx.idx, d_out.unbind(0), strict=True)):
+            d_g = aligned(d_g)
             if d_w is not None:
-                _mm(d_g, x[i].t(), d_w[g])
+                _mm(d_g, x_t[i], d_w[g])
             if d_x is not None:
                 part = torch.empty_like(x[i], memory_format=torch.contiguous_format)
                 _mm(w[g].t(), d_g, part)
