@@ -40,8 +40,8 @@ from machine import cpu_info  # noqa: E402
 
 from featcache.cache import open_cache  # noqa: E402
 from featcache.features import load_source  # noqa: E402
-from featcache.streaming import StreamedSource  # noqa: E402
 from featcache.pairs import token_list  # noqa: E402
+from featcache.streaming import StreamedSource  # noqa: E402
 
 
 def shard_files(path: Path) -> list[Path]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featcache.distributed import split_evenly
-from featcache.features import Jitter, TokenSource, as_source, generator, jitter_batch, \
-    scoring_batches
+from featcache.features import (
+    Jitter,
+    TokenSource,
+    as_source,
+    generator,
+    jitter_batch,
+    scoring_batches,
+)
 from featcache.heads import HEADS, AttentiveHeads, StackedHeads, attention_summary
 from featcache.metrics import MetricAccumulator
 from featcache.optim import BatchedAdamW, clip_grad_norm_per_config, cosine_lr

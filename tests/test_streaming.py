@@ -16,10 +16,10 @@ from probecache import SynthSpec, make_pair
 
 from featcache.errors import FeatcacheError
 from featcache.features import load_source
-from featcache.streaming import StreamedSource
 from featcache.pairs import find_pairs, token_list
 from featcache.probing import probe
 from featcache.records import read_run
+from featcache.streaming import StreamedSource
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
