@@ -8,6 +8,9 @@ a summary and writes `gpu_check.json`:
      GPU's autocast dtype: tokens within bf16/fp16 rounding of CPU fp32;
    - the fused AdamW kernel against torch's AdamW; the plain attentive pooling against
      the chunked one;
+   - a grid trained with every config in one group, one per group and in pairs: the
+     largest difference any config shows (0 on the CPU, where it is bitwise; reported
+     on CUDA, whose batched kernels may round by the group's shape);
    - tokens on the device, in pinned host memory (staged to the device) and streamed
      from the cache: the same batches bit for bit;
    - probe (linear, concat, attentive, alf, layers) with each of those placements: the
@@ -144,6 +147,7 @@ def placements_equal(work: Path, device: torch.device) -> dict[str, Any]:
 
     from featcache.features import load_source
     from featcache.pairs import token_list
+    from featcache.streaming import StreamedSource
 
     train, _ = make_pair(work / "placements", SynthSpec(n_blocks=3, dim=24, n_classes=3,
                                                         n_train=700, n_test=10,
@@ -152,7 +156,7 @@ def placements_equal(work: Path, device: torch.device) -> dict[str, Any]:
     resident = load_source(train, tokens, device, budget_bytes=1 << 40)
     host = load_source(train, tokens, device, budget_bytes=0)
     streamed = load_source(train, tokens, device, budget_bytes=0, host_budget_bytes=40_000,
-                           stream=True)
+                           stream=StreamedSource)
     kinds = [type(s).__name__ + ":" + getattr(s, "placement", "stream")
              for s in (resident, host, streamed)]
     if len(set(kinds)) != 3:
@@ -232,6 +236,50 @@ def kernels_match(device: torch.device) -> dict[str, Any]:
                              f"{pool:.2e}")
     return {"fused_adamw_max_diff": float(f"{adamw:.2e}"),
             "plain_vs_chunked_loss_max_diff": float(f"{pool:.2e}")}
+
+
+def grouping_spread(device: torch.device, dry: bool) -> dict[str, Any]:
+    """The same grid (attentive with a dropout axis; linear) trained with all configs in
+    one group, one per group and in pairs, in fp32 on the device: the largest difference
+    of any config's parameters and loss curve between groupings. Bitwise (0) on the CPU
+    (`tests/test_grid_invariance.py`); on CUDA a figure, refused only if it looks like a
+    bug (above 1e-2)."""
+    import dataclasses
+
+    from featcache.train import TrainConfig, fit_grid, grid_points
+
+    g = torch.Generator().manual_seed(0)
+    n, T, D, C = (96, 5, 24, 3) if dry else (2048, 24, 384, 7)
+    y = torch.randint(0, C, (n,), generator=g)
+    x = torch.nn.functional.normalize(torch.randn(n, T, D, generator=g), dim=-1)
+    x[:, 2] += torch.randn(C, D, generator=g)[y]
+    x, y = x.to(device), y.to(device)
+    cfg = TrainConfig(epochs=1, batch_size=32 if dry else 512, min_total_steps=5 if dry
+                      else 50, lrs=(0.1,) if dry else (0.1, 0.01), wds=(1e-4, 0.1),
+                      dropouts=(0.0, 0.3),
+                      amp=False)
+    out: dict[str, Any] = {}
+    for head in ("attentive", "linear"):
+        xs = x if head == "attentive" else x.flatten(1)
+        points = grid_points(cfg, attentive=head == "attentive")
+        fits = [fit_grid(xs, y, C, head, points, cfg),
+                fit_grid(xs, y, C, head, points, dataclasses.replace(cfg,
+                                                                     memory_budget_bytes=1))]
+        pairs = [fit_grid(xs, y, C, head, points[i: i + 2], cfg)
+                 for i in range(0, len(points), 2)]
+        worst = 0.0
+        for c in range(len(points)):
+            want = fits[0].heads.select([c]).state_dict()
+            for got in (fits[1].heads.select([c]), pairs[c // 2].heads.select([c % 2])):
+                for key, value in got.state_dict().items():
+                    worst = max(worst, float((value.double() - want[key].double()).abs().max()))
+            for curve in (fits[1].curves[c], pairs[c // 2].curves[c % 2]):
+                worst = max(worst, float((curve - fits[0].curves[c]).abs().max()))
+        out[head] = {"configs": len(points), "max_diff": float(f"{worst:.3e}")}
+        if (device.type == "cpu" and worst != 0.0) or worst > 1e-2:
+            raise AssertionError(f"{head}: a config's numbers move by {worst:.2e} with its "
+                                 "group")
+    return out
 
 
 def streaming_budget(train: Any, method: str, tokens: list[str]) -> float:
@@ -644,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
                     ctx.run(name, lambda m=model, t=tap: extract_pair(work, m, t, device,
                                                                        dtype))
         for name, fn in (("fused AdamW and plain pooling", lambda: kernels_match(device)),
+                         ("grid grouping changes no config",
+                          lambda: grouping_spread(device, args.dry_run)),
                          ("tokens placed three ways, same batches",
                           lambda: placements_equal(work, device)),
                          ("probe every method and placement",

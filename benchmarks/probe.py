@@ -631,7 +631,7 @@ def section_fer(args: argparse.Namespace, dev: torch.device, amp: bool, res: dic
         t0 = time.perf_counter()
         sel = fit_and_select(x, y, C, "attentive", cfg, SimpleNamespace(val_fraction=0.2),
                              0, H)
-        sel["final"].evaluate(xt, yt)
+        sel.final.evaluate(xt, yt)
         sync(dev)
         out["full_run_s"] = time.perf_counter() - t0
         log(f"  MEASURED end to end (grid + validation + refit + test): "
@@ -667,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-gb", type=float, default=None, help="fit_grid memory budget")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--only", default=None,
+                   help="comma-separated sections to run (matmul_peak, threads, heads, grid, "
+                        "flops, fer); default all")
     args = p.parse_args(argv)
 
     if args.device == "auto":
@@ -723,7 +726,10 @@ def main(argv: list[str] | None = None) -> int:
         ("flops", lambda: section_flops(args, dev, res)),
         ("fer", lambda: section_fer(args, dev, amp, res)),
     ]
+    only = None if args.only is None else set(args.only.split(","))
     for name, run in sections:
+        if only is not None and name not in only:
+            continue
         try:
             run()
         except Exception as e:  # report and go on: one broken figure must not hide the rest

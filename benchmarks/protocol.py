@@ -44,7 +44,7 @@ def score(src_train, y_train, src_test, y_test, head: str, opts: ProbeOptions, s
     torch.manual_seed(seed)
     fit = fit_and_select(src_train, y_train, int(y_train.max()) + 1, head, cfg, opts, seed,
                          heads)
-    return all_test_metrics(fit["final"], src_test, y_test)[0]["balanced_top1"]
+    return all_test_metrics(fit.final, src_test, y_test)[0]["balanced_top1"]
 
 
 def compare(label: str, a: list[float], b: list[float], names: tuple[str, str]) -> None:

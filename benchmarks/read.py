@@ -47,6 +47,7 @@ from machine import cpu_info  # noqa: E402
 from featcache.cache import open_cache  # noqa: E402
 from featcache.features import load_source  # noqa: E402
 from featcache.pairs import token_list  # noqa: E402
+from featcache.streaming import StreamedSource  # noqa: E402
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -197,7 +198,7 @@ def stream_epochs(path: Path, files: list[Path], repeats: int) -> None:
     shown = ""
     for _ in range(repeats):
         times["memory"].append(epoch()[0])
-        seconds, shown = epoch(host_budget_bytes=nbytes // 4, stream=True)
+        seconds, shown = epoch(host_budget_bytes=nbytes // 4, stream=StreamedSource)
         times["stream"].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"one epoch (batch 2048, {steps} steps), cold cache, reading included: in memory "

@@ -40,6 +40,8 @@ def run_variant(rec: dict) -> str:
             parts.append(f"precision={settings['precision']}")
         if settings.get("stream_buffer_shards"):
             parts.append(f"streamed={settings['stream_buffer_shards']} shards")
+        if settings.get("data_parallel_ranks"):  # each rank held its shards: no stream
+            parts.append(f"data-parallel={settings['data_parallel_ranks']} ranks")
         return ", ".join(parts)
     protocol = rec.get("protocol") or "clean"
     return "" if protocol == "paper" else f"protocol={protocol}"

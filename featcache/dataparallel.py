@@ -2,8 +2,9 @@
 
 Each rank holds the tokens of a contiguous range of whole cache shards (`RankSource`)
 and trains every config of the grid on its part of each batch. Everything that decides
-a result is defined over the global batch, so that the run does not depend on the
-number of ranks beyond float rounding:
+a result is defined over the global batch, so that the run is the one-process run up to
+float rounding (sums over ranks round in another order, so it is not bitwise: its
+identity names it, `data_parallel_ranks`, and docs/scaling.md states the bound):
 
 - the shuffle: one permutation of all samples per epoch, drawn identically on every
   rank, cut into the same batches as in one process; a rank takes the samples of each
@@ -17,7 +18,10 @@ number of ranks beyond float rounding:
 - BatchNorm (the attentive head's): mean and variance over the global batch (SyncBatchNorm
   semantics), through a differentiable all-reduce of the per-channel sums;
 - evaluation: global batches in order (the validation jitter drawn as in one process),
-  per-class hit counts summed over ranks; test logits gathered to rank 0, which writes.
+  per-class hit counts, test logits and attention sums summed over ranks (``combine``).
+
+These are the hooks of `RankSource` (a `featcache.features.TokenSource`): the trainer
+calls them as it calls those of a one-process source, and never asks which it has.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featcache import distributed as dist
-from featcache.features import FeatureSource
+from featcache.features import FeatureSource, load_source
 
 
 class RankSource:
     """This rank's share of a source: the samples (global positions 0 … N-1, cache rows
     ``rows``) whose rows fall in this rank's range of shards, held in ``local`` (a
-    FeatureSource over cache rows ``lo`` … ``hi`` - 1)."""
+    FeatureSource over cache rows ``lo`` … ``hi`` - 1). A `featcache.features.TokenSource`
+    whose hooks make each step the global batch's (module doc)."""
 
     placement = "data-parallel"
 
@@ -87,18 +92,52 @@ class RankSource:
             yield positions[mask].to(self.device), xb
 
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Global batches in order; yields (this rank's positions in the batch, its part)."""
+        """Global batches in order; yields (this rank's positions in the batch, on the
+        device; its part)."""
         for start in range(0, len(self), batch_size):
             positions = torch.arange(start, min(len(self), start + batch_size))
             mask, xb = self._part(positions)
-            yield positions[mask], xb
+            yield positions[mask].to(self.device), xb
+
+    # -- the trainer's hooks (`featcache.features.TokenSource`) ---------------------------
+    def prepare(self, heads: Any) -> None:
+        heads.batch_norm = sync_batch_norm  # statistics of the global batch
+
+    def jitter(self, xb: Tensor, std: float, p: float, gen: torch.Generator) -> Tensor:
+        return global_jitter(xb, self, std, p, gen)
+
+    def dropout_mask(self, heads: Any, xb: Tensor, gen: torch.Generator) -> Tensor | None:
+        return global_dropout_mask(heads, self, xb.shape[1], gen) if xb.dim() == 3 else None
+
+    def loss_total(self, yb: Tensor, weight: Tensor | None, y: Tensor) -> Tensor | float:
+        """The global batch's weight: each rank's summed share, divided by it, adds up to
+        the one-process loss (every rank holds every label)."""
+        positions, _ = self.last
+        if weight is None:
+            return float(len(positions))
+        return weight[y.index_select(0, positions.to(y.device))].sum()
+
+    def after_backward(self, params: Sequence[Tensor]) -> None:
+        all_reduce_grads(params)
+
+    def end_epoch(self, losses: Tensor) -> None:
+        all_reduce_(losses)  # each rank summed its share of every step's loss
+
+    def agree(self, budget: int) -> int:
+        return smallest(budget)  # one grouping on every rank
+
+    def grid_part(self, rank: int, ranks: int) -> tuple[int, int]:
+        return 0, 1  # every rank trains every config, on its samples
+
+    def combine(self, t: Tensor) -> Tensor:
+        return all_reduce_(t)
 
 
 # -- what the trainer does differently ------------------------------------------------------
 
 def global_jitter(xb: Tensor, src: RankSource, std: float, p: float, gen: torch.Generator,
                   draw_all: bool | None = None) -> Tensor:
-    """`featcache.train._jitter` drawn for the global batch (the same draws as one
+    """`featcache.features.jitter_batch` drawn for the global batch (the same draws as one
     process), applied to this rank's rows of it, in place."""
     positions, mask = src.last
     B = len(positions)
@@ -120,25 +159,11 @@ def global_dropout_mask(heads: Any, src: RankSource, n_tokens: int,
                         gen: torch.Generator) -> Tensor | None:
     """The attentive heads' dropout masks for the global batch (as one process draws
     them), this rank's rows, in the layout `forward(dropout_mask=…)` takes."""
-    if not getattr(heads, "_any_dropout", False) or not heads.training:
+    if not heads.any_dropout or not heads.training:
         return None
     positions, mask = src.last
-    full = heads.sample_dropout_mask(len(positions), n_tokens, gen)  # (B, T, G, H)
-    return full[mask.to(full.device)].permute(2, 0, 3, 1)  # (G, B_mine, H, T)
-
-
-def global_loss(logits: Tensor, yb: Tensor, weight: Tensor | None, src: RankSource,
-                y: Tensor) -> Tensor:
-    """Per config: this rank's share of the global batch's (weighted) mean cross entropy;
-    summed over ranks it is the one-process loss."""
-    from featcache.train import per_sample_nll
-
-    positions, _ = src.last
-    nll = per_sample_nll(logits, yb)
-    if weight is None:
-        return nll.sum(1) / len(positions)
-    everyone = y.index_select(0, positions.to(y.device))
-    return (nll * weight[yb]).sum(1) / weight[everyone].sum()
+    full = heads.sample_dropout_mask(len(positions), n_tokens, gen)  # (G, B, H, T)
+    return full[:, mask.to(full.device)]  # (G, B_mine, H, T)
 
 
 def all_reduce_grads(params: Sequence[Tensor]) -> None:
@@ -194,83 +219,6 @@ def all_reduce_(t: Tensor) -> Tensor:
     return t
 
 
-# -- evaluation ----------------------------------------------------------------------------
-
-def evaluate(grid: Any, src: RankSource, y: Tensor, batch_size: int, configs: Any,
-             jitter: Any) -> dict:
-    """`FittedGrid.evaluate` over global batches: hits per class summed over ranks."""
-    from featcache.metrics import MetricAccumulator
-
-    y = torch.as_tensor(y).to(src.device).long()
-    accs: dict[int, MetricAccumulator] = {}
-
-    def score(idx: list[int], out: Tensor, positions: Tensor) -> None:
-        acc = accs.setdefault(idx[0], MetricAccumulator(grid.heads.n_classes))
-        acc.update(out.float(), y[positions.to(y.device)])
-
-    _forward(grid, src, batch_size, configs, score, jitter=jitter)
-    keys = sorted(accs)
-    for acc in (accs[k] for k in keys):  # every rank scored every chunk (maybe 0 rows)
-        for t in (acc._hits1, acc._hitsk, acc._counts):
-            all_reduce_(t)
-    parts = [accs[k].compute() for k in keys]
-    merged = {key: [v for p in parts for v in p[key]] for key in parts[0]
-              if key not in ("k", "n")}
-    merged["k"], merged["n"] = parts[0]["k"], parts[0]["n"]
-    return merged
-
-
-def predict_logits(grid: Any, src: RankSource, batch_size: int, configs: Any,
-                   out_device: Any) -> Tensor:
-    """(G, N, C) logits on every rank: each rank's rows, gathered."""
-    wanted = list(range(grid.heads.n_configs)) if configs is None else list(configs)
-    # on the compute device: NCCL reduces device tensors only
-    out = torch.zeros(len(wanted), len(src), grid.heads.n_classes, device=src.device)
-    pos = {g: i for i, g in enumerate(wanted)}
-
-    def keep(idx: list[int], o: Tensor, positions: Tensor) -> None:
-        out[pos[idx[0]]: pos[idx[-1]] + 1, positions.to(src.device)] = o.float()
-
-    _forward(grid, src, batch_size, wanted, keep)
-    all_reduce_(out)  # each sample's row is nonzero on exactly one rank
-    return out.to(out_device or src.device)
-
-
-def attention(grid: Any, src: RankSource, batch_size: int, per_head: bool) -> Tensor:
-    """Mean attention per input token over every rank's samples."""
-    from featcache.heads import attention_summary
-
-    H, T = grid.heads.num_heads, src.sample_shape[0]
-    total = torch.zeros(grid.heads.n_configs, H, T, dtype=torch.float64, device=src.device)
-
-    def add(idx: list[int], o: tuple[Tensor, Tensor], positions: Tensor) -> None:
-        if len(positions):
-            total[idx[0]: idx[-1] + 1] += attention_summary(o[1], per_head=True).double() \
-                * len(positions)
-
-    _forward(grid, src, batch_size, None, add, return_attention=True)
-    all_reduce_(total)
-    mean = (total / len(src)).float().cpu()
-    return mean if per_head else mean.mean(1)
-
-
-def _forward(grid: Any, src: RankSource, batch_size: int, configs: Any, fn: Any,
-             return_attention: bool = False, jitter: Any = None) -> None:
-    """`FittedGrid._forward_chunks` over global batches: ``fn`` gets this rank's
-    positions instead of a slice (the validation jitter drawn for the global batch)."""
-    from featcache.train import _generator
-
-    gen = None if jitter is None else _generator(src.device, jitter.seed)
-
-    def batches() -> Iterator[tuple[Tensor, Tensor]]:
-        for positions, xb in src.batches(batch_size):
-            if gen is not None:
-                xb = global_jitter(xb.clone(), src, jitter.std, jitter.p, gen)
-            yield positions, xb
-
-    grid.forward_batches(batches(), configs, fn, return_attention)
-
-
 def rank_range(n_shards: int, shard_size: int, n: int) -> tuple[int, int]:
     """This rank's contiguous range of whole shards, as cache rows [lo, hi)."""
     mine = dist.split_evenly(list(range(n_shards)), dist.rank(), dist.world_size())
@@ -284,8 +232,6 @@ def load_rank_source(cache: Any, tokens: list[tuple[str, str]], device: torch.de
                      normalise: str | None) -> RankSource:
     """This rank's range of whole shards of the cache, loaded (on its device if they fit,
     else in host memory), as a RankSource over all the cache's samples."""
-    from featcache.features import load_source
-
     lo, hi = rank_range(cache.layout.n_shards, cache.layout.shard_size, cache.n)
     local = load_source(cache, tokens, device, budget, host_budget, normalise=normalise,
                         rows=slice(lo, hi))

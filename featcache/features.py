@@ -20,21 +20,24 @@ Reading (`load_source`) is per layer and token kind: only the layers a method ne
 read from Zarr (the cache's inner chunks hold one layer each), shard by shard, straight
 into the tensor at its final placement, so the float16 tokens are the only full copy.
 
-Out of scope, by choice: streaming from disk during training. A cache whose needed
-tokens do not fit host memory either is refused with a clear error naming both sizes:
-every epoch would otherwise re-read the whole cache from disk in random order, which for
-the probes' many epochs costs more than the user can gain; fewer layers (`--layers`),
-fewer samples (`--shots`) or a larger machine are the remedies. Host memory is where
-real caches fit (FER2013's 28,709 images × 48 ViT-L tokens × 1024 × fp16 is 2.8 GB).
+Beyond host memory, `featcache.probing` streams the tokens from the cache
+(`featcache.streaming.StreamedSource`, through ``load_source(stream=...)``), and under
+torchrun a data-parallel rank holds its range of shards
+(`featcache.dataparallel.RankSource`).
+
+One interface, `TokenSource`, is what the trainer and the evaluation see: these three
+sources implement it, and the trainer calls its hooks (batches, jitter, dropout masks,
+the loss's denominator, after backward, end of epoch, ...) without ever asking which
+placement it has.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -44,7 +47,12 @@ from featcache.errors import FeatcacheError
 from featcache.text import human_bytes
 
 __all__ = [
+    "TokenSource",
+    "LocalSource",
     "FeatureSource",
+    "Jitter",
+    "jitter_batch",
+    "scoring_batches",
     "as_source",
     "load_source",
     "available_host_memory",
@@ -59,7 +67,146 @@ HOST_FRACTION = 0.8  # of MemAvailable the raw tokens may take
 DEVICE_FRACTION = 0.5  # of free device memory (the rest is for the grid's heads)
 
 
-class FeatureSource:
+@runtime_checkable
+class TokenSource(Protocol):
+    """What the trainer (`featcache.train`) and the evaluation read tokens through.
+
+    Implemented by `FeatureSource` (tokens on the device or in host memory),
+    `featcache.streaming.StreamedSource` (read from the cache as training goes) and
+    `featcache.dataparallel.RankSource` (a torchrun rank's share of the samples). The
+    trainer calls these and nothing else; ``placement`` is what the run record says
+    (device, host, stream, data-parallel), never a thing to branch on.
+
+    Batches: ``epoch_batches(steps, generator)`` yields (the batch's sample positions on
+    the compute device, for the labels; the float32 batch, the caller's to modify);
+    ``batches(batch_size)`` yields (a key that indexes this batch's rows of a per-sample
+    tensor: a slice, or positions on the device; the batch, read only).
+
+    Hooks around a training step, in the order the trainer calls them:
+    ``prepare(heads)`` once per group; ``jitter(xb, std, p, gen)`` on each batch (in
+    place); ``dropout_mask(heads, xb, gen)`` (None: the heads draw their own);
+    ``loss_total(yb, weight, y)``, what a config's summed loss over this batch is divided
+    by (None: this batch's own weight); ``after_backward(params)``; ``end_epoch(losses)``.
+    Between the processes that train one grid together: ``agree(budget)`` (the memory
+    budget they all use), ``grid_part(rank, ranks)`` (the share of the grid's config
+    groups this process trains: (rank, ranks) when ranks split the grid, (0, 1) when they
+    split the samples), ``combine(t)`` (a per-process sum made global, in place).
+    """
+
+    placement: str
+    device: torch.device
+
+    def __len__(self) -> int: ...
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]: ...
+
+    def subset(self, index: Any) -> TokenSource: ...
+
+    def epoch_batches(self, steps: int, generator: torch.Generator
+                      ) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def batches(self, batch_size: int) -> Iterator[tuple[Any, Tensor]]: ...
+
+    def prepare(self, heads: Any) -> None: ...
+
+    def jitter(self, xb: Tensor, std: float, p: float, gen: torch.Generator) -> Tensor: ...
+
+    def dropout_mask(self, heads: Any, xb: Tensor, gen: torch.Generator
+                     ) -> Tensor | None: ...
+
+    def loss_total(self, yb: Tensor, weight: Tensor | None, y: Tensor) -> Tensor | None: ...
+
+    def after_backward(self, params: Sequence[Tensor]) -> None: ...
+
+    def end_epoch(self, losses: Tensor) -> None: ...
+
+    def agree(self, budget: int) -> int: ...
+
+    def grid_part(self, rank: int, ranks: int) -> tuple[int, int]: ...
+
+    def combine(self, t: Tensor) -> Tensor: ...
+
+
+class LocalSource:
+    """The `TokenSource` hooks of a source that holds every sample in this process: each
+    step is the batch's own, and ranks under torchrun split the grid."""
+
+    def prepare(self, heads: Any) -> None:
+        return None
+
+    def jitter(self, xb: Tensor, std: float, p: float, gen: torch.Generator) -> Tensor:
+        return jitter_batch(xb, std, p, gen)
+
+    def dropout_mask(self, heads: Any, xb: Tensor, gen: torch.Generator) -> Tensor | None:
+        return None
+
+    def loss_total(self, yb: Tensor, weight: Tensor | None, y: Tensor) -> Tensor | None:
+        return None
+
+    def after_backward(self, params: Sequence[Tensor]) -> None:
+        return None
+
+    def end_epoch(self, losses: Tensor) -> None:
+        return None
+
+    def agree(self, budget: int) -> int:
+        return budget
+
+    def grid_part(self, rank: int, ranks: int) -> tuple[int, int]:
+        return rank, ranks
+
+    def combine(self, t: Tensor) -> Tensor:
+        return t
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """Gaussian feature jitter for scoring: N(0, std²) per sample with probability p."""
+
+    std: float
+    p: float
+    seed: int
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def jitter_batch(xb: Tensor, std: float, p: float, gen: torch.Generator,
+                 draw_all: bool | None = None) -> Tensor:
+    """Gaussian feature jitter: each sample gets N(0, std²) noise with probability p.
+
+    In place (``xb`` must be a fresh batch). On CPU only the hit samples' noise is drawn
+    (sampling normals is a large part of a small probe's step); on a GPU (``draw_all``)
+    noise is drawn for every sample and masked, so the number of hits never has to reach
+    the host.
+    """
+    B = xb.shape[0]
+    hit = torch.rand(B, generator=gen, device=xb.device) < p
+    if not (xb.device.type != "cpu" if draw_all is None else draw_all):
+        idx = hit.nonzero().squeeze(1)
+        noise = torch.randn((idx.numel(), *xb.shape[1:]), generator=gen, dtype=xb.dtype)
+        return xb.index_add_(0, idx, noise, alpha=std)
+    noise = torch.randn(xb.shape, generator=gen, device=xb.device, dtype=xb.dtype)
+    return xb.addcmul_(noise, (hit.to(xb.dtype) * std).view((B,) + (1,) * (xb.dim() - 1)))
+
+
+def scoring_batches(src: TokenSource, batch_size: int, jitter: Jitter | None
+                    ) -> Iterator[tuple[Any, Tensor]]:
+    """``src.batches`` for evaluation, jittered when asked (one seeded draw that every
+    config sees; a batch may be a view of the tokens, so it is copied first)."""
+    gen = None if jitter is None else generator(src.device, jitter.seed)
+    for key, xb in src.batches(batch_size):
+        if gen is not None and jitter is not None:
+            xb = src.jitter(xb.clone(), jitter.std, jitter.p, gen)
+        yield key, xb
+
+
+class FeatureSource(LocalSource):
     """Tokens (N, T, D) (or any (N, ...)) on the device or in host memory; see module doc.
 
     ``rows`` (optional) maps this source's sample i to row ``rows[i]`` of ``raw``:
@@ -249,15 +396,14 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         (b.index if b.index is not None else current)
 
 
-def as_source(x: Any) -> Any:
+def as_source(x: Any) -> TokenSource:
     """A plain tensor is used as it is (already normalised by the caller), on its device;
-    a FeatureSource or a `featcache.streaming.StreamedSource` as it is."""
-    if isinstance(x, FeatureSource) or getattr(x, "placement", None) in ("stream",
-                                                                        "data-parallel"):
-        return x
-    if not isinstance(x, Tensor):
-        raise TypeError(f"features must be a tensor or a FeatureSource, got {type(x).__name__}")
-    return FeatureSource(x, x.device, normalise=False)
+    a `TokenSource` as it is."""
+    if isinstance(x, Tensor):
+        return FeatureSource(x, x.device, normalise=False)
+    if not isinstance(x, TokenSource):
+        raise TypeError(f"features must be a tensor or a TokenSource, got {type(x).__name__}")
+    return x
 
 
 # -- memory -----------------------------------------------------------------------------
@@ -339,8 +485,9 @@ def fill_tokens(cache: Any, plan: TokenPlan, rows: slice, block: np.ndarray) -> 
 
 def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
                 budget_bytes: int | None = None, host_budget_bytes: int | None = None,
-                normalise: bool | str | None = "token", stream: bool = False,
-                rows: slice | None = None) -> Any:
+                normalise: bool | str | None = "token",
+                stream: Callable[..., TokenSource] | None = None,
+                rows: slice | None = None) -> TokenSource:
     """The cache's tokens, in order, as a FeatureSource over all N samples (or over the
     cache rows ``rows``: a data-parallel rank's range of shards).
 
@@ -349,8 +496,9 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
     shard by shard, into a float16 tensor on ``device`` if its size fits ``budget_bytes``
     (default: `default_feature_budget`), else into (pinned) host memory if it fits
     ``host_budget_bytes`` (default: 80 % of the memory available), else, with
-    ``stream``, a `featcache.streaming.StreamedSource` that reads them from the cache as
-    it goes (buffers within the host budget); without it that is one clear error.
+    ``stream`` (`featcache.streaming.StreamedSource`, called as ``stream(cache, plan,
+    device, normalise, host_budget)``), a source that reads them from the cache as it
+    goes (buffers within the host budget); without it that is one clear error.
     Tokens narrower than the widest (a pooled embedding of another width) are zero-padded,
     which changes neither their norm nor any dot product.
     """
@@ -365,10 +513,8 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
         host_budget = (int(HOST_FRACTION * available_host_memory())
                        if host_budget_bytes is None else int(host_budget_bytes))
         if nbytes > host_budget:
-            if stream and n == cache.n:
-                from featcache.streaming import StreamedSource
-
-                return StreamedSource(cache, plan, device, normalise, host_budget)
+            if stream is not None and n == cache.n:
+                return stream(cache, plan, device, normalise, host_budget)
             fix = ("launch more ranks (each holds its share of the shards)" if n < cache.n
                    else "let featcache stream them from the cache (featcache probe does, "
                    "within --max-host-memory-gb)")

@@ -161,15 +161,18 @@ FUSED_MIN_PER_CONFIG = 16384  # parameters per config from which the fused kerne
 
 def clip_grad_norm_per_config(params: Sequence[Tensor], max_norm: float) -> Tensor:
     """``clip_grad_norm_`` per config: the norm runs over config g's slices of all
-    parameters, so one exploding config cannot shrink another's step. Returns (G,) norms."""
+    parameters, so one exploding config cannot shrink another's step. Returns (G,) norms.
+
+    Each config's norm is computed from its own slices alone (one ``_foreach_norm`` per
+    config): a norm over the stacked (G, n) gradient splits its sums over threads by G,
+    which changed a config's norm in the last bit with the number of configs beside it."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         raise ValueError("no gradients to clip")
-    norms = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads]
-    norm = torch.linalg.vector_norm(torch.stack(norms), dim=0)
+    G = grads[0].shape[0]
+    norm = torch.stack([torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+        [gr[g] for gr in grads]))) for g in range(G)])
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1)))
+    for gr in grads:
+        gr.mul_(coef.to(gr.dtype).view((-1,) + (1,) * (gr.dim() - 1)))
     return norm
-
-

@@ -283,14 +283,19 @@ def ensure_writable(root: Path) -> None:
 
 def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list[str],
                  train: Cache, test: Cache, device: torch.device,
-                 widths: tuple[int, ...] | None = None) -> dict[str, Any]:
+                 mode: str = "single", widths: tuple[int, ...] | None = None
+                 ) -> dict[str, Any]:
     """Every setting that changes a run's numbers, but its seed: its identity (see
-    `featcache.records.settings_id`). Left out, because they provably do not change them:
-    the memory budgets and grouping (a config trained in any group equals it alone), the
-    feature placement (device or host-streamed batches are bit-identical), the thread
-    count, and dropout values for linear heads (which have no dropout)."""
+    `featcache.records.settings_id`). Left out, because they provably do not change them
+    (bitwise, on CPU: tests/test_grid_invariance.py): the memory budgets and grouping (a
+    config's arithmetic does not depend on its group), the feature placement (device or
+    host batches are bit-identical), ranks that split the grid (``mode`` "grid"), and
+    dropout values for linear heads (which have no dropout). In, because they do: the
+    CPU thread count (MKL splits one matmul over threads by it), streaming from the cache
+    (another batch order), and data-parallel training with its number of ranks (sums
+    over ranks round otherwise; ``mode`` "data", which never streams)."""
     spec = get_method(opts.method)
-    streamed = stream_buffer(train, token_names, opts, device)
+    streamed = None if mode == "data" else stream_buffer(train, token_names, opts, device)
     recipe = {k: getattr(cfg, k) for k in (
         "epochs", "batch_size", "min_steps_per_epoch", "min_total_steps", "lrs", "wds",
         "min_lr", "grad_clip", "jitter_std", "jitter_p", "class_weighted")}
@@ -318,6 +323,8 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         # linear heads read narrower tokens (CLIP's projected final layer) at their true
         # width (`featcache.heads.LinearHeads`); before, they read its zero padding too
         **({"token_widths": list(widths)} if widths and spec.head == "linear" else {}),
+        **({"cpu_threads": torch.get_num_threads()} if device.type == "cpu" else {}),
+        **({"data_parallel_ranks": dist.world_size()} if mode == "data" else {}),
     }
 
 
@@ -391,6 +398,7 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
         from featcache.features import token_plan
 
         settings = run_settings(opts, cfg, layer_set, token_names, train, test, device,
+                                parallel_mode(opts, train, tokens, device),
                                 token_plan(train, tokens).widths)
     ident = settings_id(settings)
     path = run_dir(runs_root, model_dir, dataset_dir, opts.method, layer_set, seed, ident)
@@ -413,183 +421,278 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
         try:
             result = (run_knn(train, test, opts, layer_set, seed, path, device, progress,
                               tokens, token_names, extra, base) if knn else
-                      _train_run(train, test, opts, layer_set, seed, path, device, progress,
-                                 cfg, tokens, token_names, extra, base))
+                      _train_run(_Run(train, test, opts, layer_set, seed, path, device, cfg,
+                                      tokens, token_names, extra, base), progress))
         except BaseException as exc:
             failure = exc
         dist.gather_or_fail(None, failure)  # rank 0's refit and record: all wait for them
         return result
 
 
-def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed: int,
-               path: Path, device: torch.device, progress: Any, cfg: Any,
-               tokens: list[tuple[str, str]], token_names: list[str], identity: dict,
-               base: RunResult) -> RunResult:
-    from featcache.features import budget_from_gb, load_source
+@dataclass
+class _Run:
+    """One run to train: what `run_one` decided (its identity) and where it goes."""
 
-    model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
+    train: Cache
+    test: Cache
+    opts: ProbeOptions
+    layer_set: str
+    seed: int
+    path: Path
+    device: torch.device
+    cfg: Any
+    tokens: list[tuple[str, str]]
+    token_names: list[str]
+    identity: dict
+    base: RunResult
+
+
+@dataclass
+class _Data:
+    """A run's samples: the token sources and labels of the kept rows."""
+
+    src_train: Any
+    src_test: Any
+    y_train: torch.Tensor
+    y_test: torch.Tensor
+    keep_test: np.ndarray
+    mode: str
+    norm: str | None
+
+
+@dataclass
+class _Fit:
+    """What a method's fit gives the record: its fields, the head's tensors, the test
+    logits of the config the predictions come from, and the selection."""
+
+    fields: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    selection: Any
+
+
+def _train_run(run: _Run, progress: Any) -> RunResult:
+    """Read the samples, fit and select, test, check, write: one record."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    n_classes = len(train.class_names)
-    y_train_np, y_test_np = train.labels(), test.labels()
+    data = _load_data(run, timings)
+    task = None if progress is None else progress.start(
+        f"{run.train.dataset} {run.opts.method} seed {run.seed}", 0)
+    torch.manual_seed(run.seed)
+    fit = _fit(run, data, _ticker(progress, task), timings)
+    if fit is None:  # another rank's share of the grid, done: rank 0 writes
+        return _partial(run.base, progress, task)
+    _check_finite(run, fit)
+    if task is not None:
+        progress.stop(task)
+    seconds = time.perf_counter() - started
+    record = _record(run, data, fit, {"total_s": seconds,
+                                      **{k: round(v, 4) for k, v in timings.items()}})
+    if dist.rank() != 0:  # data-parallel: every rank scored its share; rank 0 writes
+        return _partial(run.base, progress, task)
+    _write(run, data, fit, record)
+    return replace(run.base, status="trained", metrics=record["metrics"],
+                   selected=record["selected"], seconds=seconds)
+
+
+def _kept_rows(run: _Run) -> tuple[np.ndarray, np.ndarray]:
+    """The train and test rows a run reads: valid ones (train: K per class with --shots);
+    refused when the training rows hold fewer than 2 classes."""
+    train, opts = run.train, run.opts
+    y_train = train.labels()
     keep_train = np.flatnonzero(train.valid())
-    keep_test = np.flatnonzero(test.valid())
     if opts.shots:
-        keep_train = keep_train[sample_shots(y_train_np[keep_train], opts.shots, seed)]
-    present = np.unique(y_train_np[keep_train])
+        keep_train = keep_train[sample_shots(y_train[keep_train], opts.shots, run.seed)]
+    present = np.unique(y_train[keep_train])
     if len(present) < 2:
         raise FeatcacheError(f"{train.path}: the training data hold {len(present)} class "
                              f"({', '.join(train.class_names[c] for c in present) or 'none'}); "
                              "a probe needs at least 2 to mean anything")
-    budget = budget_from_gb(opts.feature_memory_gb)
-    host = budget_from_gb(opts.max_host_memory_gb)
+    return keep_train, np.flatnonzero(run.test.valid())
+
+
+def _load_data(run: _Run, timings: dict[str, float]) -> _Data:
+    """Both splits' tokens as sources (every rank's, under torchrun) and their labels."""
+    keep_train, keep_test = _kept_rows(run)
     clock = time.perf_counter()
-    norm = feature_normalisation(opts.method, opts.protocol)
-    mode = parallel_mode(opts, train, tokens, device)
-    failure = None
-    try:  # a rank that cannot read its shards stops every rank (not one waiting forever)
+    norm = feature_normalisation(run.opts.method, run.opts.protocol)
+    mode = parallel_mode(run.opts, run.train, run.tokens, run.device)
+    src_train, src_test = _sources(run, mode, norm)
+    timings["load_s"] = time.perf_counter() - clock
+    y_tr = torch.as_tensor(run.train.labels()[keep_train], device=run.device)
+    y_te = torch.as_tensor(run.test.labels()[keep_test], device=run.device)
+    if len(y_tr) < 2 or len(y_te) < 1:
+        raise FeatcacheError(f"{run.train.path}: too few samples to probe ({len(y_tr)} "
+                             f"train, {len(y_te)} test)")
+    return _Data(src_train.subset(keep_train), src_test.subset(keep_test), y_tr, y_te,
+                 keep_test, mode, norm)
+
+
+def _sources(run: _Run, mode: str, norm: str | None) -> tuple[Any, Any]:
+    """The train and test sources: this rank's shards (data-parallel), else every sample,
+    in memory or streamed from the cache. A rank that cannot read its shards stops every
+    rank (not one waiting forever)."""
+    from featcache.features import budget_from_gb, load_source
+    from featcache.streaming import StreamedSource
+
+    budget = budget_from_gb(run.opts.feature_memory_gb)
+    host = budget_from_gb(run.opts.max_host_memory_gb)
+    failure, sources = None, (None, None)
+    try:
         if mode == "data":
             from featcache.dataparallel import load_rank_source
 
-            src_train = load_rank_source(train, tokens, device, budget, host, norm)
-            src_test = load_rank_source(test, tokens, device, budget, host, norm)
+            sources = tuple(load_rank_source(c, run.tokens, run.device, budget, host, norm)
+                            for c in (run.train, run.test))
         else:
-            src_train = load_source(train, tokens, device, budget, host, normalise=norm,
-                                    stream=True)
-            src_test = load_source(test, tokens, device, budget, host, normalise=norm,
-                                   stream=True)
+            sources = tuple(load_source(c, run.tokens, run.device, budget, host,
+                                        normalise=norm, stream=StreamedSource)
+                            for c in (run.train, run.test))
     except Exception as exc:
         failure = exc
     dist.gather_or_fail(None, failure)
-    src_train, src_test = src_train.subset(keep_train), src_test.subset(keep_test)
-    timings["load_s"] = time.perf_counter() - clock
-    y_tr = torch.as_tensor(y_train_np[keep_train], device=device)
-    y_te = torch.as_tensor(y_test_np[keep_test], device=device)
-    if len(y_tr) < 2 or len(y_te) < 1:
-        raise FeatcacheError(f"{train.path}: too few samples to probe ({len(y_tr)} train, "
-                             f"{len(y_te)} test)")
+    return sources
 
-    task = None
-    if progress is not None:
-        task = progress.start(f"{train.dataset} {opts.method} seed {seed}", 0)
+
+def _ticker(progress: Any, task: Any) -> Any:
+    """The fit's progress callback: once per epoch per config group; a fit's size is known
+    at its first epoch."""
 
     def tick(info: dict) -> None:
-        """Once per epoch per config group; a fit's size is known at its first epoch."""
         if task is None:
             return
         if info["epoch"] == 1 and info["group"] == 0:
             progress.grow(task, info["epochs"] * info["n_groups"])
         progress.advance(task, 1)
 
-    record: dict[str, Any] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    torch.manual_seed(seed)
-    spec = get_method(opts.method)
-    if spec.per_layer:
-        fit = fit_and_select_layers(src_train, y_tr, n_classes, cfg, opts, seed, tick, timings)
-        if fit["final"] is None:  # another rank's share of the grid, done: rank 0 writes
-            return _partial(base, progress, task)
-        clock = time.perf_counter()
-        tests = all_test_metrics(fit["final"], src_test, y_te)
-        # the layer picked on validation: its predictions, and its metrics from them
-        best = max(range(len(tokens)), key=lambda i: fit["val_metrics"][i]["balanced_top1"])
-        logits = fit["final"].predict_logits(src_test, configs=[best], out_device="cpu")[0]
-        tests[best] = logit_metrics(logits, y_te, n_classes)
-        timings["test_s"] = time.perf_counter() - clock
-        per_layer = []
-        for i, (name, kind) in enumerate(tokens):
-            per_layer.append({"layer": name, "token": kind, "selected": fit["selected"][i],
-                              "val_balanced_top1": fit["val_metrics"][i]["balanced_top1"],
-                              "val_metrics": fit["val_metrics"][i],
-                              **{k: v for k, v in tests[i].items() if k != "per_class"},
-                              "per_class": tests[i]["per_class"]})
-        grid = [{**p, "layer": tokens[i][0], "token": tokens[i][1]}
-                for i, row in enumerate(fit["grid"]) for p in row]
-        record.update(per_layer=per_layer,
-                      selected={**fit["selected"][best], "layer": tokens[best][0]},
-                      metrics={k: per_layer[best][k] for k in METRIC_KEYS},
-                      per_class={"class_names": train.class_names,
-                                 "accuracy": per_layer[best]["per_class"]},
-                      grid=grid, val_metrics=fit["val_metrics"][best], attention=None,
-                      curves={"train_loss": fit["final"].curves[best].tolist(),
-                              "per_layer_train_loss": fit["final"].curves.tolist()})
-        tensors = {f"{name}.{kind}.{key}": value for i, (name, kind) in enumerate(tokens)
-                   for key, value in fit["final"].export(i).items()}
-    else:
-        head = spec.head
-        num_heads = spec.num_heads(src_train.sample_shape[0])
-        fit = fit_and_select(src_train, y_tr, n_classes, head, cfg, opts, seed, num_heads,
-                             tick, timings)
-        if fit["final"] is None:  # another rank's share of the grid, done: rank 0 writes
-            return _partial(base, progress, task)
-        final = fit["final"]
-        clock = time.perf_counter()
-        logits = final.predict_logits(src_test, out_device="cpu")[0]
-        metrics = logit_metrics(logits, y_te, n_classes)
-        attention = None
-        if spec.attentive:
-            weights = final.attention(src_test)[0].numpy().astype(float)
-            attention = {"tokens": token_names, "mean": weights.tolist()}
-        timings["test_s"] = time.perf_counter() - clock
-        tensors = final.export(0)
-        record.update(grid=fit["grid"], selected=fit["selected"], val_metrics=fit["val_metrics"],
-                      metrics={k: v for k, v in metrics.items() if k != "per_class"},
-                      per_class={"class_names": train.class_names,
-                                 "accuracy": metrics.get("per_class")},
-                      curves={"train_loss": final.curves[0].tolist()},
-                      attention=attention, per_layer=None)
-    if not (bool(torch.isfinite(fit["final"].curves).all())
-            and bool(torch.isfinite(logits).all())):
-        # NaN in the tokens (a cache changed after extraction: checksums cover bytes, not
-        # meaning) or a diverged refit: either way the score would be chance, not a result
-        raise FeatcacheError(f"{train.path}: training gave non-finite losses or test logits, "
-                             "so there is no score to report; check its caches with "
-                             f"`featcache verify {train.path}` and `featcache verify "
-                             f"{test.path}` (a value changed after extraction?), or lower "
-                             "--lrs")
-    if task is not None:
-        progress.stop(task)
-    seconds = time.perf_counter() - started
-    record = {
+    return tick
+
+
+def _fit(run: _Run, data: _Data, tick: Any, timings: dict[str, float]) -> _Fit | None:
+    """The method's fit, selection and test; None on a rank whose share is done."""
+    if get_method(run.opts.method).per_layer:
+        return _fit_layers(run, data, tick, timings)
+    return _fit_head(run, data, tick, timings)
+
+
+def _fit_layers(run: _Run, data: _Data, tick: Any, timings: dict[str, float]
+                ) -> _Fit | None:
+    """Every layer's linear probe in one grid; the predictions are the layer picked on
+    validation."""
+    tokens, n_classes = run.tokens, len(run.train.class_names)
+    sel = fit_and_select_layers(data.src_train, data.y_train, n_classes, run.cfg, run.opts,
+                                run.seed, tick, timings)
+    if sel.final is None:
+        return None
+    clock = time.perf_counter()
+    tests = all_test_metrics(sel.final, data.src_test, data.y_test)
+    best = max(range(len(tokens)), key=lambda i: sel.val_metrics[i]["balanced_top1"])
+    logits = sel.final.predict_logits(data.src_test, configs=[best], out_device="cpu")[0]
+    tests[best] = logit_metrics(logits, data.y_test, n_classes)
+    timings["test_s"] = time.perf_counter() - clock
+    per_layer = [{"layer": name, "token": kind, "selected": sel.selected[i],
+                  "val_balanced_top1": sel.val_metrics[i]["balanced_top1"],
+                  "val_metrics": sel.val_metrics[i],
+                  **{k: v for k, v in tests[i].items() if k != "per_class"},
+                  "per_class": tests[i]["per_class"]}
+                 for i, (name, kind) in enumerate(tokens)]
+    grid = [{**p, "layer": tokens[i][0], "token": tokens[i][1]}
+            for i, row in enumerate(sel.grid) for p in row]
+    fields = dict(per_layer=per_layer, selected={**sel.selected[best], "layer": tokens[best][0]},
+                  metrics={k: per_layer[best][k] for k in METRIC_KEYS},
+                  per_class={"class_names": run.train.class_names,
+                             "accuracy": per_layer[best]["per_class"]},
+                  grid=grid, val_metrics=sel.val_metrics[best], attention=None,
+                  curves={"train_loss": sel.final.curves[best].tolist(),
+                          "per_layer_train_loss": sel.final.curves.tolist()})
+    tensors = {f"{name}.{kind}.{key}": value for i, (name, kind) in enumerate(tokens)
+               for key, value in sel.final.export(i).items()}
+    return _Fit(fields, tensors, logits, sel)
+
+
+def _fit_head(run: _Run, data: _Data, tick: Any, timings: dict[str, float]) -> _Fit | None:
+    """One head kind's grid, the selected config refitted and tested."""
+    spec, n_classes = get_method(run.opts.method), len(run.train.class_names)
+    num_heads = spec.num_heads(data.src_train.sample_shape[0])
+    sel = fit_and_select(data.src_train, data.y_train, n_classes, spec.head, run.cfg,
+                         run.opts, run.seed, num_heads, tick, timings)
+    if sel.final is None:
+        return None
+    clock = time.perf_counter()
+    logits = sel.final.predict_logits(data.src_test, out_device="cpu")[0]
+    metrics = logit_metrics(logits, data.y_test, n_classes)
+    attention = None
+    if spec.attentive:
+        weights = sel.final.attention(data.src_test)[0].numpy().astype(float)
+        attention = {"tokens": run.token_names, "mean": weights.tolist()}
+    timings["test_s"] = time.perf_counter() - clock
+    fields = dict(grid=sel.grid, selected=sel.selected, val_metrics=sel.val_metrics,
+                  metrics={k: v for k, v in metrics.items() if k != "per_class"},
+                  per_class={"class_names": run.train.class_names,
+                             "accuracy": metrics.get("per_class")},
+                  curves={"train_loss": sel.final.curves[0].tolist()},
+                  attention=attention, per_layer=None)
+    return _Fit(fields, sel.final.export(0), logits, sel)
+
+
+def _check_finite(run: _Run, fit: _Fit) -> None:
+    """NaN in the tokens (a cache changed after extraction: checksums cover bytes, not
+    meaning) or a diverged refit: either way the score would be chance, not a result."""
+    if bool(torch.isfinite(fit.selection.final.curves).all()) and \
+            bool(torch.isfinite(fit.logits).all()):
+        return
+    train, test = run.train, run.test
+    raise FeatcacheError(f"{train.path}: training gave non-finite losses or test logits, "
+                         "so there is no score to report; check its caches with "
+                         f"`featcache verify {train.path}` and `featcache verify "
+                         f"{test.path}` (a value changed after extraction?), or lower "
+                         "--lrs")
+
+
+def _record(run: _Run, data: _Data, fit: _Fit, timings: dict[str, float]) -> dict[str, Any]:
+    """The run record (`featcache.records`), but for its predictions entry."""
+    train, opts = run.train, run.opts
+    return {
         "featcache_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": train.model,
-        "model_dir": model_dir,
+        "model_dir": train.path.parent.parent.name,
         "dataset": train.dataset,
-        "dataset_dir": dataset_dir,
+        "dataset_dir": train.path.parent.name,
         "tap": train.fingerprint["model"]["tap"],
         "weights": train.fingerprint["model"]["weights"],
         "method": opts.method,
-        "layer_set": layer_set,
-        "tokens": token_names,
-        "seed": seed,
-        "n_train": int(len(y_tr)),
-        "n_test": int(len(y_te)),
-        "n_classes": n_classes,
+        "layer_set": run.layer_set,
+        "tokens": run.token_names,
+        "seed": run.seed,
+        "n_train": int(len(data.y_train)),
+        "n_test": int(len(data.y_test)),
+        "n_classes": len(train.class_names),
         "protocol": opts.protocol,
-        "normalisation": norm,
-        "config": {**_cfg_dict(cfg), "val_fraction": opts.val_fraction, "shots": opts.shots,
-                   "grid_name": opts.grid, "device": str(device),
-                   "feature_placement": src_train.placement,
-                   "parallel": mode, "ranks": dist.world_size(),
+        "normalisation": data.norm,
+        "config": {**_cfg_dict(run.cfg), "val_fraction": opts.val_fraction,
+                   "shots": opts.shots, "grid_name": opts.grid, "device": str(run.device),
+                   "feature_placement": data.src_train.placement,
+                   "parallel": data.mode, "ranks": dist.world_size(),
                    "torch_threads": torch.get_num_threads()},
-        "caches": {"train": str(train.path), "test": str(test.path)},
-        "fingerprints": {"train": train.fingerprint, "test": test.fingerprint},
-        "steps": fit["steps"],
-        **identity,
-        **record,
-        "timings": {"total_s": seconds, **{k: round(v, 4) for k, v in timings.items()}},
+        "caches": {"train": str(train.path), "test": str(run.test.path)},
+        "fingerprints": {"train": train.fingerprint, "test": run.test.fingerprint},
+        "steps": fit.selection.steps,
+        **run.identity,
+        **fit.fields,
+        "timings": timings,
     }
-    if dist.rank() != 0:  # data-parallel: every rank scored its share; rank 0 writes
-        return _partial(base, progress, task)
-    predictions = from_logits(logits, y_te, keep_test)
-    record["predictions"] = {"file": PREDICTIONS_FILE, "split": opts.test_split,
+
+
+def _write(run: _Run, data: _Data, fit: _Fit, record: dict[str, Any]) -> None:
+    """The record, the head and the predictions, written; the selection's note said once
+    the run is a result."""
+    predictions = from_logits(fit.logits, data.y_test, data.keep_test)
+    record["predictions"] = {"file": PREDICTIONS_FILE, "split": run.opts.test_split,
                              "n": len(predictions.index), "top_k": predictions.top_k.shape[1]}
-    write_run(path, record, tensors, predictions.tensors())
-    if fit.get("note"):  # said once the run is a result
-        warn(fit["note"])
-    return replace(base, status="trained", metrics=record["metrics"],
-                   selected=record["selected"], seconds=seconds)
+    write_run(run.path, record, fit.tensors, predictions.tensors())
+    if fit.selection.note:
+        warn(fit.selection.note)
 
 
 def parallel_mode(opts: ProbeOptions, train: Cache, tokens: list[tuple[str, str]],

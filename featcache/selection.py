@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,25 @@ from featcache.errors import FeatcacheError, warn
 from featcache.heads import HEADS
 
 METRIC_KEYS = ("top1", "top5", "balanced_top1", "balanced_top5")
+
+
+@dataclass
+class Selection:
+    """What selection gives: the grid (every point with its validation score), the
+    selected point, its validation metrics, the refitted head and a note (a warning to
+    say once the run is a result). For per-layer probes (`fit_and_select_layers`)
+    ``grid``, ``selected`` and ``val_metrics`` hold one entry per layer and ``final``'s
+    config l is layer l's probe. ``final`` is None on a rank whose share of a
+    grid-parallel run is done (rank 0 refits)."""
+
+    grid: list[Any]
+    selected: Any
+    val_metrics: Any
+    final: Any = None
+    note: str | None = None
+    steps: dict[str, dict] | None = None  # the grid's and the refit's batch plans
+
+
 TOP5_MIN_CLASSES = 6  # with 5 classes or fewer every top-5 is trivially right
 
 
@@ -60,14 +80,13 @@ def sample_shots(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
 def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes: int,
                    head: str, cfg: Any, opts: Any, seed: int, num_heads: int | None,
                    progress: Callable[[dict], None] | None = None,
-                   timings: dict[str, float] | None = None) -> dict[str, Any]:
+                   timings: dict[str, float] | None = None) -> Selection:
     """Grid on 80 %, select by validation balanced top-1, refit the winner on 100 %.
 
     ``x_train``: a tensor (used as it is) or a `FeatureSource`; ``opts`` needs
     ``val_fraction`` and ``protocol`` ("paper": validation scored on jittered features, as
-    the authors; "clean" or absent: on clean ones). Returns grid (points with their
-    validation score), selected point, its validation metrics and the refitted head
-    (``final``). ``timings`` gets grid_s, select_s and refit_s added.
+    the authors; "clean" or absent: on clean ones). Returns a `Selection`. ``timings``
+    gets grid_s, select_s and refit_s added.
     """
     from featcache.features import as_source
     from featcache.train import fit_grid, grid_points
@@ -90,16 +109,15 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     note = no_choice(scores, len(va))
     table = [{**p, "val_balanced_top1": float(v)} for p, v in zip(points, scores, strict=True)]
     timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
-    val_best = {k: float(val[k][best]) for k in METRIC_KEYS}
-    if dist.rank() != 0 and not _data_parallel(src):  # grid-parallel: rank 0 refits
-        return {"grid": table, "selected": points[best], "val_metrics": val_best,
-                "final": None, "note": note, "steps": steps}
+    out = Selection(table, points[best], {k: float(val[k][best]) for k in METRIC_KEYS},
+                    note=note, steps=steps)
+    if dist.rank() != 0 and _grid_parallel(src):  # rank 0 refits
+        return out
     clock = time.perf_counter()
-    final = fit_grid(src, y_dev, n_classes, head, [points[best]], cfg,
-                     num_heads=num_heads, progress=progress)
+    out.final = fit_grid(src, y_dev, n_classes, head, [points[best]], cfg,
+                         num_heads=num_heads, progress=progress)
     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
-    return {"grid": table, "selected": points[best], "val_metrics": val_best, "final": final,
-            "note": note, "steps": steps}
+    return out
 
 
 def _grid_scores(train: Callable[[tuple[int, int], Any], Any], x_val: Any,
@@ -108,10 +126,9 @@ def _grid_scores(train: Callable[[tuple[int, int], Any], Any], x_val: Any,
                  clock: float) -> dict[str, list[float]]:
     """Train the grid (under torchrun: this rank's share of its config groups) and score
     it on validation; every config's scores, gathered from every rank, in grid order."""
-    data_parallel = _data_parallel(x_val)
     # grid-parallel: this rank's share of the configs; data-parallel: every config, on
     # this rank's share of the samples (its scores are already summed over ranks)
-    part = (0, 1) if data_parallel else (dist.rank(), dist.world_size())
+    part = x_val.grid_part(dist.rank(), dist.world_size())
     if part[1] > 1 and cfg.memory_budget_bytes is None:
         cfg = _shared_budget(cfg, x_val.device)
     failure, payload = None, None
@@ -162,8 +179,9 @@ def _shared_budget(cfg: Any, device: torch.device) -> Any:
     return dataclasses.replace(cfg, memory_budget_bytes=min(budgets))
 
 
-def _data_parallel(src: Any) -> bool:
-    return getattr(src, "placement", None) == "data-parallel"
+def _grid_parallel(src: Any) -> bool:
+    """Whether the processes of this run split the grid (not the samples)."""
+    return src.grid_part(dist.rank(), dist.world_size())[1] > 1
 
 
 def _val_jitter(opts: Any, cfg: Any) -> Any:
@@ -189,7 +207,7 @@ def sized_plan(cfg: Any, n_train: int, n_tune: int) -> tuple[Any, dict[str, dict
 
 def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, cfg: Any,
                           opts: Any, seed: int, progress: Callable[[dict], None] | None = None,
-                          timings: dict[str, float] | None = None) -> dict[str, Any]:
+                          timings: dict[str, float] | None = None) -> Selection:
     """Per-layer linear probes, every layer in one grid: config (l, p) reads token l with
     hyperparameters p (layers × points on the config axis). Selection is per layer; the
     refit trains each layer's winner, again all layers at once. ``final``'s config l is
@@ -216,20 +234,17 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
     scores = np.asarray(val["balanced_top1"], dtype=float).reshape(L, P)
     best = [int(np.argmax(row)) for row in scores]
     timings["select_s"] = timings.get("select_s", 0.0) + time.perf_counter() - clock
-    out = {
-        "note": no_choice(scores, len(va)),
-        "grid": [[{**p, "val_balanced_top1": float(v)} for p, v in zip(points, row, strict=True)]
-                 for row in scores],
-        "selected": [points[b] for b in best],
-        "val_metrics": [{k: float(val[k][layer * P + b]) for k in METRIC_KEYS}
-                        for layer, b in enumerate(best)],
-        "final": None,
-        "steps": steps,
-    }
-    if dist.rank() != 0 and not _data_parallel(src):  # grid-parallel: rank 0 refits
+    out = Selection(
+        grid=[[{**p, "val_balanced_top1": float(v)} for p, v in zip(points, row, strict=True)]
+              for row in scores],
+        selected=[points[b] for b in best],
+        val_metrics=[{k: float(val[k][layer * P + b]) for k in METRIC_KEYS}
+                     for layer, b in enumerate(best)],
+        note=no_choice(scores, len(va)), steps=steps)
+    if dist.rank() != 0 and _grid_parallel(src):  # rank 0 refits
         return out
     clock = time.perf_counter()
-    out["final"] = fit_grid(src, y_dev, n_classes, "linear", [points[b] for b in best], cfg,
+    out.final = fit_grid(src, y_dev, n_classes, "linear", [points[b] for b in best], cfg,
                             progress=progress, inputs=list(range(L)))
     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
     return out

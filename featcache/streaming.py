@@ -31,16 +31,15 @@ import torch
 from torch import Tensor
 
 from featcache.errors import FeatcacheError
-from featcache.features import FeatureSource, TokenPlan, fill_tokens
+from featcache.features import FeatureSource, LocalSource, TokenPlan, fill_tokens
 from featcache.text import human_bytes
 
 BUFFERS = 3  # the host budget is split in thirds: two buffers of shards, one for the rest
 
 
-class StreamedSource:
+class StreamedSource(LocalSource):
     """The planned tokens of some cache rows (``rows``, in this source's order), read
-    from the cache in buffers of whole shards; the `FeatureSource` interface the trainer
-    and the evaluation use."""
+    from the cache in buffers of whole shards; a `featcache.features.TokenSource`."""
 
     placement = "stream"
 
@@ -62,7 +61,7 @@ class StreamedSource:
                 f"streaming needs {BUFFERS} times that in host memory; the budget is "
                 f"{human_bytes(self.host_budget)}: raise --max-host-memory-gb")
 
-    # -- the FeatureSource interface ----------------------------------------------------
+    # -- the TokenSource interface ------------------------------------------------------
     def __len__(self) -> int:
         return len(self.rows)
 

@@ -2,20 +2,37 @@
 
 The reference runs each of its 63 grid points as its own job. Here every config of a
 group is a slice of one stacked head (``featcache.heads``): all configs see the same
-shuffled, jittered batch, the loss is the sum of the per-config losses, and optimisation
-(AdamW, cosine schedule, clipping) is done per config on its own slices. So a config
-trained inside the grid follows the same trajectory it would follow alone with the same
-seed: same init (one draw copied to all configs), same batches, same jitter (each from its
-own seeded generator, replayed for every group), and no operation that mixes configs.
-Dropout masks come from a third generator, so configs with dropout 0 are unaffected by
-their neighbours' dropout.
+shuffled, jittered batch, each config's loss is its own, and optimisation (AdamW, cosine
+schedule, clipping) is done per config on its own slices.
+
+So a config's numbers are a function of the run's settings and its own hyperparameters
+alone. On CPU, bitwise: they are the same whatever else shares its group, however many
+configs the memory budget puts in a group, wherever the tokens sit (device or host),
+and however many torchrun ranks split the grid (`tests/test_grid_invariance.py`):
+
+- its init is one draw from the run seed, copied to every config; its batches, jitter
+  and dropout masks come from generators seeded by the run seed alone (the masks from
+  one uniform draw that every config thresholds at its own rate);
+- no operation mixes configs: every matmul is one per config (`featcache.heads.matmul`)
+  or has the configs as its rows, every softmax runs along a contiguous row, and each
+  config's loss, gradient-norm and optimiser step are computed from its slices alone.
+
+What still changes the bits, and so is part of a run's identity
+(`featcache.probing.run_settings`): the CPU thread count (MKL splits one matmul over
+threads by the thread count), streaming from the cache (another batch order), and
+data-parallel training (sums over ranks; within a stated bound of one process,
+docs/scaling.md). On CUDA, kernels may round differently with the group's shape;
+`benchmarks/gpu_check.py` reports the spread.
+
+Where the tokens come from is a `featcache.features.TokenSource`: the trainer calls its
+hooks and never asks which placement it has.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featcache.distributed import split_evenly
-from featcache.features import FeatureSource, as_source
+from featcache.features import (
+    Jitter,
+    TokenSource,
+    as_source,
+    generator,
+    jitter_batch,
+    scoring_batches,
+)
 from featcache.heads import HEADS, AttentiveHeads, StackedHeads, attention_summary
 from featcache.metrics import MetricAccumulator
 from featcache.optim import BatchedAdamW, clip_grad_norm_per_config, cosine_lr
@@ -201,38 +225,24 @@ def per_sample_nll(logits: Tensor, y: Tensor) -> Tensor:
     return -logp.gather(1, y.view(1, 1, B).expand(G, 1, B)).squeeze(1)
 
 
-def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
-    """Cross entropy per config, (G,): ``CrossEntropyLoss(weight=w)``'s weighted mean."""
+def _per_config_loss(logits: Tensor, y: Tensor, weight: Tensor | None,
+                     total: Tensor | float | None = None) -> Tensor:
+    """Cross entropy per config, (G,): ``CrossEntropyLoss(weight=w)``'s weighted mean (or,
+    with ``total``, the weighted sum over these samples divided by ``total``: a rank's
+    share of a global batch's mean).
+
+    Config by config: one reduction over the (G, B) losses splits its sums over threads
+    by G, and a config's loss (and so its gradient) must not depend on its neighbours."""
     nll = per_sample_nll(logits, y)
-    if weight is None:
-        return nll.mean(1)
-    wb = weight[y]
-    return (nll * wb).sum(1) / wb.sum()
+    wb = None if weight is None else weight[y]
+    if total is None:
+        total = float(y.numel()) if wb is None else wb.sum()
+    rows = nll.unbind(0) if wb is None else [row * wb for row in nll.unbind(0)]
+    return torch.stack([row.sum() for row in rows]) / total
 
 
-def _jitter(xb: Tensor, std: float, p: float, gen: torch.Generator,
-            draw_all: bool | None = None) -> Tensor:
-    """Gaussian feature jitter: each sample gets N(0, std²) noise with probability p.
-
-    In place (``xb`` must be a fresh batch). On CPU only the hit samples' noise is drawn
-    (sampling normals is a large part of a small probe's step); on a GPU (``draw_all``)
-    noise is drawn for every sample and masked, so the number of hits never has to reach
-    the host.
-    """
-    B = xb.shape[0]
-    hit = torch.rand(B, generator=gen, device=xb.device) < p
-    if not (xb.device.type != "cpu" if draw_all is None else draw_all):
-        idx = hit.nonzero().squeeze(1)
-        noise = torch.randn((idx.numel(), *xb.shape[1:]), generator=gen, dtype=xb.dtype)
-        return xb.index_add_(0, idx, noise, alpha=std)
-    noise = torch.randn(xb.shape, generator=gen, device=xb.device, dtype=xb.dtype)
-    return xb.addcmul_(noise, (hit.to(xb.dtype) * std).view((B,) + (1,) * (xb.dim() - 1)))
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+_jitter = jitter_batch  # the trainer's jitter is the sources' (`featcache.features`)
+_generator = generator
 
 
 def _stream_seeds(seed: int) -> tuple[int, int, int]:
@@ -286,20 +296,11 @@ def config_groups(n_points: int, per_config: int, shared: int, budget: int) -> l
     return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
 
 
-@dataclass(frozen=True)
-class Jitter:
-    """Gaussian feature jitter for scoring: N(0, std²) per sample with probability p."""
-
-    std: float
-    p: float
-    seed: int
-
-
 @dataclass
 class FittedGrid:
     """A trained grid: the stacked head (configs in ``points`` order) and its curves.
 
-    Evaluation takes what ``fit_grid`` took: a tensor or a ``FeatureSource`` (batches are
+    Evaluation takes what ``fit_grid`` took: a tensor or a ``TokenSource`` (batches are
     formed the same way as in training: linear heads without ``inputs`` read a
     (B, T, D) source batch flattened to (B, T·D)).
     """
@@ -320,30 +321,6 @@ class FittedGrid:
     def _autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, torch.bfloat16, enabled=self.amp and
                               device.type == "cuda")
-
-    @torch.no_grad()
-    def _forward_chunks(
-        self,
-        x: Tensor | FeatureSource,
-        batch_size: int,
-        configs: Sequence[int] | None,
-        fn: Callable[[list[int], Tensor | tuple[Tensor, Tensor], slice], None],
-        return_attention: bool = False,
-        jitter: Jitter | None = None,
-    ) -> None:
-        """Eval-mode forward over batches of samples × chunks of ``group_size`` configs;
-        ``fn`` gets (global config indices of the chunk, head output, sample slice).
-        Each batch is formed once (read, normalised, copied, jittered) for every chunk."""
-        src = as_source(x)
-        gen = None if jitter is None else _generator(src.device, jitter.seed)
-
-        def batches() -> Iterator[tuple[slice, Tensor]]:
-            for s, xb in src.batches(batch_size):
-                if gen is not None and jitter is not None:  # a batch may be a view: copy
-                    xb = _jitter(xb.clone(), jitter.std, jitter.p, gen)
-                yield s, xb
-
-        self.forward_batches(batches(), configs, fn, return_attention)
 
     @torch.no_grad()
     def forward_batches(self, batches: Iterable[tuple[Any, Tensor]],
@@ -372,7 +349,7 @@ class FittedGrid:
 
     def predict_logits(
         self,
-        x: Tensor | FeatureSource,
+        x: Tensor | TokenSource,
         batch_size: int = 4096,
         configs: Sequence[int] | None = None,
         out_device: torch.device | str | None = None,
@@ -380,24 +357,22 @@ class FittedGrid:
         """Eval-mode logits (G, N, C) in fp32 on ``out_device`` (default: the compute
         device). For large grids × large N × many classes, use ``evaluate`` (streams)."""
         src = as_source(x)
-        if getattr(src, "placement", None) == "data-parallel":
-            from featcache import dataparallel
-
-            return dataparallel.predict_logits(self, src, batch_size, configs, out_device)
         wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
-        dev = src.device if out_device is None else torch.device(out_device)
-        out = torch.empty(len(wanted), len(src), self.heads.n_classes, device=dev)
+        # on the compute device: a source whose samples are spread over ranks sums them
+        # there (NCCL reduces device tensors only)
+        out = torch.zeros(len(wanted), len(src), self.heads.n_classes, device=src.device)
         pos = {g: i for i, g in enumerate(wanted)}
 
-        def logits(idx: list[int], o: Tensor, s: slice) -> None:
-            out[pos[idx[0]] : pos[idx[-1]] + 1, s] = o.float().to(dev)
+        def logits(idx: list[int], o: Tensor, key: Any) -> None:
+            out[pos[idx[0]] : pos[idx[-1]] + 1, key] = o.float()
 
-        self._forward_chunks(src, batch_size, wanted, logits)
-        return out
+        self.forward_batches(scoring_batches(src, batch_size, None), wanted, logits)
+        src.combine(out)  # each sample's row is written by exactly one process
+        return out.to(src.device if out_device is None else torch.device(out_device))
 
     def evaluate(
         self,
-        x: Tensor | FeatureSource,
+        x: Tensor | TokenSource,
         y: Tensor,
         batch_size: int = 4096,
         configs: Sequence[int] | None = None,
@@ -407,19 +382,18 @@ class FittedGrid:
         ``jitter``: score on jittered features (the authors' validation; one seeded draw
         that every config sees)."""
         src = as_source(x)
-        if getattr(src, "placement", None) == "data-parallel":
-            from featcache import dataparallel
-
-            return dataparallel.evaluate(self, src, y, batch_size, configs, jitter)
         wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
         y = torch.as_tensor(y).to(src.device).long()
         accs: dict[int, MetricAccumulator] = {}
 
-        def score(idx: list[int], o: Tensor, s: slice) -> None:
+        def score(idx: list[int], o: Tensor, key: Any) -> None:
             acc = accs.setdefault(idx[0], MetricAccumulator(self.heads.n_classes))
-            acc.update(o.float(), y[s])
+            acc.update(o.float(), y[key])
 
-        self._forward_chunks(src, batch_size, wanted, score, jitter=jitter)
+        self.forward_batches(scoring_batches(src, batch_size, jitter), wanted, score)
+        for acc in accs.values():  # every process scored every chunk (maybe of 0 rows)
+            for t in (acc._hits1, acc._hitsk, acc._counts):
+                src.combine(t)
         parts = [accs[k].compute() for k in sorted(accs)]
         merged = {
             key: [v for p in parts for v in p[key]] for key in parts[0] if key not in ("k", "n")
@@ -427,25 +401,25 @@ class FittedGrid:
         merged["k"], merged["n"] = parts[0]["k"], parts[0]["n"]
         return merged
 
-    def attention(self, x: Tensor | FeatureSource, batch_size: int = 4096,
+    def attention(self, x: Tensor | TokenSource, batch_size: int = 4096,
                   per_head: bool = False) -> Tensor:
         """Mean attention weight per input token, (G, T) (or (G, H, T) with ``per_head``):
         averaged over samples (and heads); eval mode, so no dropout. CPU float32."""
         if not isinstance(self.heads, AttentiveHeads):
             raise TypeError("attention weights exist only for attentive heads")
         src = as_source(x)
-        if getattr(src, "placement", None) == "data-parallel":
-            from featcache import dataparallel
-
-            return dataparallel.attention(self, src, batch_size, per_head)
         H, T = self.heads.num_heads, src.sample_shape[0]
         total = torch.zeros(self.heads.n_configs, H, T, device=src.device, dtype=torch.float64)
 
-        def attn(idx: list[int], o: tuple[Tensor, Tensor], s: slice) -> None:
-            batch_mean = attention_summary(o[1], per_head=True).double()
-            total[idx[0] : idx[-1] + 1] += batch_mean * (s.stop - s.start)
+        def attn(idx: list[int], o: tuple[Tensor, Tensor], key: Any) -> None:
+            n = key.numel() if isinstance(key, Tensor) else key.stop - key.start
+            if n:
+                batch_mean = attention_summary(o[1], per_head=True).double()
+                total[idx[0] : idx[-1] + 1] += batch_mean * n
 
-        self._forward_chunks(src, batch_size, None, attn, return_attention=True)
+        self.forward_batches(scoring_batches(src, batch_size, None), None, attn,
+                             return_attention=True)
+        src.combine(total)
         mean = (total / len(src)).float().cpu()
         return mean if per_head else mean.mean(1)
 
@@ -455,7 +429,7 @@ class FittedGrid:
 
 
 def fit_grid(
-    x: Tensor | FeatureSource,
+    x: Tensor | TokenSource,
     y: Tensor,
     n_classes: int,
     head: str,
@@ -469,7 +443,7 @@ def fit_grid(
     """Train one head per grid point on (x, y), all at once, on x's (compute) device.
 
     x: a tensor, used as it is (batches cast to fp32): (N, d) for ``linear``, (N, T, D)
-    for ``attentive``; or a ``FeatureSource`` (batches normalised on the way; a linear
+    for ``attentive``; or a ``TokenSource`` (batches normalised on the way; a linear
     head reads its (T, D) samples flattened). ``inputs`` (linear only): one token index
     per point, config g then reads token ``inputs[g]`` of (N, T, D) features (per-layer
     probes of every layer in one grid). ``num_heads`` defaults to T (the ALF rule: one
@@ -480,8 +454,9 @@ def fit_grid(
     ``part`` (rank, ranks): train only this rank's share of the config groups, whole
     groups as one process forms them (so each config ends bit for bit where it ends in
     one process); a grid of fewer groups than ranks is first cut into as many groups as
-    ranks, which moves results only by float rounding. The result holds the share, with
-    its global indices in ``configs``; None for a rank with no share.
+    ranks, which changes no config's bits either (a config's arithmetic does not depend
+    on its group, module doc). The result holds the share, with its global indices in
+    ``configs``; None for a rank with no share.
     """
     cfg = cfg or TrainConfig()
     kind = _head_kind(head)
@@ -505,13 +480,10 @@ def fit_grid(
     lrs = [float(p["lr"]) for p in points]
     wds = [float(p["wd"]) for p in points]
     per_cfg, shared = kind.memory(shape, n_classes, plan.batch_size, num_heads, device, inputs)
-    budget = cfg.memory_budget_bytes or default_memory_budget(device)
+    # every process that trains this grid forms the same groups (grid-parallel ranks
+    # agree on the budget before: `selection._grid_scores`)
+    budget = src.agree(cfg.memory_budget_bytes or default_memory_budget(device))
     rank, world = part
-    if getattr(src, "placement", None) == "data-parallel":  # one grouping on every rank
-        # (grid-parallel ranks agree on the budget before: `selection._grid_scores`)
-        from featcache import dataparallel
-
-        budget = dataparallel.smallest(budget)
     groups = config_groups(G, per_cfg, shared, budget)
     if world > 1 and len(groups) < world:  # every rank gets work: smaller groups
         groups = [c.tolist() for c in np.array_split(np.arange(G), min(G, world))]
@@ -554,7 +526,7 @@ def fit_grid(
 
 def _train_group(
     heads: StackedHeads,
-    src: FeatureSource,
+    src: TokenSource,
     y: Tensor,
     weight: Tensor | None,
     lr0: list[float],
@@ -570,15 +542,12 @@ def _train_group(
     on the host from Python floats. The shuffle is drawn on the host (a CPU generator) by
     the source (`epoch_batches`), so it is the same whether the features sit on the
     device or in host memory; a source streamed from the cache shuffles by blocks of
-    shards instead (`featcache.streaming`).
+    shards instead (`featcache.streaming`). What the source does around each step
+    (jitter, masks, the loss's denominator, after backward, end of epoch) are its hooks
+    (`featcache.features.TokenSource`).
     """
     device = src.device
-    dp = getattr(src, "placement", None) == "data-parallel"  # `featcache.dataparallel`
-    if dp:
-        from featcache import dataparallel
-
-        if hasattr(heads, "batch_norm"):
-            heads.batch_norm = dataparallel.sync_batch_norm
+    src.prepare(heads)
     heads.train()
     params = list(heads.parameters())
     opt = BatchedAdamW(params, lr0, wd)
@@ -601,31 +570,25 @@ def _train_group(
                 xb = xb.flatten(1)
             yb = y.index_select(0, idx_y)
             if jitter:
-                xb = dataparallel.global_jitter(xb, src, cfg.jitter_std, cfg.jitter_p,
-                                                g_jitter) if dp else \
-                    _jitter(xb, cfg.jitter_std, cfg.jitter_p, g_jitter)
+                xb = src.jitter(xb, cfg.jitter_std, cfg.jitter_p, g_jitter)
             if opt.fused:  # cosine_lr on the host: the fused kernel takes floats
                 c = 0.5 * (1 + math.cos(math.pi * step / total))
                 lr = [cfg.min_lr + (base - cfg.min_lr) * c for base in lr0]
             else:
                 lr = cosine_lr(lr0_t, step, total, cfg.min_lr)
-            mask = dataparallel.global_dropout_mask(heads, src, xb.shape[1], g_drop) \
-                if dp and xb.dim() == 3 else None
+            mask = src.dropout_mask(heads, xb, g_drop)
             with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
                 logits = heads(xb, generator=g_drop, dropout_mask=mask)
-            loss = dataparallel.global_loss(logits, yb, weight, src, y) if dp else \
-                _per_config_loss(logits, yb, weight)
+            loss = _per_config_loss(logits, yb, weight, src.loss_total(yb, weight, y))
             opt.zero_grad()
-            loss.sum().backward()
-            if dp:
-                dataparallel.all_reduce_grads(params)
+            loss.sum().backward()  # d(sum)/d(loss_g) = 1: config g's own gradient
+            src.after_backward(params)
             if clip:
                 clip_grad_norm_per_config(params, cfg.grad_clip)
             opt.step(lr)
             epoch_loss += loss.detach()
             step += 1
-        if dp:  # each rank summed its share of every step's loss
-            dataparallel.all_reduce_(epoch_loss)
+        src.end_epoch(epoch_loss)
         if progress is not None:
             mean = (curves[epoch] / plan.steps_per_epoch).tolist()
             progress({"epoch": epoch + 1, "epochs": plan.epochs, "loss": mean})

@@ -234,7 +234,9 @@ def test_data_parallel_probe_matches_one_process(tmp_path, method, tolerance):
     rec = json.loads((Path(row["path"]) / "record.json").read_text())
     assert (rec["config"]["parallel"], rec["config"]["ranks"]) == ("data", 2)
     assert rec["config"]["feature_placement"] == "data-parallel"
-    assert Path(row["path"]).name == one.path.name  # the same run: only rounding differs
+    # its own run: sums over ranks round otherwise, and the identity says so
+    assert Path(row["path"]).name != one.path.name
+    assert rec["settings"]["data_parallel_ranks"] == 2
     assert rec["selected"] == one.selected
     assert abs(rec["metrics"]["balanced_top1"] - one.metrics["balanced_top1"]) <= tolerance
     # every config's loss curve summed over ranks (layers: one config per layer)

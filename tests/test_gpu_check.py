@@ -23,6 +23,7 @@ def test_dry_run_passes_every_check_and_writes_the_figures(tmp_path: Path) -> No
     names = {c["name"] for c in result["checks"]}
     assert {"extract timm reference", "extract timm residual", "extract open_clip reference",
             "extract open_clip residual", "fused AdamW and plain pooling",
+            "grid grouping changes no config",
             "tokens placed three ways, same batches",
             "probe every method and placement",
             "predict and report", "torchrun"} <= names

@@ -128,9 +128,9 @@ def test_sampled_dropout_mask_and_isolation() -> None:
     p = [0.0, 0.3, 0.6]
     heads = _stacked_from(refs, p)
     gen = torch.Generator().manual_seed(0)
-    mask = heads.sample_dropout_mask(400, T, gen)  # (B, T, G, H)
+    mask = heads.sample_dropout_mask(400, T, gen)  # (G, B, H, T)
     for g, pg in enumerate(p):
-        m = mask[:, :, g]
+        m = mask[g]
         assert abs((m == 0).double().mean().item() - pg) < 0.01
         assert torch.allclose(m[m > 0], torch.tensor(1 / (1 - pg), dtype=F64))
     x = torch.randn(B, T, D, dtype=F64)
@@ -236,12 +236,12 @@ def test_chunked_pool_project_equals_reference(monkeypatch) -> None:
     _compare(_stacked_from(refs, p.tolist()), refs, x, mask)
     # the function itself, every input's gradient (numerically), and with the input's
     # gradient not needed (training: that branch is skipped)
-    a = torch.rand(B, T, G, H, dtype=F64, requires_grad=True)
+    a = torch.rand(G, H, B, T, dtype=F64, requires_grad=True)
     xh = torch.randn(B, T, D, dtype=F64, requires_grad=True)
     w = torch.randn(G, H, 2, D, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(heads_mod.pool_project, (a, xh, w))
     out = heads_mod.pool_project(a, xh.detach(), w)
-    want = torch.einsum("btgh,btd,ghed->bghe", a, xh.detach(), w)
+    want = torch.einsum("ghbt,btd,ghed->bghe", a, xh.detach(), w)
     torch.testing.assert_close(out, want, **TIGHT)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (a, w), g)
@@ -315,7 +315,7 @@ def test_plain_pool_project_dense_layout_equals_reference(monkeypatch) -> None:
     keep = torch.rand(G, B, H, T, dtype=F64) >= p.view(G, 1, 1, 1)
     _compare(_stacked_from(refs, p.tolist()), refs, torch.randn(B, T, D, dtype=F64),
              keep / (1 - p.view(G, 1, 1, 1)))
-    a = torch.rand(B, T, G, H, dtype=F64, requires_grad=True)
+    a = torch.rand(G, H, B, T, dtype=F64, requires_grad=True)
     xh = torch.randn(B, T, D, dtype=F64, requires_grad=True)
     w = torch.randn(G, H, 2, D, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(heads_mod.pool_project, (a, xh, w))

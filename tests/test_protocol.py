@@ -82,13 +82,13 @@ def test_paper_protocol_scores_validation_on_jittered_features():
     clean = _select(x, y, "clean", loud)
     paper = _select(x, y, "paper", loud)
     for k in ("weight", "bias"):  # the same training: only the scoring differs
-        torch.testing.assert_close(clean["final"].export(0)[k], paper["final"].export(0)[k])
-    assert clean["val_metrics"]["balanced_top1"] == 100.0
-    assert paper["val_metrics"]["balanced_top1"] < 95.0
+        torch.testing.assert_close(clean.final.export(0)[k], paper.final.export(0)[k])
+    assert clean.val_metrics["balanced_top1"] == 100.0
+    assert paper.val_metrics["balanced_top1"] < 95.0
     # p = 0: no jitter anywhere, the protocols agree exactly
     quiet = replace(cfg, jitter_p=0.0)
-    a = _select(x, y, "paper", quiet)["val_metrics"]
-    b = _select(x, y, "clean", quiet)["val_metrics"]
+    a = _select(x, y, "paper", quiet).val_metrics
+    b = _select(x, y, "clean", quiet).val_metrics
     assert a == b
 
 

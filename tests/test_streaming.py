@@ -19,6 +19,7 @@ from featcache.features import load_source
 from featcache.pairs import find_pairs, token_list
 from featcache.probing import probe
 from featcache.records import read_run
+from featcache.streaming import StreamedSource
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -40,7 +41,7 @@ def sources(root):
     tokens = token_list("alf", "all", train)
     memory = load_source(train, tokens, torch.device("cpu"))
     streamed = load_source(train, tokens, torch.device("cpu"), host_budget_bytes=BUDGET,
-                           stream=True)
+                           stream=StreamedSource)
     return memory, streamed
 
 
@@ -94,7 +95,7 @@ def test_a_budget_below_three_shards_is_one_line(root):
     train, _ = find_pairs(root)[0]
     with pytest.raises(FeatcacheError, match="raise --max-host-memory-gb"):
         load_source(train, token_list("alf", "all", train), torch.device("cpu"),
-                    host_budget_bytes=32 * ROW, stream=True)
+                    host_budget_bytes=32 * ROW, stream=StreamedSource)
 
 
 def test_the_identity_says_streamed_only_when_load_source_streams(root):

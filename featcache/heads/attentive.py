@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featcache.heads.matmul import aligned, config_mm
 from featcache.heads.pooling import pool_project, pool_scratch_bytes
 from featcache.heads.stacked import StackedHeads, uniform
 
@@ -115,6 +116,10 @@ class AttentiveHeads(StackedHeads):
         self.reset_parameters(generator)
 
     has_dropout = True
+
+    @property
+    def any_dropout(self) -> bool:
+        return self._any_dropout
     # the BatchNorm over the batch: F.batch_norm's signature; data-parallel training
     # swaps in `featcache.dataparallel.sync_batch_norm` (statistics of the global batch)
     batch_norm = staticmethod(F.batch_norm)
@@ -229,8 +234,8 @@ class AttentiveHeads(StackedHeads):
     def sample_dropout_mask(
         self, batch: int, n_tokens: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Inverted-dropout mask in the internal layout (B, T, G, H): keep prob 1-p_g,
-        kept entries scaled by 1/(1-p_g); p_g = 0 gives exact ones.
+        """Inverted-dropout mask (G, B, H, T) (the layout ``forward(dropout_mask=…)``
+        takes): keep prob 1-p_g, kept entries scaled by 1/(1-p_g); p_g = 0 gives exact ones.
 
         One uniform draw (B, T, H) is shared by all configs (config g keeps u < 1-p_g).
         Each config still sees exactly its own dropout distribution (configs never
@@ -239,11 +244,11 @@ class AttentiveHeads(StackedHeads):
         whatever the memory budget's grouping.
         """
         H = self.num_heads
-        keep = (1.0 - self.dropout).view(1, 1, -1, 1)
+        keep = (1.0 - self.dropout).view(-1, 1, 1, 1)
         r = torch.rand(
-            (batch, n_tokens, 1, H), generator=generator, device=keep.device, dtype=keep.dtype
+            (batch, n_tokens, H), generator=generator, device=keep.device, dtype=keep.dtype
         )
-        return (r < keep).to(keep.dtype) / keep
+        return (r.permute(0, 2, 1).unsqueeze(0) < keep).to(keep.dtype) / keep
 
     def forward(
         self,
@@ -267,36 +272,42 @@ class AttentiveHeads(StackedHeads):
         wdt = self.query.dtype
         x = x.to(wdt)
 
-        # Per-step, per-config quantities (independent of the batch size).
+        # Per-step, per-config quantities (independent of the batch size). Every matmul
+        # is per config (`config_mm`): its bits never depend on the configs beside it.
         qn = F.layer_norm(self.query, (D,), eps=LN_EPS) * self.norm_q_weight + self.norm_q_bias
-        q = torch.bmm(qn.unsqueeze(1), self.q_weight.transpose(1, 2)).view(G, H, E)
-        k_w = self.k_weight.view(G, H, E, D)
-        u = torch.einsum("ghe,ghed->ghd", q, k_w)
+        q = config_mm(qn.unsqueeze(1), self.q_weight.transpose(1, 2)).view(G, H, E)
+        u = _fold_keys(q, self.k_weight.view(G, H, E, D))
         u = u * (self.norm_k_weight * self.scale).unsqueeze(1)  # (G, H, D)
         v_w = self.v_weight.view(G, H, E, D)
         v_w_scaled = v_w * self.norm_v_weight.view(G, 1, 1, D)  # W_v diag(γ_v)
-        v_b = torch.einsum("ghed,gd->ghe", v_w, self.norm_v_bias)  # W_v β_v
+        # W_v β_v as β_vᵀ W_vᵀ, a (1, D) @ (D, HE) per config, like q (a matrix-vector
+        # product W_v β_v rounded with the number of configs)
+        v_b = config_mm(self.norm_v_bias.unsqueeze(1), self.v_weight.transpose(1, 2))
+        v_b = v_b.view(G, H, E)
 
         # Shared by every config: one normalisation of the tokens.
         xh = F.layer_norm(x, (D,), eps=LN_EPS)  # (B, T, D)
-        scores = xh @ u.reshape(G * H, D).t()  # (B, T, G*H)
-        attn = torch.softmax(scores, dim=1)  # autocast runs softmax in fp32
+        # Scores laid out (G·H, B, T): the configs' heads are the matmul's rows and the
+        # softmax runs along each contiguous row, so neither rounds a config differently
+        # with the number of configs beside it (as columns, N = G·H, they did: MKL picks
+        # its kernel by N; a softmax over a non-last axis vectorises across the configs)
+        scores = config_mm(u, xh.view(1, B * T, D).transpose(1, 2)).view(G * H, B, T)
+        attn = torch.softmax(scores, dim=-1)  # autocast runs softmax in fp32
         a = attn
         if dropout_mask is not None:
-            a = a * dropout_mask.to(a.dtype).permute(1, 3, 0, 2).reshape(B, T, G * H)
+            a = a * dropout_mask.to(a.dtype).permute(0, 2, 1, 3).reshape(G * H, B, T)
         elif self.training and self._any_dropout:
-            a = a * self.sample_dropout_mask(B, T, generator).to(a.dtype).view(B, T, G * H)
-        a_sum = a.sum(dim=1)  # (B, G*H); 1 without dropout
+            mask = self.sample_dropout_mask(B, T, generator)
+            a = a * mask.to(a.dtype).permute(0, 2, 1, 3).reshape(G * H, B, T)
+        a_sum = a.sum(dim=-1)  # (G*H, B); 1 without dropout
 
-        o = pool_project(a.view(B, T, G, H), xh, v_w_scaled)  # pool first, project once
-        o = o + a_sum.view(B, G, H, 1) * v_b
+        o = pool_project(a.view(G, H, B, T), xh, v_w_scaled)  # pool first, project once
+        o = o + _value_bias(a_sum.view(G, H, B, 1), v_b).permute(2, 0, 1, 3)
         # (G, D, B) in memory from here on: BatchNorm reads it as (1, G·D, B) and every
         # gradient comes back contiguous (CPU BatchNorm backward on a transposed (B, G·D)
         # gradient is ~10x slower), and the logits come out as (G, C, B), so the loss's
         # softmax over C runs along a long inner axis
-        h = torch.baddbmm(
-            self.out_bias.unsqueeze(2), self.out_weight, o.reshape(B, G, H * E).permute(1, 2, 0)
-        )
+        h = config_mm(self.out_weight, o.reshape(B, G, H * E).permute(1, 2, 0), self.out_bias)
         h = h.to(self.bn_weight.dtype)
         if self.training:
             self.bn_num_batches_tracked.add_(1)
@@ -310,11 +321,29 @@ class AttentiveHeads(StackedHeads):
             BN_MOMENTUM,
             BN_EPS,
         )
-        logits = torch.baddbmm(self.fc_bias.unsqueeze(2), self.fc_weight, h.view(G, D, B))
+        logits = config_mm(self.fc_weight, h.view(G, D, B), self.fc_bias)
         logits = logits.transpose(1, 2)  # (G, B, C) view
         if return_attention:
-            return logits, attn.view(B, T, G, H).permute(2, 0, 3, 1)
+            return logits, attn.view(G, H, B, T).permute(0, 2, 1, 3)
         return logits
+
+
+def _value_bias(a_sum: Tensor, v_b: Tensor) -> Tensor:
+    """(Σ_t a_t) W_v β_v, (G, H, B, 1), (G, H, E) → (G, H, B, E). On CPU config by config:
+    the gradient of v_b sums over the samples, and one reduction over the whole stack
+    splits its work over threads by the number of configs."""
+    if a_sum.device.type != "cpu":
+        return a_sum * v_b.unsqueeze(2)
+    return torch.stack([a_sum[g] * v_b[g].unsqueeze(1) for g in range(v_b.shape[0])])
+
+
+def _fold_keys(q: Tensor, k_w: Tensor) -> Tensor:
+    """u[g,h] = q[g,h] W_k[g,h], (G, H, E), (G, H, E, D) → (G, H, D): a bmm over heads per
+    config on CPU (its shape is a config's), one einsum elsewhere."""
+    if q.device.type != "cpu":
+        return torch.einsum("ghe,ghed->ghd", q, k_w)
+    return torch.stack([torch.bmm(aligned(q[g]).unsqueeze(1), aligned(k_w[g])).squeeze(1)
+                        for g in range(q.shape[0])])
 
 
 class ReferenceAttentiveHead(nn.Module):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from featcache.heads.matmul import config_mm
 from featcache.heads.stacked import StackedHeads, uniform
 
 
@@ -106,6 +107,8 @@ class LinearHeads(StackedHeads):
     def forward(self, x: Tensor, **_: object) -> Tensor:
         """x (B, d_in) (or (B, T, d_in) with ``inputs``) → logits (G, B, C)."""
         G, C, D = self.n_configs, self.n_classes, self.d_in
+        if x.device.type == "cpu":  # one product per config: no bits depend on G
+            return self._per_config(x)
         if self.inputs is not None:
             if x.dim() != 3 or x.shape[2] != D or max(self.inputs) >= x.shape[1]:
                 raise ValueError(f"expected (B, >{max(self.inputs)}, {D}) input, "
@@ -134,6 +137,25 @@ class LinearHeads(StackedHeads):
         out = torch.addmm(self.bias.reshape(G * C, 1), self.weight.reshape(G * C, D), x.t())
         return out.view(G, C, -1).transpose(1, 2)
 
+
+    def _per_config(self, x: Tensor) -> Tensor:
+        """The CPU form (`config_mm`): config g's logits (C, B) from its own matmul."""
+        D = self.d_in
+        if self.inputs is None:
+            if x.dim() != 2 or x.shape[1] != D:
+                raise ValueError(f"expected (B, {D}) input, got {tuple(x.shape)}")
+            x = x.to(self.weight.dtype)
+            if self.widths is not None:  # padding channels (and any jitter there) read as 0
+                x = x * self._mask(x.device)
+            xs = x.t().unsqueeze(0)  # (1, D, B), shared
+            return config_mm(self.weight, xs, self.bias).transpose(1, 2)
+        if x.dim() != 3 or x.shape[2] != D or max(self.inputs) >= x.shape[1]:
+            raise ValueError(f"expected (B, >{max(self.inputs)}, {D}) input, "
+                             f"got {tuple(x.shape)}")
+        xs = x.to(self.weight.dtype).permute(1, 2, 0)  # (T, D, B) views
+        if self.widths is not None:  # each token's padding channels read as 0
+            xs = xs * self._mask(x.device)
+        return config_mm(self.weight, xs, self.bias, self.inputs).transpose(1, 2)
 
     @classmethod
     def check_input(cls, shape: Sequence[int], inputs: Sequence[int] | None,

@@ -16,29 +16,35 @@ def _spans(n: int, size: int) -> list[tuple[int, int]]:
 
 
 class _PoolProject(torch.autograd.Function):
-    """o[b,g,h] = W[g,h] · Σ_t a[b,t,g,h] x̂[b,t] computed in cache-sized chunks.
+    """o[b,g,h] = W[g,h] · Σ_t a[g,h,b,t] x̂[b,t] computed in cache-sized chunks.
 
     The same contraction as ``bmm`` (pool) then ``einsum`` (project), but the pooled
     tensor (B, G·H, D), G·H/T times the size of the input batch, exists only one chunk at a
     time (reused scratch; recomputed in backward rather than stored). On CPU this avoids
     allocating and page-faulting hundreds of MB per step and is ~2x faster at ALF shapes.
+
+    A config's bits never depend on how many configs share the call: every matmul has
+    the configs' heads as its batch or its row (M) dimension, never as a column (N) or
+    contraction (K) dimension, and the samples are cut into chunks whose size does not
+    depend on the number of configs (the weight gradient sums over them in that order).
     """
 
     @staticmethod
     def forward(ctx, a: Tensor, xh: Tensor, w: Tensor) -> Tensor:
-        B, T, G, H = a.shape
+        G, H, B, T = a.shape
         E, D = w.shape[2], w.shape[3]
         gc, bc = _pool_chunks(B, G, H, D, a.element_size())
         out = a.new_empty(B, G, H, E)
         scratch = a.new_empty(bc * gc * H * D)
+        rows = a.view(G * H, B, T)
         for g0, g1 in _spans(G, gc):
             n = (g1 - g0) * H
             w_t = w[g0:g1].reshape(n, E, D).transpose(1, 2)
             for b0, b1 in _spans(B, bc):
                 m = b1 - b0
-                a_c = a[b0:b1, :, g0:g1].reshape(m, T, n)
+                a_c = rows[g0 * H: g1 * H, b0:b1].transpose(0, 1)  # (m, n, T) view
                 z_buf = scratch[: m * n * D].view(m, n, D)
-                z = torch.bmm(a_c.transpose(1, 2), xh[b0:b1], out=z_buf)
+                z = torch.bmm(a_c, xh[b0:b1], out=z_buf)
                 o = torch.bmm(z.transpose(0, 1), w_t)  # (n, m, E)
                 out[b0:b1, g0:g1].copy_(o.view(g1 - g0, H, m, E).permute(2, 0, 1, 3))
         ctx.save_for_backward(a, xh, w)
@@ -48,10 +54,12 @@ class _PoolProject(torch.autograd.Function):
     def backward(ctx, d_out: Tensor) -> tuple[Tensor | None, ...]:
         a, xh, w = ctx.saved_tensors
         need_a, need_x, need_w = ctx.needs_input_grad
-        B, T, G, H = a.shape
+        G, H, B, T = a.shape
         E, D = w.shape[2], w.shape[3]
         gc, bc = _pool_chunks(B, G, H, D, a.element_size())
+        rows = a.view(G * H, B, T)
         d_a = torch.empty_like(a) if need_a else None
+        d_rows = None if d_a is None else d_a.view(G * H, B, T)
         d_x = torch.zeros_like(xh) if need_x else None
         d_w = torch.zeros_like(w) if need_w else None
         s_dz = a.new_empty(bc * gc * H * D)
@@ -61,27 +69,30 @@ class _PoolProject(torch.autograd.Function):
             w_c = w[g0:g1].reshape(n, E, D)
             for b0, b1 in _spans(B, bc):
                 m = b1 - b0
-                a_c = a[b0:b1, :, g0:g1].reshape(m, T, n)
+                a_c = rows[g0 * H: g1 * H, b0:b1].transpose(0, 1)  # (m, n, T)
                 x_c = xh[b0:b1]
                 do_t = d_out[b0:b1, g0:g1].permute(1, 2, 0, 3).reshape(n, m, E)
                 if need_a or need_x:
                     dz = torch.bmm(do_t, w_c, out=s_dz[: m * n * D].view(n, m, D))
                     dz = dz.transpose(0, 1)  # (m, n, D)
-                    if need_a:
-                        d_a[b0:b1, :, g0:g1] = torch.bmm(x_c, dz.transpose(1, 2)).view(
-                            m, T, g1 - g0, H)
-                    if need_x:
-                        d_x[b0:b1].baddbmm_(a_c, dz)
+                    if d_rows is not None:  # heads as rows (M): (m, n, D) @ (m, D, T)
+                        d_rows[g0 * H: g1 * H, b0:b1] = torch.bmm(
+                            dz, x_c.transpose(1, 2)).transpose(0, 1)
+                    if d_x is not None:  # sums over configs: only for a test's gradcheck
+                        d_x[b0:b1].baddbmm_(a_c.transpose(1, 2), dz)
                 if need_w:
-                    z = torch.bmm(a_c.transpose(1, 2), x_c, out=s_z[: m * n * D].view(m, n, D))
+                    z = torch.bmm(a_c, x_c, out=s_z[: m * n * D].view(m, n, D))
                     d_w[g0:g1].view(n, E, D).baddbmm_(do_t.transpose(1, 2), z.transpose(0, 1))
         return d_a, d_x, d_w
 
 
 def _pool_chunks(B: int, G: int, H: int, D: int, itemsize: int) -> tuple[int, int]:
-    """(configs, samples) per chunk of the pooled tokens."""
-    gc = max(1, min(G, _POOL_CHUNK_ROWS // max(H, 1)))
-    bc = max(1, min(B, _POOL_CHUNK_BYTES // (gc * H * D * itemsize)))
+    """(configs, samples) per chunk of the pooled tokens. The samples per chunk are those
+    of a full chunk of configs whatever G is: the weight gradient sums over the chunks,
+    and its order must not depend on how many configs share the group."""
+    g_max = max(1, _POOL_CHUNK_ROWS // max(H, 1))
+    gc = min(G, g_max)
+    bc = max(1, min(B, _POOL_CHUNK_BYTES // (g_max * H * D * itemsize)))
     return gc, bc
 
 
@@ -89,13 +100,12 @@ def pool_scratch_bytes(B: int, H: int, D: int, itemsize: int = 4) -> int:
     """Bytes of one chunk's scratch in the CPU pooling, the most any number of configs
     gives (the forward holds one chunk, the backward two)."""
     g_max = max(1, _POOL_CHUNK_ROWS // max(H, 1))
-    rows = max(gc * bc for gc, bc in (_pool_chunks(B, g, H, D, itemsize)
-                                      for g in range(1, g_max + 1)))
-    return rows * H * D * itemsize
+    gc, bc = _pool_chunks(B, g_max, H, D, itemsize)
+    return gc * bc * H * D * itemsize
 
 
 def pool_project(a: Tensor, xh: Tensor, w: Tensor) -> Tensor:
-    """Σ_t a[b,t,g,h] (W[g,h] x̂[b,t]) as pool-then-project: (B,T,G,H), (B,T,D),
+    """Σ_t a[g,h,b,t] (W[g,h] x̂[b,t]) as pool-then-project: (G,H,B,T), (B,T,D),
     (G,H,E,D) → (B,G,H,E). Chunked on CPU (see ``_PoolProject``); two bmm elsewhere
     (GPUs have the bandwidth, and fewer, larger kernels suit them better).
 
@@ -110,9 +120,9 @@ def pool_project(a: Tensor, xh: Tensor, w: Tensor) -> Tensor:
     """
     if _use_chunks(a, xh, w):
         return _PoolProject.apply(a, xh, w)
-    B, T, G, H = a.shape
+    G, H, B, T = a.shape
     E, D = w.shape[2], w.shape[3]
-    z = torch.bmm(a.reshape(B, T, G * H).transpose(1, 2), xh)  # (B, G*H, D)
+    z = torch.bmm(a.reshape(G * H, B, T).transpose(0, 1), xh)  # (B, G*H, D)
     zt = z.transpose(0, 1)  # (G*H, B, D) view
     if _dense_gemm_only(z):
         zt = zt.contiguous()

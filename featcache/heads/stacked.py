@@ -33,6 +33,11 @@ class StackedHeads(nn.Module):
 
     has_dropout: ClassVar[bool] = False  # the grid has an attention-dropout axis
 
+    @property
+    def any_dropout(self) -> bool:
+        """Whether any config of this stack drops anything (its masks are drawn)."""
+        return False
+
     @classmethod
     def check_input(cls, shape: Sequence[int], inputs: Sequence[int] | None,
                     plain: bool) -> bool:
