@@ -13,7 +13,7 @@ DONTNEED), so both read the disk; warm: both from the page cache (memory bandwid
 decoding cost laid bare). The goal (issue "Probing at scale") is featcache ≥ 0.7 of raw.
 With `--stream`, also one training epoch of a linear probe, reading included, with the
 tokens loaded into memory against streamed from the cold cache within a quarter of their
-size (`featcache.streaming`).
+size (`featcache.probing.tokens.streaming`).
 
     python benchmarks/read.py [--n 16384] [--repeats 3] [--stream]
 """
@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from checksum import build, timed_read  # noqa: E402
 from machine import cpu_info  # noqa: E402
 
-from featcache.cache import open_cache  # noqa: E402
-from featcache.features import load_source  # noqa: E402
-from featcache.pairs import token_list  # noqa: E402
+from featcache.cache.store import open_cache  # noqa: E402
+from featcache.probing.pairs import token_list  # noqa: E402
+from featcache.probing.tokens.features import load_source  # noqa: E402
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -108,7 +108,7 @@ def main() -> None:
 def stream_epochs(path: Path, files: list[Path], repeats: int) -> None:
     """One epoch of a linear probe's training steps over the ALF tokens, reading included:
     loaded into memory against streamed from the (cold) cache within a quarter of their
-    size (`featcache.streaming`)."""
+    size (`featcache.probing.tokens.streaming`)."""
     cache = open_cache(path)
     tokens = token_list("alf", "all", cache)
     y = torch.as_tensor(cache.labels())

@@ -56,8 +56,8 @@ def extract(
 ) -> None:
     """Run a frozen backbone once over a dataset and cache per-layer CLS+AP tokens."""
     from featcache import distributed
-    from featcache.extraction import ExtractOptions
-    from featcache.extraction import extract as run_extract
+    from featcache.extracting.run import ExtractOptions
+    from featcache.extracting.run import extract as run_extract
     from featcache.progress import Bars
 
     opts = options_from(ExtractOptions, locals())
@@ -95,8 +95,8 @@ def ls(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the caches under the root: model, dataset, split, size, complete or not."""
-    from featcache.cache import default_cache_root
-    from featcache.cache_commands import ls as list_caches
+    from featcache.cache.commands import ls as list_caches
+    from featcache.cache.store import default_cache_root
 
     root = cache or default_cache_root()
     rows = list_caches(root)
@@ -129,7 +129,7 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one cache's fingerprint, layout and sizes."""
-    from featcache.cache_commands import info as cache_info
+    from featcache.cache.commands import info as cache_info
 
     data = cache_info(path)
     if json_out:
@@ -162,7 +162,7 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Write a cache's arrays and attributes to another format (HDF5)."""
-    from featcache.cache_commands import export as export_cache
+    from featcache.cache.commands import export as export_cache
 
     written = export_cache(path, format, out, overwrite)
     console.print(f"[green]wrote[/] {written} ({human_bytes(written.stat().st_size)})")
@@ -207,7 +207,7 @@ def verify(
 ) -> None:
     """Read every shard of a cache: checksums, files of flagged shards, finite values,
     labels in range. Exit 2 when something is damaged (and not repaired)."""
-    from featcache.verification import verify as run_verify
+    from featcache.cache.verification import verify as run_verify
 
     results = run_verify(path, cache, repair)
     if json_out:

@@ -45,9 +45,9 @@ def predict(
     """Apply a run's probe to new images: its backbone is rebuilt from the cache's
     fingerprint (same weights, checked) and the head scores them as in training. On the
     run's own test split it reproduces the record's test metrics."""
-    from featcache.inference import csv_text
-    from featcache.inference import predict as run_predict
     from featcache.progress import Bars
+    from featcache.serving.inference import csv_text
+    from featcache.serving.inference import predict as run_predict
 
     quiet = json_out or csv == "-"
     with Bars("img", enabled=not quiet) as bars:
@@ -102,7 +102,7 @@ def _summary(result, say) -> None:
         say.print(f"[green]the run's own test split: its record's test metrics, exactly[/]"
                   f"{agree}", highlight=False)
     elif result.reproduces_record is False:
-        from featcache.selection import METRIC_KEYS
+        from featcache.probing.selection import METRIC_KEYS
 
         def num(v: object) -> str:
             return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
@@ -126,7 +126,7 @@ def export_model(
 ) -> None:
     """Save a run's backbone, taps and head as one torch.export file: images → class
     probabilities, loadable with torch alone (torch.export.load(FILE).module())."""
-    from featcache.deployment import export_model as run_export
+    from featcache.serving.deployment import export_model as run_export
 
     with err_console.status("tracing the model with torch.export …"):
         path = run_export(run, out, weights=weights, overwrite=overwrite)

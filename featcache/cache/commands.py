@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from featcache import atomic
-from featcache.cache import (
+from featcache.cache.store import (
     Cache,
     default_cache_root,
     find_caches,

@@ -69,7 +69,7 @@ def remove_leftovers(path: Path) -> list[Path]:
 
 
 def _is_complete(path: Path) -> bool:
-    from featcache.cache import Cache
+    from featcache.cache.store import Cache
 
     try:
         return Cache(path).complete

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from featcache.errors import FingerprintMismatch
 
 if TYPE_CHECKING:
-    from featcache.cache import Cache
+    from featcache.cache.store import Cache
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

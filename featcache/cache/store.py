@@ -328,7 +328,7 @@ class Cache:
     def _read(self, name: str, rows: slice, selection: Any = None) -> np.ndarray:
         """Rows of an array; bytes that fail to decode (a checksum, a truncated file)
         become the damage line for the first bad shard. Featcache's own layout is read
-        straight from its shard files (`featcache.shardfiles`, 10-100x zarr's per-chunk
+        straight from its shard files (`featcache.cache.shardfiles`, 10-100x zarr's per-chunk
         path); anything else through zarr."""
         fast = self._shard_layout(name)
         layers = None if selection is None else selection[0]
@@ -353,7 +353,7 @@ class Cache:
     def _shard_layout(self, name: str) -> Any:
         cache = self.__dict__.setdefault("_shard_layouts", {})
         if name not in cache:
-            from featcache.shardfiles import shard_layout
+            from featcache.cache.shardfiles import shard_layout
 
             cache[name] = shard_layout(self.path / name) if self.format >= 2 else None
         return cache[name]
@@ -366,7 +366,7 @@ class Cache:
         into its column ``columns[j]``)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from featcache.shardfiles import ShardDamage, read_shard, shard_bytes, will_need
+        from featcache.cache.shardfiles import ShardDamage, read_shard, shard_bytes, will_need
 
         S, r = layout.shard[0], layout.chunk[0]
         if out is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import Cache, default_cache_root, find_caches, open_cache
+from featcache.cache.store import Cache, default_cache_root, find_caches, open_cache
 from featcache.errors import FeatcacheError
 
 
@@ -115,7 +115,7 @@ def verify_cache(path: str | Path, repair: bool = False) -> VerifyResult:
     damaged = check_cache(cache)
     result = VerifyResult(path, not damaged, cache.layout.n_shards, damaged)
     if damaged and repair:
-        from featcache.cache_files import write_lock
+        from featcache.cache.files import write_lock
 
         with write_lock(path):
             cache.clear_shards(sorted(damaged))

@@ -24,7 +24,9 @@ from featcache import distributed as dist
 from featcache.backbones import create_backbone, parse_weights, resolve_model
 from featcache.backbones.base import Backbone
 from featcache.backbones.spec import check_tap
-from featcache.cache import (
+from featcache.cache.files import NotWritable, next_path, promote, remove_leftovers, write_lock
+from featcache.cache.fingerprint import check_fingerprint
+from featcache.cache.store import (
     FORMAT_VERSION,
     Cache,
     Layout,
@@ -35,9 +37,7 @@ from featcache.cache import (
     model_dir_name,
     open_cache,
 )
-from featcache.cache_files import NotWritable, next_path, promote, remove_leftovers, write_lock
 from featcache.errors import FeatcacheError, FingerprintMismatch
-from featcache.fingerprint import check_fingerprint
 from featcache.options import check_int, make_options, parse_model_args
 from featcache.sources import dataset_dir_name, short_name
 

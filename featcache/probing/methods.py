@@ -24,7 +24,7 @@ class Method:
     ``tokens``: what the head reads per layer of its layer set: "probe" (the model's own
     probe token: CLS, or AP for MAE; `--token` overrides), "cls+ap" (both), or "all"
     (every token of the last layer; needs `extract --all-tokens`).
-    ``head``: a head kind of `featcache.heads.HEADS` ("linear" reads its tokens
+    ``head``: a head kind of `featcache.probing.heads.HEADS` ("linear" reads its tokens
     concatenated; "attentive" reads them as a sequence).
     ``heads``: attention heads; None: one per input token (the ALF rule).
     ``per_layer``: one probe per input token instead of one for all (`layers`).
@@ -76,7 +76,7 @@ class Method:
 
     def column(self, layer_set: str | None) -> str:
         """The report column of a run with this layer set: "linear", "alf:all", …"""
-        from featcache.reference import normalize_layer_set
+        from featcache.reporting.reference import normalize_layer_set
 
         ls = normalize_layer_set(layer_set) or (str(layer_set) if layer_set else None)
         if self.show_layers == "never" or (self.show_layers == "other"
@@ -85,7 +85,7 @@ class Method:
         return f"{self.name}:{ls or self.default_layers}"
 
     def paper_experiment(self, layer_set: str | None) -> str | None:
-        from featcache.reference import normalize_layer_set
+        from featcache.reporting.reference import normalize_layer_set
 
         ls = normalize_layer_set(layer_set if layer_set is not None else self.default_layers)
         return self.paper.get(ls) if ls is not None else None

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featcache.cache import Cache, find_caches
+from featcache.cache.fingerprint import flatten
+from featcache.cache.store import Cache, find_caches
 from featcache.errors import FeatcacheError
-from featcache.fingerprint import flatten
-from featcache.methods import Method, get_method
+from featcache.probing.methods import Method, get_method
 
 LAYER_SETS = ("last", "middle+last", "quarterly", "all")
 # Settings a train and a test cache may differ in; anything else must match.
@@ -161,7 +161,7 @@ def load_tokens(cache: Cache, tokens: list[tuple[str, str]]) -> np.ndarray:
 
     For inspection and independent references; probing itself keeps the cache's float16
     values in a `FeatureSource` and normalises per batch (`load_source`)."""
-    from featcache.features import load_source
+    from featcache.probing.tokens.features import load_source
 
     src = load_source(cache, tokens, torch.device("cpu"))
     return src.to_tensor().numpy()

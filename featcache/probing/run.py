@@ -1,10 +1,10 @@
 """The probing recipe: pick tokens from the cache, split, train the grid at once, select, refit.
 
 Never loads a backbone: everything comes from the cache. The tokens a method needs are
-read once per split into a `featcache.features.FeatureSource` (float16, on the device or
+read once per split into a `tokens.features.FeatureSource` (float16, on the device or
 streamed from host memory; normalised per batch). `layers` trains every layer's linear
 grid in one pass (layers × hyperparameters on the config axis). One record per
-(cache pair, method, layer set, seed); see featcache.records.
+(cache pair, method, layer set, seed); see featcache.records.store.
 """
 
 from __future__ import annotations
@@ -24,16 +24,13 @@ import torch
 
 from featcache import __version__
 from featcache import distributed as dist
-from featcache.cache import Cache, default_cache_root
+from featcache.cache.store import Cache, default_cache_root
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
-from featcache.methods import get_method
 from featcache.options import check_int, make_options, parse_floats, parse_ints
-from featcache.pairs import canonical_layer_set, find_pairs, layer_set_names, run_tokens
-from featcache.predictions import PREDICTIONS_FILE, from_logits
-from featcache.records import default_runs_root, is_finished, run_dir, write_run
-from featcache.registry import METHODS
-from featcache.selection import (
+from featcache.probing.methods import get_method
+from featcache.probing.pairs import canonical_layer_set, find_pairs, layer_set_names, run_tokens
+from featcache.probing.selection import (
     METRIC_KEYS,
     all_test_metrics,
     fit_and_select,
@@ -41,6 +38,9 @@ from featcache.selection import (
     logit_metrics,
     sample_shots,
 )
+from featcache.records.predictions import PREDICTIONS_FILE, from_logits
+from featcache.records.store import default_runs_root, is_finished, run_dir, write_run
+from featcache.registry import METHODS
 
 GRIDS = ("paper", "quick")
 # paper: what the authors' code does (validation scored on jittered features; all-tokens
@@ -49,7 +49,7 @@ GRIDS = ("paper", "quick")
 PROTOCOLS = ("paper", "clean")
 # Under torchrun: "grid" (ranks share each grid's config groups; every rank holds all the
 # tokens), "data" (ranks share the samples: each holds its range of shards, gradients and
-# BatchNorm statistics are summed over ranks; `featcache.dataparallel`), "auto": data
+# BatchNorm statistics are summed over ranks; `featcache.probing.tokens.dataparallel`), "auto": data
 # when the tokens do not fit one device, else grid.
 PARALLEL = ("auto", "grid", "data")
 
@@ -114,7 +114,7 @@ class RunResult:
 
 def train_config(opts: ProbeOptions, seed: int) -> Any:
     """The reference recipe, with the user's overrides and the quick grid if asked."""
-    from featcache.train import TrainConfig
+    from featcache.probing.train import TrainConfig
 
     cfg = TrainConfig(seed=seed)
     if opts.grid == "quick":  # (check_options has refused any other grid name)
@@ -236,7 +236,7 @@ def _probe(opts: ProbeOptions, progress: Any) -> list[RunResult]:
         # the run here if that process died without finishing it). No work is done twice.
         for i, (train, test, seed) in enumerate(jobs):
             if results[i].status == "busy":
-                from featcache.records import wait_for_run
+                from featcache.records.store import wait_for_run
 
                 if dist.rank() == 0:
                     wait_for_run(results[i].path)
@@ -264,7 +264,7 @@ def ensure_writable(root: Path) -> None:
 def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list[str],
                  train: Cache, test: Cache, device: torch.device) -> dict[str, Any]:
     """Every setting that changes a run's numbers, but its seed: its identity (see
-    `featcache.records.settings_id`). Left out, because they provably do not change them:
+    `featcache.records.store.settings_id`). Left out, because they provably do not change them:
     the memory budgets and grouping (a config trained in any group equals it alone), the
     feature placement (device or host-streamed batches are bit-identical), the thread
     count, and dropout values for linear heads (which have no dropout)."""
@@ -275,7 +275,7 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         "min_lr", "grad_clip", "jitter_std", "jitter_p", "class_weighted")}
     if spec.attentive:
         recipe["dropouts"] = cfg.dropouts
-    from featcache.records import settings_id
+    from featcache.records.store import settings_id
 
     return {
         "method": opts.method,
@@ -290,7 +290,7 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         "precision": "bf16-autocast" if cfg.amp and device.type == "cuda" else "fp32",
         "caches": {"train": settings_id(train.fingerprint), "test": settings_id(test.fingerprint)},
         # streamed from the cache, an epoch's order is shuffled by buffers of shards: other
-        # numbers than in memory, and other ones per buffer size (`featcache.streaming`)
+        # numbers than in memory, and other ones per buffer size (`tokens.streaming`)
         **({"stream_buffer_shards": streamed} if streamed else {}),
     }
 
@@ -299,14 +299,14 @@ def stream_buffer(train: Cache, token_names: list[str], opts: ProbeOptions,
                   device: torch.device | None = None) -> int | None:
     """Shards per buffer when the train tokens will be streamed from the cache (they fit
     neither a GPU's feature budget nor host memory or --max-host-memory-gb), else None:
-    `featcache.features.load_source` decides alike."""
-    from featcache.features import (
+    `featcache.probing.tokens.features.load_source` decides alike."""
+    from featcache.probing.tokens.features import (
         HOST_FRACTION,
         available_host_memory,
         budget_from_gb,
         default_feature_budget,
     )
-    from featcache.streaming import BUFFERS
+    from featcache.probing.tokens.streaming import BUFFERS
 
     if get_method(opts.method).needs_all_tokens:
         row = (train.layout.n_tokens or 0) * (train.layout.token_dim or 0) * 2
@@ -349,7 +349,7 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
             runs_root: Path, device: torch.device, progress: Any = None) -> RunResult:
     """One record: (pair, method, layer set, settings, seed). Returns status "busy" when
     another process is training the same run right now."""
-    from featcache.records import read_run, run_lock, settings_id
+    from featcache.records.store import read_run, run_lock, settings_id
 
     layer_set = canonical_layer_set(layer_set, train.layer_names)
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
@@ -387,7 +387,7 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
                path: Path, device: torch.device, progress: Any, cfg: Any,
                tokens: list[tuple[str, str]], token_names: list[str], identity: dict,
                base: RunResult) -> RunResult:
-    from featcache.features import budget_from_gb, load_source
+    from featcache.probing.tokens.features import budget_from_gb, load_source
 
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
     started = time.perf_counter()
@@ -411,7 +411,7 @@ def _train_run(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, se
     failure = None
     try:  # a rank that cannot read its shards stops every rank (not one waiting forever)
         if mode == "data":
-            from featcache.dataparallel import load_rank_source
+            from featcache.probing.tokens.dataparallel import load_rank_source
 
             src_train = load_rank_source(train, tokens, device, budget, host, norm)
             src_test = load_rank_source(test, tokens, device, budget, host, norm)
@@ -561,7 +561,7 @@ def parallel_mode(opts: ProbeOptions, train: Cache, tokens: list[tuple[str, str]
         return "single"
     if opts.parallel != "auto":
         return opts.parallel
-    from featcache.features import budget_from_gb, default_feature_budget, token_plan
+    from featcache.probing.tokens.features import budget_from_gb, default_feature_budget, token_plan
 
     need = train.n * token_plan(train, tokens).row_bytes
     budget = budget_from_gb(opts.feature_memory_gb)

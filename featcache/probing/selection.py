@@ -18,7 +18,7 @@ import torch
 
 from featcache import distributed as dist
 from featcache.errors import FeatcacheError, warn
-from featcache.heads import HEADS
+from featcache.probing.heads import HEADS
 
 METRIC_KEYS = ("top1", "top5", "balanced_top1", "balanced_top5")
 TOP5_MIN_CLASSES = 6  # with 5 classes or fewer every top-5 is trivially right
@@ -69,8 +69,8 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
     validation score), selected point, its validation metrics and the refitted head
     (``final``). ``timings`` gets grid_s, select_s and refit_s added.
     """
-    from featcache.features import as_source
-    from featcache.train import fit_grid, grid_points
+    from featcache.probing.tokens.features import as_source
+    from featcache.probing.train import fit_grid, grid_points
 
     timings = {} if timings is None else timings
     src = as_source(x_train)
@@ -155,7 +155,7 @@ def _shared_budget(cfg: Any, device: torch.device) -> Any:
     """The grid's memory budget, the smallest over ranks: their free memory differs (ranks
     sharing a GPU see each other's tensors), and with it the grouping of configs, which
     every rank must form alike or some configs are trained twice and some never."""
-    from featcache.train import default_memory_budget
+    from featcache.probing.train import default_memory_budget
 
     budgets = dist.gather_or_fail(default_memory_budget(device), None)
     return dataclasses.replace(cfg, memory_budget_bytes=min(budgets))
@@ -168,7 +168,7 @@ def _data_parallel(src: Any) -> bool:
 def _val_jitter(opts: Any, cfg: Any) -> Any:
     """The paper protocol scores validation on jittered features (the authors cut it from
     their training dataset object, whose transform adds the jitter)."""
-    from featcache.train import validation_jitter
+    from featcache.probing.train import validation_jitter
 
     if getattr(opts, "protocol", "clean") != "paper" or not cfg.jitter_p or not cfg.jitter_std:
         return None
@@ -182,8 +182,8 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
     hyperparameters p (layers × points on the config axis). Selection is per layer; the
     refit trains each layer's winner, again all layers at once. ``final``'s config l is
     layer l's probe."""
-    from featcache.features import as_source
-    from featcache.train import fit_grid, grid_points
+    from featcache.probing.tokens.features import as_source
+    from featcache.probing.train import fit_grid, grid_points
 
     timings = {} if timings is None else timings
     src = as_source(x_train)

@@ -1,7 +1,7 @@
 """Train a whole hyperparameter grid of probes in one pass over cached features.
 
 The reference runs each of its 63 grid points as its own job. Here every config of a
-group is a slice of one stacked head (``featcache.heads``): all configs see the same
+group is a slice of one stacked head (``featcache.probing.heads``): all configs see the same
 shuffled, jittered batch, the loss is the sum of the per-config losses, and optimisation
 (AdamW, cosine schedule, clipping) is done per config on its own slices. So a config
 trained inside the grid follows the same trajectory it would follow alone with the same
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featcache.distributed import split_evenly
-from featcache.features import FeatureSource, as_source
-from featcache.heads import HEADS, AttentiveHeads, StackedHeads, attention_summary
 from featcache.metrics import MetricAccumulator
-from featcache.optim import BatchedAdamW, clip_grad_norm_per_config, cosine_lr
+from featcache.probing.heads import HEADS, AttentiveHeads, StackedHeads, attention_summary
+from featcache.probing.optim import BatchedAdamW, clip_grad_norm_per_config, cosine_lr
+from featcache.probing.tokens.features import FeatureSource, as_source
 
 __all__ = [
     "TrainConfig",
@@ -320,7 +320,7 @@ class FittedGrid:
         device). For large grids × large N × many classes, use ``evaluate`` (streams)."""
         src = as_source(x)
         if getattr(src, "placement", None) == "data-parallel":
-            from featcache import dataparallel
+            from featcache.probing.tokens import dataparallel
 
             return dataparallel.predict_logits(self, src, batch_size, configs, out_device)
         wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
@@ -347,7 +347,7 @@ class FittedGrid:
         that every config sees)."""
         src = as_source(x)
         if getattr(src, "placement", None) == "data-parallel":
-            from featcache import dataparallel
+            from featcache.probing.tokens import dataparallel
 
             return dataparallel.evaluate(self, src, y, batch_size, configs, jitter)
         wanted = list(range(self.heads.n_configs)) if configs is None else list(configs)
@@ -374,7 +374,7 @@ class FittedGrid:
             raise TypeError("attention weights exist only for attentive heads")
         src = as_source(x)
         if getattr(src, "placement", None) == "data-parallel":
-            from featcache import dataparallel
+            from featcache.probing.tokens import dataparallel
 
             return dataparallel.attention(self, src, batch_size, per_head)
         H, T = self.heads.num_heads, src.sample_shape[0]
@@ -448,7 +448,7 @@ def fit_grid(
     rank, world = part
     if getattr(src, "placement", None) == "data-parallel":  # one grouping on every rank
         # (grid-parallel ranks agree on the budget before: `selection._grid_scores`)
-        from featcache import dataparallel
+        from featcache.probing.tokens import dataparallel
 
         budget = dataparallel.smallest(budget)
     groups = config_groups(G, per_cfg, shared, budget)
@@ -508,12 +508,12 @@ def _train_group(
     on the host from Python floats. The shuffle is drawn on the host (a CPU generator) by
     the source (`epoch_batches`), so it is the same whether the features sit on the
     device or in host memory; a source streamed from the cache shuffles by blocks of
-    shards instead (`featcache.streaming`).
+    shards instead (`featcache.probing.tokens.streaming`).
     """
     device = src.device
-    dp = getattr(src, "placement", None) == "data-parallel"  # `featcache.dataparallel`
+    dp = getattr(src, "placement", None) == "data-parallel"  # `tokens.dataparallel`
     if dp:
-        from featcache import dataparallel
+        from featcache.probing.tokens import dataparallel
 
         if hasattr(heads, "batch_norm"):
             heads.batch_norm = dataparallel.sync_batch_norm

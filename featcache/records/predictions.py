@@ -62,7 +62,7 @@ def load_predictions(run_dir: str | Path, logits: bool = True,
     record's balanced accuracy is one line naming it and the fix."""
     from safetensors import SafetensorError, safe_open
 
-    from featcache.records import array_digest, read_run
+    from featcache.records.store import array_digest, read_run
 
     path = Path(run_dir) / PREDICTIONS_FILE
     if not path.is_file():
@@ -100,7 +100,7 @@ def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None
     stated = (record.get("metrics") or {}).get("balanced_top1")
     if not isinstance(stated, (int, float)) or not len(pred.label):
         return
-    from featcache.bootstrap import balanced
+    from featcache.reporting.bootstrap import balanced
 
     here = float(balanced(np.bincount(pred.label, weights=pred.correct),
                           np.bincount(pred.label)))

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from featcache import atomic
-from featcache.cache import default_cache_root
+from featcache.cache.fingerprint import file_sha256
+from featcache.cache.store import default_cache_root
 from featcache.errors import FeatcacheError, os_error
-from featcache.fingerprint import file_sha256
 from featcache.text import slug
 
 # 2: the run's identity (`settings`, `settings_id`); 3: its test predictions; 4: the sha256
@@ -38,7 +38,7 @@ def default_runs_root(cache_root: str | Path | None = None) -> Path:
 
 def settings_id(settings: dict[str, Any]) -> str:
     """A run's identity without its seed: a hash of every setting that changes its numbers
-    (`featcache.probing.run_settings`). Runs that differ in any of them are different runs,
+    (`featcache.probing.run.run_settings`). Runs that differ in any of them are different runs,
     side by side on disk, never averaged together."""
     blob = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:SETTINGS_ID_LENGTH]
@@ -94,13 +94,13 @@ def wait_for_run(path: Path) -> None:
 def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None = None,
               predictions: dict[str, Any] | None = None) -> Path:
     """Write record.json (+ head.safetensors, + predictions.safetensors: the per-sample
-    test predictions, `featcache.predictions`) into a temporary directory, then rename."""
+    test predictions, `featcache.records.predictions`) into a temporary directory, then rename."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    from featcache.predictions import PREDICTIONS_FILE
+    from featcache.records.predictions import PREDICTIONS_FILE
 
     # a failure (full disk, Ctrl-C) removes the half-built folder; only a kill leaves
     # one, hidden, for `recover` to clear
@@ -179,7 +179,7 @@ def recover(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    from featcache.cache_files import process_alive
+    from featcache.cache.files import process_alive
 
     if pid == os.getpid():
         return False  # our own leftovers are from an earlier, failed write
@@ -301,7 +301,7 @@ def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[RunRec
     (`<model_dir>/<dataset>/<run>/record.json`: never a walk into caches); half-written
     temporaries are invisible. Unreadable records, and records whose identity neither they
     nor their folder name say, are skipped and described in ``problems``."""
-    from featcache.methods import method_of
+    from featcache.probing.methods import method_of
 
     root = Path(runs_root).expanduser()
     notes = problems if problems is not None else []
@@ -358,7 +358,7 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
 
 def summary_row(record: dict[str, Any]) -> dict[str, Any]:
     """The line `featcache runs` prints for a record."""
-    from featcache.columns import run_variant
+    from featcache.reporting.columns import run_variant
 
     metrics = record.get("metrics") or {}
     return {

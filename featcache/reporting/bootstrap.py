@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.columns import baseline_of, is_baseline
+from featcache.reporting.columns import baseline_of, is_baseline
 
 N_RESAMPLES = 1000
 LEVEL = 0.95
@@ -101,7 +101,7 @@ def add_intervals(rows: Sequence[dict], notes: list[str], n_resamples: int = N_R
     `ci` None, and one note says why. ``loaded``: predictions already read, by run path.
     """
     from featcache.errors import FeatcacheError
-    from featcache.predictions import load_predictions
+    from featcache.records.predictions import load_predictions
 
     loaded = dict(loaded or {})
     why: dict[str, int] = {}

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from featcache import atomic
-from featcache.bootstrap import N_RESAMPLES
-from featcache.columns import baseline_of, column_sort
 from featcache.errors import FeatcacheError
-from featcache.pages import render_table, to_html, to_markdown
-from featcache.reference import paper_number
-from featcache.summary import (
+from featcache.reporting.bootstrap import N_RESAMPLES
+from featcache.reporting.columns import baseline_of, column_sort
+from featcache.reporting.pages import render_table, to_html, to_markdown
+from featcache.reporting.reference import paper_number
+from featcache.reporting.summary import (
     METRIC,
     dataset_sort,
     load_records,
@@ -118,7 +118,7 @@ def write_csv(records: Sequence[dict], path: Path, rows: Sequence[dict] = ()) ->
 def write_paper_layout(rows: Sequence[dict], path: Path) -> Path:
     """paper_layout.csv: a row per model and dataset, the paper's ten experiment columns
     (yours: mean, std, seeds; and the paper's number), in its tables' order."""
-    from featcache.summary import paper_layout
+    from featcache.reporting.summary import paper_layout
 
     layout = paper_layout(rows)
     keys = ["model", "model_dir", "dataset"]
@@ -160,7 +160,7 @@ def checked_records(records: list[Any], problems: list[str]) -> tuple[list[Any],
     with their balanced accuracy (a record edited by hand, or predictions copied from
     another run, lend no number to the report: skipped, with a note); and those
     predictions, for the intervals."""
-    from featcache.predictions import load_predictions
+    from featcache.records.predictions import load_predictions
 
     kept, loaded = [], {}
     for rec in records:
@@ -196,7 +196,7 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
         raise FeatcacheError(f"{len(records)} run records under {root} but none has a test "
                              f"{METRIC}; see results.csv or the records themselves")
     if resamples:
-        from featcache.bootstrap import add_intervals
+        from featcache.reporting.bootstrap import add_intervals
 
         add_intervals(rows, problems, resamples, loaded=predictions)
     notes = missing_notes(rows) + problems
@@ -204,7 +204,7 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     if any(row["in_paper"] for row in rows) and taps - {"reference"}:
         notes.append("paper numbers use the reference tap; runs on another tap "
                      f"({', '.join(sorted(taps - {'reference'}))}) are not like for like")
-    from featcache.cka import layer_cka
+    from featcache.reporting.cka import layer_cka
 
     cka_values = layer_cka(records, Path(out_dir) if out_dir is not None else None,
                            compute=cka, open_cache=open_cache, problems=notes)
@@ -229,7 +229,7 @@ def parse_formats(formats: str | Iterable[str]) -> list[str]:
 def write_report(data: ReportData, out_dir: str | Path,
                  formats: str | Iterable[str] = FORMATS) -> dict[str, Path]:
     """Write the chosen formats into `out_dir`; returns {format: path} (+ "figures")."""
-    from featcache import figures as figs
+    from featcache.reporting import figures as figs
 
     fmts = parse_formats(formats)
     out = Path(out_dir).expanduser()
@@ -262,7 +262,7 @@ def report(cache: str | Path | None = None, runs: str | Path | None = None,
     <cache root>/runs) and write the chosen formats into ``out`` (an empty ``format``
     writes nothing). The files written are in the result's ``written``."""
     from featcache.options import check_int
-    from featcache.records import default_runs_root
+    from featcache.records.store import default_runs_root
 
     formats = parse_formats(format)
     check_int(resamples, "--resamples", 0)

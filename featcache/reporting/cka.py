@@ -20,7 +20,7 @@ from featcache.errors import FeatcacheError
 
 
 class CacheLike(Protocol):
-    """What `layer_cka_to_last` needs from `featcache.cache.open_cache(...)`."""
+    """What `layer_cka_to_last` needs from `featcache.cache.store.open_cache(...)`."""
 
     n: int
     layer_names: list[str]
@@ -143,7 +143,7 @@ def layer_cka(records: Sequence[dict], out_dir: Path | None, compute: bool = Tru
     otherwise, when `compute` is true, from the test cache (train when no test) of the
     pair's `layers` runs. A pair whose cache cannot be opened is noted and left out.
     """
-    from featcache.summary import per_layer
+    from featcache.reporting.summary import per_layer
 
     notes = problems if problems is not None else []
     store_path = out_dir / CKA_FILE if out_dir is not None else None
@@ -203,12 +203,12 @@ def layer_cka(records: Sequence[dict], out_dir: Path | None, compute: bool = Tru
 
 
 def _compute_cka(path: str, open_cache: Callable[[str], Any] | None) -> dict[str, Any]:
-    from featcache.cka import layer_cka_to_last
+    from featcache.reporting.cka import layer_cka_to_last
 
     if open_cache is None:
         if not Path(path).exists():
             raise FeatcacheError(f"cache {path} not found (moved or on another machine?)")
-        from featcache.cache import open_cache as _open
+        from featcache.cache.store import open_cache as _open
 
         open_cache = _open
     cache = open_cache(path)

@@ -7,7 +7,7 @@ when a run's settings differ from the paper's recipe, a variant label in bracket
 
 from __future__ import annotations
 
-from featcache.reference import normalize_layer_set
+from featcache.reporting.reference import normalize_layer_set
 
 LAYER_SET_ORDER = ("last", "middle+last", "quarterly", "all")
 
@@ -15,7 +15,7 @@ LAYER_SET_ORDER = ("last", "middle+last", "quarterly", "all")
 def column_key(method: str, layer_set: str | None) -> str:
     """The table column a run belongs to: "linear", "attentive", "concat:all", "alf:all"
     (the method's spec decides; a method not registered here shows its layer set)."""
-    from featcache.methods import method_of
+    from featcache.probing.methods import method_of
 
     spec = method_of(method)
     if spec is not None:

@@ -25,11 +25,11 @@ matplotlib.use("Agg", force=False)
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from featcache.columns import baseline_of, is_baseline  # noqa: E402
-from featcache.methods import method_of  # noqa: E402
-from featcache.reference import display_name  # noqa: E402
+from featcache.probing.methods import method_of  # noqa: E402
 from featcache.registry import FIGURES  # noqa: E402
-from featcache.summary import dataset_sort, paper_pairs, per_layer  # noqa: E402
+from featcache.reporting.columns import baseline_of, is_baseline  # noqa: E402
+from featcache.reporting.reference import display_name  # noqa: E402
+from featcache.reporting.summary import dataset_sort, paper_pairs, per_layer  # noqa: E402
 from featcache.text import slug  # noqa: E402
 
 DPI = 100

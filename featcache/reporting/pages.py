@@ -10,9 +10,9 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from featcache.columns import is_baseline
-from featcache.reference import paper_dataset_names, paper_models
-from featcache.summary import (
+from featcache.reporting.columns import is_baseline
+from featcache.reporting.reference import paper_dataset_names, paper_models
+from featcache.reporting.summary import (
     columns_of,
     fmt_cell,
     fmt_gain,
@@ -22,7 +22,7 @@ from featcache.summary import (
 )
 
 if TYPE_CHECKING:
-    from featcache.reporting import ReportData
+    from featcache.reporting.build import ReportData
 
 
 def cell_parts(cell: dict, col: str) -> list[tuple[str, str]]:

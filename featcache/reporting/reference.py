@@ -87,7 +87,7 @@ def paper_model(model: str) -> str | None:
 
 def paper_experiment(method: str, layer_set: str | None = None) -> str | None:
     """The paper's experiment label for (method, layer_set), or None when it has no twin."""
-    from featcache.methods import method_of
+    from featcache.probing.methods import method_of
 
     spec = method_of(method)
     return spec.paper_experiment(layer_set) if spec is not None else None

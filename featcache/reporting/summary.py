@@ -13,7 +13,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from featcache.columns import (
+from featcache.errors import FeatcacheError
+from featcache.probing.methods import method_of
+from featcache.records.store import list_runs
+from featcache.reporting.columns import (
     baseline_of,
     column_key,
     column_sort,
@@ -21,10 +24,7 @@ from featcache.columns import (
     run_variant,
     with_variant,
 )
-from featcache.errors import FeatcacheError
-from featcache.methods import method_of
-from featcache.records import list_runs
-from featcache.reference import (
+from featcache.reporting.reference import (
     display_name,
     normalize_dataset,
     paper_dataset_names,
@@ -70,7 +70,7 @@ def _num(value: Any) -> float | None:
 
 
 def load_records(runs_root: str | Path, problems: list[str] | None = None) -> list[dict]:
-    """Every readable run record under `runs_root` (`featcache.records.list_runs`, the same
+    """Every readable run record under `runs_root` (`featcache.records.store.list_runs`, the same
     loader as `featcache runs`), each with the report's derived `_`-keys added.
 
     An unreadable or incomplete record is skipped and described in `problems` (never an

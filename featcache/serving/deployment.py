@@ -26,8 +26,8 @@ from torch import nn
 
 from featcache import __version__, atomic
 from featcache.errors import FeatcacheError
-from featcache.features import NORM_EPS
-from featcache.inference import TrainedProbe, load_trained, rebuild_backbone
+from featcache.probing.tokens.features import NORM_EPS
+from featcache.serving.inference import TrainedProbe, load_trained, rebuild_backbone
 
 EXTRA_FILE = "featcache.json"
 MAX_BATCH = 4096  # the exported batch axis runs 1 … MAX_BATCH
@@ -72,7 +72,7 @@ class DeployedProbe(nn.Module):
 
 def _plain_head(probe: TrainedProbe) -> nn.Module:
     """The trained head in plain torch modules (weights copied from the fast form)."""
-    from featcache.heads import ReferenceAttentiveHead
+    from featcache.probing.heads import ReferenceAttentiveHead
 
     state = probe.grid.export(0)
     heads = probe.grid.heads

@@ -40,7 +40,7 @@ class TrainedProbe:
     record: dict[str, Any]
     tokens: list[tuple[str, str]]  # (layer, kind); [("final", "all")] for every token
     class_names: list[str]
-    grid: Any  # a one-config `featcache.train.FittedGrid`
+    grid: Any  # a one-config `featcache.probing.train.FittedGrid`
     normalisation: str | None
     dim: int  # the token width the head reads (narrower tokens zero-padded)
     layer_names: list[str]
@@ -57,7 +57,7 @@ class TrainedProbe:
 
     def assemble(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """The head's (B, T, D) float16 tokens from `Backbone.tokens`' output, as the cache
-        stores them (`featcache.features.load_source` reads the same layout)."""
+        stores them (`featcache.probing.tokens.features.load_source` reads the same layout)."""
         if self.all_tokens:
             return out["last"].to(torch.float16)
         parts = []
@@ -72,7 +72,7 @@ class TrainedProbe:
     def logits(self, raw: torch.Tensor) -> torch.Tensor:
         """(N, C) float32 logits (CPU) of float16 tokens (N, T, D), normalised per batch
         and scored in `HEAD_BATCH` batches, exactly as a record's test metrics."""
-        from featcache.features import FeatureSource
+        from featcache.probing.tokens.features import FeatureSource
 
         device = next(self.grid.heads.parameters()).device
         src = FeatureSource(raw.to(device), device, normalise=self.normalisation)
@@ -85,10 +85,10 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from featcache.heads import HEADS
-    from featcache.methods import method_of
-    from featcache.records import HEAD_FILE, check_file, read_run
-    from featcache.train import FittedGrid
+    from featcache.probing.heads import HEADS
+    from featcache.probing.methods import method_of
+    from featcache.probing.train import FittedGrid
+    from featcache.records.store import HEAD_FILE, check_file, read_run
 
     path = Path(run).expanduser()
     if not (path / "record.json").is_file():
@@ -178,7 +178,7 @@ def rebuild_backbone(probe: TrainedProbe, weights: str | None = None) -> Any:
     had. ``weights``: the checkpoint file, for runs on a local checkpoint (its SHA-256 must
     match); hub and random weights are found from the fingerprint."""
     from featcache.backbones import create_backbone
-    from featcache.fingerprint import fingerprint_diff
+    from featcache.cache.fingerprint import fingerprint_diff
 
     model = probe.fingerprint["model"]
     recorded = str(model.get("weights") or "")
@@ -208,7 +208,7 @@ def rebuild_backbone(probe: TrainedProbe, weights: str | None = None) -> Any:
 # -- images in, predictions out -----------------------------------------------------------
 
 class ImageFiles(ImageDataset):
-    """Image files to predict on (no labels): a dataset `featcache.extraction` can read."""
+    """Image files to predict on (no labels): a dataset `featcache.extracting.run` can read."""
 
     def __init__(self, paths: Sequence[Path], class_names: Sequence[str]) -> None:
         self.name = "files"
@@ -288,7 +288,7 @@ class PredictResult:
     def reproduces_record(self) -> bool | None:
         if self.record_metrics is None or self.metrics is None:
             return None
-        from featcache.selection import METRIC_KEYS
+        from featcache.probing.selection import METRIC_KEYS
 
         return all(self.metrics.get(k) == self.record_metrics.get(k) for k in METRIC_KEYS)
 
@@ -334,7 +334,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
     result = _rows(probe, data, logits, index, top_k, dataset is not None)
     result.logits, result.index, result.unreadable = logits, index, unreadable
     if dataset is not None and list(data.class_names) == probe.class_names and len(index):
-        from featcache.selection import logit_metrics
+        from featcache.probing.selection import logit_metrics
 
         y = torch.as_tensor(data.labels[index])
         result.metrics = {k: v for k, v in logit_metrics(logits, y, len(probe.class_names))
@@ -381,7 +381,7 @@ def _score(probe: TrainedProbe, backbone: Any, data: ImageDataset, device: torch
     readable images (the same batches the record's test scores used)."""
     from torch.utils.data import DataLoader
 
-    from featcache.extraction import _Prepared, plan_workers
+    from featcache.extracting.run import _Prepared, plan_workers
 
     n_workers, threads = plan_workers(device, workers)
     loader = DataLoader(_Prepared(data, backbone.transform, backbone.input_size),
@@ -457,7 +457,7 @@ def _compare_with_record(probe: TrainedProbe, data: ImageDataset, index: np.ndar
                          logits: torch.Tensor, result: PredictResult) -> None:
     """On the run's own test split (same content hash), set the record's metrics beside
     ours and the share of per-image predictions that agree with the stored ones."""
-    from featcache.predictions import load_predictions
+    from featcache.records.predictions import load_predictions
 
     test = (probe.record.get("fingerprints") or {}).get("test") or {}
     identity = (test.get("dataset") or {}).get("identity") or {}

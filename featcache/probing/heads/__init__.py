@@ -9,15 +9,15 @@ group of configs.
 
 from __future__ import annotations
 
-from featcache.heads.attentive import (
+from featcache.probing.heads.attentive import (
     AttentiveHeads,
     ReferenceAttentiveHead,
     attention_summary,
     head_dim_for,
 )
-from featcache.heads.linear import LinearHeads
-from featcache.heads.pooling import pool_project, pool_scratch_bytes
-from featcache.heads.stacked import StackedHeads
+from featcache.probing.heads.linear import LinearHeads
+from featcache.probing.heads.pooling import pool_project, pool_scratch_bytes
+from featcache.probing.heads.stacked import StackedHeads
 
 __all__ = [
     "HEADS",

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featcache.heads.pooling import pool_project, pool_scratch_bytes
-from featcache.heads.stacked import StackedHeads, uniform
+from featcache.probing.heads.pooling import pool_project, pool_scratch_bytes
+from featcache.probing.heads.stacked import StackedHeads, uniform
 
 LN_EPS = 1e-5
 BN_EPS = 1e-5
@@ -116,7 +116,7 @@ class AttentiveHeads(StackedHeads):
 
     has_dropout = True
     # the BatchNorm over the batch: F.batch_norm's signature; data-parallel training
-    # swaps in `featcache.dataparallel.sync_batch_norm` (statistics of the global batch)
+    # swaps in `tokens.dataparallel.sync_batch_norm` (statistics of the global batch)
     batch_norm = staticmethod(F.batch_norm)
 
     @classmethod

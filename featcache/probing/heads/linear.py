@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from featcache.heads.stacked import StackedHeads, uniform
+from featcache.probing.heads.stacked import StackedHeads, uniform
 
 
 class LinearHeads(StackedHeads):

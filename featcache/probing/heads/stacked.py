@@ -7,7 +7,7 @@ attentive head of the paper). Because no operation mixes configs, the gradient o
 ``loss = sum_g loss_g`` w.r.t. config g's slice is exactly the gradient config g would
 get alone.
 
-A head kind (a subclass registered in `featcache.heads.HEADS`) also owns what the
+A head kind (a subclass registered in `featcache.probing.heads.HEADS`) also owns what the
 trainer needs to know about it: whether its grid has a dropout axis, how its input must
 look, how to build a group of configs, and what a training step costs in memory.
 """

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featcache import distributed as dist
-from featcache.features import FeatureSource
+from featcache.probing.tokens.features import FeatureSource
 
 
 class RankSource:
@@ -94,7 +94,7 @@ class RankSource:
 
 def global_jitter(xb: Tensor, src: RankSource, std: float, p: float, gen: torch.Generator,
                   draw_all: bool | None = None) -> Tensor:
-    """`featcache.train._jitter` drawn for the global batch (the same draws as one
+    """`featcache.probing.train._jitter` drawn for the global batch (the same draws as one
     process), applied to this rank's rows of it, in place."""
     positions, mask = src.last
     B = len(positions)
@@ -127,7 +127,7 @@ def global_loss(logits: Tensor, yb: Tensor, weight: Tensor | None, src: RankSour
                 y: Tensor) -> Tensor:
     """Per config: this rank's share of the global batch's (weighted) mean cross entropy;
     summed over ranks it is the one-process loss."""
-    from featcache.train import per_sample_nll
+    from featcache.probing.train import per_sample_nll
 
     positions, _ = src.last
     nll = per_sample_nll(logits, yb)
@@ -234,7 +234,7 @@ def predict_logits(grid: Any, src: RankSource, batch_size: int, configs: Any,
 
 def attention(grid: Any, src: RankSource, batch_size: int, per_head: bool) -> Tensor:
     """Mean attention per input token over every rank's samples."""
-    from featcache.heads import attention_summary
+    from featcache.probing.heads import attention_summary
 
     H, T = grid.heads.num_heads, src.sample_shape[0]
     total = torch.zeros(grid.heads.n_configs, H, T, dtype=torch.float64, device=src.device)
@@ -254,7 +254,7 @@ def _forward(grid: Any, src: RankSource, batch_size: int, configs: Any, fn: Any,
              return_attention: bool = False, jitter: Any = None) -> None:
     """`FittedGrid._forward_chunks` over global batches: ``fn`` gets this rank's
     positions instead of a slice (the validation jitter drawn for the global batch)."""
-    from featcache.train import _generator
+    from featcache.probing.train import _generator
 
     gen = None if jitter is None else _generator(src.device, jitter.seed)
 
@@ -280,7 +280,7 @@ def load_rank_source(cache: Any, tokens: list[tuple[str, str]], device: torch.de
                      normalise: str | None) -> RankSource:
     """This rank's range of whole shards of the cache, loaded (on its device if they fit,
     else in host memory), as a RankSource over all the cache's samples."""
-    from featcache.features import load_source
+    from featcache.probing.tokens.features import load_source
 
     lo, hi = rank_range(cache.layout.n_shards, cache.layout.shard_size, cache.n)
     local = load_source(cache, tokens, device, budget, host_budget, normalise=normalise,

@@ -237,7 +237,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def as_source(x: Any) -> Any:
     """A plain tensor is used as it is (already normalised by the caller), on its device;
-    a FeatureSource or a `featcache.streaming.StreamedSource` as it is."""
+    a FeatureSource or a `featcache.probing.tokens.streaming.StreamedSource` as it is."""
     if isinstance(x, FeatureSource) or getattr(x, "placement", None) in ("stream",
                                                                         "data-parallel"):
         return x
@@ -332,7 +332,7 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
     shard by shard, into a float16 tensor on ``device`` if its size fits ``budget_bytes``
     (default: `default_feature_budget`), else into (pinned) host memory if it fits
     ``host_budget_bytes`` (default: 80 % of the memory available), else, with
-    ``stream``, a `featcache.streaming.StreamedSource` that reads them from the cache as
+    ``stream``, a `streaming.StreamedSource` that reads them from the cache as
     it goes (buffers within the host budget); without it that is one clear error.
     Tokens narrower than the widest (a pooled embedding of another width) are zero-padded,
     which changes neither their norm nor any dot product.
@@ -349,7 +349,7 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
                        if host_budget_bytes is None else int(host_budget_bytes))
         if nbytes > host_budget:
             if stream and n == cache.n:
-                from featcache.streaming import StreamedSource
+                from featcache.probing.tokens.streaming import StreamedSource
 
                 return StreamedSource(cache, plan, device, normalise, host_budget)
             fix = ("launch more ranks (each holds its share of the shards)" if n < cache.n

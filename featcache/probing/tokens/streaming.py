@@ -1,6 +1,6 @@
 """Probing a cache larger than memory: the tokens streamed from the cache as training goes.
 
-A `StreamedSource` stands in for a `featcache.features.FeatureSource` when the tokens a
+A `StreamedSource` stands in for a `features.FeatureSource` when the tokens a
 method needs do not fit host memory (or `--max-host-memory-gb`). It never holds more
 than two buffers of whole shards (the one being trained on, the next one being read in a
 thread), each at most a third of the host budget.
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from featcache.errors import FeatcacheError
-from featcache.features import FeatureSource, TokenPlan, fill_tokens
+from featcache.probing.tokens.features import FeatureSource, TokenPlan, fill_tokens
 from featcache.text import human_bytes
 
 BUFFERS = 3  # the host budget is split in thirds: two buffers of shards, one for the rest
