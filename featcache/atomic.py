@@ -12,15 +12,15 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-# a run folder's own files: no output option may land on them, --overwrite or not
-RUN_FILES = ("record.json", "head.safetensors", "predictions.safetensors")
-
 
 def check_target(path: str | Path, option: str, overwrite: bool = False) -> Path:
     """Where a command will write one file, refused in one line before any work is done:
     no name, a folder, a device or other non-file (the rename would replace it), a
     missing folder, one of a run's own files, or an existing file without --overwrite."""
     from featcache.errors import FeatcacheError
+
+    # a run folder's own files: no output option may land on them, --overwrite or not
+    from featcache.records.schema import RECORD_FILE, RUN_FILES
 
     if not str(path).strip():
         raise FeatcacheError(f"{option} needs a file name")
@@ -33,7 +33,7 @@ def check_target(path: str | Path, option: str, overwrite: bool = False) -> Path
     if not target.parent.is_dir():
         raise FeatcacheError(f"the folder of {option}, {target.parent}, does not exist; "
                              "create it first")
-    if target.name in RUN_FILES and (target.parent / "record.json").is_file():
+    if target.name in RUN_FILES and (target.parent / RECORD_FILE).is_file():
         raise FeatcacheError(f"{option} {target} is one of a run's own files; write "
                              "elsewhere")
     if target.exists() and not overwrite:

@@ -49,9 +49,6 @@ def info(path: str | Path) -> dict[str, Any]:
             "attrs": {k: v for k, v in c.attrs.items() if k not in shown}}
 
 
-EXPORT_FORMATS = ("hdf5",)
-
-
 def export(path: str | Path, format: str = "hdf5", out: str | Path | None = None,
            overwrite: bool = False) -> Path:
     """`featcache export`: write a complete cache to HDF5 (default: PATH.h5); returns the file."""

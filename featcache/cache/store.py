@@ -27,6 +27,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from featcache import __version__
+from featcache.cache.kinds import FEATURE_KINDS, POOL_KIND, TOKEN_KIND
 from featcache.errors import FeatcacheError
 from featcache.text import slug
 
@@ -34,9 +35,6 @@ from featcache.text import slug
 # has (no `cls` array without a class token; `pool` for a pooled embedding of its own)
 FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
-FEATURE_KINDS = ("cls", "ap")  # per layer
-POOL_KIND = "pool"  # the final layer's pooled embedding, where the model has its own
-TOKEN_KIND = "last_tokens"
 # Written shard by shard (with the done flag after them); `done` itself is the flag.
 SHARD_ARRAYS = ("cls", "ap", "pool", "last_tokens", "labels", "valid")
 LABEL_FILL = -1

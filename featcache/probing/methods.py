@@ -14,7 +14,23 @@ from featcache.errors import FeatcacheError
 from featcache.registry import METHODS
 
 TOKEN_RULES = ("probe", "cls+ap", "all")
-PAPER_LAYER_SETS = ("last", "middle+last", "quarterly", "all")
+# The named layer sets, in the paper's order (the report's column order): their one
+# definition; `pairs` resolves them to blocks, the report orders and labels by them.
+LAYER_SETS = ("last", "middle+last", "quarterly", "all")
+_LAYER_SET_ALIASES: dict[str, str] = {
+    "last": "last", "final": "last",
+    "middle+last": "middle+last", "middle_last": "middle+last", "middle-last": "middle+last",
+    "mid+last": "middle+last",
+    "quarterly": "quarterly", "quarters": "quarterly",
+    "all": "all",
+}
+
+
+def normalize_layer_set(layer_set: str | None) -> str | None:
+    """Canonical named layer set, or None for an explicit list like "3,7,11"."""
+    if layer_set is None:
+        return None
+    return _LAYER_SET_ALIASES.get(str(layer_set).strip().lower())
 
 
 @dataclass(frozen=True)
@@ -26,7 +42,8 @@ class Method:
     (every token of the last layer; needs `extract --all-tokens`).
     ``head``: a head kind of `featcache.probing.heads.HEADS` ("linear" reads its tokens
     concatenated; "attentive" reads them as a sequence).
-    ``heads``: attention heads; None: one per input token (the ALF rule).
+    ``attention_heads``: the attentive head's number of attention heads; None: one per
+    input token (the ALF rule).
     ``per_layer``: one probe per input token instead of one for all (`layers`).
     ``show_layers``: when the report column names the layer set: "always" (`alf:all`),
     "other" (only one that is not the default: `attentive:middle+last`) or "never" (the
@@ -39,7 +56,7 @@ class Method:
     default_layers: str
     tokens: str
     description: str = ""
-    heads: int | None = None
+    attention_heads: int | None = None
     per_layer: bool = False
     takes_layers: bool = True
     show_layers: str = "other"
@@ -66,7 +83,7 @@ class Method:
     def num_heads(self, n_tokens: int) -> int | None:
         if not self.attentive:
             return None
-        return self.heads or n_tokens
+        return self.attention_heads or n_tokens
 
     def normalisation(self, protocol: str) -> str:
         """How a sample's tokens are L2-normalised: per token vector, except the paper
@@ -76,8 +93,6 @@ class Method:
 
     def column(self, layer_set: str | None) -> str:
         """The report column of a run with this layer set: "linear", "alf:all", …"""
-        from featcache.reporting.reference import normalize_layer_set
-
         ls = normalize_layer_set(layer_set) or (str(layer_set) if layer_set else None)
         if self.show_layers == "never" or (self.show_layers == "other"
                                            and ls in (None, self.default_layers)):
@@ -85,8 +100,6 @@ class Method:
         return f"{self.name}:{ls or self.default_layers}"
 
     def paper_experiment(self, layer_set: str | None) -> str | None:
-        from featcache.reporting.reference import normalize_layer_set
-
         ls = normalize_layer_set(layer_set if layer_set is not None else self.default_layers)
         return self.paper.get(ls) if ls is not None else None
 
@@ -113,7 +126,7 @@ for _method in (
     Method("linear", "linear", "last", "probe", "the standard linear probe of the last layer",
            paper={"last": "CLS last layer"}),
     Method("attentive", "attentive", "last", "all", "attentive probe over every token of "
-           "the last layer", heads=8, takes_layers=False,
+           "the last layer", attention_heads=8, takes_layers=False,
            paper={"last": "All tokens last layer (attentive)"}),
     Method("concat", "linear", "all", "cls+ap", "linear probe of CLS+AP of a layer set, "
            "concatenated", show_layers="always",

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from featcache.cache.fingerprint import flatten
+from featcache.cache.kinds import FEATURE_KINDS
 from featcache.cache.store import Cache, find_caches
 from featcache.errors import FeatcacheError
-from featcache.probing.methods import Method, get_method
+from featcache.probing.methods import LAYER_SETS, Method, get_method
 
-LAYER_SETS = ("last", "middle+last", "quarterly", "all")
 # Settings a train and a test cache may differ in; anything else must match.
 PAIR_FREE_KEYS = ("dataset.split", "dataset.n", "dataset.identity")
 
@@ -144,7 +144,7 @@ def token_list(method: str | Method, layer_set: str, cache: Cache, token: str | 
     layers = layer_set_names(layer_set, cache.layer_names)
     if get_method(method).tokens == "probe":
         return [(name, _at_layer(probe_token, name, kinds)) for name in layers]
-    out = [(name, kind) for name in layers for kind in ("cls", "ap") if kind in kinds]
+    out = [(name, kind) for name in layers for kind in FEATURE_KINDS if kind in kinds]
     if "pool" in kinds and "final" in layers:
         out.append(("final", "pool"))
     return out

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from featcache.errors import FeatcacheError
+from featcache.metrics import balanced
+from featcache.records.schema import PREDICTIONS_FILE
 
-PREDICTIONS_FILE = "predictions.safetensors"
 TOP_K = 5
 _KEYS = ("index", "label", "pred", "top_k", "logits")
 
@@ -100,8 +101,6 @@ def _check_metric(pred: Predictions, record: dict[str, Any], path: Path) -> None
     stated = (record.get("metrics") or {}).get("balanced_top1")
     if not isinstance(stated, (int, float)) or not len(pred.label):
         return
-    from featcache.reporting.bootstrap import balanced
-
     here = float(balanced(np.bincount(pred.label, weights=pred.correct),
                           np.bincount(pred.label)))
     if abs(here - stated) > 1e-3:

@@ -22,13 +22,16 @@ from featcache import atomic
 from featcache.cache.fingerprint import file_sha256
 from featcache.cache.store import default_cache_root
 from featcache.errors import FeatcacheError, os_error
+from featcache.records.schema import (
+    HEAD_FILE,
+    PREDICTIONS_FILE,
+    RECORD_FILE,
+    RECORD_FORMAT,
+    SETTINGS_ID_LENGTH,
+    run_variant,
+)
+from featcache.registry import METHODS
 from featcache.text import slug
-
-# 2: the run's identity (`settings`, `settings_id`); 3: its test predictions; 4: the sha256
-# of its head and predictions files (`files`)
-RECORD_FORMAT = 4
-SETTINGS_ID_LENGTH = 10
-HEAD_FILE = "head.safetensors"
 
 
 def default_runs_root(cache_root: str | Path | None = None) -> Path:
@@ -100,8 +103,6 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    from featcache.records.predictions import PREDICTIONS_FILE
-
     # a failure (full disk, Ctrl-C) removes the half-built folder; only a kill leaves
     # one, hidden, for `recover` to clear
     with atomic.atomic_path(path) as tmp:
@@ -119,7 +120,7 @@ def write_run(path: Path, record: dict[str, Any], tensors: dict[str, Any] | None
             files[PREDICTIONS_FILE] = {k: array_digest(v.numpy()) for k, v in arrays.items()}
         record = {"format": RECORD_FORMAT, **record, "files": files}
         text = json.dumps(strict_json(record), indent=1, default=_jsonable, allow_nan=False)
-        (tmp / "record.json").write_text(text)
+        (tmp / RECORD_FILE).write_text(text)
     return path
 
 
@@ -172,7 +173,7 @@ def recover(path: Path) -> None:
             pid = item.name.rsplit("-", 1)[-1]
             if pid.isdigit() and _alive(int(pid)):
                 continue
-            if kind == "old" and not path.exists() and (item / "record.json").is_file():
+            if kind == "old" and not path.exists() and (item / RECORD_FILE).is_file():
                 os.replace(item, path)
             else:
                 shutil.rmtree(item, ignore_errors=True)
@@ -266,7 +267,7 @@ def parse_run_name(name: str) -> dict[str, Any]:
 def read_run(path: Path) -> RunRecord:
     """A record; a damaged one is one line saying how to get it back."""
     path = Path(path)
-    file = path / "record.json" if path.is_dir() else path
+    file = path / RECORD_FILE if path.is_dir() else path
     fix = (f"delete {file.parent} and run the same `featcache probe` command again (or pass "
            "--force) to retrain it")
     try:
@@ -293,7 +294,7 @@ def read_run(path: Path) -> RunRecord:
 def is_finished(path: Path) -> bool:
     """A record is finished when its directory (renamed into place whole) exists."""
     recover(path)
-    return (Path(path) / "record.json").is_file()
+    return (Path(path) / RECORD_FILE).is_file()
 
 
 def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[RunRecord]:
@@ -301,8 +302,6 @@ def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[RunRec
     (`<model_dir>/<dataset>/<run>/record.json`: never a walk into caches); half-written
     temporaries are invisible. Unreadable records, and records whose identity neither they
     nor their folder name say, are skipped and described in ``problems``."""
-    from featcache.probing.methods import method_of
-
     root = Path(runs_root).expanduser()
     notes = problems if problems is not None else []
     if root.exists() and not root.is_dir():
@@ -335,7 +334,9 @@ def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[RunRec
             notes.append(f"{file}: record format {fmt} is newer than this featcache knows "
                          f"({RECORD_FORMAT}); read what is recognisable")
         rec["method"] = str(rec["method"]).lower()
-        spec = method_of(rec["method"])
+        # the method's spec by its registered name (a plugin's too), not by importing the
+        # probe: records never import probing (tests/test_layout.py)
+        spec = METHODS.find(rec["method"].strip())
         if rec.get("layer_set") is None and spec is not None and spec.show_layers != "always":
             rec["layer_set"] = spec.default_layers
         rec.setdefault("seed", 0)
@@ -358,8 +359,6 @@ def runs(cache: str | Path | None = None, runs: str | Path | None = None,
 
 def summary_row(record: dict[str, Any]) -> dict[str, Any]:
     """The line `featcache runs` prints for a record."""
-    from featcache.reporting.columns import run_variant
-
     metrics = record.get("metrics") or {}
     return {
         "model": record.get("model"),

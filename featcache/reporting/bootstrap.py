@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.metrics import balanced
 from featcache.reporting.columns import baseline_of, is_baseline
 
 N_RESAMPLES = 1000
@@ -82,13 +83,6 @@ class PairedBootstrap:
         low, high = np.percentile(gains, [tail, 100 - tail])
         return {"gain": point, "low": float(low), "high": float(high),
                 "resamples": self.n_resamples, "level": level}
-
-
-def balanced(hits: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Mean over present classes of hits / count, in percent (per resample row)."""
-    present = counts > 0
-    rate = np.divide(hits, counts, out=np.zeros_like(hits, dtype=np.float64), where=present)
-    return 100 * rate.sum(-1) / np.maximum(present.sum(-1), 1)
 
 
 # -- the report's cells ---------------------------------------------------------------------

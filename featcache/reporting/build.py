@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,16 @@ from featcache.reporting.pages import render_table, to_html, to_markdown
 from featcache.reporting.reference import paper_number
 from featcache.reporting.summary import (
     METRIC,
+    ReportData,
+    ScoredRun,
     dataset_sort,
     load_records,
     missing_notes,
     no_runs_error,
     per_layer,
+    score_runs,
+    scored,
     summarize,
-    summary_json,
 )
 
 __all__ = ["FORMATS", "ReportData", "build_report", "csv_rows", "parse_formats",
@@ -48,28 +50,32 @@ _CSV_FIRST = ("model", "model_dir", "dataset", "tap", "weights", "method", "laye
               "cell_gain_ci_excludes_zero", "paper_balanced_top1")
 
 
-def csv_rows(records: Sequence[dict], rows: Sequence[dict] = ()) -> list[dict[str, Any]]:
-    """One flat dict per run: identity, every test/val metric, the selected hyperparameters."""
+def csv_rows(runs: Sequence[ScoredRun | dict],
+             rows: Sequence[dict] = ()) -> list[dict[str, Any]]:
+    """One flat dict per run: identity, every test/val metric, the selected hyperparameters.
+    ``runs``: `ReportData.runs`, or plain records (scored here)."""
     cells = {(r["model_dir"], r["dataset"]): r["cells"] for r in rows}
     out = []
-    for rec in sorted(records, key=lambda r: (str(r["model_dir"]), dataset_sort(r["dataset"]),
-                                             column_sort(r["_column"]), r.get("seed") or 0)):
-        base = cells.get((rec["model_dir"], rec["dataset"]), {}).get(baseline_of(rec["_column"]))
+    for run in sorted(scored(runs, []), key=lambda r: (str(r.record["model_dir"]),
+                                           dataset_sort(r.record["dataset"]),
+                                           column_sort(r.column), r.record.get("seed") or 0)):
+        rec = run.record
+        base = cells.get((rec["model_dir"], rec["dataset"]), {}).get(baseline_of(run.column))
         row: dict[str, Any] = {
             "model": rec.get("model"), "model_dir": rec.get("model_dir"),
             "dataset": rec.get("dataset"), "tap": rec.get("tap"), "weights": rec.get("weights"),
             "method": rec.get("method"), "layer_set": rec.get("layer_set"),
-            "column": rec["_column"], "protocol": rec.get("protocol"),
+            "column": run.column, "protocol": rec.get("protocol"),
             "seed": rec.get("seed"),
             "n_tokens": len(rec["tokens"]) if isinstance(rec.get("tokens"), list) else None,
-            "best_layer": rec.get("_best_layer"),
-            "gain_over_linear": (rec["_value"] - base["mean"]
-                                 if base and rec["_value"] is not None else None),
+            "best_layer": run.best_layer,
+            "gain_over_linear": (run.value - base["mean"]
+                                 if base and run.value is not None else None),
             **_interval_fields(cells.get((rec["model_dir"], rec["dataset"]), {}).get(
-                rec["_column"])),
+                run.column)),
             "paper_balanced_top1": (paper_number(str(rec["model"]), rec["dataset"],
                                                  rec["method"], rec.get("layer_set"))
-                                    if not per_layer(rec["method"]) and not rec["_variant"]
+                                    if not per_layer(rec["method"]) and not run.variant
                                     else None),
         }
         for prefix, key in (("test", "metrics"), ("val", "val_metrics"),
@@ -101,9 +107,9 @@ def _interval_fields(cell: dict | None) -> dict[str, Any]:
             "cell_gain_ci_high": ci["high"], "cell_gain_ci_excludes_zero": cell["ci_excludes_zero"]}
 
 
-def write_csv(records: Sequence[dict], path: Path, rows: Sequence[dict] = ()) -> Path:
+def write_csv(runs: Sequence[ScoredRun | dict], path: Path, rows: Sequence[dict] = ()) -> Path:
     """results.csv: one row per run; columns are the union over runs, common ones first."""
-    flat = csv_rows(records, rows)
+    flat = csv_rows(runs, rows)
     keys: list[str] = list(_CSV_FIRST)
     for row in flat:
         keys.extend(k for k in row if k not in keys)
@@ -134,25 +140,6 @@ def write_paper_layout(rows: Sequence[dict], path: Path) -> Path:
             line += [cell["mean"], cell["std"], cell["n"] or None, cell["paper"]]
         writer.writerow(["" if v is None else v for v in line])
     return atomic.write_text(path, buffer.getvalue())
-
-
-@dataclass
-class ReportData:
-    """Everything the writers need, computed once from the records."""
-
-    runs_root: Path
-    records: list[dict]
-    rows: list[dict]
-    notes: list[str] = field(default_factory=list)
-    cka: dict[tuple[str, str], dict] = field(default_factory=dict)
-    written: dict[str, Path] = field(default_factory=dict)  # {format: path} once written
-    resamples: int = N_RESAMPLES  # of each gain's bootstrap interval (0: none)
-
-    def as_json(self) -> dict[str, Any]:
-        out = summary_json(self.rows, self.notes)
-        out["runs_root"] = str(self.runs_root)
-        out["n_runs"] = len(self.records)
-        return out
 
 
 def checked_records(records: list[Any], problems: list[str]) -> tuple[list[Any], dict]:
@@ -191,7 +178,8 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
             raise FeatcacheError(f"no readable run records under {root}: {problems[0]}")
         raise no_runs_error(root)
     records, predictions = checked_records(records, problems)
-    rows = summarize(records, problems)
+    runs = score_runs(records, problems)
+    rows = summarize(runs, problems)
     if not rows:
         raise FeatcacheError(f"{len(records)} run records under {root} but none has a test "
                              f"{METRIC}; see results.csv or the records themselves")
@@ -208,7 +196,7 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
 
     cka_values = layer_cka(records, Path(out_dir) if out_dir is not None else None,
                            compute=cka, open_cache=open_cache, problems=notes)
-    return ReportData(root, records, rows, notes, cka_values, resamples=resamples)
+    return ReportData(root, records, rows, notes, cka_values, resamples=resamples, runs=runs)
 
 
 def parse_formats(formats: str | Iterable[str]) -> list[str]:
@@ -236,7 +224,7 @@ def write_report(data: ReportData, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     if "csv" in fmts:
-        written["csv"] = write_csv(data.records, out / "results.csv", data.rows)
+        written["csv"] = write_csv(data.runs, out / "results.csv", data.rows)
         written["paper_layout"] = write_paper_layout(data.rows, out / "paper_layout.csv")
     if "md" in fmts or "html" in fmts:
         rendered = figs.all_figures(data.rows, data.records, data.cka)

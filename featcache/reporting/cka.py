@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from featcache import atomic
+from featcache.cache.kinds import FEATURE_KINDS
 from featcache.errors import FeatcacheError
 
 
@@ -212,9 +213,9 @@ def _compute_cka(path: str, open_cache: Callable[[str], Any] | None) -> dict[str
 
         open_cache = _open
     cache = open_cache(path)
-    kinds = getattr(cache, "token_kinds", ("cls", "ap"))  # a model without CLS has no curve
+    kinds = getattr(cache, "token_kinds", FEATURE_KINDS)  # a model without CLS has no curve
     out: dict[str, Any] = {"layers": list(cache.layer_names), "max_samples": CKA_MAX_SAMPLES}
-    for kind in ("cls", "ap"):
+    for kind in FEATURE_KINDS:
         if kind in kinds:
             out[kind] = layer_cka_to_last(cache, kind, CKA_MAX_SAMPLES)
     return out

@@ -7,9 +7,8 @@ when a run's settings differ from the paper's recipe, a variant label in bracket
 
 from __future__ import annotations
 
-from featcache.reporting.reference import normalize_layer_set
-
-LAYER_SET_ORDER = ("last", "middle+last", "quarterly", "all")
+from featcache.probing.methods import LAYER_SETS, normalize_layer_set
+from featcache.records.schema import run_variant  # noqa: F401 (the report's columns use it)
 
 
 def column_key(method: str, layer_set: str | None) -> str:
@@ -23,32 +22,6 @@ def column_key(method: str, layer_set: str | None) -> str:
     m = str(method).strip().lower()
     ls = normalize_layer_set(layer_set) or (str(layer_set) if layer_set else None)
     return f"{m}:{ls}" if ls else m
-
-
-def run_variant(rec: dict) -> str:
-    """What sets a run's numbers apart from the paper's recipe, as a short label ("" for
-    none): the options its user set (`grid=quick, shots=5`), and its precision when not
-    float32. Runs of different variants never share a cell; gains are taken over the
-    linear baseline of the same variant. Records from before run identities existed name
-    only their protocol (those from before protocols scored validation on clean features:
-    "protocol=clean")."""
-    options = rec.get("options")
-    if isinstance(options, dict):
-        parts = [f"{k}={_short(v)}" for k, v in sorted(options.items())]
-        settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
-        if settings.get("precision") not in (None, "fp32"):
-            parts.append(f"precision={settings['precision']}")
-        if settings.get("stream_buffer_shards"):
-            parts.append(f"streamed={settings['stream_buffer_shards']} shards")
-        return ", ".join(parts)
-    protocol = rec.get("protocol") or "clean"
-    return "" if protocol == "paper" else f"protocol={protocol}"
-
-
-def _short(value: object) -> str:
-    if isinstance(value, list):
-        return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def split_column(col: str) -> tuple[str, str]:
@@ -78,5 +51,5 @@ def column_sort(key: str) -> tuple[int, int, str]:
     order = METHODS.names()
     method, _, ls = split_column(key)[0].partition(":")
     mi = order.index(method) if method in order else len(order)
-    li = LAYER_SET_ORDER.index(ls) if ls in LAYER_SET_ORDER else len(LAYER_SET_ORDER)
+    li = LAYER_SETS.index(ls) if ls in LAYER_SETS else len(LAYER_SETS)
     return (mi, li, key)

@@ -8,11 +8,12 @@ import datetime as _dt
 import html
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from featcache.reporting.columns import is_baseline
 from featcache.reporting.reference import paper_dataset_names, paper_models
 from featcache.reporting.summary import (
+    ReportData,
     columns_of,
     fmt_cell,
     fmt_gain,
@@ -20,9 +21,6 @@ from featcache.reporting.summary import (
     paper_layout,
     paper_pairs,
 )
-
-if TYPE_CHECKING:
-    from featcache.reporting.build import ReportData
 
 
 def cell_parts(cell: dict, col: str) -> list[tuple[str, str]]:

@@ -15,14 +15,7 @@ import functools
 import io
 
 from featcache.catalogue import data_listing, data_text, model_entries, paper_datasets
-
-_LAYER_SET_ALIASES: dict[str, str] = {
-    "last": "last", "final": "last",
-    "middle+last": "middle+last", "middle_last": "middle+last", "middle-last": "middle+last",
-    "mid+last": "middle+last",
-    "quarterly": "quarterly", "quarters": "quarterly",
-    "all": "all",
-}
+from featcache.probing.methods import method_of
 
 LINEAR_EXPERIMENT = "CLS last layer"
 
@@ -61,13 +54,6 @@ def normalize_dataset(name: str) -> str:
     return aliases.get(key, key)
 
 
-def normalize_layer_set(layer_set: str | None) -> str | None:
-    """Canonical named layer set, or None for an explicit list like "3,7,11"."""
-    if layer_set is None:
-        return None
-    return _LAYER_SET_ALIASES.get(str(layer_set).strip().lower())
-
-
 def display_name(dataset: str) -> str:
     """The paper's display name for a dataset, or the name itself when it is not known."""
     d = paper_datasets().get(normalize_dataset(dataset))
@@ -87,8 +73,6 @@ def paper_model(model: str) -> str | None:
 
 def paper_experiment(method: str, layer_set: str | None = None) -> str | None:
     """The paper's experiment label for (method, layer_set), or None when it has no twin."""
-    from featcache.probing.methods import method_of
-
     spec = method_of(method)
     return spec.paper_experiment(layer_set) if spec is not None else None
 

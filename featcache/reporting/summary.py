@@ -10,18 +10,20 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from featcache.errors import FeatcacheError
 from featcache.probing.methods import method_of
+from featcache.records.schema import run_variant
 from featcache.records.store import list_runs
+from featcache.reporting.bootstrap import N_RESAMPLES
 from featcache.reporting.columns import (
     baseline_of,
     column_key,
     column_sort,
     is_baseline,
-    run_variant,
     with_variant,
 )
 from featcache.reporting.reference import (
@@ -69,33 +71,57 @@ def _num(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+@dataclass
+class ScoredRun:
+    """A run record as the report reads it: the record itself (never changed: it is what
+    `featcache runs`, the figures and the CSV read) and what the report derives from it."""
+
+    record: dict
+    variant: str  # what sets it apart from the paper's recipe ("" for none)
+    column: str  # its table column, with the variant in brackets
+    value: float | None  # its test balanced top-1 (%); None: it has none
+    best_layer: str | None  # `layers` runs: the layer picked on validation
+
+
+def score(rec: dict) -> ScoredRun:
+    """The report's view of a record: its column, its number, its best layer."""
+    rec.setdefault("path", "")
+    rec.setdefault("model_dir", rec.get("model"))
+    rec.setdefault("seed", 0)
+    metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
+    variant = run_variant(rec)
+    column = with_variant(column_key(str(rec.get("method")), rec.get("layer_set")), variant)
+    return ScoredRun(rec, variant, column, *_run_value(rec, metrics))
+
+
 def load_records(runs_root: str | Path, problems: list[str] | None = None) -> list[dict]:
-    """Every readable run record under `runs_root` (`featcache.records.store.list_runs`, the same
-    loader as `featcache runs`), each with the report's derived `_`-keys added.
+    """Every readable run record under `runs_root` (`featcache.records.store.list_runs`,
+    the same loader as `featcache runs`).
 
     An unreadable or incomplete record is skipped and described in `problems` (never an
     exception): one bad file must not hide a hundred good ones."""
     notes = problems if problems is not None else []
     records = list_runs(Path(runs_root), notes)
     for rec in records:
-        _derive(rec)
-        if rec["_value"] is None:
+        if score(rec).value is None:
             notes.append(f"{rec['path']}: no test {METRIC} in the record; listed in "
                          "results.csv only")
     return records
 
 
-def _derive(rec: dict) -> dict:
-    """Add the report's derived keys (column, value, best layer) to a record in place."""
-    rec.setdefault("path", "")
-    rec.setdefault("model_dir", rec.get("model"))
-    rec.setdefault("seed", 0)
-    metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
-    rec["_variant"] = run_variant(rec)
-    rec["_column"] = with_variant(column_key(str(rec.get("method")), rec.get("layer_set")),
-                                  rec["_variant"])
-    rec["_value"], rec["_best_layer"] = _run_value(rec, metrics)
-    return rec
+def score_runs(records: Iterable[dict | ScoredRun], notes: list[str]) -> list[ScoredRun]:
+    """The records scored, with runs that their labels alone would mix kept apart."""
+    runs = [rec if isinstance(rec, ScoredRun) else score(rec) for rec in records]
+    separate_variants(runs, notes)
+    return runs
+
+
+def scored(records: Iterable[dict | ScoredRun], notes: list[str]) -> list[ScoredRun]:
+    """Runs scored once: as given when they all are (`score_runs` output), else scored."""
+    items = list(records)
+    if all(isinstance(r, ScoredRun) for r in items):
+        return [r for r in items if isinstance(r, ScoredRun)]
+    return score_runs(items, notes)
 
 
 def _run_value(rec: dict, metrics: dict) -> tuple[float | None, str | None]:
@@ -145,77 +171,80 @@ def _cache_ids(rec: dict) -> str | None:
     return None if caches is None else f"{caches.get('train')}/{caches.get('test')}"
 
 
-def separate_variants(records: list[dict], notes: list[str]) -> None:
+def separate_variants(runs: list[ScoredRun], notes: list[str]) -> None:
     """Keep apart, in their own columns, runs whose labels alone would not: runs trained
     on an earlier cache at the same path (labelled `cache=<id>`) and runs whose settings
     differ in something the label does not name (labelled `#<settings id>`)."""
-    by_pair: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for rec in records:
-        by_pair[(str(rec["model_dir"]), str(rec["dataset"]))].append(rec)
+    by_pair: dict[tuple[str, str], list[ScoredRun]] = defaultdict(list)
+    for run in runs:
+        by_pair[(str(run.record["model_dir"]), str(run.record["dataset"]))].append(run)
     for (model_dir, dataset), recs in by_pair.items():
-        with_ids = [r for r in recs if _cache_ids(r)]
+        with_ids = [r for r in recs if _cache_ids(r.record)]
         if with_ids:
-            current = _cache_ids(max(with_ids, key=_created))
-            old = [r for r in with_ids if _cache_ids(r) != current]
-            for rec in old:
-                _relabel(rec, f"cache={str(_cache_ids(rec))[:6]}")
+            current = _cache_ids(max(with_ids, key=lambda r: _created(r.record)).record)
+            old = [r for r in with_ids if _cache_ids(r.record) != current]
+            for run in old:
+                _relabel(run, f"cache={str(_cache_ids(run.record))[:6]}")
             if old:
                 notes.append(f"{model_dir}/{dataset}: {len(old)} runs were trained on an "
                              "earlier cache at the same path; they stand apart (cache=…)")
         ids: dict[str, set[str]] = defaultdict(set)
-        for rec in recs:
-            if rec.get("settings_id"):
-                ids[rec["_column"]].add(str(rec["settings_id"]))
+        for run in recs:
+            if run.record.get("settings_id"):
+                ids[run.column].add(str(run.record["settings_id"]))
         for col, seen in ids.items():
             if len(seen) < 2:
                 continue
-            for rec in recs:
-                if rec["_column"] == col and rec.get("settings_id"):
-                    _relabel(rec, f"#{str(rec['settings_id'])[:6]}")
+            for run in recs:
+                if run.column == col and run.record.get("settings_id"):
+                    _relabel(run, f"#{str(run.record['settings_id'])[:6]}")
             notes.append(f"{model_dir}/{dataset} {col}: runs with different settings share "
                          "a label; each settings id has its own column (#…)")
 
 
-def _relabel(rec: dict, extra: str) -> None:
-    rec["_variant"] = ", ".join(v for v in (rec["_variant"], extra) if v)
-    rec["_column"] = with_variant(
-        column_key(str(rec.get("method")), rec.get("layer_set")), rec["_variant"])
+def _relabel(run: ScoredRun, extra: str) -> None:
+    rec = run.record
+    run.variant = ", ".join(v for v in (run.variant, extra) if v)
+    run.column = with_variant(column_key(str(rec.get("method")), rec.get("layer_set")),
+                              run.variant)
 
 
-def summarize(records: Iterable[dict], problems: list[str] | None = None) -> list[dict]:
+def summarize(records: Iterable[dict | ScoredRun],
+              problems: list[str] | None = None) -> list[dict]:
     """One row per (model, dataset) with a cell per method column, in a stable order.
 
     A cell is the mean ± sample std over seeds of test balanced top-1 (%), its gain over
     the linear baseline of the same pair (difference of means), and the paper's number
     where the paper has one. A column some pair lacks is `None` in that row's `cells` and
     listed in its `missing`. When one seed was run twice, the newest record counts.
+    ``records``: plain records, or runs already scored (`score_runs`).
     """
     notes = problems if problems is not None else []
-    records = [rec if "_column" in rec else _derive(rec) for rec in records]
-    separate_variants(records, notes)
-    groups: dict[tuple[str, str], dict[str, dict[int, dict]]] = defaultdict(
+    runs = scored(records, notes)
+    groups: dict[tuple[str, str], dict[str, dict[int, ScoredRun]]] = defaultdict(
         lambda: defaultdict(dict))
     columns: set[str] = set()
-    for rec in records:
-        if rec.get("_value") is None:
+    for run in runs:
+        rec = run.record
+        if run.value is None:
             continue
         key = (str(rec["model_dir"]), str(rec["dataset"]))
-        col = rec["_column"]
+        col = run.column
         columns.add(col)
         seeds = groups[key][col]
         seed = int(rec.get("seed") or 0)
         if seed in seeds:
-            older, newer = sorted((seeds[seed], rec), key=_created)
+            older, newer = sorted((seeds[seed], run), key=lambda r: _created(r.record))
             notes.append(f"{key[0]}/{key[1]} {col} seed {seed} was run twice; using "
-                         f"{newer['path']}")
+                         f"{newer.record['path']}")
             seeds[seed] = newer
         else:
-            seeds[seed] = rec
+            seeds[seed] = run
     ordered = sorted(columns, key=column_sort)
     rows: list[dict] = []
     for (model_dir, dataset) in sorted(groups, key=lambda k: (k[0], dataset_sort(k[1]))):
         by_col = groups[(model_dir, dataset)]
-        any_rec = next(iter(next(iter(by_col.values())).values()))
+        any_rec = next(iter(next(iter(by_col.values())).values())).record
         model = str(any_rec.get("model") or model_dir)
         cells: dict[str, dict | None] = {}
         for col in ordered:
@@ -224,30 +253,30 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
                 cells[col] = None
                 continue
             seeds = sorted(runs)
-            values = [runs[s]["_value"] for s in seeds]
-            mean, std = _mean_std(values)
-            first = runs[seeds[0]]
-            best = [runs[s]["_best_layer"] for s in seeds if runs[s]["_best_layer"]]
+            values = [runs[s].value for s in seeds]
+            mean, std = _mean_std(values)  # type: ignore[arg-type] (None was skipped above)
+            first, variant = runs[seeds[0]].record, runs[seeds[0]].variant
+            best = [runs[s].best_layer for s in seeds if runs[s].best_layer]
             cells[col] = {
                 "method": first["method"],
                 "layer_set": first.get("layer_set"),
                 "n": len(values),
                 "seeds": seeds,
                 "values": values,
-                "paths": [runs[s]["path"] for s in seeds],
+                "paths": [runs[s].record["path"] for s in seeds],
                 "mean": mean,
                 "std": std,
                 "gain": None,
                 "paper": (paper_number(model, dataset, first["method"], first.get("layer_set"))
-                          if not per_layer(first["method"]) and not first["_variant"] else None),
+                          if not per_layer(first["method"]) and not variant else None),
                 "best_layer": max(set(best), key=best.count) if best else None,
             }
         for col, cell in cells.items():
             base = cells.get(baseline_of(col))
             if cell is not None and base is not None:
                 cell["gain"] = cell["mean"] - base["mean"]
-        taps = sorted({str(r.get("tap")) for runs in by_col.values() for r in runs.values()
-                       if r.get("tap")})
+        taps = sorted({str(r.record.get("tap")) for runs in by_col.values()
+                       for r in runs.values() if r.record.get("tap")})
         rows.append({
             "model": model,
             "model_dir": model_dir,
@@ -260,6 +289,26 @@ def summarize(records: Iterable[dict], problems: list[str] | None = None) -> lis
             "missing": [c for c in ordered if cells[c] is None],
         })
     return rows
+
+
+@dataclass
+class ReportData:
+    """Everything the writers need, computed once from the records (`prepare_report`)."""
+
+    runs_root: Path
+    records: list[dict]  # the run records, as read (what figures get)
+    rows: list[dict]  # one per (model, dataset): `summarize`
+    notes: list[str] = field(default_factory=list)
+    cka: dict[tuple[str, str], dict] = field(default_factory=dict)
+    written: dict[str, Path] = field(default_factory=dict)  # {format: path} once written
+    resamples: int = N_RESAMPLES  # of each gain's bootstrap interval (0: none)
+    runs: list[ScoredRun] = field(default_factory=list)  # the records scored: results.csv
+
+    def as_json(self) -> dict[str, Any]:
+        out = summary_json(self.rows, self.notes)
+        out["runs_root"] = str(self.runs_root)
+        out["n_runs"] = len(self.records)
+        return out
 
 
 def columns_of(rows: Sequence[dict]) -> list[str]:
