@@ -269,7 +269,7 @@ def summarize(records: Iterable[dict | ScoredRun],
                 "gain": None,
                 "paper": (paper_number(model, dataset, first["method"], first.get("layer_set"))
                           if not per_layer(first["method"]) and not variant else None),
-                "best_layer": max(set(best), key=best.count) if best else None,
+                "best_layer": max(best, key=best.count) if best else None,  # ties: the first seed's
             }
         for col, cell in cells.items():
             base = cells.get(baseline_of(col))
