@@ -1,7 +1,10 @@
-"""Run records: one directory per (cache pair, method, layer set, seed), written atomically.
+"""Run records: one directory per (cache pair, method, layer set, settings, seed), written
+atomically.
 
-`record.json` holds everything a report needs; `head.safetensors` the selected head's
-weights. A record directory appears complete or not at all (built aside, then renamed).
+`record.json` holds everything a report needs (its fields: `schema.RecordFields`),
+`head.safetensors` the selected head's weights, `predictions.safetensors` the per-sample
+test predictions (`predictions`). A record directory appears complete or not at all
+(built aside, then renamed). This module is the one writer and the one reader.
 """
 
 from __future__ import annotations

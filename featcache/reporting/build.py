@@ -4,7 +4,8 @@ Only `record.json` files are read (never head weights, never a backbone), so a r
 hundreds of runs reports in seconds. CKA needs features, so it is computed only for
 (model, dataset) pairs that have per-layer probe runs, only when asked, and then kept in
 `<out>/cka.json` for the next report. The pieces: `summary` (rows and cells),
-`pages` (terminal table, Markdown, HTML), `figures`, and the CSV here.
+`sections` (the page's sections), `pages` (terminal table; the sections as Markdown and
+HTML), `figures`, and the CSV here.
 """
 
 from __future__ import annotations
