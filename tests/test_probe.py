@@ -433,3 +433,15 @@ def test_a_grid_that_scores_alike_everywhere_is_said_to_choose_nothing(tmp_path)
         (res,) = probe(method="linear", cache=tmp_path, grid="quick", epochs=1, min_steps=2,
                        shots=1, threads=1)
     assert res.status == "trained"
+
+
+def test_every_record_field_is_in_the_schema(planted_runs):
+    """`records.schema.RecordFields` names every key a probe writes, for every method
+    (the keys differ: `per_layer` for layers, `attention` for the attentive heads)."""
+    from featcache.records.schema import RECORD_FORMAT, RecordFields
+
+    known = set(RecordFields.__annotations__)
+    for method, record in planted_runs.items():
+        assert set(record) - known == set(), method
+        assert record["format"] == RECORD_FORMAT
+    assert "per_layer" in planted_runs["layers"] and "attention" in planted_runs["alf"]
