@@ -88,10 +88,11 @@ def load_trained(run: str | Path, device: torch.device | str = "cpu") -> Trained
     from featcache.probing.heads import HEADS
     from featcache.probing.methods import method_of
     from featcache.probing.train import FittedGrid
-    from featcache.records.store import HEAD_FILE, check_file, read_run
+    from featcache.records.schema import HEAD_FILE, RECORD_FILE
+    from featcache.records.store import check_file, read_run
 
     path = Path(run).expanduser()
-    if not (path / "record.json").is_file():
+    if not (path / RECORD_FILE).is_file():
         raise FeatcacheError(f"{path} is not a run folder (no record.json); `featcache runs` "
                              "lists them (the `path` column)")
     record = read_run(path)
