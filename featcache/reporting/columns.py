@@ -8,7 +8,7 @@ when a run's settings differ from the paper's recipe, a variant label in bracket
 from __future__ import annotations
 
 from featcache.probing.methods import LAYER_SETS, normalize_layer_set
-from featcache.records.schema import run_variant  # noqa: F401 (the report's columns use it)
+from featcache.records.schema import run_variant  # noqa: F401 (a record's; named here too)
 
 
 def column_key(method: str, layer_set: str | None) -> str:
