@@ -61,8 +61,8 @@ def timed(fn: Any, device: torch.device) -> tuple[float, Any]:
 def measure(queries: int, bank: int, dim: int, device: torch.device,
             full_max_gb: float = 4.0) -> dict[str, Any]:
     """(1) and (2) of the module doc, in one run; seconds and ratios."""
-    from featcache.features import FeatureSource
     from featcache.knn import KS, nearest, vote
+    from featcache.probing.tokens.features import FeatureSource
 
     q_raw, b_raw = tokens(queries, dim, 0, device), tokens(bank, dim, 1, device)
     labels = torch.randint(0, 1000, (bank,), generator=torch.Generator().manual_seed(2))

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from featcache.errors import FeatcacheError
-from featcache.inference import TrainedProbe
+from featcache.serving.inference import TrainedProbe
 
 TEMPERATURE = 0.07
 KS = (10, 20, 100, 200)
@@ -87,10 +87,10 @@ def nearest(queries: Any, bank: Any, k: int, block_elements: int | None = None,
     """The k nearest bank samples of every query, per token: similarities (T, Nq, k)
     float32 and bank positions (T, Nq, k) int64, on the compute device.
 
-    ``queries``, ``bank``: `featcache.features.FeatureSource` (or (N, T, D) / (N, D)
+    ``queries``, ``bank``: `featcache.probing.tokens.features.FeatureSource` (or (N, T, D) / (N, D)
     tensors, taken as they are), normalised per token vector. The bank is read once, in
     blocks; each bank block meets every query block. ``tick(n)``: bank samples done."""
-    from featcache.features import as_source
+    from featcache.probing.tokens.features import as_source
 
     queries, bank = as_source(_3d(queries)), as_source(_3d(bank))
     k = min(int(k), len(bank))
@@ -150,7 +150,7 @@ def select_k(sims: Tensor, idx: Tensor, labels: Tensor, y: Tensor, n_classes: in
              ks: list[int]) -> tuple[int, list[dict[str, Any]]]:
     """One token's k, chosen by validation balanced top-1 (ties: the smaller k); the grid
     rows {k, val_balanced_top1, val_metrics}."""
-    from featcache.selection import logit_metrics
+    from featcache.probing.selection import logit_metrics
 
     rows = []
     for k in ks:
@@ -179,7 +179,7 @@ def fit_knn(train: Any, y_train: Tensor, test: Any, y_test: Tensor, n_classes: i
     """The protocol on sources of T tokens each: k per token on validation (the train
     split's stratified part, neighbours from the rest), then the test with neighbours
     from the whole train split."""
-    from featcache.selection import logit_metrics, stratified_split
+    from featcache.probing.selection import logit_metrics, stratified_split
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -211,9 +211,9 @@ def fit_knn(train: Any, y_train: Tensor, test: Any, y_test: Tensor, n_classes: i
 
 def run_settings(opts: Any, layer_set: str, token_names: list[str], train: Any,
                  test: Any) -> dict[str, Any]:
-    """A k-NN run's identity (`featcache.records.settings_id`): no training recipe, no
+    """A k-NN run's identity (`featcache.records.store.settings_id`): no training recipe, no
     protocol (paper and clean differ in training only), the k candidates and T instead."""
-    from featcache.records import settings_id
+    from featcache.records.store import settings_id
 
     return {"method": opts.method, "layer_set": layer_set, "tokens": token_names,
             "normalisation": "token", "shots": opts.shots, "val_fraction": opts.val_fraction,
@@ -264,7 +264,7 @@ def run_knn(train: Any, test: Any, opts: Any, layer_set: str, seed: int, path: P
 def _samples(train: Any, test: Any, opts: Any, seed: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Valid rows of both caches (k shots of train when asked) and their labels."""
-    from featcache.selection import sample_shots
+    from featcache.probing.selection import sample_shots
 
     y_train, y_test = train.labels(), test.labels()
     keep_train, keep_test = np.flatnonzero(train.valid()), np.flatnonzero(test.valid())
@@ -281,7 +281,7 @@ def _samples(train: Any, test: Any, opts: Any, seed: int
 def _sources(train: Any, test: Any, tokens: list[tuple[str, str]], device: torch.device,
              opts: Any) -> tuple[Any, Any]:
     """Both caches' tokens, normalised per token vector (the protocol's cosine)."""
-    from featcache.features import budget_from_gb, load_source
+    from featcache.probing.tokens.features import budget_from_gb, load_source
 
     budget = budget_from_gb(opts.feature_memory_gb)
     host = budget_from_gb(opts.max_host_memory_gb)
@@ -293,10 +293,10 @@ def _record(train: Any, test: Any, opts: Any, layer_set: str, seed: int,
             tokens: list[tuple[str, str]], token_names: list[str], fit: KnnFit,
             y_tr: np.ndarray, y_te: np.ndarray, device: torch.device,
             src_train: Any) -> dict[str, Any]:
-    """record.json's fields, as a trained probe's (`featcache.probing._train_run`)."""
+    """record.json's fields, as a trained probe's (`featcache.probing.run._train_run`)."""
     from featcache import __version__
-    from featcache.methods import get_method
-    from featcache.selection import METRIC_KEYS
+    from featcache.probing.methods import get_method
+    from featcache.probing.selection import METRIC_KEYS
 
     b = fit.best
     tests = fit.test_metrics
@@ -349,8 +349,8 @@ def _val_row(fit: KnnFit, t: int) -> dict[str, Any]:
 def _write(path: Path, record: dict[str, Any], fit: KnnFit, keep_train: np.ndarray,
            keep_test: np.ndarray, y_tr: np.ndarray, y_te: np.ndarray, opts: Any) -> None:
     """The record, its "head" (the neighbours' rows and labels) and its predictions."""
-    from featcache.predictions import PREDICTIONS_FILE, from_logits
-    from featcache.records import write_run
+    from featcache.records.predictions import PREDICTIONS_FILE, from_logits
+    from featcache.records.store import write_run
 
     logits = fit.test_logits[fit.best]
     if not bool(torch.isfinite(logits).all()):
@@ -367,11 +367,11 @@ def _write(path: Path, record: dict[str, Any], fit: KnnFit, keep_train: np.ndarr
 # -- a run's k-NN, for predict and evaluate ------------------------------------------------
 
 def load_knn(path: Path, record: dict[str, Any], device: torch.device | str = "cpu") -> Any:
-    """A k-NN run as a `featcache.inference.TrainedProbe`: its chosen token and k, and the
+    """A k-NN run as a `featcache.serving.inference.TrainedProbe`: its chosen token and k, and the
     training samples it votes with (rows `head.safetensors` names, of the train cache its
     record names, which must still be the cache it was run on)."""
-    from featcache.features import load_source
-    from featcache.records import HEAD_FILE, check_file
+    from featcache.probing.tokens.features import load_source
+    from featcache.records.store import HEAD_FILE, check_file
 
     fp, kinds, k = _knn_parts(path, record)
     train = _train_cache(path, record)
@@ -407,8 +407,8 @@ def _knn_parts(path: Path, record: dict[str, Any]) -> tuple[dict, list[tuple[str
 
 def _train_cache(path: Path, record: dict[str, Any]) -> Any:
     """The cache the run's neighbours live in, checked against its record."""
-    from featcache.cache import open_cache
-    from featcache.records import settings_id
+    from featcache.cache.store import open_cache
+    from featcache.records.store import settings_id
 
     where = (record.get("caches") or {}).get("train")
     if not where or not Path(where).is_dir():
@@ -453,7 +453,7 @@ class KnnProbe(TrainedProbe):
         return vote(sims[0], idx[0], self.bank_labels, len(self.class_names), self.k).cpu()
 
     def logits(self, raw: Tensor) -> Tensor:
-        from featcache.features import FeatureSource
+        from featcache.probing.tokens.features import FeatureSource
 
         return self.score(FeatureSource(raw.to(self.bank.device), self.bank.device,
                                         normalise="token"))

@@ -8,7 +8,7 @@ Classes are matched by name (case, spaces and underscores aside), or through a c
 best logit of its training classes: a test set with a subset of the classes (ImageNet-R
 and -A keep 200 of the 1,000) is scored on the logits restricted to that subset, as is
 standard; ObjectNet's classes that stand for several ImageNet classes take their best.
-The metrics are the record's (`featcache.selection.logit_metrics`) over the test set's
+The metrics are the record's (`featcache.probing.selection.logit_metrics`) over the test set's
 classes, so on the run's own test cache they are the record's test metrics exactly.
 
 Results are kept beside the run, in `<run>/shift/<dataset>-<split>.json` (its
@@ -38,7 +38,7 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
     under ``cache``, default the run's own cache root) or ``test_cache`` (a cache folder).
     Returns (and keeps beside the run) {"metrics": …, "n": …, …}."""
     from featcache.distributed import resolve_device
-    from featcache.inference import load_trained
+    from featcache.serving.inference import load_trained
 
     if (dataset is None) == (test_cache is None):
         raise FeatcacheError("name the test set: --dataset NAME or --test-cache PATH (one "
@@ -52,7 +52,7 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
     columns = class_columns(probe.class_names, test.class_names, mapping, test.path)
     logits, y, n = _score(probe, test, dev)
     restricted = restrict(logits, columns)
-    from featcache.selection import logit_metrics
+    from featcache.probing.selection import logit_metrics
 
     metrics = logit_metrics(restricted, torch.as_tensor(y), len(columns))
     result = _result(probe, test, metrics, n, columns, class_map)
@@ -63,7 +63,7 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
 def _score(probe: Any, test: Any, device: torch.device) -> tuple[torch.Tensor, np.ndarray,
                                                                   int]:
     """The probe's logits on the test cache's valid rows, computed as its record's were."""
-    from featcache.features import load_source
+    from featcache.probing.tokens.features import load_source
 
     if probe.all_tokens and not test.has_all_tokens:
         raise FeatcacheError(f"the run reads every token of the last layer and {test.path} "
@@ -81,7 +81,7 @@ def find_test_cache(record: dict[str, Any], dataset: str, split: str,
                     cache: str | Path | None) -> Any:
     """The ``split`` cache of ``dataset`` for the run's model folder under the root; the
     extract command that makes it when there is none."""
-    from featcache.cache import default_cache_root, find_caches
+    from featcache.cache.store import default_cache_root, find_caches
     from featcache.sources import dataset_dir_name
 
     root = Path(cache).expanduser() if cache is not None else _run_cache_root(record) \
@@ -130,7 +130,7 @@ def extract_command(record: dict[str, Any], dataset: str, split: str, root: Path
 
 
 def _open_test_cache(path: Path) -> Any:
-    from featcache.cache import open_cache
+    from featcache.cache.store import open_cache
 
     cache = open_cache(path.expanduser())
     if not cache.complete:
@@ -142,7 +142,7 @@ def _open_test_cache(path: Path) -> Any:
 def check_backbone(record: dict[str, Any], test: Any) -> None:
     """The test cache must hold the run's backbone's tokens: the fingerprints' model
     parts are compared; the first difference is the one line."""
-    from featcache.fingerprint import fingerprint_diff
+    from featcache.cache.fingerprint import fingerprint_diff
 
     mine = ((record.get("fingerprints") or {}).get("train") or {}).get("model")
     if not isinstance(mine, dict):
@@ -239,7 +239,7 @@ def _result(probe: Any, test: Any, metrics: dict[str, Any], n: int,
 def save(run_dir: Path, result: dict[str, Any]) -> Path:
     """`<run>/shift/<dataset>-<split>.json`, written whole or not at all."""
     from featcache import atomic
-    from featcache.records import strict_json
+    from featcache.records.store import strict_json
     from featcache.text import slug
 
     file = run_dir / SHIFT_DIR / f"{slug(result['test_dataset_dir'])}-{result['split']}.json"
@@ -265,7 +265,7 @@ def shift_results(run_dir: str | Path) -> list[dict[str, Any]]:
 def shift_table(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Every run's kept evaluations: {"columns": test sets, "rows": [{run…, "cells":
     {test set: metrics}}]}; rows are runs, in the records' order."""
-    from featcache.methods import method_of
+    from featcache.probing.methods import method_of
 
     columns: list[str] = []
     rows = []

@@ -175,7 +175,7 @@ def significance(rows: Sequence[dict], baseline: str = BASELINE,
 
 
 def _split(col: str) -> str:
-    from featcache.columns import split_column
+    from featcache.reporting.columns import split_column
 
     return split_column(col)[0]
 
@@ -183,7 +183,7 @@ def _split(col: str) -> str:
 def _baseline_of(col: str, cols: list[str], baseline: str) -> str | None:
     """The baseline's column of the same variant (as the report's gains), else its
     first column."""
-    from featcache.columns import split_column, with_variant
+    from featcache.reporting.columns import split_column, with_variant
 
     same = with_variant(baseline, split_column(col)[1])
     if same in cols:

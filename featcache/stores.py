@@ -60,7 +60,7 @@ def resolve_root(value: str | Path | RemotePath | None = None,
     if isinstance(value, RemotePath):
         return value
     if value is None or not str(value).strip():
-        from featcache.cache import default_cache_root
+        from featcache.cache.store import default_cache_root
 
         return default_cache_root()
     return location(value, option)

@@ -162,7 +162,7 @@ def test_a_flipped_byte_in_an_object_is_refused_then_repaired(bucket, wds_path, 
 
 
 def test_two_writers_on_one_cache_lose_no_flag(bucket):
-    from featcache.cache import Layout, create_cache, open_cache
+    from featcache.cache.store import Layout, create_cache, open_cache
     from featcache.stores import location
 
     n, shard = 48, 8
@@ -193,7 +193,7 @@ def test_two_writers_on_one_cache_lose_no_flag(bucket):
 
 
 def test_the_split_lock_is_a_conditional_create(bucket):
-    from featcache.cache_files import write_lock
+    from featcache.cache.files import write_lock
     from featcache.errors import FeatcacheError
     from featcache.stores import location
 
@@ -224,7 +224,7 @@ def test_kill_9_mid_extraction_resumes_bitwise(bucket, wds_path, local_root):
     url = f"{bucket}/cache"
     cli = [str(a) for a in EXTRACT] + ["--dataset", f"wds:{wds_path}", "--split", "train",
                                        "--cache", url, "--json"]
-    slow = ("import time, sys; from featcache import cache as c\n"
+    slow = ("import time, sys; from featcache.cache import store as c\n"
             "w = c.Cache.write_shard\n"
             "def slow(self, *a):\n    w(self, *a); time.sleep(3)\n"
             "c.Cache.write_shard = slow\n"
@@ -290,7 +290,7 @@ def test_a_server_stopped_mid_probe_is_one_line_and_leaves_no_record(s3_server, 
     from moto.server import ThreadedMotoServer
     from probecache import SynthSpec, make_pair
 
-    from featcache.cache import Cache
+    from featcache.cache.store import Cache
     from featcache.stores import location
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -366,8 +366,8 @@ def test_local_cache_keeps_a_verified_copy_and_replaces_a_bad_one(bucket, tmp_pa
 def test_a_missing_or_truncated_object_is_damage_named_as_such(bucket, tmp_path):
     from probecache import SynthSpec, make_pair
 
+    from featcache.cache.verification import verify
     from featcache.stores import location
-    from featcache.verification import verify
 
     url = f"{bucket}/c"
     train, _ = make_pair(location(url), SynthSpec(n_train=96, n_test=64, shard_size=32))
