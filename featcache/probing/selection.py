@@ -18,10 +18,10 @@ import torch
 
 from featcache import distributed as dist
 from featcache.errors import FeatcacheError, warn
+from featcache.metrics import TOP5_MIN_CLASSES
 from featcache.probing.heads import HEADS
 
 METRIC_KEYS = ("top1", "top5", "balanced_top1", "balanced_top5")
-TOP5_MIN_CLASSES = 6  # with 5 classes or fewer every top-5 is trivially right
 
 
 def stratified_split(y: np.ndarray, val_fraction: float, seed: int
