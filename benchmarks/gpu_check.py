@@ -555,9 +555,9 @@ def precision_figure(work: Path, device: torch.device, dry: bool) -> dict[str, A
 
 
 def knn_matches_cpu(device: torch.device) -> dict[str, Any]:
-    """featcache.knn's neighbours on the device against the CPU's, duplicated training
+    """featcache.probing.knn's neighbours on the device against the CPU's, duplicated training
     rows included (ties: the lower row first on both)."""
-    from featcache.knn import nearest
+    from featcache.probing.knn import nearest
     from featcache.probing.tokens.features import FeatureSource
 
     g = torch.Generator().manual_seed(0)

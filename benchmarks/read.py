@@ -123,7 +123,7 @@ def from_store(path: Path, files: list[Path], size: float, repeats: int) -> None
 
     from featcache.cache import shardfiles
     from featcache.cache import store as cache_module
-    from featcache.stores import location
+    from featcache.cache.stores import location
 
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))

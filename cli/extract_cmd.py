@@ -128,7 +128,7 @@ def ls(
 ) -> None:
     """List the caches under the root: model, dataset, split, size, complete or not."""
     from featcache.cache.commands import ls as list_caches
-    from featcache.stores import resolve_root
+    from featcache.cache.stores import resolve_root
 
     root = resolve_root(cache)
     rows = list_caches(root)

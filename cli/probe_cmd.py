@@ -123,8 +123,8 @@ def runs(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List trained runs with their test metrics."""
+    from featcache.records.listing import runs as run_rows
     from featcache.records.store import default_runs_root
-    from featcache.records.store import runs as run_rows
 
     root = runs or default_runs_root(cache)
     problems: list[str] = []

@@ -80,7 +80,7 @@ def test_seeds_average_and_a_fixed_seed_repeats():
 
 
 def test_resamples_streamed_in_chunks_equal_resamples_kept(monkeypatch):
-    from featcache.reporting.build import bootstrap
+    from featcache.reporting import bootstrap
 
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 3, size=500)

@@ -150,7 +150,7 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
            "--batch-size", "8", "--shard-size", "16", "--all-tokens", "--workers", "1",
            "--json"]
     # The child sleeps after each finished shard so that the kill lands mid-run.
-    slow = ("import time, sys; from featcache.cache.store import store as c\n"
+    slow = ("import time, sys; from featcache.cache import store as c\n"
             "w = c.Cache.write_shard\n"
             "def slow(self, *a):\n    w(self, *a); time.sleep(2)\n"
             "c.Cache.write_shard = slow\n"

@@ -61,7 +61,7 @@ def edit_record(run_dir: Path, change) -> None:
 
 
 def listed(root: Path) -> tuple[list[dict], list[str]]:
-    from featcache.records.store import runs
+    from featcache.records.listing import runs
 
     problems: list[str] = []
     return runs(cache=root, problems=problems), problems

@@ -10,7 +10,7 @@ import pytest
 import torch
 from probecache import SynthSpec, expected_tokens, make_pair
 
-from featcache.knn import KS, TEMPERATURE, nearest, vote
+from featcache.probing.knn import KS, TEMPERATURE, nearest, vote
 from featcache.probing.tokens.features import FeatureSource
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

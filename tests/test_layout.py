@@ -62,7 +62,7 @@ def graph() -> dict[str, set[str]]:
 
 
 FOLDERS = ("backbones", "cache", "cli", "extracting", "probing", "records", "reporting",
-           "serving", "sources")
+           "serving", "sources", "suites")
 
 
 def _folder(module: str) -> str:
@@ -80,6 +80,7 @@ FORBIDDEN = {
     "reporting": {"serving", "extracting", "cli"},
     "backbones": {"probing", "records", "reporting", "serving", "extracting", "cli"},
     "sources": {"probing", "records", "reporting", "serving", "extracting", "cli"},
+    "suites": {"serving", "cli"},  # a suite runs extract, probe and report in turn
 }
 # The shared top-level modules import only one another and the plugin families
 # (backbones/, sources/: at the top for their documented plugin paths), except:

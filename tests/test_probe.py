@@ -209,7 +209,7 @@ def test_record_config_is_json_clean(planted_runs):
 def test_only_needed_layers_are_read(planted, monkeypatch):
     """Only the inner chunks of the layers asked for are decoded (the shard reader's
     picks), each shard file read once per kind."""
-    from featcache.cache.store import shardfiles
+    from featcache.cache import shardfiles
 
     train, _ = find_pairs(planted)[0]
     calls = []

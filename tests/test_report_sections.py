@@ -55,8 +55,8 @@ def test_markdown_and_html_walk_the_same_sections(data):
 
 
 def test_a_section_added_to_the_model_shows_in_both_pages(data, monkeypatch):
-    from featcache.reporting.build import pages
-    from featcache.reporting.build import sections as model
+    from featcache.reporting import pages
+    from featcache.reporting import sections as model
 
     def with_extra(data, figures=()):
         return [*model.sections(data, figures), Heading(2, "An extra section")]

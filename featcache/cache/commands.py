@@ -16,8 +16,8 @@ from featcache.cache.store import (
     find_caches,
     open_cache,
 )
+from featcache.cache.stores import is_remote, local_path, resolve_root
 from featcache.errors import FeatcacheError, os_error
-from featcache.stores import is_remote, local_path, resolve_root
 
 
 def ls(cache: str | Path | None = None) -> list[dict[str, Any]]:

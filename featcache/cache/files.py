@@ -85,7 +85,7 @@ def remove_leftovers(path: Path) -> list[Path]:
       without one, the old cache comes back; once NAME exists, old copies are deleted;
     - zarr's unfinished file writes (`*.partial`) inside the cache or its replacement go.
     `.NAME.next` itself is kept: the next `--overwrite` run resumes it."""
-    from featcache.stores import is_remote
+    from featcache.cache.stores import is_remote
 
     if is_remote(path):  # nothing is built beside a cache on a store (`create_cache`)
         return []
@@ -173,7 +173,7 @@ def write_lock(path: Path) -> Iterator[None]:
     """One writer per cache at a time, across processes (an advisory flock on
     `.NAME.lock` beside the cache, removed when the writer is done). On an object store,
     the lock is an object created only if absent (a conditional PUT), see `_store_lock`."""
-    from featcache.stores import is_remote
+    from featcache.cache.stores import is_remote
 
     if is_remote(path):
         with _store_lock(path):

@@ -53,7 +53,7 @@ def cache_tag(digest: str, shard: int) -> int:
 def chunks_per_shard(array_path: Path) -> int:
     """Inner chunks in one shard of an array (1 for an unsharded array: its chunk is the
     shard), from its zarr.json."""
-    from featcache.stores import location
+    from featcache.cache.stores import location
 
     meta = json.loads((location(array_path) / "zarr.json").read_text())
     codecs = meta.get("codecs") or []

@@ -58,7 +58,7 @@ class ShardLayout:
 def shard_layout(array_path: Path) -> ShardLayout | None:
     """The array's layout if it is the one featcache writes (else None: read with zarr)."""
     try:
-        from featcache.stores import location
+        from featcache.cache.stores import location
 
         array_path = location(array_path)
         meta = json.loads((array_path / "zarr.json").read_text())
@@ -129,7 +129,7 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
     axis 1 (chunks of width 1), picked chunk j goes to column ``columns[j]`` (default j);
     further axes keep their place (``out`` may be narrower: a zero-padded tail is left
     alone). ``expected``: the crc32c recorded for every chunk of this shard (index
-    order, `featcache.identity`); a chunk whose stored crc is not its recorded one belongs
+    order, `featcache.cache.identity`); a chunk whose stored crc is not its recorded one belongs
     elsewhere. Raises ShardDamage with the reason when the file is gone, a wanted chunk is
     missing, the bytes fail their checksums, or the chunks are not this shard's."""
     import google_crc32c
@@ -193,7 +193,7 @@ def read_shard(layout: ShardLayout, index: tuple[int, ...], select: tuple[Any, .
 def _check_place(view: np.ndarray, ends: np.ndarray, expected: np.ndarray,
                  flat: np.ndarray) -> None:
     """The crcs stored after the picked chunks are the ones recorded for them here."""
-    from featcache.identity import WRONG_PLACE
+    from featcache.cache.identity import WRONG_PLACE
 
     stored = np.ascontiguousarray(view[ends[:, None] + np.arange(4)]).view("<u4").reshape(-1)
     if len(expected) <= int(flat.max(initial=0)) or (stored != expected[flat]).any():
@@ -264,10 +264,10 @@ def _ranges(path: Any, chosen: np.ndarray, limit: int) -> list[tuple[int, int, b
 
 
 def remote_crcs(path: Any, n_chunks: int, chunk_bytes: int | None) -> np.ndarray | None:
-    """`featcache.identity.file_crcs` of an object without downloading it: its index by a
+    """`featcache.cache.identity.file_crcs` of an object without downloading it: its index by a
     suffix range, then the 4-byte crc after each chunk it holds, ranges in flight at once
     (the writer records a shard's identity this way). None when there is no object."""
-    from featcache.identity import file_crcs
+    from featcache.cache.identity import file_crcs
 
     size = 4 if chunk_bytes is None else 16 * n_chunks + 4
     try:

@@ -28,9 +28,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from featcache import __version__
-from featcache.cache.kinds import FEATURE_KINDS, POOL_KIND, TOKEN_KIND
-from featcache.errors import FeatcacheError
-from featcache.identity import (
+from featcache.cache.identity import (
     IDENTITY,
     WRONG_PLACE,
     cache_tag,
@@ -38,12 +36,22 @@ from featcache.identity import (
     file_crcs,
     fingerprint_digest,
 )
-from featcache.stores import is_remote, read_all, store_failure, through_copy, zarr_store
+from featcache.cache.kinds import FEATURE_KINDS, POOL_KIND, TOKEN_KIND
+from featcache.cache.stores import (
+    default_cache_root,  # noqa: F401 (re-exported: the path the CLI, suites and tests use)
+    is_remote,
+    read_all,
+    store_failure,
+    through_copy,
+    user_cache_root,  # noqa: F401 (re-exported)
+    zarr_store,
+)
+from featcache.errors import FeatcacheError
 from featcache.text import slug
 
 # 2: crc32c on every chunk, fills that cannot pass for data; 3: the token kinds a model
 # has (no `cls` array without a class token; `pool` for a pooled embedding of its own);
-# 4: a per-shard identity (`featcache.identity`): a valid file in the wrong place is refused
+# 4: a per-shard identity (`featcache.cache.identity`): a valid file in the wrong place is refused
 FORMAT_VERSION = 4
 READABLE_FORMATS = (1, 2, 3, 4)
 # Written shard by shard (with the done flag after them); `done` itself is the flag.
@@ -53,22 +61,6 @@ SHARD_TARGET_BYTES = 64 << 20  # the largest array's shard stays near this size
 MAX_SHARD_SIZE = 1024
 CHUNK_ROWS = 64  # rows of one inner chunk of cls/ap (one layer wide)
 TOKEN_CHUNK_ROWS = 16  # rows of one inner chunk of last_tokens (all tokens wide)
-
-
-def default_cache_root() -> Any:
-    """$FEATCACHE_CACHE (a folder or an object store URL), else <user cache dir>/featcache."""
-    env = os.environ.get("FEATCACHE_CACHE")
-    if env:
-        from featcache.stores import location
-
-        return location(env, "$FEATCACHE_CACHE")
-    return user_cache_root()
-
-
-def user_cache_root() -> Path:
-    """<user cache dir>/featcache: $XDG_CACHE_HOME/featcache or ~/.cache/featcache."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "featcache"
 
 
 def model_dir_name(model: str, tap: str, weights_id: str) -> str:
@@ -277,7 +269,7 @@ class Cache:
         they like), so its files are not checked."""
         return self.arrays if self.format >= 2 else []
 
-    # -- where each shard belongs (format 4, `featcache.identity`) -----------------------
+    # -- where each shard belongs (format 4, `featcache.cache.identity`) -----------------------
     @property
     def has_identity(self) -> bool:
         """Whether shards record their identity (format 4); older caches read as before."""
@@ -754,7 +746,7 @@ def disk_bytes(path: Any) -> int:
 
 def open_cache(path: str | Path, mode: str = "r") -> Cache:
     """Open a cache for reading ("r", the default) or for writing shards ("r+")."""
-    from featcache.stores import location
+    from featcache.cache.stores import location
 
     path = location(path)
     if not (path / "zarr.json").is_file():
@@ -773,7 +765,7 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
     remote = is_remote(path)
     path = path if remote else Path(path)
     # on an object store the group is built in a local temporary folder and uploaded,
-    # its zarr.json last (`featcache.stores.upload_group`): no rename there
+    # its zarr.json last (`featcache.cache.stores.upload_group`): no rename there
     tmp = (Path(tempfile.mkdtemp(prefix="featcache-")) / path.name if remote
            else path.with_name(f".{path.name}.tmp-{os.getpid()}"))
     if tmp.exists():
@@ -834,7 +826,7 @@ def create_cache(path: Path, fingerprint: dict[str, Any], layout: Layout, labels
         **(extra_attrs or {}),
     })
     if remote:
-        from featcache.stores import upload_group
+        from featcache.cache.stores import upload_group
 
         upload_group(tmp, path)
         shutil.rmtree(tmp.parent, ignore_errors=True)
@@ -900,7 +892,7 @@ def find_caches(root: str | Path, problems: list[tuple[Path, str]] | None = None
 
     A cache that cannot be opened (damaged metadata, an unreadable folder) is left out and
     described in ``problems`` as (path, why), so that callers can say why it is not there."""
-    from featcache.stores import resolve_root
+    from featcache.cache.stores import resolve_root
 
     root = resolve_root(root)
     notes = problems if problems is not None else []

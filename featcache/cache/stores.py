@@ -16,6 +16,7 @@ are recognised (a local folder whose first component ends in ':' is reached as
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,6 @@ def resolve_root(value: str | Path | RemotePath | None = None,
     if isinstance(value, RemotePath):
         return value
     if value is None or not str(value).strip():
-        from featcache.cache.store import default_cache_root
-
         return default_cache_root()
     return location(value, option)
 
@@ -319,3 +318,19 @@ def through_copy(folder: Path, path: RemotePath, check: Any) -> np.ndarray | Non
         local.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_bytes(local, blob)
     return data
+
+
+# The default roots live here, beside `resolve_root` (the cache's store imports this module:
+# the other way round would be a circle).
+def default_cache_root() -> Any:
+    """$FEATCACHE_CACHE (a folder or an object store URL), else <user cache dir>/featcache."""
+    env = os.environ.get("FEATCACHE_CACHE")
+    if env:
+        return location(env, "$FEATCACHE_CACHE")
+    return user_cache_root()
+
+
+def user_cache_root() -> Path:
+    """<user cache dir>/featcache: $XDG_CACHE_HOME/featcache or ~/.cache/featcache."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "featcache"

@@ -25,8 +25,8 @@ from featcache.cache.store import (
     headless,
     open_cache,
 )
+from featcache.cache.stores import location, resolve_root, store_failure
 from featcache.errors import FeatcacheError
-from featcache.stores import location, resolve_root, store_failure
 
 
 @dataclass
@@ -86,7 +86,7 @@ def check_cache(cache: Cache) -> dict[int, list[str]]:
 
 def identity_problems(cache: Cache, shard: int) -> list[str]:
     """Why shard `shard`'s files are not the ones recorded for it (format 4)."""
-    from featcache.identity import WRONG_PLACE
+    from featcache.cache.identity import WRONG_PLACE
 
     out = []
     for name in cache.arrays:

@@ -36,10 +36,10 @@ from featcache.cache.store import (
     model_dir_name,
     open_cache,
 )
+from featcache.cache.stores import is_remote, resolve_root
 from featcache.errors import FeatcacheError, FingerprintMismatch
 from featcache.options import check_int, make_options, parse_model_args
 from featcache.sources import dataset_dir_name, short_name
-from featcache.stores import is_remote, resolve_root
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 from featcache.errors import FeatcacheError
-from featcache.serving.inference import TrainedProbe
 
 TEMPERATURE = 0.07
 KS = (10, 20, 100, 200)
@@ -362,98 +361,3 @@ def _write(path: Path, record: dict[str, Any], fit: KnnFit, keep_train: np.ndarr
     head = {"train_index": torch.as_tensor(keep_train, dtype=torch.long),
             "train_labels": torch.as_tensor(y_tr, dtype=torch.long)}
     write_run(path, record, head, predictions.tensors())
-
-
-# -- a run's k-NN, for predict and evaluate ------------------------------------------------
-
-def load_knn(path: Path, record: dict[str, Any], device: torch.device | str = "cpu") -> Any:
-    """A k-NN run as a `featcache.serving.inference.TrainedProbe`: its chosen token and k, and the
-    training samples it votes with (rows `head.safetensors` names, of the train cache its
-    record names, which must still be the cache it was run on)."""
-    from featcache.probing.tokens.features import load_source
-    from featcache.records.store import HEAD_FILE, check_file
-
-    fp, kinds, k = _knn_parts(path, record)
-    train = _train_cache(path, record)
-    check_file(path, HEAD_FILE, record)
-    head = _read_head(path / HEAD_FILE, device)
-    model = fp["model"]
-    layer_names = list(model["layer_names"])
-    dim = max([*model["layer_dims"], *([int(model.get("pool_dim") or 0)]
-                                        if kinds[0][1] == "pool" else [])])
-    bank = load_source(train, kinds, torch.device(device), normalise="token")
-    bank = bank.subset(head["train_index"].cpu().numpy())
-    return KnnProbe(path, record, kinds, list(fp["dataset"]["class_names"]), None, "token",
-                    dim, layer_names, fp, bank=bank,
-                    bank_labels=head["train_labels"].to(bank.device), k=k)
-
-
-def _knn_parts(path: Path, record: dict[str, Any]) -> tuple[dict, list[tuple[str, str]], int]:
-    """The train fingerprint, the token read (the selected one for `knn-layers`), k."""
-    try:
-        fp = record["fingerprints"]["train"]
-        selected = dict(record["selected"])
-        names = [tuple(t.split(".", 1)) for t in record["tokens"]]
-        k = int(selected["k"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FeatcacheError(f"{path}: the record lacks {exc}; run the same `featcache "
-                             "probe` command with --force") from None
-    if selected.get("layer") is not None:
-        names = [(str(selected["layer"]), str(selected.get("token") or names[0][1]))]
-    if len(names) != 1:
-        raise FeatcacheError(f"{path}: a k-NN record names {len(names)} tokens, not one")
-    return fp, names, k  # type: ignore[return-value]
-
-
-def _train_cache(path: Path, record: dict[str, Any]) -> Any:
-    """The cache the run's neighbours live in, checked against its record."""
-    from featcache.cache.store import open_cache
-    from featcache.records.store import settings_id
-
-    where = (record.get("caches") or {}).get("train")
-    if not where or not Path(where).is_dir():
-        raise FeatcacheError(f"{path}: a k-NN run votes with its training samples, read from "
-                             f"the train cache {where or '(not named)'}, which is not there; "
-                             "put it back (or extract it again) and retry")
-    train = open_cache(Path(where))
-    want = (record.get("settings") or {}).get("caches", {}).get("train")
-    if want and settings_id(train.fingerprint) != want:
-        raise FeatcacheError(f"{path}: the train cache {where} is not the one the run was "
-                             "made from (its fingerprint differs); run the same `featcache "
-                             "probe --method knn` command again with --force")
-    return train
-
-
-def _read_head(file: Path, device: torch.device | str) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        head = load_file(str(file), device=str(device))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise FeatcacheError(f"cannot read {file} ({exc}); run the same `featcache probe` "
-                             "command with --force") from None
-    if set(head) != {"train_index", "train_labels"}:
-        raise FeatcacheError(f"{file} is not a k-NN run's file (keys {sorted(head)}); run "
-                             "the same `featcache probe` command with --force")
-    return head
-
-
-@dataclass
-class KnnProbe(TrainedProbe):
-    """A k-NN run: scores tokens by their neighbours among its training samples."""
-
-    bank: Any = None  # the training samples' tokens (a FeatureSource)
-    bank_labels: Tensor | None = None
-    k: int = 10
-
-    def score(self, src: Any) -> Tensor:
-        """(N, C) vote shares (CPU) of a source of this run's token, as in its record."""
-        sims, idx = nearest(src, self.bank, self.k)
-        return vote(sims[0], idx[0], self.bank_labels, len(self.class_names), self.k).cpu()
-
-    def logits(self, raw: Tensor) -> Tensor:
-        from featcache.probing.tokens.features import FeatureSource
-
-        return self.score(FeatureSource(raw.to(self.bank.device), self.bank.device,
-                                        normalise="token"))

@@ -4,7 +4,7 @@ switching on method names; a plugin adds a method with `register_method`.
 
 The built-ins are the paper's: `linear` (the baseline), `concat`, `attentive` (all tokens
 of the last layer), `alf` (attentive layer fusion) and `layers` (a linear probe per layer);
-and `knn`, `knn-layers`: DINOv2's k-NN protocol, no training (`featcache.knn`).
+and `knn`, `knn-layers`: DINOv2's k-NN protocol, no training (`featcache.probing.knn`).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ for _method in (
            paper={k: f"{v} (attentive)" for k, v in _PHRASE.items()}, heatmap=True),
     Method("layers", "linear", "every", "probe", "a linear probe per stored layer, all in "
            "one grid", per_layer=True, show_layers="never"),
-    # no training: DINOv2's k-NN protocol from the cache (featcache.knn)
+    # no training: DINOv2's k-NN protocol from the cache (featcache.probing.knn)
     Method("knn", "knn", "last", "probe", "k-nearest-neighbour vote (DINOv2's protocol) on "
            "the model's own embedding", takes_layers=False),
     Method("knn-layers", "knn", "every", "cls+ap", "a k-NN vote per stored layer's CLS and "

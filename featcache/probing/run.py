@@ -25,6 +25,7 @@ import torch
 from featcache import __version__
 from featcache import distributed as dist
 from featcache.cache.store import Cache
+from featcache.cache.stores import keep_local_copies, local_path, resolve_root
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError, warn
 from featcache.options import check_int, make_options, parse_floats, parse_ints
@@ -51,7 +52,6 @@ from featcache.records.store import (
     write_run,
 )
 from featcache.registry import METHODS
-from featcache.stores import keep_local_copies, local_path, resolve_root
 
 GRIDS = ("paper", "quick")
 # paper: what the authors' code does (validation scored on jittered features; all-tokens
@@ -392,10 +392,10 @@ def run_one(train: Cache, test: Cache, opts: ProbeOptions, layer_set: str, seed:
     model_dir, dataset_dir = train.path.parent.parent.name, train.path.parent.name
     cfg = train_config(opts, seed)
     tokens, token_names = run_tokens(opts.method, layer_set, train, opts.token)
-    knn = get_method(opts.method).head == "knn"  # no training: featcache.knn
+    knn = get_method(opts.method).head == "knn"  # no training: featcache.probing.knn
     if knn:
-        from featcache.knn import run_knn
-        from featcache.knn import run_settings as knn_settings
+        from featcache.probing.knn import run_knn
+        from featcache.probing.knn import run_settings as knn_settings
 
         settings = knn_settings(opts, layer_set, token_names, train, test)
     else:

@@ -42,7 +42,7 @@ def default_runs_root(cache_root: str | Path | None = None) -> Path:
     is written by a rename (atomic on a disk, not on a store), the report and `predict`
     read them back often, and they are small (`--runs` puts them anywhere)."""
     from featcache.cache.store import user_cache_root
-    from featcache.stores import is_remote, resolve_root
+    from featcache.cache.stores import is_remote, resolve_root
 
     root = resolve_root(cache_root)
     return (user_cache_root() if is_remote(root) else root) / "runs"
@@ -404,34 +404,6 @@ def list_runs(runs_root: Path, problems: list[str] | None = None) -> list[RunRec
             rec["seed"] = 0
         records.append(rec)
     return records
-
-
-def runs(cache: str | Path | None = None, runs: str | Path | None = None,
-         problems: list[str] | None = None) -> list[dict[str, Any]]:
-    """`featcache runs`: a summary row per run record under the runs root (default
-    <cache root>/runs); records that cannot be read are described in ``problems``."""
-    from featcache.stores import is_remote, local_path, resolve_root
-
-    root = resolve_root(cache) if runs is None and cache is not None else None
-    if root is not None and not is_remote(root) and root.is_file():
-        raise FeatcacheError(f"the cache root {cache} is a file, not a folder; point --cache "
-                             "at a folder")
-    from featcache.records.predictions import checked_run
-
-    root = local_path(runs, "--runs") if runs is not None else default_runs_root(cache)
-    notes = problems if problems is not None else []
-    rows = []
-    found = list_runs(root, notes)
-    if not found and not notes:
-        misplaced_root(root, "--runs" if runs is not None else "--cache")
-    for rec in found:
-        try:
-            checked_run(rec)  # its metrics from its predictions, never only read
-        except FeatcacheError as exc:
-            notes.append(f"skipped: {exc}")
-            continue
-        rows.append(summary_row(rec))
-    return rows
 
 
 def misplaced_root(root: Path, option: str) -> None:

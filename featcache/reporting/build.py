@@ -91,7 +91,7 @@ def csv_rows(runs: Sequence[ScoredRun | dict],
             for name, value in timings.items():
                 if not isinstance(value, (dict, list)):
                     row[f"time_{name}"] = value
-        row["caches_replaced"] = rec.get("caches_replaced")
+        row["caches_replaced"] = run.caches_replaced
         row["created"] = rec.get("created")
         row["featcache_version"] = rec.get("featcache_version")
         row["path"] = rec["path"]
@@ -197,7 +197,7 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     if any(row["in_paper"] for row in rows) and taps - {"reference"}:
         notes.append("paper numbers use the reference tap; runs on another tap "
                      f"({', '.join(sorted(taps - {'reference'}))}) are not like for like")
-    mark_replaced_caches(records, notes, open_cache)
+    mark_replaced_caches(runs, notes, open_cache)
     from featcache.reporting.cka import layer_cka
 
     cka_values = layer_cka(records, Path(out_dir) if out_dir is not None else None,
@@ -205,25 +205,27 @@ def prepare_report(runs_root: str | Path, out_dir: str | Path | None = None, cka
     return ReportData(root, records, rows, notes, cka_values, resamples=resamples, runs=runs)
 
 
-def mark_replaced_caches(records: list[dict], notes: list[str],
+def mark_replaced_caches(runs: list[ScoredRun], notes: list[str],
                          open_cache: Callable[[str], Any] | None = None) -> None:
     """Mark (`caches_replaced` in results.csv, and a note) the runs whose caches were
     replaced at the same path since they were trained (`extract --overwrite` with other
     settings): their numbers stand for the old caches, which are gone. A cache that is
-    not there (moved, another machine) is not a replaced one."""
+    not there (moved, another machine) is not a replaced one. The mark sits beside the
+    record (`ScoredRun.caches_replaced`): the record stays as written."""
     from featcache.reporting.cka import same_fingerprint
 
     if open_cache is None:
         from featcache.cache.store import open_cache
     opened: dict[str, Any] = {}
-    for rec in records:
+    for run in runs:
+        rec = run.record
         caches = rec.get("caches") if isinstance(rec.get("caches"), dict) else {}
         prints = rec.get("fingerprints") if isinstance(rec.get("fingerprints"), dict) else {}
         gone = [split for split, path in sorted(caches.items())
                 if not same_fingerprint(_opened(str(path), open_cache, opened),
                                         prints.get(split))]
-        rec["caches_replaced"] = ",".join(gone) or None
-    marked = [r for r in records if r["caches_replaced"]]
+        run.caches_replaced = ",".join(gone) or None
+    marked = [r.record for r in runs if r.caches_replaced]
     if marked:
         notes.append(f"{len(marked)} run(s) were trained on caches replaced since at the same "
                      f"path (extract --overwrite), e.g. {marked[0]['path']}: their numbers "
@@ -258,7 +260,7 @@ def parse_formats(formats: str | Iterable[str]) -> list[str]:
 def write_report(data: ReportData, out_dir: str | Path,
                  formats: str | Iterable[str] = FORMATS) -> dict[str, Path]:
     """Write the chosen formats into `out_dir`; returns {format: path} (+ "figures")."""
-    from featcache.reporting.build import figures as figs
+    from featcache.reporting import figures as figs
 
     fmts = parse_formats(formats)
     out = Path(out_dir).expanduser()
@@ -302,7 +304,7 @@ def report(cache: str | Path | None = None, runs: str | Path | None = None,
         raise FeatcacheError(f"--resamples {resamples} is more than a report needs; at most "
                              f"{MAX_RESAMPLES:,} (1,000 gives the interval to about 0.1 "
                              "points)")
-    from featcache.stores import local_path
+    from featcache.cache.stores import local_path
 
     root = local_path(runs, "--runs") if runs is not None else default_runs_root(cache)
     if formats and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():

@@ -581,7 +581,7 @@ register_figure(
 
 
 def _cd_figure(rows: Sequence[dict], model_dir: str) -> Figure | None:
-    from featcache.significance import cd_figure, significance
+    from featcache.reporting.significance import cd_figure, significance
 
     entry = next((e for e in significance([r for r in rows if r["model_dir"] == model_dir])
                   if e.get("friedman") and e["friedman"]["k"] >= 3), None)

@@ -217,10 +217,10 @@ def _paper_layout(rows: Sequence[dict]) -> list[Block]:
 def _more_tables(data: ReportData) -> list[Block]:
     """Significance across datasets, results under shift: where the runs have them (each
     a titled table of plain text cells, left-aligned as Markdown has always shown them)."""
-    from featcache import shift, significance
+    from featcache.reporting import significance, under_shift
 
     out: list[Block] = []
-    for table in (significance.section(data.rows), shift.section(data.records)):
+    for table in (significance.section(data.rows), under_shift.section(data.records)):
         if table:
             out += [Heading(2, table["title"]), Paragraph(table["intro"], "sub"),
                     Table(list(table["header"]), [list(r) for r in table["rows"]],

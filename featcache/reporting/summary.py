@@ -81,6 +81,7 @@ class ScoredRun:
     column: str  # its table column, with the variant in brackets
     value: float | None  # its test balanced top-1 (%); None: it has none
     best_layer: str | None  # `layers` runs: the layer picked on validation
+    caches_replaced: str | None = None  # the splits whose caches were replaced since
 
 
 def score(rec: dict) -> ScoredRun:
@@ -306,10 +307,10 @@ class ReportData:
 
     def as_json(self) -> dict[str, Any]:
         out = summary_json(self.rows, self.notes)
-        from featcache import shift, significance
+        from featcache.reporting import significance, under_shift
 
         out["significance"] = significance.significance(self.rows)
-        out["under_shift"] = shift.shift_table(self.records)
+        out["under_shift"] = under_shift.shift_table(self.records)
         out["runs_root"] = str(self.runs_root)
         out["n_runs"] = len(self.records)
         return out

@@ -133,7 +133,7 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
     for path in (target, meta_path):
         atomic.check_target(path, "--out", overwrite, inputs=reads)
     probe = load_trained(run, "cpu")
-    if probe.grid is None:  # featcache.knn.KnnProbe
+    if probe.grid is None:  # featcache.serving.knn.KnnProbe
         raise FeatcacheError(f"{run}: a k-NN run has no head to export (its classifier is "
                              "its training set); use `featcache predict` on it")
     backbone = rebuild_backbone(probe, weights).eval()
