@@ -122,7 +122,9 @@ def test_layer_cka_to_last_on_real_cache(tmp_path) -> None:
     feats[:, 2, :6] = last
     for shard in range(layout.n_shards):
         rows = layout.rows(shard)
-        cache.write_shard(shard, {"cls": feats[rows], "ap": feats[rows]})
+        cache.write_shard(shard, {"cls": feats[rows], "ap": feats[rows],  # as extract does:
+                                  "labels": np.zeros(rows.stop - rows.start, np.int64),
+                                  "valid": np.ones(rows.stop - rows.start, bool)})
     values = layer_cka_to_last(cache_mod.open_cache(tmp_path / "c"), "cls", max_samples=200)
     assert values[2] == pytest.approx(1.0) and values[1] == pytest.approx(1.0, abs=1e-3)
     assert values[0] < 0.2
