@@ -130,8 +130,7 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     """The reference recipe, with the user's overrides and the quick grid if asked."""
     from featcache.probing.train import TrainConfig
 
-    # the paper protocol follows the authors' batch plan
-    # (`featcache.probing.train.authors_batch_size`)
+    # the paper protocol follows the authors' batch plan (`probing.train.authors_batch_size`)
     cfg = TrainConfig(seed=seed, batch_plan="authors" if opts.protocol == "paper" else
                       "featcache", amp=head_amp(opts))
     if opts.grid == "quick":  # (check_options has refused any other grid name)

@@ -23,11 +23,11 @@ class LinearHeads(StackedHeads):
     hyperparameters as the config axis. Configs stored token by token in equal runs
     (the usual layout) take one batched matmul; any other order gathers per config.
 
-    ``widths`` (one per token, `featcache.probing.tokens.features.token_widths`) reads
-    tokens narrower than D (CLIP's projected final layer) at their true width, as the
-    authors' feature combiner concatenates them: the padding channels are masked out of
-    the input (so jitter noise there never reaches the head), their weights start and stay
-    at zero, and the init bound is 1/sqrt(true fan-in).
+    ``widths`` (one per token, `probing.tokens.features.token_widths`) reads tokens narrower
+    than D (CLIP's projected final layer) at their true width, as the authors' feature
+    combiner concatenates them: the padding channels are masked out of the input (so
+    jitter noise there never reaches the head), their weights start and stay at zero, and
+    the init bound is 1/sqrt(true fan-in).
     """
 
     _KEYS = {"weight": "weight", "bias": "bias"}
