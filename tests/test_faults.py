@@ -318,7 +318,7 @@ def test_option_warnings(clean, tmp_path):
     result = run("probe", "--cache", clean, "--runs", tmp_path, "--method", "concat",
                  "--token", "ap", "--layers", "", *QUICK)
     assert result.exit_code == 0, result.output
-    assert "warning: --token applies to linear and layers only" in result.stderr
+    assert "warning: --token applies to linear, layers and knn only" in result.stderr
     assert "warning: --layers is empty" in result.stderr
     shots = run("probe", "--cache", clean, "--runs", tmp_path, "--method", "linear",
                 "--shots", 50, *QUICK)
