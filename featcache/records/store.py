@@ -411,11 +411,11 @@ def misplaced_root(root: Path, option: str) -> None:
     runs root, or is itself the runs root given as --cache: one line naming the right
     option (it said 'no runs; train some', of a folder full of them)."""
     fix = "; give --runs {}"
-    if (root / "record.json").is_file():
+    if (root / RECORD_FILE).is_file():
         raise FeatcacheError(f"{root} is one run's folder, not a runs root" +
                              fix.format(root.parents[2]))
     for depth in (1, 2):
-        if next(root.glob("*/" * depth + "record.json"), None) is not None:
+        if next(root.glob("*/" * depth + RECORD_FILE), None) is not None:
             raise FeatcacheError(f"{root} lies inside a runs root (<runs>/<model>/<dataset>"
                                  "/<run>)" + fix.format(root.parents[3 - depth - 1]))
     cache = root.parent if option == "--cache" else None

@@ -27,6 +27,7 @@ from torch import nn
 from featcache import __version__, atomic
 from featcache.errors import FeatcacheError
 from featcache.probing.tokens.features import NORM_EPS
+from featcache.records.schema import RECORD_FILE, RUN_FILES
 from featcache.serving.inference import TrainedProbe, load_trained, rebuild_backbone
 
 EXTRA_FILE = "featcache.json"
@@ -126,10 +127,10 @@ def export_model(run: str | Path, out: str | Path | None = None, weights: str | 
     if target.suffix != ".pt2":
         raise FeatcacheError(f"--out {target}: torch.export files end in .pt2")
     meta_path = target.with_suffix(".json")
-    if not (run / "record.json").is_file():  # the run first: --out may not have been given
+    if not (run / RECORD_FILE).is_file():  # the run first: --out may not have been given
         raise FeatcacheError(f"{run} is not a run folder (no record.json); `featcache runs` "
                              "lists them (the `path` column)")
-    reads = [run / name for name in atomic.RUN_FILES] + ([weights] if weights else [])
+    reads = [run / name for name in RUN_FILES] + ([weights] if weights else [])
     for path in (target, meta_path):
         atomic.check_target(path, "--out", overwrite, inputs=reads)
     probe = load_trained(run, "cpu")

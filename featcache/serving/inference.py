@@ -29,6 +29,7 @@ from torch import Tensor
 
 from featcache.errors import FeatcacheError
 from featcache.probing.knn import nearest, vote
+from featcache.records.schema import RECORD_FILE
 from featcache.sources.base import IMAGE_EXTENSIONS, ImageDataset
 
 # The evaluation batch of `FittedGrid.predict_logits`/`evaluate`: scoring the tokens in
@@ -341,7 +342,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path] = (), *, dataset: str 
 
     one_process_only("predict")
 
-    reads = [Path(run).expanduser() / "record.json", *(Path(str(i)) for i in inputs
+    reads = [Path(run).expanduser() / RECORD_FILE, *(Path(str(i)) for i in inputs
                                                        if Path(str(i)).is_file())]
     if weights:
         reads.append(Path(weights))
