@@ -53,6 +53,7 @@ class RecordFields(TypedDict, total=False):
     config: dict[str, Any]
     caches: dict[str, str]  # split → cache path
     fingerprints: dict[str, dict[str, Any]]  # split → the cache's fingerprint
+    steps: dict[str, Any]  # the batch plans the grid and the refit took: {grid, refit}
     # the results
     metrics: dict[str, float | None]  # test metrics in percent: balanced_top1, top1, ...
     val_metrics: dict[str, Any]
