@@ -3,7 +3,7 @@
 One run, one machine: two caches of the same ViT-B-shaped features (13 layers × 768,
 CLS and AP), one written with crc32c on every inner chunk (format 2, what featcache
 writes) and one without (format 1's codecs). For each, the probe's read of the ALF
-tokens (CLS+AP of blocks 1..11 and final: 24 tokens, `featcache.features.load_source`)
+tokens (CLS+AP of blocks 1..11 and final: 24 tokens, `probing.tokens.features.load_source`)
 is timed with the files in the page cache, so the figure is the decoding cost the
 checksum adds, not the disk's speed. Runs alternate; the median of each is compared.
 
@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from machine import cpu_info  # noqa: E402
 
-from featcache.cache import Layout, create_cache, disk_bytes, open_cache  # noqa: E402
-from featcache.features import load_source  # noqa: E402
-from featcache.pairs import token_list  # noqa: E402
+from featcache.cache.store import Layout, create_cache, disk_bytes, open_cache  # noqa: E402
+from featcache.probing.pairs import token_list  # noqa: E402
+from featcache.probing.tokens.features import load_source  # noqa: E402
 
 
 def build(root: Path, n: int, checksums: bool) -> Path:

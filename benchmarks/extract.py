@@ -3,7 +3,7 @@
 Everything is measured in one run on the same synthetic images (224x224 JPEGs in a
 temporary image folder) with a ViT-S/16-sized model at 224 px and random weights:
 
-  (a) wall time of `featcache.extraction` (library call, default workers) against a bare loop
+  (a) wall time of `featcache.extracting.run` (library call, default workers) against a bare loop
       of `model.forward_features` over pre-decoded, pre-transformed tensors at the same
       batch size (the floor); runs alternate and the best of each is kept;
   (b) peak RSS of a fresh process extracting N and 4N images (streaming: the same);
@@ -70,7 +70,7 @@ def floor_seconds(backbone: Any, x: Any, batch_size: int) -> float:
 def extract_seconds(folder: Path, cache_root: Path, batch_size: int,
                     workers: int | None) -> tuple[float, float, Path]:
     """(library call wall time, the split's own extraction time, cache path)."""
-    from featcache.extraction import ExtractOptions, extract
+    from featcache.extracting.run import ExtractOptions, extract
 
     shutil.rmtree(cache_root, ignore_errors=True)
     opts = ExtractOptions(model=MODEL, dataset=f"imagefolder:{folder}", split=("train",),
@@ -84,7 +84,7 @@ def extract_seconds(folder: Path, cache_root: Path, batch_size: int,
 MEMORY_CHILD = """
 import json, os, sys, threading, time
 sys.path.insert(0, {root!r})
-from featcache.extraction import ExtractOptions, extract
+from featcache.extracting.run import ExtractOptions, extract
 
 def status_kib(pid, key):
     try:
@@ -226,7 +226,7 @@ def main() -> None:
     import torch
 
     from featcache.backbones import create_backbone
-    from featcache.extraction import plan_workers
+    from featcache.extracting.run import plan_workers
     from featcache.sources import open_dataset
 
     info = cpu_info()

@@ -119,8 +119,8 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
 def extract_pair(work: Path, model: tuple[str, dict], tap: str, device: torch.device,
                  dtype: str) -> dict[str, float]:
     """Extract digits' test split on the device and on the CPU (fp32); compare."""
-    from featcache.cache import open_cache
-    from featcache.extraction import extract
+    from featcache.cache.store import open_cache
+    from featcache.extracting.run import extract
 
     name, kwargs = model
     paths = {}
@@ -145,9 +145,9 @@ def placements_equal(work: Path, device: torch.device) -> dict[str, Any]:
     batches bit for bit: data movement has no rounding to hide a race behind."""
     from probecache import SynthSpec, make_pair
 
-    from featcache.features import load_source
-    from featcache.pairs import token_list
-    from featcache.streaming import StreamedSource
+    from featcache.probing.pairs import token_list
+    from featcache.probing.tokens.features import load_source
+    from featcache.probing.tokens.streaming import StreamedSource
 
     train, _ = make_pair(work / "placements", SynthSpec(n_blocks=3, dim=24, n_classes=3,
                                                         n_train=700, n_test=10,
@@ -188,9 +188,9 @@ def kernels_match(device: torch.device) -> dict[str, Any]:
     """The two kernels the GPU takes its own way: torch's fused AdamW (per config, host
     lrs) against `torch.optim.AdamW`, and the plain attentive pooling (one bmm, the GPU's
     default) against the chunked one (the CPU's), both in fp32 on the device."""
-    import featcache.heads.pooling as pooling
-    from featcache.optim import BatchedAdamW
-    from featcache.train import TrainConfig, fit_grid
+    import featcache.probing.heads.pooling as pooling
+    from featcache.probing.optim import BatchedAdamW
+    from featcache.probing.train import TrainConfig, fit_grid
 
     g = torch.Generator().manual_seed(0)
     lrs, wds = [1e-1, 1e-2, 1e-3], [0.0, 1e-2, 1.0]
@@ -246,7 +246,7 @@ def grouping_spread(device: torch.device, dry: bool) -> dict[str, Any]:
     bug (above 1e-2)."""
     import dataclasses
 
-    from featcache.train import TrainConfig, fit_grid, grid_points
+    from featcache.probing.train import TrainConfig, fit_grid, grid_points
 
     g = torch.Generator().manual_seed(0)
     n, T, D, C = (96, 5, 24, 3) if dry else (2048, 24, 384, 7)
@@ -285,7 +285,7 @@ def grouping_spread(device: torch.device, dry: bool) -> dict[str, Any]:
 def streaming_budget(train: Any, method: str, tokens: list[str]) -> float:
     """The largest host budget (GB) at which this method's train tokens are streamed from
     the cache: all of them do not fit it, a buffer of shards does."""
-    from featcache.probing import ProbeOptions, stream_buffer
+    from featcache.probing.run import ProbeOptions, stream_buffer
 
     gb = 1.0
     while gb > 1e-9:
@@ -303,8 +303,8 @@ def probe_all(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
     CPU's (equal, on the CPU itself)."""
     from probecache import SynthSpec, make_pair
 
-    from featcache.pairs import find_pairs
-    from featcache.probing import probe
+    from featcache.probing.pairs import find_pairs
+    from featcache.probing.run import probe
 
     root = work / "synth"
     spec = SynthSpec(n_blocks=4, dim=32, n_classes=4, n_train=600, n_test=400,
@@ -352,10 +352,10 @@ def probe_all(work: Path, device: torch.device, dry: bool) -> dict[str, Any]:
 
 def predict_and_report(work: Path, device: torch.device) -> dict[str, Any]:
     """A run on digits, predicted from the images on the device; the report's files."""
-    from featcache.extraction import extract
-    from featcache.inference import predict
-    from featcache.probing import probe
-    from featcache.reporting import report
+    from featcache.extracting.run import extract
+    from featcache.probing.run import probe
+    from featcache.reporting.build import report
+    from featcache.serving.inference import predict
 
     name, kwargs = TIMM_TINY
     root = work / "digits"
@@ -380,9 +380,9 @@ def torchrun_check(work: Path, device: torch.device, dry: bool) -> dict[str, Any
     """Extract and probe (grid- and data-parallel) on ranks; compare with one process."""
     from probecache import SynthSpec, make_pair
 
-    from featcache.cache import open_cache
-    from featcache.extraction import extract
-    from featcache.probing import probe
+    from featcache.cache.store import open_cache
+    from featcache.extracting.run import extract
+    from featcache.probing.run import probe
 
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     ranks = max(2, min(n_gpus, 8))
@@ -430,8 +430,8 @@ def torchrun_check(work: Path, device: torch.device, dry: bool) -> dict[str, Any
 
 def torchrun_worker(root: Path, device: str) -> None:
     """What each rank does in `torchrun_check`: extract, then probe in both modes."""
-    from featcache.extraction import extract
-    from featcache.probing import probe
+    from featcache.extracting.run import extract
+    from featcache.probing.run import probe
 
     name, kwargs = TIMM_TINY
     extract(model=name, model_arg=dict(kwargs), weights="random:0", dataset="digits",
@@ -455,7 +455,7 @@ def extraction_figure(work: Path, device: torch.device, dry: bool) -> dict[str, 
     from torch.utils.data import DataLoader
 
     from featcache.backbones import create_backbone
-    from featcache.extraction import _Prepared, extract, plan_workers, resolve_dtype
+    from featcache.extracting.run import _Prepared, extract, plan_workers, resolve_dtype
     from featcache.sources import open_dataset
 
     n, batch = (64, 32) if dry else (4096, 256)
@@ -509,7 +509,7 @@ def alf_grid_figure(work: Path, device: torch.device, dry: bool) -> dict[str, An
     from probecache import SynthSpec, make_pair
     from scaling import grid_flops
 
-    from featcache.probing import probe
+    from featcache.probing.run import probe
 
     blocks, dim, n_train, n_test = (4, 32, 600, 200) if dry else (12, 768, 28709, 7178)
     root = work / "fer"
@@ -535,7 +535,7 @@ def alf_grid_figure(work: Path, device: torch.device, dry: bool) -> dict[str, An
 
 def grid_at_once_figure(device: torch.device, dry: bool) -> dict[str, Any]:
     """8 ALF configs trained at once against one fit per config (same steps)."""
-    from featcache.train import TrainConfig, fit_grid, grid_points
+    from featcache.probing.train import TrainConfig, fit_grid, grid_points
 
     n, tokens, dim = (256, 8, 32) if dry else (16384, 24, 768)
     g = torch.Generator().manual_seed(0)
@@ -572,8 +572,8 @@ def precision_figure(work: Path, device: torch.device, dry: bool) -> dict[str, A
     On the CPU only fp32 runs (bf16 matmuls can be 250x slower there)."""
     from extract import make_images
 
-    from featcache.extraction import extract
-    from featcache.probing import probe
+    from featcache.extracting.run import extract
+    from featcache.probing.run import probe
 
     name, kwargs = (TIMM_TINY if dry else ("timm:vit_base_patch16_224", {}))
     dataset = "digits"
@@ -605,10 +605,10 @@ def precision_figure(work: Path, device: torch.device, dry: bool) -> dict[str, A
 
 
 def knn_matches_cpu(device: torch.device) -> dict[str, Any]:
-    """featcache.knn's neighbours on the device against the CPU's, duplicated training
+    """featcache.probing.knn's neighbours on the device against the CPU's, duplicated training
     rows included (ties: the lower row first on both)."""
-    from featcache.features import FeatureSource
-    from featcache.knn import nearest
+    from featcache.probing.knn import nearest
+    from featcache.probing.tokens.features import FeatureSource
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(300, 2, 32, generator=g).half()
@@ -672,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA GPU here; use --dry-run for the CPU form", file=sys.stderr)
         return 2
-    from featcache.extraction import DTYPES, resolve_dtype
+    from featcache.extracting.run import DTYPES, resolve_dtype
 
     auto = resolve_dtype("auto", device)
     dtype = next(name for name, value in DTYPES.items() if value == auto)  # fp32, bf16, fp16

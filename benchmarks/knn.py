@@ -4,7 +4,7 @@ similarity matrix, and the ImageNet-1k shape extrapolated from a measured fracti
 Everything in one run, on random L2-normalised tokens stored as float16 (as a cache stores
 them), on ``--device`` (CUDA when present with ``auto``):
 
-  (1) blocked: `featcache.knn.nearest` (k = 200, the protocol's largest) and the votes of
+  (1) blocked: `featcache.probing.knn.nearest` (k = 200, the protocol's largest) and the votes of
       k = 10, 20, 100, 200, for ``--queries`` × ``--bank`` samples at D = ``--dim``;
   (2) the same similarities as one matrix product and one `torch.topk` (where the matrix
       fits: ``--full-max-gb``), and the bare matrix product alone: what blocking and the
@@ -61,8 +61,8 @@ def timed(fn: Any, device: torch.device) -> tuple[float, Any]:
 def measure(queries: int, bank: int, dim: int, device: torch.device,
             full_max_gb: float = 4.0) -> dict[str, Any]:
     """(1) and (2) of the module doc, in one run; seconds and ratios."""
-    from featcache.features import FeatureSource
-    from featcache.knn import KS, nearest, vote
+    from featcache.probing.knn import KS, nearest, vote
+    from featcache.probing.tokens.features import FeatureSource
 
     q_raw, b_raw = tokens(queries, dim, 0, device), tokens(bank, dim, 1, device)
     labels = torch.randint(0, 1000, (bank,), generator=torch.Generator().manual_seed(2))

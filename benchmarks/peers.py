@@ -300,7 +300,7 @@ def child_bare(spec: dict[str, Any]) -> dict[str, Any]:
 def child_featcache(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from featcache.extraction import ExtractOptions, extract
+    from featcache.extracting.run import ExtractOptions, extract
 
     opts = ExtractOptions(model=f"timm:{spec.get('arch', ARCH)}",
                           dataset=f"imagefolder:{spec['images']}",
@@ -449,7 +449,7 @@ def child_sklearn(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_featcache_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    from featcache.probing import probe
+    from featcache.probing.run import probe
 
     t = time.perf_counter()
     (res,) = probe(method="linear", token="cls", cache=spec["cache"], runs=spec["runs"],
@@ -575,7 +575,7 @@ def probe_inputs(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import zarr
 
-    from featcache.selection import stratified_split
+    from featcache.probing.selection import stratified_split
 
     folder = work / "probe-images"
     make_probe_images(folder, args.probe_train, args.probe_test, args.probe_size, args.seed)

@@ -66,8 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import cpu_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-from featcache.heads import AttentiveHeads, ReferenceAttentiveHead, head_dim_for  # noqa: E402
-from featcache.train import (  # noqa: E402
+from featcache.probing.heads import AttentiveHeads, ReferenceAttentiveHead, head_dim_for  # noqa: E402
+from featcache.probing.train import (  # noqa: E402
     TrainConfig,
     config_groups,
     default_memory_budget,
@@ -155,8 +155,8 @@ def git_state() -> dict[str, Any]:
                                   timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
-    dirty = run("git", "status", "--porcelain", "featcache/heads", "featcache/train.py",
-                "featcache/optim.py")
+    dirty = run("git", "status", "--porcelain", "featcache/heads", "featcache/probing/train.py",
+                "featcache/probing/optim.py")
     return {"commit": run("git", "rev-parse", "--short", "HEAD").strip(),
             "heads_train_modified": [ln[3:] for ln in dirty.splitlines() if ln.strip()]}
 
@@ -620,7 +620,7 @@ def section_fer(args: argparse.Namespace, dev: torch.device, amp: bool, res: dic
 
     # end to end where it fits (CUDA by default)
     if args.fer == "full" or (args.fer == "auto" and dev.type == "cuda"):
-        from featcache.selection import fit_and_select
+        from featcache.probing.selection import fit_and_select
 
         x = tokens(N, T, D, dev, seed=3)
         y = torch.randint(0, C, (N,), device=dev)

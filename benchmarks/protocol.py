@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featcache.extraction import extract  # noqa: E402
-from featcache.features import FeatureSource, load_source  # noqa: E402
+from featcache.extracting.run import extract  # noqa: E402
 from featcache.offline_demo import DEMO_MODEL, DEMO_MODEL_KWARGS  # noqa: E402
-from featcache.pairs import token_list  # noqa: E402
-from featcache.probing import ProbeOptions, train_config  # noqa: E402
-from featcache.selection import all_test_metrics, fit_and_select  # noqa: E402
+from featcache.probing.pairs import token_list  # noqa: E402
+from featcache.probing.run import ProbeOptions, train_config  # noqa: E402
+from featcache.probing.selection import all_test_metrics, fit_and_select  # noqa: E402
+from featcache.probing.tokens.features import FeatureSource, load_source  # noqa: E402
 
 
 def score(src_train, y_train, src_test, y_test, head: str, opts: ProbeOptions, seed: int,
@@ -68,7 +68,7 @@ def main() -> None:
         train, test = (r.path for r in extract(
             model=DEMO_MODEL, dataset="digits", weights="random", model_arg=DEMO_MODEL_KWARGS,
             cache=tmp, all_tokens=True))
-        from featcache.cache import open_cache
+        from featcache.cache.store import open_cache
 
         train, test = open_cache(train), open_cache(test)
         y_tr = torch.as_tensor(train.labels())

@@ -13,13 +13,13 @@ DONTNEED), so both read the disk; warm: both from the page cache (memory bandwid
 decoding cost laid bare). The goal (issue "Probing at scale") is featcache ≥ 0.7 of raw.
 With `--stream`, also one training epoch of a linear probe, reading included, with the
 tokens loaded into memory against streamed from the cold cache within a quarter of their
-size (`featcache.streaming`).
+size (`featcache.probing.tokens.streaming`).
 
 With `--store s3`, the same bytes are also put in an S3 bucket served on 127.0.0.1 by
 moto (`moto[server]`, the dev extras) and read from there (`s3://…`): featcache from
 the store against featcache from the local disk (warm and cold), and what the read-ahead
-(shards in flight, `featcache.cache.REMOTE_AHEAD`) and the ranged requests in flight per
-shard (`featcache.shardfiles.RANGES_IN_FLIGHT`) buy. Goal: ≥ 0.5 of the local disk.
+(shards in flight, `featcache.cache.store.REMOTE_AHEAD`) and the ranged requests in flight per
+shard (`featcache.cache.shardfiles.RANGES_IN_FLIGHT`) buy. Goal: ≥ 0.5 of the local disk.
 
     python benchmarks/read.py [--n 16384] [--repeats 3] [--stream] [--store s3]
 """
@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from checksum import build, timed_read  # noqa: E402
 from machine import cpu_info  # noqa: E402
 
-from featcache.cache import open_cache  # noqa: E402
-from featcache.features import load_source  # noqa: E402
-from featcache.pairs import token_list  # noqa: E402
-from featcache.streaming import StreamedSource  # noqa: E402
+from featcache.cache.store import open_cache  # noqa: E402
+from featcache.probing.pairs import token_list  # noqa: E402
+from featcache.probing.tokens.features import load_source  # noqa: E402
+from featcache.probing.tokens.streaming import StreamedSource  # noqa: E402
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -122,9 +122,9 @@ def from_store(path: Path, files: list[Path], size: float, repeats: int) -> None
 
     import boto3
 
-    from featcache import cache as cache_module
-    from featcache import shardfiles
-    from featcache.stores import location
+    from featcache.cache.store import shardfiles
+    from featcache.cache.store import store as cache_module
+    from featcache.cache.stores import location
 
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
@@ -174,7 +174,7 @@ def _cold(path: Path, files: list[Path]) -> float:
 def stream_epochs(path: Path, files: list[Path], repeats: int) -> None:
     """One epoch of a linear probe's training steps over the ALF tokens, reading included:
     loaded into memory against streamed from the (cold) cache within a quarter of their
-    size (`featcache.streaming`)."""
+    size (`featcache.probing.tokens.streaming`)."""
     cache = open_cache(path)
     tokens = token_list("alf", "all", cache)
     y = torch.as_tensor(cache.labels())

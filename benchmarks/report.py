@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featcache.registry import MODELS  # noqa: E402
-from featcache.reporting import build_report, prepare_report  # noqa: E402
+from featcache.reporting.build import build_report, prepare_report  # noqa: E402
 from tests.runrecords import tokens_for, write_record  # noqa: E402
 
 DATASETS = ("stl10", "cifar10", "caltech101", "voc2007", "imagenet1k", "cifar100",

@@ -7,7 +7,7 @@ ALF over `all` layers reads CLS+AP of blocks 1..L-1 and the final layer: 2·L to
 Memory rules are featcache's own: tokens may take half of a GPU's memory
 (`features.DEVICE_FRACTION`), the host 80 % of its RAM (`HOST_FRACTION`). FLOPs: the fast
 attentive head's count from docs/benchmarks.md, the recipe's steps from
-`featcache.train.plan_steps` (40 epochs, batch 2048, ≥ 1000 steps), the 63-point grid on
+`featcache.probing.train.plan_steps` (40 epochs, batch 2048, ≥ 1000 steps), the 63-point grid on
 80 % of train, the refit of one config on all of it.
 
     python benchmarks/scaling.py [--gflops 54.3] [--host-gb 512]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from featcache.catalogue import paper_datasets  # noqa: E402
-from featcache.features import DEVICE_FRACTION, HOST_FRACTION  # noqa: E402
+from featcache.probing.tokens.features import DEVICE_FRACTION, HOST_FRACTION  # noqa: E402
 from featcache.suites.cost import grid_flops  # noqa: E402  (as `featcache run --dry-run`)
 
 MODELS = {"ViT-B": (12, 768), "ViT-L": (24, 1024)}

@@ -170,6 +170,6 @@ def _longest_word(text: str) -> int:
 def print_json(obj: Any) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else (strict: a NaN from a
     damaged record is null, which every JSON reader takes)."""
-    from featcache.records import strict_json
+    from featcache.records.store import strict_json
 
     typer.echo(json.dumps(strict_json(obj), indent=2, default=str, allow_nan=False))

@@ -32,7 +32,7 @@ def evaluate(
     under shift: ImageNet-V2, -Sketch, -R, -A, ObjectNet). Classes are matched by name;
     a test set with a subset of the classes is scored on the logits restricted to it. The
     result is kept beside the run (its shift/ folder) for the report."""
-    from featcache.shift import evaluate as run_evaluate
+    from featcache.serving.shift import evaluate as run_evaluate
 
     result = run_evaluate(run_dir, dataset=dataset, split=split, cache=cache,
                           test_cache=test_cache, class_map=class_map, device=device)

@@ -66,8 +66,8 @@ def extract(
 ) -> None:
     """Run a frozen backbone once over a dataset and cache per-layer CLS+AP tokens."""
     from featcache import distributed
-    from featcache.extraction import ExtractOptions
-    from featcache.extraction import extract as run_extract
+    from featcache.extracting.run import ExtractOptions
+    from featcache.extracting.run import extract as run_extract
     from featcache.progress import Bars
     from featcache.suites.names import PairsFailed
 
@@ -127,8 +127,8 @@ def ls(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the caches under the root: model, dataset, split, size, complete or not."""
-    from featcache.cache_commands import ls as list_caches
-    from featcache.stores import resolve_root
+    from featcache.cache.commands import ls as list_caches
+    from featcache.cache.stores import resolve_root
 
     root = resolve_root(cache)
     rows = list_caches(root)
@@ -161,7 +161,7 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one cache's fingerprint, layout and sizes."""
-    from featcache.cache_commands import info as cache_info
+    from featcache.cache.commands import info as cache_info
 
     data = cache_info(path)
     if json_out:
@@ -194,7 +194,7 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Write a cache's arrays and attributes to another format (HDF5)."""
-    from featcache.cache_commands import export as export_cache
+    from featcache.cache.commands import export as export_cache
 
     written = export_cache(path, format, out, overwrite)
     console.print(f"[green]wrote[/] {written} ({human_bytes(written.stat().st_size)})")
@@ -256,7 +256,7 @@ def verify(
     labels in range. Exit status as fsck's: 0 nothing damaged, 1 damage found and repaired
     (--repair: flags cleared, re-run the printed extract command), 2 something damaged and
     not repaired (or a user error)."""
-    from featcache.verification import verify as run_verify
+    from featcache.cache.verification import verify as run_verify
 
     if path is not None and not (path / "zarr.json").exists() \
             and next(path.glob("*/*/*/zarr.json"), None) is not None:

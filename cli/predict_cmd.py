@@ -46,9 +46,9 @@ def predict(
     fingerprint (same weights, checked) and the head scores them as in training. On the
     run's own test split it reproduces the record's test metrics."""
     from featcache.errors import FeatcacheError
-    from featcache.inference import csv_text
-    from featcache.inference import predict as run_predict
     from featcache.progress import Bars
+    from featcache.serving.inference import csv_text
+    from featcache.serving.inference import predict as run_predict
 
     if json_out and csv == "-":
         raise FeatcacheError("--json and --csv - both print the rows on standard output; "
@@ -106,7 +106,7 @@ def _summary(result, say) -> None:
         say.print(f"[green]the run's own test split: its record's test metrics, exactly[/]"
                   f"{agree}", highlight=False)
     elif result.reproduces_record is False:
-        from featcache.selection import METRIC_KEYS
+        from featcache.probing.selection import METRIC_KEYS
 
         def num(v: object) -> str:
             return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
@@ -130,7 +130,7 @@ def export_model(
 ) -> None:
     """Save a run's backbone, taps and head as one torch.export file: images → class
     probabilities, loadable with torch alone (torch.export.load(FILE).module())."""
-    from featcache.deployment import export_model as run_export
+    from featcache.serving.deployment import export_model as run_export
 
     with err_console.status("tracing the model with torch.export …"):
         path = run_export(run, out, weights=weights, overwrite=overwrite)

@@ -86,8 +86,8 @@ def probe(
 ) -> None:
     """Train probes from the cache: the whole hyperparameter grid at once, select, refit."""
     from featcache.distributed import env_rank
-    from featcache.probing import ProbeOptions
-    from featcache.probing import probe as run_probe
+    from featcache.probing.run import ProbeOptions
+    from featcache.probing.run import probe as run_probe
     from featcache.progress import Bars
 
     opts = options_from(ProbeOptions, locals())
@@ -123,8 +123,8 @@ def runs(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List trained runs with their test metrics."""
-    from featcache.records import default_runs_root
-    from featcache.records import runs as run_rows
+    from featcache.records.listing import runs as run_rows
+    from featcache.records.store import default_runs_root
 
     root = runs or default_runs_root(cache)
     problems: list[str] = []

@@ -31,8 +31,8 @@ def report(
     """Tables, figures and CSV from every run record: mean ± std over seeds, gain over
     the linear probe with its 95 % interval, ALF attention, accuracy by depth with CKA, and
     the paper's numbers."""
-    from featcache.reporting import render_table
-    from featcache.reporting import report as make_report
+    from featcache.reporting.build import render_table
+    from featcache.reporting.build import report as make_report
 
     with err_console.status("reading run records …"):
         data = make_report(cache=cache, runs=runs, out=out, format=format, cka=cka,

@@ -12,9 +12,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-# a run folder's own files: no output option may land on them, --overwrite or not
-RUN_FILES = ("record.json", "head.safetensors", "predictions.safetensors")
-
 
 def check_target(path: str | Path, option: str, overwrite: bool = False,
                  inputs: tuple[str | Path, ...] | list[str | Path] = ()) -> Path:
@@ -24,6 +21,9 @@ def check_target(path: str | Path, option: str, overwrite: bool = False,
     inside one (a cache, a run folder, a checkpoint: --overwrite never writes over what
     the command reads), or an existing file without --overwrite."""
     from featcache.errors import FeatcacheError
+
+    # a run folder's own files: no output option may land on them, --overwrite or not
+    from featcache.records.schema import RECORD_FILE, RUN_FILES
 
     if not str(path).strip():
         raise FeatcacheError(f"{option} needs a file name")
@@ -36,7 +36,7 @@ def check_target(path: str | Path, option: str, overwrite: bool = False,
     if not target.parent.is_dir():
         raise FeatcacheError(f"the folder of {option}, {target.parent}, does not exist; "
                              "create it first")
-    if target.name in RUN_FILES and (target.parent / "record.json").is_file():
+    if target.name in RUN_FILES and (target.parent / RECORD_FILE).is_file():
         raise FeatcacheError(f"{option} {target} is one of a run's own files; write "
                              "elsewhere")
     _refuse_inputs(target, option, inputs)

@@ -7,10 +7,13 @@ can be scored without holding (G, N, C) logits in memory.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["MetricAccumulator", "classification_metrics"]
+__all__ = ["TOP5_MIN_CLASSES", "MetricAccumulator", "balanced", "classification_metrics"]
+
+TOP5_MIN_CLASSES = 6  # with 5 classes or fewer every top-5 is trivially right
 
 
 class MetricAccumulator:
@@ -98,3 +101,11 @@ def classification_metrics(logits: Tensor, y: Tensor, n_classes: int) -> dict:
     acc = MetricAccumulator(n_classes)
     acc.update(logits, y)
     return acc.compute()
+
+
+def balanced(hits: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mean over present classes of hits / count, in percent (per row: a resample, or one
+    run's counts): the paired bootstrap's and a predictions file's balanced top-1."""
+    present = counts > 0
+    rate = np.divide(hits, counts, out=np.zeros_like(hits, dtype=np.float64), where=present)
+    return 100 * rate.sum(-1) / np.maximum(present.sum(-1), 1)

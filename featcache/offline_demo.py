@@ -49,16 +49,16 @@ def demo(out: str | Path = "demo-out", model: str = DEMO_MODEL, dataset: str = "
     if weights == "hub":
         weights = None
     model_kwargs = model_arg
-    from featcache.extraction import ExtractOptions, extract
-    from featcache.probing import ProbeOptions, probe
+    from featcache.extracting.run import ExtractOptions, extract
+    from featcache.probing.run import ProbeOptions, probe
     from featcache.progress import Bars
-    from featcache.records import default_runs_root
-    from featcache.reporting import build_report, prepare_report, render_table
+    from featcache.records.store import default_runs_root
+    from featcache.reporting.build import build_report, prepare_report, render_table
 
     console = console or Console()
     out = Path(out)
     cache_root, report_dir = out / "cache", out / "report"
-    from featcache.probing import check_options
+    from featcache.probing.run import check_options
 
     for method in methods:  # before minutes of extraction, not after
         check_options(ProbeOptions(method=method, cache=cache_root, grid=grid, epochs=epochs,

@@ -26,10 +26,10 @@ T = TypeVar("T")
 PLUGIN_GROUP = "featcache.plugins"
 
 # Modules that register featcache's own entries, imported before any lookup.
-# (The built-in figures register when `featcache.figures` is imported, by the report:
+# (The built-in figures register when `featcache.reporting.figures` is imported, by the report:
 # matplotlib stays out of everything else.)
 _BUILTINS = ("featcache.catalogue", "featcache.backbones", "featcache.sources",
-             "featcache.methods")
+             "featcache.probing.methods")
 _loaded = False
 _loading = False
 

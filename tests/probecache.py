@@ -2,7 +2,7 @@
 
 `make_pair` writes `<root>/<model_dir>/<dataset>/{train,test}` through the same
 `create_cache` → `write_shard` → `finalize` path the extractor takes, with a fingerprint
-shaped like a real one (`featcache.extraction.build_fingerprint`). What each token holds is
+shaped like a real one (`featcache.extracting.run.build_fingerprint`). What each token holds is
 chosen by the test:
 
 - every (layer, kind) token is `offset + noise` (an offset common to all samples, as real
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import Cache, Layout, cache_path, create_cache, open_cache
+from featcache.cache.store import Cache, Layout, cache_path, create_cache, open_cache
 
 MODEL = "synth-vit"
 
@@ -59,7 +59,7 @@ class SynthSpec:
 
 def fingerprint(spec: SynthSpec, dataset: str, split: str, n: int,
                 **model_overrides: Any) -> dict[str, Any]:
-    """Shaped like `featcache.extraction.build_fingerprint` of a timm model."""
+    """Shaped like `featcache.extracting.run.build_fingerprint` of a timm model."""
     names = spec.layer_names
     model = {
         "model": spec.model,
@@ -169,7 +169,7 @@ def make_pair(root: Path, spec: SynthSpec | None = None, dataset: str = "synth",
 
 def expected_tokens(cache: Cache, tokens: list[str]) -> np.ndarray:
     """(N, T, D) float32 of the named tokens ("block2.ap"), each L2-normalised: computed
-    here from the stored float16 values, independently of featcache.probing."""
+    here from the stored float16 values, independently of featcache.probing.run."""
     out = []
     for token in tokens:
         name, kind = token.split(".")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from featcache.catalogue import paper_datasets
-from featcache.features import FeatureSource
-from featcache.train import TrainConfig, authors_batch_size, plan_steps
+from featcache.probing.tokens.features import FeatureSource
+from featcache.probing.train import TrainConfig, authors_batch_size, plan_steps
 
 
 def _rule(batch: int, n: int, min_batches: int = 5) -> int:

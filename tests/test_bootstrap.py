@@ -18,10 +18,10 @@ import torch
 from probecache import SynthSpec, make_pair
 from sklearn.metrics import balanced_accuracy_score
 
-from featcache.bootstrap import PairedBootstrap
 from featcache.errors import FeatcacheError
-from featcache.probing import probe
-from featcache.reporting import report
+from featcache.probing.run import probe
+from featcache.reporting.bootstrap import PairedBootstrap
+from featcache.reporting.build import report
 
 Z = 1.959963984540054  # the standard normal's 97.5th percentile
 
@@ -80,7 +80,7 @@ def test_seeds_average_and_a_fixed_seed_repeats():
 
 
 def test_resamples_streamed_in_chunks_equal_resamples_kept(monkeypatch):
-    from featcache import bootstrap
+    from featcache.reporting import bootstrap
 
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 3, size=500)

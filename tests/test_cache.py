@@ -14,7 +14,10 @@ import pytest
 import zarr
 from conftest import TIMM_TINY, TIMM_TINY_KW
 
-from featcache.cache import (
+from featcache.cache.commands import export_hdf5
+from featcache.cache.files import remove_leftovers, write_lock
+from featcache.cache.fingerprint import fingerprint_diff
+from featcache.cache.store import (
     Layout,
     cache_path,
     choose_shard_size,
@@ -23,11 +26,8 @@ from featcache.cache import (
     model_dir_name,
     open_cache,
 )
-from featcache.cache_commands import export_hdf5
-from featcache.cache_files import remove_leftovers, write_lock
 from featcache.errors import FeatcacheError
-from featcache.extraction import ExtractOptions, extract
-from featcache.fingerprint import fingerprint_diff
+from featcache.extracting.run import ExtractOptions, extract
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -270,7 +270,7 @@ def test_little_padding_on_disk(wds_path, tmp_path):
 
 
 def test_inner_chunks_tile_the_shard():
-    from featcache.cache import _inner_rows
+    from featcache.cache.store import _inner_rows
 
     assert _inner_rows(1024, 64) == 64
     assert _inner_rows(100, 64) == 50

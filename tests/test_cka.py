@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featcache.cka import layer_cka_to_last, linear_cka, sample_blocks
+from featcache.reporting.cka import layer_cka_to_last, linear_cka, sample_blocks
 
 
 def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -64,7 +64,7 @@ def test_sample_blocks_deterministic_and_spread() -> None:
 
 
 class FakeCache:
-    """Duck-typed stand-in for featcache.cache.Cache: zero-padded layers, fp16."""
+    """Duck-typed stand-in for featcache.cache.store.Cache: zero-padded layers, fp16."""
 
     def __init__(self, n: int = 600, dims: tuple[int, ...] = (8, 8, 8, 6)) -> None:
         rng = np.random.default_rng(0)
@@ -108,7 +108,7 @@ def test_layer_cka_to_last_on_fake_cache() -> None:
 
 
 def test_layer_cka_to_last_on_real_cache(tmp_path) -> None:
-    cache_mod = pytest.importorskip("featcache.cache")
+    cache_mod = pytest.importorskip("featcache.cache.store")
     n, dims = 300, [8, 8, 6]
     layout = cache_mod.Layout(n=n, n_layers=3, dim=8, shard_size=128)
     cache = cache_mod.create_cache(
@@ -122,8 +122,9 @@ def test_layer_cka_to_last_on_real_cache(tmp_path) -> None:
     feats[:, 2, :6] = last
     for shard in range(layout.n_shards):
         rows = layout.rows(shard)
-        cache.write_shard(shard, {"cls": feats[rows], "ap": feats[rows],
-                                  "valid": np.ones(rows.stop - rows.start, dtype=bool)})
+        cache.write_shard(shard, {"cls": feats[rows], "ap": feats[rows],  # as extract does:
+                                  "labels": np.zeros(rows.stop - rows.start, np.int64),
+                                  "valid": np.ones(rows.stop - rows.start, bool)})
     values = layer_cka_to_last(cache_mod.open_cache(tmp_path / "c"), "cls", max_samples=200)
     assert values[2] == pytest.approx(1.0) and values[1] == pytest.approx(1.0, abs=1e-3)
     assert values[0] < 0.2

@@ -143,9 +143,9 @@ def planted_cache(root: Path, **overrides) -> Path:
 
 def test_shots_take_k_of_every_class(tmp_path, monkeypatch):
     """Per class, on imbalanced classes (one with fewer than K): not just the total."""
-    import featcache.probing as fp
-    from featcache.cache import find_caches
-    from featcache.probing import probe
+    import featcache.probing.run as fp
+    from featcache.cache.store import find_caches
+    from featcache.probing.run import probe
 
     root = planted_cache(tmp_path / "cache")
     drawn: list[np.ndarray] = []
@@ -180,7 +180,7 @@ def read_n_train(path: Path) -> int:
 def test_other_options_are_other_runs(tmp_path, variant):
     """A run is done once per settings: a 5-shot run is not the full one, nor is a run
     under another protocol or recipe (it trains, beside the first, not 'skipped')."""
-    from featcache.probing import probe
+    from featcache.probing.run import probe
 
     root = planted_cache(tmp_path / "cache")
     base = dict(method="linear", cache=root, runs=tmp_path / "runs", grid="quick", epochs=1,
@@ -198,7 +198,7 @@ def test_a_clean_runs_gain_is_over_the_linear_run_of_its_protocol(tmp_path):
     """docs/method.md: a `clean` run's gain is over the clean linear run, not the paper's."""
     from runrecords import write_record
 
-    from featcache.summary import load_records, summarize
+    from featcache.reporting.summary import load_records, summarize
 
     runs = tmp_path / "runs"
     for method, layer_set, protocol, seed, acc in (
@@ -219,7 +219,7 @@ def test_a_resume_with_another_batch_size_agrees_within_rounding(wds_path, clean
     """docs/cache-format.md: another --batch-size on resume is allowed; the shards it
     writes agree with an uninterrupted run's within float rounding (fp16 storage), the
     shards written before are untouched."""
-    from featcache.cache import Cache
+    from featcache.cache.store import Cache
 
     real, calls = Cache.write_shard, []
 

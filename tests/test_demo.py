@@ -50,7 +50,7 @@ def test_report_numbers_are_the_records(demo: dict) -> None:
 
 @pytest.mark.slow
 def test_demo_cache_is_complete_and_reused(demo: dict) -> None:
-    from featcache.cache import find_caches
+    from featcache.cache.store import find_caches
 
     caches = find_caches(demo["cache_root"])
     assert sorted(c.split for c in caches) == ["test", "train"]

@@ -14,9 +14,9 @@ import zarr
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
 from featcache import distributed as dist
-from featcache.cache import Cache, open_cache
+from featcache.cache.store import Cache, open_cache
 from featcache.errors import FeatcacheError
-from featcache.extraction import ExtractOptions, extract
+from featcache.extracting.run import ExtractOptions, extract
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -156,7 +156,7 @@ def test_grid_parallel_probe_equals_one_process_bitwise(tmp_path, method):
     a one-process run's byte for byte."""
     from probecache import SynthSpec, make_pair
 
-    from featcache.probing import probe
+    from featcache.probing.run import probe
 
     root = tmp_path / "cache"
     make_pair(root, SynthSpec(**PROBE_SPEC, signal={("block1", "ap"): 1.0}))
@@ -187,7 +187,7 @@ def test_an_error_on_one_rank_stops_all_with_one_line(tmp_path):
     make_pair(root, SynthSpec(**PROBE_SPEC))
     script = (
         "import os, sys\n"
-        "from featcache import train\n"
+        "from featcache.probing.run import train\n"
         "real = train.fit_grid\n"
         "def broken(*a, **k):\n"
         "    if os.environ['RANK'] == '1':\n"
@@ -220,7 +220,7 @@ def test_data_parallel_probe_matches_one_process(tmp_path, method, tolerance):
     same hyperparameters selected."""
     from probecache import SynthSpec, make_pair
 
-    from featcache.probing import probe
+    from featcache.probing.run import probe
 
     root = tmp_path / "cache"
     make_pair(root, SynthSpec(**PROBE_SPEC, signal={("block1", "ap"): 2.0}))

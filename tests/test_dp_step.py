@@ -1,5 +1,5 @@
 """Data-parallel training is the one-process training up to float rounding
-(featcache/dataparallel.py), tested at its hardest: one step's gradients, on a
+(featcache/probing/tokens/dataparallel.py), tested at its hardest: one step's gradients, on a
 class-sorted cache (each rank holds other classes, so a rank's share of a batch is
 nothing like half of it), with attention dropout, jitter, class weights, BatchNorm over
 the global batch and several configs in one group; compared with one process at float
@@ -22,10 +22,10 @@ SPEC = SynthSpec(n_blocks=2, dim=16, n_classes=4, n_train=192, n_test=32, shard_
 SCRIPT = """
 import sys
 import torch
-import featcache.train as T
+import featcache.probing.train as T
 from featcache import distributed as dist
-from featcache.features import load_source
-from featcache.pairs import find_pairs, token_list
+from featcache.probing.tokens.features import load_source
+from featcache.probing.pairs import find_pairs, token_list
 
 root, out, head = sys.argv[1:4]
 torch.set_num_threads(1)
@@ -42,7 +42,7 @@ with dist.session():
     tokens = token_list("alf", "all", train)
     cpu = torch.device("cpu")
     if dist.world_size() > 1:
-        from featcache.dataparallel import load_rank_source
+        from featcache.probing.tokens.dataparallel import load_rank_source
         src = load_rank_source(train, tokens, cpu, None, None, "token")
     else:
         src = load_source(train, tokens, cpu, normalise="token")

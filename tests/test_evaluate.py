@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from probecache import SynthSpec, make_pair
 
-from featcache.cache import Layout, cache_path, create_cache, open_cache
+from featcache.cache.store import Layout, cache_path, create_cache, open_cache
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 SPEC = SynthSpec(n_classes=7, n_train=210, n_test=140, dim=16, n_blocks=3,
@@ -85,7 +85,7 @@ def test_a_class_subset_scores_the_restricted_stored_logits(runs, method) -> Non
     """Three of the seven classes, in another order: the metrics are the stored test
     logits' of those rows, restricted to those classes' columns."""
     import featcache
-    from featcache.predictions import load_predictions
+    from featcache.records.predictions import load_predictions
 
     root, paths = runs
     record = json.loads((paths[method] / "record.json").read_text())

@@ -17,10 +17,10 @@ import zarr
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
 from featcache import sources as ds
-from featcache.cache import Cache, Layout, open_cache
-from featcache.cache_files import write_lock
+from featcache.cache.files import write_lock
+from featcache.cache.store import Cache, Layout, open_cache
 from featcache.errors import FeatcacheError, FingerprintMismatch
-from featcache.extraction import ExtractOptions, ShardBatches, extract
+from featcache.extracting.run import ExtractOptions, ShardBatches, extract
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -150,7 +150,7 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
            "--batch-size", "8", "--shard-size", "16", "--all-tokens", "--workers", "1",
            "--json"]
     # The child sleeps after each finished shard so that the kill lands mid-run.
-    slow = ("import time, sys; from featcache import cache as c\n"
+    slow = ("import time, sys; from featcache.cache import store as c\n"
             "w = c.Cache.write_shard\n"
             "def slow(self, *a):\n    w(self, *a); time.sleep(2)\n"
             "c.Cache.write_shard = slow\n"
@@ -247,7 +247,7 @@ def test_other_tap_or_seed_is_a_distinct_cache(wds_path, reference, tmp_path):
     assert len({residual.path, seed.path, path}) == 3
     assert snapshot(path) == before
     # and the fingerprint check names them, should two ever meet at one path
-    from featcache.fingerprint import check_fingerprint
+    from featcache.cache.fingerprint import check_fingerprint
 
     fp = open_cache(path).fingerprint
     other = {**fp, "model": {**fp["model"], "tap": "residual", "weights": "random:1"}}
@@ -348,7 +348,7 @@ def test_workers_and_default_options(wds_path, reference, tmp_path):
 def test_plan_workers(monkeypatch, cpus, requested, device, expected):
     import torch
 
-    import featcache.extraction as fe
+    import featcache.extracting.run as fe
 
     monkeypatch.setattr(fe, "_available_cpus", lambda: cpus)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
@@ -361,7 +361,7 @@ def test_a_killed_writers_orphaned_workers_are_waited_for(tmp_path):
     import fcntl
     import signal
 
-    from featcache.cache_files import write_lock
+    from featcache.cache.files import write_lock
 
     path = tmp_path / "cache"
     lock = tmp_path / ".cache.lock"

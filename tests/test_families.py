@@ -18,10 +18,10 @@ from probecache import SynthSpec, make_pair
 
 from featcache.backbones import create_backbone
 from featcache.errors import FeatcacheError
-from featcache.extraction import extract
-from featcache.probing import probe
-from featcache.records import read_run
-from featcache.reporting import report
+from featcache.extracting.run import extract
+from featcache.probing.run import probe
+from featcache.records.store import read_run
+from featcache.reporting.build import report
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -165,7 +165,7 @@ def test_extract_probe_report_on_digits(family, tmp_path):
     root = tmp_path / "cache"
     train, _ = extract(model=name, model_arg=dict(kwargs), weights="random:1",
                        dataset="digits", cache=root, batch_size=64, shard_size=512)
-    from featcache.cache import open_cache
+    from featcache.cache.store import open_cache
 
     cache = open_cache(train.path)
     assert cache.token_kinds == kinds and ("cls" in cache.group) == ("cls" in kinds)

@@ -220,7 +220,7 @@ def test_a_format_2_cache_resumes_bitwise(copy, wds_path):
 
 def test_overwrite_keeps_the_old_cache_until_the_new_one_is_complete(copy, wds_path,
                                                                       monkeypatch):
-    from featcache import extraction
+    from featcache.extracting import run as extraction
 
     cache = split_dir(copy)
     before = snapshot(cache)
@@ -318,7 +318,7 @@ def test_option_warnings(clean, tmp_path):
     result = run("probe", "--cache", clean, "--runs", tmp_path, "--method", "concat",
                  "--token", "ap", "--layers", "", *QUICK)
     assert result.exit_code == 0, result.output
-    assert "warning: --token applies to linear and layers only" in result.stderr
+    assert "warning: --token applies to linear, layers and knn only" in result.stderr
     assert "warning: --layers is empty" in result.stderr
     shots = run("probe", "--cache", clean, "--runs", tmp_path, "--method", "linear",
                 "--shots", 50, *QUICK)
@@ -469,7 +469,7 @@ def test_full_disk_during_extraction_and_report(wds_path, tmp_path, clean):
 
 
 def test_two_probes_of_the_same_run_train_it_once(clean, tmp_path):
-    from featcache.probing import ProbeOptions, probe
+    from featcache.probing.run import ProbeOptions, probe
 
     opts = ProbeOptions(method="linear", cache=clean, runs=tmp_path, grid="quick", epochs=1,
                         min_steps=5)

@@ -22,7 +22,7 @@ import pytest
 import zarr
 from probecache import SynthSpec, fingerprint
 
-from featcache.cache import TOKEN_KIND, Layout, create_cache, open_cache
+from featcache.cache.store import TOKEN_KIND, Layout, create_cache, open_cache
 from featcache.errors import FeatcacheError
 
 

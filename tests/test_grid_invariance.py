@@ -22,9 +22,9 @@ import pytest
 import torch
 from probecache import SynthSpec, make_pair
 
-from featcache import train as train_mod
-from featcache.probing import ProbeOptions, probe, run_settings, train_config
-from featcache.records import settings_id
+from featcache.probing import train as train_mod
+from featcache.probing.run import ProbeOptions, probe, run_settings, train_config
+from featcache.records.store import settings_id
 
 SPEC = dict(n_blocks=3, dim=16, n_classes=3, n_train=160, n_test=60, shard_size=32, seed=7,
             all_tokens=5, token_signal=(2, 1.5),
@@ -170,8 +170,8 @@ def test_identity_names_what_changes_bits(cache_root: Path) -> None:
     """The CPU thread count, streaming and data-parallel ranks change a run's numbers: its
     identity names them. A data-parallel run under a small host budget does not stream
     (each rank holds its shards), so it never shares a streamed run's identity."""
-    from featcache.cache import open_cache
-    from featcache.pairs import find_pairs, run_tokens
+    from featcache.cache.store import open_cache
+    from featcache.probing.pairs import find_pairs, run_tokens
 
     train, test = find_pairs(cache_root, None, None, "train", "test")[0]
     train, test = open_cache(train.path), open_cache(test.path)
@@ -246,7 +246,7 @@ def test_data_parallel_says_so_and_stays_within_its_bound(cache_root: Path,
     assert rec["settings"]["data_parallel_ranks"] == 2
     assert "stream_buffer_shards" not in rec["settings"]
     assert rec["config"]["feature_placement"] == "data-parallel"
-    from featcache.columns import run_variant
+    from featcache.reporting.columns import run_variant
 
     assert "data-parallel=2 ranks" in run_variant(rec) and "streamed" not in run_variant(rec)
     (streamed,) = probe(method="alf", cache=cache_root, runs=tmp_path / "dp", threads=1,

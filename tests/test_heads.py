@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from featcache.heads import (
+from featcache.probing.heads import (
     AttentiveHeads,
     LinearHeads,
     ReferenceAttentiveHead,
@@ -88,7 +88,7 @@ def _compare(heads: AttentiveHeads, refs: list, x: torch.Tensor, mask: torch.Ten
 @pytest.fixture(params=["chunked", "plain"])
 def pool_path(request, monkeypatch) -> str:
     """Both forms of the pooling: chunked (CPU) and one bmm + einsum (GPUs, autocast)."""
-    import featcache.heads.pooling as heads_mod
+    import featcache.probing.heads.pooling as heads_mod
 
     if request.param == "plain":
         monkeypatch.setattr(heads_mod, "_use_chunks", lambda *_: False)
@@ -222,7 +222,7 @@ def test_attention_summary_and_shapes() -> None:
 def test_chunked_pool_project_equals_reference(monkeypatch) -> None:
     """The CPU path pools in chunks of samples × configs (scratch reused, recomputed in
     backward): force many ragged chunks and compare with the reference head exactly."""
-    import featcache.heads.pooling as heads_mod
+    import featcache.probing.heads.pooling as heads_mod
 
     monkeypatch.setattr(heads_mod, "_POOL_CHUNK_ROWS", 10)  # 2 configs of 5 heads per chunk
     monkeypatch.setattr(heads_mod, "_POOL_CHUNK_BYTES", 3 * 10 * 16 * 8)  # 3 samples
@@ -305,7 +305,7 @@ def test_bf16_autocast_runs_and_tracks_fp32() -> None:
 def test_plain_pool_project_dense_layout_equals_reference(monkeypatch) -> None:
     """The plain pooling lays the pooled tokens out densely where CPU GEMMs would copy a
     strided view (bf16/fp16): that branch, forced in float64, is exact too."""
-    import featcache.heads.pooling as heads_mod
+    import featcache.probing.heads.pooling as heads_mod
 
     monkeypatch.setattr(heads_mod, "_use_chunks", lambda *_: False)
     monkeypatch.setattr(heads_mod, "_dense_gemm_only", lambda *_: True)
@@ -325,7 +325,7 @@ def test_pool_chunks_hold_enough_samples() -> None:
     """CPU pooling chunks keep ≥ 40 samples at ALF shapes (ViT-S/B/L) however many configs
     are stacked (the matmuls over a chunk's samples slow down 2-3x at a few samples), and
     the scratch bound covers every group size."""
-    import featcache.heads.pooling as heads_mod
+    import featcache.probing.heads.pooling as heads_mod
 
     for T, D in [(24, 768), (24, 384), (48, 1024)]:
         for G in (1, 5, 8, 63):

@@ -29,8 +29,8 @@ QUICK = dict(grid="quick", epochs=1, min_steps=5, threads=1)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny random ViT over digits, a linear and an ALF probe on it."""
-    from featcache.extraction import extract
-    from featcache.probing import probe
+    from featcache.extracting.run import extract
+    from featcache.probing.run import probe
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def edit_record(run_dir: Path, change) -> None:
 
 
 def listed(root: Path) -> tuple[list[dict], list[str]]:
-    from featcache.records import runs
+    from featcache.records.listing import runs
 
     problems: list[str] = []
     return runs(cache=root, problems=problems), problems
@@ -73,7 +73,7 @@ def test_a_deleted_predictions_file_is_damage_not_an_old_run(copy, tmp_path):
     """Deleting predictions.safetensors and editing the record's metric: `runs` and the
     report showed the edited number, with a false note ('made before per-sample
     predictions were kept')."""
-    from featcache.reporting import report
+    from featcache.reporting.build import report
 
     run_dir = copy["linear"]
     (run_dir / "predictions.safetensors").unlink()
@@ -98,7 +98,7 @@ def test_a_deleted_head_is_damage(copy):
 @pytest.mark.parametrize("key", ["top1", "top5", "balanced_top5"])
 def test_every_test_metric_is_recomputed(copy, tmp_path, key):
     """Only balanced_top1 was checked: an edited top1 landed in `runs` and results.csv."""
-    from featcache.reporting import report
+    from featcache.reporting.build import report
 
     edit_record(copy["linear"], lambda r: r["metrics"].update({key: 12.5}))
     rows, problems = listed(copy["root"])
@@ -133,7 +133,7 @@ def test_runs_show_metrics_computed_from_predictions(trained):
 def test_an_edited_identity_is_refused(copy, tmp_path, edit, fragment):
     """Editing `method` made the report invent a column; any edit of what a run is must
     be caught by recomputing its settings id and matching its record against it."""
-    from featcache.reporting import report
+    from featcache.reporting.build import report
 
     edit_record(copy["alf"], edit)
     rows, problems = listed(copy["root"])
@@ -151,9 +151,9 @@ def test_an_edited_identity_is_refused(copy, tmp_path, edit, fragment):
 def test_cka_of_a_replaced_cache_is_not_paired_with_old_runs(tmp_path):
     """After `extract --overwrite` with other settings, the report paired the old run's
     accuracy by depth with the new cache's CKA (another number of layers)."""
-    from featcache.extraction import extract
-    from featcache.probing import probe
-    from featcache.reporting import report
+    from featcache.extracting.run import extract
+    from featcache.probing.run import probe
+    from featcache.reporting.build import report
 
     root = tmp_path / "root"
     common = dict(model=TIMM_TINY, weights="random:3", dataset="digits", cache=root,
@@ -185,7 +185,7 @@ def test_a_dark_16_bit_image_stays_dark(tmp_path):
     the same picture at full 16-bit range. The format's range scales it, not its values."""
     from PIL import Image
 
-    from featcache.inference import ImageFiles
+    from featcache.serving.inference import ImageFiles
 
     ramp = (np.arange(64).reshape(8, 8) * 4 + 2).astype(np.uint16)  # 2 .. 254
     Image.fromarray(ramp).save(tmp_path / "dark.png")
@@ -264,7 +264,7 @@ def photos(tmp_path: Path) -> Path:
 
 def test_symlinked_folders_are_followed_and_loops_guarded(tmp_path):
     """`predict FOLDER` skipped symlinked subfolders without a word."""
-    from featcache.inference import collect_images
+    from featcache.serving.inference import collect_images
 
     found = collect_images([photos(tmp_path)])
     assert sorted(p.name for p in found) == ["a.png", "b.png", "c.png"]
@@ -272,7 +272,7 @@ def test_symlinked_folders_are_followed_and_loops_guarded(tmp_path):
 
 def test_a_glob_of_folders_predicts_their_images(trained, tmp_path):
     """A quoted glob that matched only folders said 'no files match'."""
-    from featcache.inference import collect_images
+    from featcache.serving.inference import collect_images
 
     photos(tmp_path)
     found = collect_images([str(tmp_path / "pho*")])
@@ -392,7 +392,7 @@ def test_an_interrupt_a_library_swallows_still_stops(trained, tmp_path, monkeypa
     import signal
     import time
 
-    import featcache.inference as inference
+    import featcache.serving.inference as inference
 
     real = inference._rows
 
@@ -437,7 +437,7 @@ def test_kill_9_of_rank_0_is_one_line_on_rank_1(tmp_path):
     make_pair(root, SynthSpec(**PROBE_SPEC))
     script = (
         "import os, signal, sys\n"
-        "from featcache import train\n"
+        "from featcache.probing import train\n"
         "real = train.fit_grid\n"
         "def dying(*a, **k):\n"
         "    if os.environ['RANK'] == '0':\n"
@@ -571,7 +571,7 @@ def test_report_table_is_readable_at_80_columns(tmp_path, narrow):
 @pytest.mark.slow
 def test_exported_model_takes_batches_beyond_4096(trained, tmp_path):
     """The README said 'any batch size'; the file took 1 to 4,096."""
-    from featcache.deployment import export_model
+    from featcache.serving.deployment import export_model
 
     path = export_model(trained["linear"], tmp_path / "m.pt2")
     assert json.loads(path.with_suffix(".json").read_text())["input"]["batch"] == [1, None]

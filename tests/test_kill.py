@@ -20,8 +20,8 @@ import pytest
 import zarr
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
-from featcache.cache import open_cache
-from featcache.extraction import ExtractOptions, extract
+from featcache.cache.store import open_cache
+from featcache.extracting.run import ExtractOptions, extract
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

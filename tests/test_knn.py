@@ -10,8 +10,8 @@ import pytest
 import torch
 from probecache import SynthSpec, expected_tokens, make_pair
 
-from featcache.features import FeatureSource
-from featcache.knn import KS, TEMPERATURE, nearest, vote
+from featcache.probing.knn import KS, TEMPERATURE, nearest, vote
+from featcache.probing.tokens.features import FeatureSource
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -104,8 +104,8 @@ def test_knn_run_equals_a_brute_force_protocol(tmp_path) -> None:
     """k chosen on the validation split, the test voted by the whole training split: the
     record's k, metrics and stored predictions equal an independent numpy run of it."""
     import featcache
-    from featcache.predictions import load_predictions
-    from featcache.selection import stratified_split
+    from featcache.probing.selection import stratified_split
+    from featcache.records.predictions import load_predictions
 
     spec = SynthSpec(n_classes=6, n_train=300, n_test=90, dim=16,
                      signal={("final", "cls"): 0.9})
@@ -171,7 +171,7 @@ def test_predict_and_export_treat_a_knn_run_like_any(tmp_path) -> None:
     from conftest import TIMM_TINY, TIMM_TINY_KW
 
     import featcache
-    from featcache.predictions import load_predictions
+    from featcache.records.predictions import load_predictions
 
     featcache.extract(model=TIMM_TINY, model_arg=dict(TIMM_TINY_KW), weights="random:3",
                       dataset="digits", cache=tmp_path, batch_size=64, workers=0)

@@ -23,9 +23,9 @@ from conftest import (
 )
 
 from featcache.backbones import create_backbone, resolve_model
-from featcache.cache import model_dir_name, open_cache
+from featcache.cache.store import model_dir_name, open_cache
 from featcache.errors import FeatcacheError
-from featcache.extraction import ExtractOptions, extract
+from featcache.extracting.run import ExtractOptions, extract
 from featcache.sources import open_dataset
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -212,7 +212,7 @@ def check_toy_tokens(site: Path, path: Path) -> None:
     computed here by running the plugin's model block by block."""
     import torch
 
-    from featcache.cache import open_cache
+    from featcache.cache.store import open_cache
 
     sys.path.insert(0, str(site))
     try:

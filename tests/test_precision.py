@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cliutil import assert_user_error, run
 
-from featcache.probing import ProbeOptions, head_amp, train_config
+from featcache.probing.run import ProbeOptions, head_amp, train_config
 
 
 @pytest.mark.parametrize("protocol,precision,amp", [

@@ -23,11 +23,11 @@ from cliutil import assert_user_error, run
 from conftest import TIMM_TINY, TIMM_TINY_KW
 
 from featcache.errors import FeatcacheError
-from featcache.extraction import extract
-from featcache.inference import load_trained, predict, rebuild_backbone
-from featcache.predictions import load_predictions
-from featcache.probing import probe
-from featcache.records import read_run
+from featcache.extracting.run import extract
+from featcache.probing.run import probe
+from featcache.records.predictions import load_predictions
+from featcache.records.store import read_run
+from featcache.serving.inference import load_trained, predict, rebuild_backbone
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -182,7 +182,7 @@ def test_exported_model_loads_with_torch_alone_and_agrees(trained, method, tmp_p
 def test_damaged_run_files_are_one_line_each(trained, tmp_path):
     import shutil
 
-    from featcache.reporting import report
+    from featcache.reporting.build import report
 
     root = tmp_path / "copy"
     shutil.copytree(trained["root"], root)
@@ -205,7 +205,7 @@ def test_a_changed_head_predictions_file_or_metric_is_refused(trained, tmp_path)
     another run, or a metric edited in record.json give one line, never a number."""
     import shutil
 
-    from featcache.reporting import report
+    from featcache.reporting.build import report
 
     root = tmp_path / "copy"
     shutil.copytree(trained["root"], root)

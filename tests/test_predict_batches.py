@@ -11,10 +11,10 @@ import torch
 from conftest import TIMM_TINY, TIMM_TINY_KW
 from fakedata import make_wds
 
-from featcache.extraction import extract
-from featcache.inference import predict
-from featcache.predictions import load_predictions
-from featcache.probing import probe
+from featcache.extracting.run import extract
+from featcache.probing.run import probe
+from featcache.records.predictions import load_predictions
+from featcache.serving.inference import predict
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

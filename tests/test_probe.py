@@ -20,11 +20,11 @@ import torch
 from probecache import SynthSpec, expected_tokens, make_pair, make_split
 
 from featcache.errors import FeatcacheError
-from featcache.features import FeatureSource, load_source
-from featcache.pairs import find_pairs, layer_set_names, load_tokens, token_list
-from featcache.probing import ProbeOptions, probe
-from featcache.records import list_runs, read_run
-from featcache.selection import stratified_split
+from featcache.probing.pairs import find_pairs, layer_set_names, load_tokens, token_list
+from featcache.probing.run import ProbeOptions, probe
+from featcache.probing.selection import stratified_split
+from featcache.probing.tokens.features import FeatureSource, load_source
+from featcache.records.store import list_runs, read_run
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -168,8 +168,8 @@ def test_every_record_keeps_its_test_predictions(planted, planted_runs):
     test metrics follow from them (scikit-learn's scores, computed here independently)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-    from featcache.cache import open_cache
-    from featcache.predictions import load_predictions
+    from featcache.cache.store import open_cache
+    from featcache.records.predictions import load_predictions
 
     (_, test), = find_pairs(planted)
     labels = open_cache(test.path).labels()
@@ -209,7 +209,7 @@ def test_record_config_is_json_clean(planted_runs):
 def test_only_needed_layers_are_read(planted, monkeypatch):
     """Only the inner chunks of the layers asked for are decoded (the shard reader's
     picks), each shard file read once per kind."""
-    from featcache import shardfiles
+    from featcache.cache import shardfiles
 
     train, _ = find_pairs(planted)[0]
     calls = []
@@ -237,7 +237,7 @@ def test_only_needed_layers_are_read(planted, monkeypatch):
 def test_host_streamed_placement_gives_identical_results(planted, tmp_path):
     """A feature budget too small for the tokens puts them in host memory, batch by batch:
     the same batches, so the same selected config, metrics and logits."""
-    from featcache.train import TrainConfig, fit_grid
+    from featcache.probing.train import TrainConfig, fit_grid
 
     train, _ = find_pairs(planted)[0]
     tokens = token_list("alf", "all", train)
@@ -281,7 +281,7 @@ def test_features_that_fit_nowhere_are_a_clear_error(planted):
 def test_stager_gathers_through_reused_buffers():
     """The CUDA host path's staging (two pinned buffers, reused, grown when a batch is
     larger), exercised on CPU where nothing is in flight."""
-    from featcache.features import _Stager
+    from featcache.probing.tokens.features import _Stager
 
     raw = torch.randn(50, 3, 4).half()
     stager = _Stager(raw, torch.device("cpu"))
@@ -433,3 +433,15 @@ def test_a_grid_that_scores_alike_everywhere_is_said_to_choose_nothing(tmp_path)
         (res,) = probe(method="linear", cache=tmp_path, grid="quick", epochs=1, min_steps=2,
                        shots=1, threads=1)
     assert res.status == "trained"
+
+
+def test_every_record_field_is_in_the_schema(planted_runs):
+    """`records.schema.RecordFields` names every key a probe writes, for every method
+    (the keys differ: `per_layer` for layers, `attention` for the attentive heads)."""
+    from featcache.records.schema import RECORD_FORMAT, RecordFields
+
+    known = set(RecordFields.__annotations__)
+    for method, record in planted_runs.items():
+        assert set(record) - known == set(), method
+        assert record["format"] == RECORD_FORMAT
+    assert "per_layer" in planted_runs["layers"] and "attention" in planted_runs["alf"]

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from probecache import SynthSpec, make_pair
 
 from featcache.errors import FeatcacheError
-from featcache.features import FeatureSource, load_source
-from featcache.probing import ProbeOptions, feature_normalisation, probe
-from featcache.records import read_run
-from featcache.selection import fit_and_select, stratified_split
-from featcache.train import TrainConfig
+from featcache.probing.run import ProbeOptions, feature_normalisation, probe
+from featcache.probing.selection import fit_and_select, stratified_split
+from featcache.probing.tokens.features import FeatureSource, load_source
+from featcache.probing.train import TrainConfig
+from featcache.records.store import read_run
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

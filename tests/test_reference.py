@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from featcache import reference as ref
+from featcache.reporting import reference as ref
 
 # Headline table of paper.md: mean balanced accuracy over 19 datasets (no ImageNet).
 HEADLINE = {

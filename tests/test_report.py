@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from featcache.errors import FeatcacheError
-from featcache.pages import summary_table
-from featcache.reporting import build_report, prepare_report
-from featcache.summary import load_records, summarize
+from featcache.reporting.build import build_report, prepare_report
+from featcache.reporting.pages import summary_table
+from featcache.reporting.summary import load_records, summarize
 
 try:
     from tests.runrecords import MISSING, write_realistic_set, write_record

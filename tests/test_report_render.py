@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.reporting import build_report
+from featcache.reporting.build import build_report
 
 try:
     from tests.runrecords import write_realistic_set
@@ -79,7 +79,7 @@ def test_terminal_table_shows_each_columns_variant():
 
     from rich.console import Console
 
-    from featcache.pages import summary_table
+    from featcache.reporting.pages import summary_table
 
     cols = ["linear [grid=quick]", "linear [grid=quick, shots=5]"]
     rows = [{"model_dir": "m", "display": "d", "cells": {

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from featcache.errors import FeatcacheError
-from featcache.records import (
+from featcache.records.store import (
     RECORD_FORMAT,
     default_runs_root,
     is_finished,
@@ -83,7 +83,7 @@ def test_kill_during_write_leaves_only_a_hidden_temporary(tmp_path):
     path = run_dir(tmp_path, "m", "d", "linear", "last", 0)
     code = (
         "import os, sys, torch, safetensors.torch as st\n"
-        "from featcache.records import write_run\n"
+        "from featcache.records.store import write_run\n"
         "st.save_file = lambda *a, **k: os._exit(9)\n"
         f"write_run({str(path)!r}, {{'model': 'm'}}, {{'w': torch.ones(1)}})\n"
     )

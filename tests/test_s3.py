@@ -69,7 +69,7 @@ def bucket(s3_server) -> str:
 
 def objects(url: str) -> dict[str, bytes]:
     """Every object under a prefix (relative key → bytes)."""
-    from featcache.stores import location
+    from featcache.cache.stores import location
 
     root = location(url)
     return {k: (root / k).read_bytes() for k in root.listing()}
@@ -140,7 +140,7 @@ def test_extract_probe_verify_on_s3_equal_a_local_disk(bucket, wds_path, local_r
 @pytest.mark.slow
 def test_a_flipped_byte_in_an_object_is_refused_then_repaired(bucket, wds_path, local_root,
                                                              tmp_path):
-    from featcache.stores import location
+    from featcache.cache.stores import location
 
     url = f"{bucket}/cache"
     assert extract(wds_path, url, "--split", "train").exit_code == 0
@@ -162,8 +162,8 @@ def test_a_flipped_byte_in_an_object_is_refused_then_repaired(bucket, wds_path, 
 
 
 def test_two_writers_on_one_cache_lose_no_flag(bucket):
-    from featcache.cache import Layout, create_cache, open_cache
-    from featcache.stores import location
+    from featcache.cache.store import Layout, create_cache, open_cache
+    from featcache.cache.stores import location
 
     n, shard = 48, 8
     path = location(f"{bucket}/c/m/d/train")
@@ -193,9 +193,9 @@ def test_two_writers_on_one_cache_lose_no_flag(bucket):
 
 
 def test_the_split_lock_is_a_conditional_create(bucket):
-    from featcache.cache_files import write_lock
+    from featcache.cache.files import write_lock
+    from featcache.cache.stores import location
     from featcache.errors import FeatcacheError
-    from featcache.stores import location
 
     path = location(f"{bucket}/c/m/d/train")
     lock = path.with_name(".train.lock")
@@ -219,12 +219,12 @@ def test_the_split_lock_is_a_conditional_create(bucket):
 
 @pytest.mark.slow
 def test_kill_9_mid_extraction_resumes_bitwise(bucket, wds_path, local_root):
-    from featcache.stores import location
+    from featcache.cache.stores import location
 
     url = f"{bucket}/cache"
     cli = [str(a) for a in EXTRACT] + ["--dataset", f"wds:{wds_path}", "--split", "train",
                                        "--cache", url, "--json"]
-    slow = ("import time, sys; from featcache import cache as c\n"
+    slow = ("import time, sys; from featcache.cache import store as c\n"
             "w = c.Cache.write_shard\n"
             "def slow(self, *a):\n    w(self, *a); time.sleep(3)\n"
             "c.Cache.write_shard = slow\n"
@@ -274,7 +274,7 @@ def test_store_errors_are_one_line(bucket, s3_server, monkeypatch):
     assert_user_error(run("verify", "s3://no-such-bucket-here/c/m/d/train"),
                       "no featcache cache")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setattr("featcache.stores.STORE_OPTIONS", {"s3": {"config_kwargs": {
+    monkeypatch.setattr("featcache.cache.stores.STORE_OPTIONS", {"s3": {"config_kwargs": {
         "retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}})
     _fresh_clients()
     try:
@@ -290,14 +290,14 @@ def test_a_server_stopped_mid_probe_is_one_line_and_leaves_no_record(s3_server, 
     from moto.server import ThreadedMotoServer
     from probecache import SynthSpec, make_pair
 
-    from featcache.cache import Cache
-    from featcache.stores import location
+    from featcache.cache.store import Cache
+    from featcache.cache.stores import location
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    monkeypatch.setattr("featcache.stores.STORE_OPTIONS", {"s3": {"config_kwargs": {
+    monkeypatch.setattr("featcache.cache.stores.STORE_OPTIONS", {"s3": {"config_kwargs": {
         "retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}})
     _fresh_clients()
     try:
@@ -328,7 +328,7 @@ def test_local_cache_keeps_a_verified_copy_and_replaces_a_bad_one(bucket, tmp_pa
                                                                  monkeypatch):
     from probecache import SynthSpec, make_pair
 
-    from featcache.stores import RemotePath, location
+    from featcache.cache.stores import RemotePath, location
 
     real, fetched = RemotePath.read_bytes, []
 
@@ -366,8 +366,8 @@ def test_local_cache_keeps_a_verified_copy_and_replaces_a_bad_one(bucket, tmp_pa
 def test_a_missing_or_truncated_object_is_damage_named_as_such(bucket, tmp_path):
     from probecache import SynthSpec, make_pair
 
-    from featcache.stores import location
-    from featcache.verification import verify
+    from featcache.cache.stores import location
+    from featcache.cache.verification import verify
 
     url = f"{bucket}/c"
     train, _ = make_pair(location(url), SynthSpec(n_train=96, n_test=64, shard_size=32))

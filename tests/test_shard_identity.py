@@ -15,9 +15,9 @@ import zarr
 from cliutil import assert_user_error, run
 from probecache import SynthSpec, make_pair
 
-from featcache.cache import open_cache
+from featcache.cache.store import open_cache
+from featcache.cache.verification import verify
 from featcache.errors import FeatcacheError
-from featcache.verification import verify
 
 QUICK = ["--grid", "quick", "--epochs", 1, "--min-steps", 5]
 

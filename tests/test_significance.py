@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from featcache.significance import (
+from featcache.reporting.significance import (
     critical_difference,
     friedman,
     q_alpha,
@@ -103,7 +103,7 @@ def test_significance_from_report_rows() -> None:
 
 
 def test_cd_figure_draws() -> None:
-    from featcache.significance import cd_figure
+    from featcache.reporting.significance import cd_figure
 
     rows = [_row("m", f"d{d}", linear=70.0 + d, alf=72.0 + d, knn=60.0 + 2 * d)
             for d in range(6)]

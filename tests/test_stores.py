@@ -10,8 +10,8 @@ import pytest
 from cliutil import assert_user_error, run
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
+from featcache.cache.stores import local_path, resolve_root, url_scheme
 from featcache.errors import FeatcacheError
-from featcache.stores import local_path, resolve_root, url_scheme
 
 URL = "hdfs://namenode/featcache"  # a scheme no fsspec backend here serves
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from probecache import SynthSpec, make_pair
 
-from featcache.probing import probe
-from featcache.records import read_run
+from featcache.probing.run import probe
+from featcache.records.store import read_run
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -15,11 +15,11 @@ import torch
 from probecache import SynthSpec, make_pair
 
 from featcache.errors import FeatcacheError
-from featcache.features import load_source
-from featcache.pairs import find_pairs, token_list
-from featcache.probing import probe
-from featcache.records import read_run
-from featcache.streaming import StreamedSource
+from featcache.probing.pairs import find_pairs, token_list
+from featcache.probing.run import probe
+from featcache.probing.tokens.features import load_source
+from featcache.probing.tokens.streaming import StreamedSource
+from featcache.records.store import read_run
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -101,7 +101,7 @@ def test_a_budget_below_three_shards_is_one_line(root):
 def test_the_identity_says_streamed_only_when_load_source_streams(root):
     """On a GPU, tokens that fit its feature budget go there whatever the host budget:
     the run's identity (`stream_buffer`) must not call that run streamed."""
-    from featcache.probing import ProbeOptions, stream_buffer
+    from featcache.probing.run import ProbeOptions, stream_buffer
 
     train, _ = find_pairs(root)[0]
     names = [f"{layer}.{kind}" for layer, kind in token_list("alf", "all", train)]

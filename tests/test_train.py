@@ -9,10 +9,10 @@ import pytest
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
-from featcache.heads import ReferenceAttentiveHead
 from featcache.metrics import classification_metrics
-from featcache.optim import BatchedAdamW, clip_grad_norm_per_config, cosine_lr
-from featcache.train import (
+from featcache.probing.heads import ReferenceAttentiveHead
+from featcache.probing.optim import BatchedAdamW, clip_grad_norm_per_config, cosine_lr
+from featcache.probing.train import (
     TrainConfig,
     _jitter,
     _per_config_loss,
@@ -302,7 +302,7 @@ def test_multi_input_linear_grid_equals_per_token_fits() -> None:
     """`layers` trains every token's grid at once (tokens × points on the config axis):
     each config ends where a plain fit on that token alone ends (no jitter: its noise is
     drawn per batch shape)."""
-    from featcache.features import FeatureSource
+    from featcache.probing.tokens.features import FeatureSource
 
     x, y = _toy_tokens(120, 3, 8, 3, k=1, seed=4)
     cfg = TrainConfig(**FAST, jitter_p=0.0)
@@ -327,7 +327,7 @@ def test_multi_input_linear_grid_equals_per_token_fits() -> None:
 def test_plain_pooling_path_trains_like_the_chunked_one(monkeypatch) -> None:
     """GPUs take the plain pooling (one bmm + einsum), CPUs the chunked one: the same
     training, up to float32 rounding."""
-    import featcache.heads.pooling as heads_mod
+    import featcache.probing.heads.pooling as heads_mod
 
     x, y = _toy_tokens(64, 4, 16, 3, k=1, seed=5)
     cfg = TrainConfig(**FAST)
@@ -346,8 +346,8 @@ def test_memory_estimate_follows_the_pooling_path() -> None:
     """CPU attentive training pools in reused chunks (no (B, H, D) tensor per config), CUDA
     materialises the pooled tokens: the estimate counts what the path keeps, so the CPU
     fits ~3x more configs per group at ALF's FER2013 shape (4 GiB: 4 groups, not 13)."""
-    from featcache.heads import pool_scratch_bytes
-    from featcache.train import config_groups, estimate_memory
+    from featcache.probing.heads import pool_scratch_bytes
+    from featcache.probing.train import config_groups, estimate_memory
 
     args = ("attentive", (24, 768), 7, 1914, 24)
     cpu, gpu = estimate_memory(*args, device="cpu"), estimate_memory(*args, device="cuda")

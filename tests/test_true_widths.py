@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import CLIP_TINY, CLIP_TINY_KW, model_args
 
-from featcache.features import FeatureSource
-from featcache.heads import LinearHeads
-from featcache.train import TrainConfig, fit_grid
+from featcache.probing.heads import LinearHeads
+from featcache.probing.tokens.features import FeatureSource
+from featcache.probing.train import TrainConfig, fit_grid
 
 T, D, C, N = 3, 8, 3, 60
 WIDTHS = (8, 8, 5)  # the last token is 5 wide, padded to 8
@@ -85,7 +85,7 @@ def test_masked_head_equals_a_head_on_the_true_width_features() -> None:
                 self.weight.copy_(plain_init.expand_as(self.weight))
                 self.bias.copy_(init.bias.expand_as(self.bias))
 
-    from featcache import heads as heads_mod
+    from featcache.probing.run import heads as heads_mod
 
     old = heads_mod.HEADS["linear"]
     heads_mod.HEADS["linear"] = FromInit

@@ -16,7 +16,6 @@ from featcache.errors import FeatcacheError
 from featcache.registry import BACKENDS, MODELS, resolve
 
 TAPS = ("reference", "residual")
-TOKEN_KINDS = ("cls", "ap", "pool")
 
 
 @dataclass(frozen=True)

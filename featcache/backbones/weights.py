@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from featcache.backbones.spec import ModelSpec
+from featcache.cache.fingerprint import file_sha256  # noqa: F401 (the backends' import)
 from featcache.errors import FeatcacheError
-from featcache.fingerprint import file_sha256  # noqa: F401 (the backends' import)
 
 
 def hub_error(spec: ModelSpec, exc: Exception, offline: str | None) -> FeatcacheError:

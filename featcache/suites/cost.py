@@ -87,7 +87,7 @@ def alf_macs(batch: int, tokens: int, dim: int, classes: int, heads: int | None 
              ) -> float:
     """Forward + backward MACs of one config's training step (docs/benchmarks.md); ALF has
     a head per token, the all-tokens baseline 8."""
-    from featcache.heads import head_dim_for
+    from featcache.probing.heads import head_dim_for
 
     heads = heads or tokens
     e = head_dim_for(dim, heads)
@@ -102,8 +102,8 @@ def linear_macs(batch: int, features: int, classes: int) -> float:
 def grid_flops(n: int, tokens: int, dim: int, classes: int, configs: int = 63,
                attentive: bool = True, heads: int | None = None) -> float:
     """A grid (configs on 80 % of train) and the refit (one config on all of it), with the
-    recipe's step plan (`featcache.train.plan_steps`)."""
-    from featcache.train import TrainConfig, plan_steps
+    recipe's step plan (`featcache.probing.train.plan_steps`)."""
+    from featcache.probing.train import TrainConfig, plan_steps
 
     cfg = TrainConfig()
     n_grid = n - math.ceil(0.2 * n)

@@ -42,8 +42,8 @@ class Unit:
 def expected_model_dir(model: str, tap: str, weights: str | None) -> str:
     """The cache folder `extract` will write for a model (without building it)."""
     from featcache.backbones import parse_weights
-    from featcache.cache import model_dir_name
-    from featcache.fingerprint import file_sha256
+    from featcache.cache.fingerprint import file_sha256
+    from featcache.cache.store import model_dir_name
 
     kind, value = parse_weights(weights)
     weights_id = {"random": lambda: f"random:{value}",
@@ -59,7 +59,7 @@ def stamp(options: dict[str, Any]) -> str:
 def make_plan(suite: Suite, root: Path, done_probes: dict[str, str]) -> list[Unit]:
     """Every unit, models outermost (one backbone build per model when run in order);
     ``done_probes``: the state's finished probe units (key → stamp)."""
-    from featcache.extraction import ExtractOptions
+    from featcache.extracting.run import ExtractOptions
     from featcache.sources import dataset_dir_name, parse_splits
     from featcache.text import slug
 
@@ -89,7 +89,7 @@ def make_plan(suite: Suite, root: Path, done_probes: dict[str, str]) -> list[Uni
 
 
 def _complete(path: Path) -> bool:
-    from featcache.cache import open_cache
+    from featcache.cache.store import open_cache
     from featcache.errors import FeatcacheError
 
     if not (path / "zarr.json").is_file():

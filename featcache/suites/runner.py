@@ -50,7 +50,7 @@ def run(suite: str | Path, cache: str | Path | None = None, dry_run: bool = Fals
 
 def _cache_root(spec: Suite, cache: str | Path | None) -> Path:
     """--cache, else the suite's `cache` key, else $FEATCACHE_CACHE / the default."""
-    from featcache.cache import default_cache_root
+    from featcache.cache.store import default_cache_root
 
     if cache is not None:
         return Path(cache).expanduser()
@@ -116,7 +116,7 @@ def _summary(spec: Suite, root: Path, state: State, units: list[Unit], plan: boo
 
 
 def _report(spec: Suite, root: Path, state: State) -> dict[str, str]:
-    from featcache.reporting import report
+    from featcache.reporting.build import report
 
     options = {"out": str(state.folder / "report"), **spec.report}
     out = Path(options["out"]).expanduser()

@@ -108,8 +108,8 @@ def _section(where: str, name: str, data: dict[str, Any], types_: dict[str, Any]
 
 
 def _option_types(command: str) -> dict[str, Any]:
-    from featcache.extraction import ExtractOptions
-    from featcache.probing import ProbeOptions
+    from featcache.extracting.run import ExtractOptions
+    from featcache.probing.run import ProbeOptions
 
     cls = ExtractOptions if command == "extract" else ProbeOptions
     hints = typing.get_type_hints(cls)
@@ -126,7 +126,7 @@ def _names(where: str, key: str, value: Any) -> list[str]:
 
 
 def _methods(where: str, value: Any) -> list[str]:
-    from featcache.methods import METHODS
+    from featcache.probing.methods import METHODS
     from featcache.suites.names import split_list
 
     names = split_list(value)
@@ -150,8 +150,8 @@ def _cache(path: Path, value: str | None) -> Path | None:
 
 def _check_commands(where: str, suite: Suite) -> None:
     """The commands' own checks of their options (ranges, choices), with the file named."""
-    from featcache.extraction import ExtractOptions
-    from featcache.probing import ProbeOptions, check_options
+    from featcache.extracting.run import ExtractOptions
+    from featcache.probing.run import ProbeOptions, check_options
 
     if suite.launcher["name"] not in LAUNCHERS:
         raise FeatcacheError(f"{where}: [launcher] name = {suite.launcher['name']!r}; "
