@@ -122,8 +122,8 @@ def from_store(path: Path, files: list[Path], size: float, repeats: int) -> None
 
     import boto3
 
-    from featcache.cache.store import shardfiles
-    from featcache.cache.store import store as cache_module
+    from featcache.cache import shardfiles
+    from featcache.cache import store as cache_module
     from featcache.cache.stores import location
 
     with socket.socket() as s:  # a free port

@@ -187,7 +187,7 @@ def test_an_error_on_one_rank_stops_all_with_one_line(tmp_path):
     make_pair(root, SynthSpec(**PROBE_SPEC))
     script = (
         "import os, sys\n"
-        "from featcache.probing.run import train\n"
+        "from featcache.probing import train\n"
         "real = train.fit_grid\n"
         "def broken(*a, **k):\n"
         "    if os.environ['RANK'] == '1':\n"

@@ -85,7 +85,7 @@ def test_masked_head_equals_a_head_on_the_true_width_features() -> None:
                 self.weight.copy_(plain_init.expand_as(self.weight))
                 self.bias.copy_(init.bias.expand_as(self.bias))
 
-    from featcache.probing.run import heads as heads_mod
+    from featcache.probing import heads as heads_mod
 
     old = heads_mod.HEADS["linear"]
     heads_mod.HEADS["linear"] = FromInit
