@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-peers gpu-check docs clean screenshot
+.PHONY: demo test test-slow lint bench bench-peers gpu-check docs clean screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/featcache demo --out demo-out
 
+# The suite a change must pass (about 3 minutes on 2 cores); the slow cases (real SLURM
+# jobs, moto's S3 server killed mid-run, torchrun ranks, kill -9, the full fuzz, the peers)
+# are marked `slow` and run by `make test-slow` (about 20 minutes here).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check featcache cli tests benchmarks
