@@ -50,6 +50,8 @@ def _refuse_inputs(target: Path, option: str, inputs: tuple | list) -> None:
 
     where = target.resolve()
     for item in inputs:
+        if not isinstance(item, (str, os.PathLike)):  # an object in a store: never local
+            continue
         source = Path(item).expanduser().resolve()
         if where == source or source in where.parents:
             what = "is" if where == source else f"lies inside {source},"

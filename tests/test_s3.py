@@ -155,7 +155,7 @@ def test_a_flipped_byte_in_an_object_is_refused_then_repaired(bucket, wds_path, 
     assert not list(tmp_path.iterdir())  # nothing half-written
     verified = run("verify", f"{url}/{split}", "--json")
     assert verified.exit_code == 2 and list(json.loads(verified.stdout)[0]["damaged"]) == ["1"]
-    assert run("verify", f"{url}/{split}", "--repair").exit_code == 0
+    assert run("verify", f"{url}/{split}", "--repair").exit_code == 1  # found and repaired
     assert extract(wds_path, url, "--split", "train").exit_code == 0
     train = {k: v for k, v in data_only(local_files(local_root)).items() if "/train/" in k}
     assert data_only(objects(url)) == train

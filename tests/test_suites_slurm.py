@@ -88,7 +88,9 @@ def test_records_on_two_ranks_match_a_local_run_and_resubmitting_is_a_no_op(tmp_
 def test_scancel_mid_extraction_resumes_bitwise(tmp_path):
     """Cancelled after some shards: the next run lists the job's failure, resubmits, and
     the cache is the one an uninterrupted local extraction writes."""
-    model_arg = '["img_size=32", "patch_size=8", "depth=4", "embed_dim=48", "num_heads=3"]'
+    # a backbone slow enough that the cancel lands mid-extraction on a quiet machine too
+    # (depth 4 at 32 px finished before scancel took effect)
+    model_arg = '["img_size=64", "patch_size=8", "depth=12", "embed_dim=192", "num_heads=3"]'
     extra = f"shard_size = 32\nbatch_size = 16\nmodel_arg = {model_arg}\n"
     path = suite_file(tmp_path, ["digits"], methods=["linear"], extra=SLURM)
     text = path.read_text().replace("[extract]\n", f"[extract]\n{extra}")
@@ -116,7 +118,7 @@ def test_scancel_mid_extraction_resumes_bitwise(tmp_path):
     assert resubmitted["job"] == job and Path(resubmitted["log"]).is_file()
     assert finished["units"][0]["job"] != job and finished["totals"]["to_do"] == 0
     featcache.extract(model=plan["units"][0]["model"], dataset="digits", weights="random",
-                      model_arg=["img_size=32", "patch_size=8", "depth=4", "embed_dim=48",
+                      model_arg=["img_size=64", "patch_size=8", "depth=12", "embed_dim=192",
                                  "num_heads=3"], shard_size=32, batch_size=16,
                       cache=tmp_path / "uncut")
     for split in ("train", "test"):
