@@ -21,3 +21,21 @@ def assert_user_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def slow_extract(cli: list[str], pause: float):
+    """`featcache CLI...` in a child process that sleeps `pause` s after each finished shard,
+    so that a kill lands mid-run (stdout and stderr piped)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import time, sys; from featcache.cache import store as c\n"
+              "w = c.Cache.write_shard\n"
+              f"def slow(self, *a):\n    w(self, *a); time.sleep({pause})\n"
+              "c.Cache.write_shard = slow\n"
+              "from featcache.cli.main import app; sys.argv[0] = 'featcache'; app()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", script, *cli], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+

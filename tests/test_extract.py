@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from cliutil import slow_extract
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
 from featcache import sources as ds
@@ -149,15 +150,8 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
            "--dataset", f"wds:{wds_path}", "--split", "train", "--cache", str(root),
            "--batch-size", "8", "--shard-size", "16", "--all-tokens", "--workers", "1",
            "--json"]
-    # The child sleeps after each finished shard so that the kill lands mid-run.
-    slow = ("import time, sys; from featcache.cache import store as c\n"
-            "w = c.Cache.write_shard\n"
-            "def slow(self, *a):\n    w(self, *a); time.sleep(2)\n"
-            "c.Cache.write_shard = slow\n"
-            "from featcache.cli.main import app; sys.argv[0] = 'featcache'; app()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-c", slow, *cli], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the child's, and the rerun's
+    child = slow_extract(cli, 2)  # a kill lands mid-run
     try:
         deadline = time.monotonic() + 120
         done = np.zeros(0, dtype=bool)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cliutil import assert_user_error, run
+from cliutil import assert_user_error, run, slow_extract
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -224,14 +224,8 @@ def test_kill_9_mid_extraction_resumes_bitwise(bucket, wds_path, local_root):
     url = f"{bucket}/cache"
     cli = [str(a) for a in EXTRACT] + ["--dataset", f"wds:{wds_path}", "--split", "train",
                                        "--cache", url, "--json"]
-    slow = ("import time, sys; from featcache.cache import store as c\n"
-            "w = c.Cache.write_shard\n"
-            "def slow(self, *a):\n    w(self, *a); time.sleep(3)\n"
-            "c.Cache.write_shard = slow\n"
-            "from featcache.cli.main import app; sys.argv[0] = 'featcache'; app()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-c", slow, *cli], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the child's, and the rerun's
+    child = slow_extract(cli, 3)  # a kill lands mid-run
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and child.poll() is None:
