@@ -69,7 +69,9 @@ def test_every_image_decodes_in_the_browser(report_html: Path, tmp_path: Path) -
     match = re.search(r'data-imgcheck="n([01]*)"', proc.stdout)
     assert match, proc.stderr[-2000:]
     flags = match.group(1)
-    assert len(flags) == 6 and set(flags) == {"1"}, flags
+    # Every <img> of the page (the figures the realistic set gives, at least six) decodes.
+    count = report_html.read_text().count("<img ")
+    assert count >= 6 and len(flags) == count and set(flags) == {"1"}, (count, flags)
 
 
 def test_terminal_table_shows_each_columns_variant():
@@ -87,4 +89,5 @@ def test_terminal_table_shows_each_columns_variant():
     console = Console(width=200, file=io.StringIO(), record=True)
     console.print(summary_table(rows))
     text = console.export_text()
-    assert "[grid=quick]" in text and "[grid=quick, shots=5]" in text
+    # A label wraps at its commas (one setting a line), never inside a setting.
+    assert "[grid=quick]" in text and "[grid=quick," in text and "shots=5]" in text
