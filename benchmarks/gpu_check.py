@@ -242,8 +242,9 @@ def grouping_spread(device: torch.device, dry: bool) -> dict[str, Any]:
     """The same grid (attentive with a dropout axis; linear) trained with all configs in
     one group, one per group and in pairs, in fp32 on the device: the largest difference
     of any config's parameters and loss curve between groupings. Bitwise (0) on the CPU
-    (`tests/test_grid_invariance.py`); on CUDA a figure, refused only if it looks like a
-    bug (above 1e-2)."""
+    (`tests/test_grid_invariance.py`); on CUDA (stacked kernels, so the run's identity
+    names the group size) the spread between group sizes, refused only if it looks like
+    a bug (above 1e-2)."""
     import dataclasses
 
     from featcache.probing.train import TrainConfig, fit_grid, grid_points
@@ -262,10 +263,14 @@ def grouping_spread(device: torch.device, dry: bool) -> dict[str, Any]:
     for head in ("attentive", "linear"):
         xs = x if head == "attentive" else x.flatten(1)
         points = grid_points(cfg, attentive=head == "attentive")
-        fits = [fit_grid(xs, y, C, head, points, cfg),
-                fit_grid(xs, y, C, head, points, dataclasses.replace(cfg,
-                                                                     memory_budget_bytes=1))]
-        pairs = [fit_grid(xs, y, C, head, points[i: i + 2], cfg)
+        # on CUDA the kernels are stacked and the groups fixed (--group-size); on the
+        # CPU each config has its own products and the memory budget groups them
+        every, single = ((dataclasses.replace(cfg, group_size=len(points)),
+                          dataclasses.replace(cfg, group_size=1)) if device.type == "cuda"
+                         else (cfg, dataclasses.replace(cfg, memory_budget_bytes=1)))
+        fits = [fit_grid(xs, y, C, head, points, every),
+                fit_grid(xs, y, C, head, points, single)]
+        pairs = [fit_grid(xs, y, C, head, points[i: i + 2], every)
                  for i in range(0, len(points), 2)]
         worst = 0.0
         for c in range(len(points)):

@@ -10,7 +10,11 @@ device chosen by ``--device`` (CUDA when present with ``auto``):
       (D=768, T=24 tokens, H=24 heads) and the all-tokens head (T=197, H=8); the G configs
       trained one after another cost G times one reference step;
   (2) ``fit_grid`` with every point at once against ``fit_grid`` once per point (same
-      TrainConfig, few steps): ALF and linear grids of 21 configs (63 on CUDA);
+      TrainConfig, few steps): ALF and linear grids of 21 configs (63 on CUDA); and at
+      once with stacked kernels (``group_size``: all configs in one group, one batched
+      product; its numbers depend on the group) against the default (on a CPU, one
+      product per config: the same bits in any group), so the price of that invariance
+      is a ratio of one run;
   (3) achieved FLOP/s of ALF training against (0): analytic FLOPs (formula below), the
       matmul FLOPs actually executed (counted), and torch's FlopCounterMode as cross-checks;
       fp32 and bf16 autocast;
@@ -47,6 +51,7 @@ Not a test: it asserts nothing, it prints figures and ratios (docs/benchmarks.md
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -73,8 +78,10 @@ from featcache.probing.train import (  # noqa: E402
     default_memory_budget,
     estimate_memory,
     fit_grid,
+    fixed_groups,
     grid_points,
     plan_steps,
+    stacked_group_size,
 )
 
 H200_BF16_TFLOPS = 790.0  # dense bf16 tensor-core peak quoted for an H200 (SXM)
@@ -382,19 +389,28 @@ def section_grid(args: argparse.Namespace, dev: torch.device, amp: bool, res: di
         def at_once(kind: str = kind, x: torch.Tensor = x, y: torch.Tensor = y,
                     cfg: TrainConfig = cfg, points: list = points,
                     info: dict = info) -> None:
-            info["group_size"] = fit_grid(x, y, 7, kind, points, cfg).group_size
+            grid = fit_grid(x, y, 7, kind, points, cfg)
+            info["group_size"], info["default"] = grid.group_size, grid.curves
 
         def one_by_one(kind: str = kind, x: torch.Tensor = x, y: torch.Tensor = y,
                        cfg: TrainConfig = cfg, points: list = points) -> None:
             for p in points:
                 fit_grid(x, y, 7, kind, [p], cfg)
 
-        # alternate the two so that a change of load hits both alike
+        def stacked(kind: str = kind, x: torch.Tensor = x, y: torch.Tensor = y,
+                    cfg: TrainConfig = cfg, points: list = points,
+                    info: dict = info) -> None:
+            info["stacked"] = fit_grid(x, y, 7, kind, points,
+                                       dataclasses.replace(cfg, group_size=len(points))).curves
+
+        # alternate the three so that a change of load hits all alike
         t_a: list[float] = []
         t_s: list[float] = []
+        t_k: list[float] = []
         for _ in range(args.grid_repeats):
             t_a += timeit(at_once, dev, 1, warmup=0)["times"]
             t_s += timeit(one_by_one, dev, 1, warmup=0)["times"]
+            t_k += timeit(stacked, dev, 1, warmup=0)["times"]
         ratio = min(t_s) / min(t_a)
         ratio_med = statistics.median(t_s) / statistics.median(t_a)
         shape = f"N={N} T={T} D={D}" if kind == "attentive" else f"N={N} d=768"
@@ -404,13 +420,21 @@ def section_grid(args: argparse.Namespace, dev: torch.device, amp: bool, res: di
         out[name] = {"N": N, "configs": len(points), "steps": plan.total_steps,
                      "batch": plan.batch_size, "group_size": info["group_size"],
                      "at_once_s": t_a, "one_by_one_s": t_s, "ratio": ratio,
-                     "ratio_median": ratio_med,
+                     "ratio_median": ratio_med, "stacked_s": t_k,
+                     "stacked_speedup": min(t_a) / min(t_k),
+                     # the spread stacking causes: the same configs' train losses
+                     "stacked_max_rel_loss_diff": float(
+                         ((info["stacked"] - info["default"]).abs()
+                          / info["default"].abs()).max()),
                      "gflops_at_once": flops / min(t_a) / 1e9 if flops else None}
         rows.append([f"{name} {len(points)} cfgs, {shape}",
                      f"{plan.total_steps} x B={plan.batch_size}", info["group_size"],
-                     fmt_t(min(t_a)), fmt_t(min(t_s)), f"{ratio:.2f}x ({ratio_med:.2f}x)"])
+                     fmt_t(min(t_a)), fmt_t(min(t_s)), f"{ratio:.2f}x ({ratio_med:.2f}x)",
+                     fmt_t(min(t_k)), f"{min(t_a) / min(t_k):.2f}x",
+                     f"{out[name]['stacked_max_rel_loss_diff']:.1e}"])
         log(f"    {name}: done  [load {load()}]")
-    table(rows, ["grid", "steps", "group", "at once", "one by one", "ratio best (median)"])
+    table(rows, ["grid", "steps", "group", "at once", "one by one", "ratio best (median)",
+                 "stacked", "stacked / at once", "loss spread"])
     res["grid"] = out
 
 
@@ -501,8 +525,13 @@ def note_peak(res: dict, dtype: str, gflops: float) -> None:
 # -- (4) the paper grid on a FER2013-sized set ---------------------------------------------
 
 
-def _groups(n_points: int, per_config: int, shared: int, budget: int) -> list[int]:
-    """Group sizes fit_grid makes."""
+def _groups(cfg: TrainConfig, dev: torch.device, n_points: int, per_config: int, shared: int,
+            budget: int) -> list[int]:
+    """Group sizes fit_grid makes: fixed where the kernels are stacked (CUDA), else as
+    the memory budget fits them."""
+    fixed = stacked_group_size(cfg, dev)
+    if fixed:
+        return [len(g) for g in fixed_groups(n_points, fixed, per_config, shared, budget)]
     return [len(g) for g in config_groups(n_points, per_config, shared, budget)]
 
 
@@ -517,7 +546,7 @@ def section_fer(args: argparse.Namespace, dev: torch.device, amp: bool, res: dic
     plan_g, plan_r = plan_steps(n_tr, cfg), plan_steps(N, cfg)
     budget = cfg.memory_budget_bytes or default_memory_budget(dev)
     per_cfg, shared = estimate_memory("attentive", (T, D), C, plan_g.batch_size, H, device=dev)
-    sizes = _groups(len(points), per_cfg, shared, budget)
+    sizes = _groups(cfg, dev, len(points), per_cfg, shared, budget)
     log(f"\n(4) paper grid, ALF on a FER2013-sized set: {N} x {T} x {D}, {C} classes, "
         f"{len(points)} configs  [load {load()}]")
     log(f"  grid on {n_tr} (80%): {plan_g.steps_per_epoch} steps/epoch x {plan_g.epochs} "
@@ -772,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
          val(lambda: f"{g['alf']['ratio']:.2f}x"), ">= 1x CPU, >= 5x GPU"],
         ["(2) grid at once / one by one, linear 21 cfgs",
          val(lambda: f"{g['linear']['ratio']:.2f}x"), ">= 1x CPU, >= 5x GPU"],
+        ["(2) stacked kernels (--group-size) / default, ALF | linear",
+         val(lambda: f"{g['alf']['stacked_speedup']:.2f}x | "
+                     f"{g['linear']['stacked_speedup']:.2f}x"), "CPU: <= 1.1x"],
         ["(3) ALF head step fp32, of fp32 matmul",
          val(lambda: f"{100 * fl['head_step_fp32']['of_float32_peak']:.0f}%"), ">= 40%"],
         ["(3) ALF fit_grid step (whole training step), of matmul",

@@ -58,6 +58,12 @@ def probe(
         help="Memory budget for the grid's heads, in GiB (2^30 bytes; default: half of free "
              "device memory).")
     ] = None,
+    group_size: Annotated[int | None, typer.Option(
+        help="Train the grid in groups of this many configs, one batched product per "
+             "group: faster, but a config's numbers then depend on its group, so the run's "
+             "identity names the size (default: each config its own products on a CPU, "
+             "bitwise the same in any group; 16 on CUDA).")
+    ] = None,
     parallel: Annotated[str, typer.Option(
         help="Under torchrun: grid (ranks share each grid's configs; each holds all tokens), "
              "data (ranks share the samples, whole shards each; for tokens one device "

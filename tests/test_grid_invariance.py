@@ -197,21 +197,62 @@ def test_identity_names_what_changes_bits(cache_root: Path) -> None:
     assert ids[1, "single"] != ids[2, "single"]
 
 
+# -- stacked kernels: --group-size --------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["alf", "linear"])
+def test_group_size_fixes_the_groups_and_names_them(method: str, cache_root: Path,
+                                                    tmp_path: Path) -> None:
+    """``--group-size``: one batched product per group (faster, docs/benchmarks.md), so
+    the groups are fixed runs of that many configs whatever the memory budget or the
+    token placement, and the identity names the size: another size is another run."""
+    stacked = {}
+    for name, extra in {"budget": {"memory_gb": 4}, "host": {"feature_memory_gb": 0},
+                        "default": {}}.items():
+        (run,) = probe(method=method, cache=cache_root, runs=tmp_path / name, threads=1,
+                       group_size=2, **RECIPE, **extra)
+        stacked[name] = outcome(run.path)
+        rec = json.loads((run.path / "record.json").read_text())
+        assert rec["settings"]["group_size"] == 2 and rec["options"]["group_size"] == 2
+    assert_all_equal(stacked)
+    (own,) = probe(method=method, cache=cache_root, runs=tmp_path / "default", threads=1,
+                   **RECIPE)
+    assert own.status == "trained"  # not skipped to the stacked run: another identity
+    rec = json.loads((own.path / "record.json").read_text())
+    assert "group_size" not in rec["settings"]
+    assert rec["settings_id"] != stacked["default"][0]["settings_id"]
+    if method == "alf":  # stacked products round otherwise: these really were stacked
+        assert outcome(own.path)[0]["curves"] != stacked["default"][0]["curves"]
+
+
+def test_a_group_beyond_the_budget_is_refused(cache_root: Path, tmp_path: Path) -> None:
+    """A fixed group cannot be split to fit (that would change its numbers): one line
+    naming both ways out, exit 2, nothing written."""
+    from cliutil import assert_user_error, run
+
+    res = run("probe", "--method", "alf", "--cache", cache_root, "--runs", tmp_path / "runs",
+              *_cli(RECIPE), "--group-size", 8, "--memory-gb", 1e-6)
+    assert_user_error(res, "a group of 8 configs", "--group-size", "--memory-gb")
+    assert not list((tmp_path / "runs").rglob("record.json"))
+
+
 # -- torchrun: 2 gloo ranks ----------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,streamed", [("alf", False), ("attentive", False),
-                                             ("concat", False), ("linear", False),
-                                             ("alf", True)])
-def test_grid_parallel_ranks_change_no_bit(method: str, streamed: bool, cache_root: Path,
-                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("method,streamed,group", [
+    ("alf", False, None), ("attentive", False, None), ("concat", False, None),
+    ("linear", False, None), ("alf", True, None), ("alf", False, 2), ("linear", False, 4)])
+def test_grid_parallel_ranks_change_no_bit(method: str, streamed: bool, group: int | None,
+                                          cache_root: Path, tmp_path: Path) -> None:
     """All configs fit one group, so the ranks cut the grid into two groups (this used to
     move the numbers 'by float rounding'): the record, head and predictions are the
-    one-process run's, byte for byte, under the same identity."""
+    one-process run's, byte for byte, under the same identity. With stacked kernels
+    (``--group-size``) the ranks take the fixed groups whole (ALF: 4 groups of 2; linear:
+    one group of 4, so one rank trains nothing)."""
     from test_distributed import torchrun
 
     row = TOKENS_PER_ROW[method] * SPEC["dim"] * 2
     extra = {"max_host_memory_gb": 128 * row / 2**30} if streamed else {}
+    extra |= {"group_size": group} if group else {}
     args = ["--method", method, "--cache", cache_root, *_cli(RECIPE), *_cli(extra)]
     run = torchrun("probe", *args, "--runs", tmp_path / "ranks", "--parallel", "grid",
                    "--json")
@@ -224,6 +265,7 @@ def test_grid_parallel_ranks_change_no_bit(method: str, streamed: bool, cache_ro
     assert_all_equal({"one": outcome(one.path), "ranks": outcome(ranks)})
     rec = json.loads((ranks / "record.json").read_text())
     assert (rec["config"]["parallel"], rec["config"]["ranks"]) == ("grid", 2)
+    assert rec["settings"].get("group_size") == group
 
 
 @pytest.mark.slow

@@ -80,6 +80,7 @@ class ProbeOptions:
     token: str | None = None  # linear/layers: "cls" or "ap" (default: the model's probe token)
     device: str = "auto"
     memory_gb: float | None = None  # the grid's heads (None: see TrainConfig)
+    group_size: int | None = None  # stacked kernels over groups of this many configs
     feature_memory_gb: float | None = None  # tokens kept on the device (None: half its free)
     max_host_memory_gb: float | None = None  # beyond it, tokens stream from the cache
     parallel: str = "auto"  # under torchrun: grid | data | auto (data when one device is short)
@@ -132,6 +133,8 @@ def train_config(opts: ProbeOptions, seed: int) -> Any:
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if opts.memory_gb:
         cfg = replace(cfg, memory_budget_bytes=int(opts.memory_gb * 2**30))
+    if opts.group_size:
+        cfg = replace(cfg, group_size=opts.group_size)
     return cfg
 
 
@@ -174,6 +177,7 @@ def check_options(opts: ProbeOptions) -> None:
     check_int(opts.shots, "--shots")
     check_int(opts.min_steps, "--min-steps", 0)
     check_int(opts.threads, "--threads")
+    check_int(opts.group_size, "--group-size")
     for option, gb, zero_ok in (("--memory-gb", opts.memory_gb, False),
                                 ("--feature-memory-gb", opts.feature_memory_gb, True),
                                 ("--max-host-memory-gb", opts.max_host_memory_gb, False)):
@@ -293,8 +297,10 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
     host batches are bit-identical), ranks that split the grid (``mode`` "grid"), and
     dropout values for linear heads (which have no dropout). In, because they do: the
     CPU thread count (MKL splits one matmul over threads by it), streaming from the cache
-    (another batch order), and data-parallel training with its number of ranks (sums
-    over ranks round otherwise; ``mode`` "data", which never streams)."""
+    (another batch order), data-parallel training with its number of ranks (sums
+    over ranks round otherwise; ``mode`` "data", which never streams), and the group
+    size where the kernels are stacked (on CUDA, or ``--group-size``: one batched product
+    per group rounds by its shape; `featcache.probing.train.stacked_group_size`)."""
     spec = get_method(opts.method)
     streamed = None if mode == "data" else stream_buffer(train, token_names, opts, device)
     recipe = {k: getattr(cfg, k) for k in (
@@ -304,8 +310,10 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         recipe["dropouts"] = cfg.dropouts
     if cfg.batch_plan != "featcache":  # (runs of featcache's own plan keep their ids)
         recipe["batch_plan"] = cfg.batch_plan
+    from featcache.probing.train import stacked_group_size
     from featcache.records.store import settings_id
 
+    group = stacked_group_size(cfg, device)
     return {
         "method": opts.method,
         "layer_set": layer_set,
@@ -327,6 +335,7 @@ def run_settings(opts: ProbeOptions, cfg: Any, layer_set: str, token_names: list
         **({"token_widths": list(widths)} if widths and spec.head == "linear" else {}),
         **({"cpu_threads": torch.get_num_threads()} if device.type == "cpu" else {}),
         **({"data_parallel_ranks": dist.world_size()} if mode == "data" else {}),
+        **({"group_size": group} if group else {}),
     }
 
 
@@ -368,7 +377,7 @@ def variant_options(opts: ProbeOptions) -> dict[str, Any]:
     if opts.grid != "paper":
         out["grid"] = opts.grid
     for key in ("epochs", "batch_size", "lrs", "wds", "dropouts", "min_steps", "shots",
-                "token"):
+                "token", "group_size"):
         value = getattr(opts, key)
         if value is not None and not (key == "dropouts"
                                       and not get_method(opts.method).attentive):

@@ -19,10 +19,12 @@ and however many torchrun ranks split the grid (`tests/test_grid_invariance.py`)
 
 What still changes the bits, and so is part of a run's identity
 (`featcache.probing.run.run_settings`): the CPU thread count (MKL splits one matmul over
-threads by the thread count), streaming from the cache (another batch order), and
+threads by the thread count), streaming from the cache (another batch order),
 data-parallel training (sums over ranks; within a stated bound of one process,
-docs/scaling.md). On CUDA, kernels may round differently with the group's shape;
-`benchmarks/gpu_check.py` reports the spread.
+docs/scaling.md), and the group size where the kernels are stacked
+(`stacked_group_size`: on CUDA, and on a CPU with ``group_size``): one batched kernel
+per group rounds a config by the group's shape, so the groups are then fixed runs of
+``group_size`` configs in grid order, whatever the memory budget or the ranks.
 
 Where the tokens come from is a `featcache.probing.tokens.features.TokenSource`: the trainer
 calls its
@@ -43,8 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featcache.distributed import split_evenly
+from featcache.errors import FeatcacheError
 from featcache.metrics import MetricAccumulator
 from featcache.probing.heads import HEADS, AttentiveHeads, StackedHeads, attention_summary
+from featcache.probing.heads.matmul import stacked_kernels
 from featcache.probing.optim import BatchedAdamW, clip_grad_norm_per_config, cosine_lr
 from featcache.probing.tokens.features import (
     Jitter,
@@ -66,11 +70,16 @@ __all__ = [
     "class_weights",
     "estimate_memory",
     "default_memory_budget",
+    "stacked_group_size",
     "fit_grid",
 ]
 
 _CPU_MEMORY_BASE = 8 * 1024**3
 _MEMORY_FRACTION = 0.5
+# Configs per group on CUDA (stacked kernels; `stacked_group_size`): the paper's 63-point
+# ALF grid in 4 groups; a group of 16 ALF configs at FER2013's batch (1,914) took 3.8 GiB
+# of the CPU's 4 GiB budget (docs/benchmarks.md, "paper grid"), so it fits most GPUs.
+CUDA_GROUP_SIZE = 16
 
 
 @dataclass
@@ -93,6 +102,9 @@ class TrainConfig:
     class_weighted: bool = True
     seed: int = 0
     memory_budget_bytes: int | None = None  # None: half of free device memory (8 GiB CPU)
+    # configs per group with stacked kernels (faster; the size is then in the identity);
+    # None: per-config kernels on a CPU (any grouping, same bits), CUDA_GROUP_SIZE on CUDA
+    group_size: int | None = None
     amp: bool = True  # bf16 autocast for the matmuls on CUDA; parameters stay fp32
     # "featcache": each fit's set cut into near-equal batches; "authors": their plan
     # (`authors_batch_size`), the batch sized once on ``plan_samples`` (the whole
@@ -289,6 +301,29 @@ def default_memory_budget(device: torch.device) -> int:
     return int(_MEMORY_FRACTION * _CPU_MEMORY_BASE)
 
 
+def stacked_group_size(cfg: TrainConfig, device: torch.device) -> int | None:
+    """Configs per group where the kernels are stacked (one batched product per group,
+    whose rounding depends on the group's shape: the run's identity names the size);
+    None where each config has its own products (CPU default: any grouping, same bits)."""
+    if cfg.group_size:
+        return cfg.group_size
+    return CUDA_GROUP_SIZE if device.type == "cuda" else None
+
+
+def fixed_groups(n_points: int, size: int, per_config: int, shared: int,
+                 budget: int) -> list[list[int]]:
+    """Runs of ``size`` configs in grid order (the last one shorter); refused, as one
+    line, where one group exceeds the memory budget (a smaller group is another run)."""
+    size = min(size, n_points)
+    need = shared + size * per_config
+    if need > budget:
+        raise FeatcacheError(
+            f"a group of {size} configs needs {need / 2**30:.3g} GiB to train, more than "
+            f"the memory budget of {budget / 2**30:.3g} GiB: pass a smaller --group-size "
+            "(another run: the group size changes the numbers) or a larger --memory-gb")
+    return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
+
+
 def config_groups(n_points: int, per_config: int, shared: int, budget: int) -> list[list[int]]:
     """Contiguous, near-equal groups of configs that fit the budget (at least 1 each)."""
     fit = max(1, (budget - shared) // max(per_config, 1))
@@ -312,6 +347,7 @@ class FittedGrid:
     plan: StepPlan
     group_size: int
     amp: bool = False
+    stacked: bool = False  # stacked kernels (`stacked_group_size`): evaluation runs them too
     flatten: bool = False  # source batches are flattened to (B, T·D) for the head
     configs: list[int] | None = None  # a rank's share of a grid: the global config indices
 
@@ -342,7 +378,7 @@ class FittedGrid:
                 if self.flatten:
                     xb = xb.flatten(1)
                 for idx, head in zip(chunks, heads, strict=True):
-                    with self._autocast(xb.device):
+                    with self._autocast(xb.device), stacked_kernels(self.stacked):
                         out = head(xb, return_attention=return_attention)
                     fn(idx, out, key)
         finally:
@@ -456,8 +492,10 @@ def fit_grid(
     groups as one process forms them (so each config ends bit for bit where it ends in
     one process); a grid of fewer groups than ranks is first cut into as many groups as
     ranks, which changes no config's bits either (a config's arithmetic does not depend
-    on its group, module doc). The result holds the share, with its global indices in
-    ``configs``; None for a rank with no share.
+    on its group, module doc), except where the kernels are stacked
+    (`stacked_group_size`): those groups are kept, and a rank may get none. The result
+    holds the share, with its global indices in ``configs``; None for a rank with no
+    share.
     """
     cfg = cfg or TrainConfig()
     kind = _head_kind(head)
@@ -485,8 +523,14 @@ def fit_grid(
     # agree on the budget before: `selection._grid_scores`)
     budget = src.agree(cfg.memory_budget_bytes or default_memory_budget(device))
     rank, world = part
-    groups = config_groups(G, per_cfg, shared, budget)
-    if world > 1 and len(groups) < world:  # every rank gets work: smaller groups
+    # a single config (the refit) has nothing to share its products with: its own
+    # kernels, as `featcache predict` runs them
+    fixed = stacked_group_size(cfg, device) if G > 1 else None
+    if fixed:  # the groups are part of the identity: ranks take them as they are
+        groups = fixed_groups(G, fixed, per_cfg, shared, budget)
+    else:
+        groups = config_groups(G, per_cfg, shared, budget)
+    if not fixed and world > 1 and len(groups) < world:  # every rank gets work
         groups = [c.tolist() for c in np.array_split(np.arange(G), min(G, world))]
     group_size = len(groups[0])  # evaluation chunks line up with the groups
     groups = [groups[i] for i in split_evenly(list(range(len(groups))), rank, world)]
@@ -507,8 +551,9 @@ def fit_grid(
             def report(info: dict, gi: int = gi, idx: list[int] = idx) -> None:
                 progress({"group": gi, "n_groups": len(groups), "configs": idx, **info})
 
-        curve = _train_group(heads, src, y, weight, [lrs[i] for i in idx],
-                             [wds[i] for i in idx], plan, cfg, report, flatten)
+        with stacked_kernels(fixed is not None):
+            curve = _train_group(heads, src, y, weight, [lrs[i] for i in idx],
+                                 [wds[i] for i in idx], plan, cfg, report, flatten)
         parts.append(heads)
         curves.append(curve)
     stacked = type(parts[0]).concat(parts)
@@ -520,6 +565,7 @@ def fit_grid(
         plan=plan,
         group_size=group_size,
         amp=cfg.amp,
+        stacked=fixed is not None,
         flatten=flatten,
         configs=mine if world > 1 else None,
     )

@@ -10,17 +10,32 @@ config is its own ``mm`` of a fixed shape, so the split over threads is the same
 whatever G is. And each operand is handed over contiguous and 64-byte aligned, as it is
 when the config is alone: MKL's small-matrix kernels round by the alignment of their
 operands (measured: a (3, 24) @ (24, 19) product differed in its last bits between the
-first and the second config of a stack, whose slab starts 1,824 bytes in). On CUDA the
-one batched kernel stays (bitwise equality is not promised
-there; `benchmarks/gpu_check.py` reports the spread).
+first and the second config of a stack, whose slab starts 1,824 bytes in). On CUDA, and
+on a CPU inside `stacked_kernels` (`--group-size`), one batched kernel runs over the
+group instead: faster, but a config's bits then depend on its group, so the group size
+is part of the run's identity (`featcache.probing.train.stacked_group_size`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
+
+_STACKED: ContextVar[bool] = ContextVar("stacked_kernels", default=False)
+
+
+@contextmanager
+def stacked_kernels(on: bool = True) -> Iterator[None]:
+    """Inside: CPU products too run as one batched kernel per group (`config_mm`)."""
+    token = _STACKED.set(on)
+    try:
+        yield
+    finally:
+        _STACKED.reset(token)
 
 
 def config_mm(w: Tensor, x: Tensor, bias: Tensor | None = None,
@@ -34,7 +49,7 @@ def config_mm(w: Tensor, x: Tensor, bias: Tensor | None = None,
     idx = tuple(index) if index is not None else tuple(range(G)) if X == G else (0,) * G
     if len(idx) != G:
         raise ValueError(f"{len(idx)} indices for {G} configs")
-    if w.device.type != "cpu" or torch.is_autocast_enabled(w.device.type):
+    if _STACKED.get() or w.device.type != "cpu" or torch.is_autocast_enabled(w.device.type):
         return _batched(w, x, bias, idx)
     return _ConfigMM.apply(w, x, bias, idx)
 
