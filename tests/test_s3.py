@@ -102,6 +102,29 @@ def local_root(wds_path, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.parametrize("gap", [0, 1 << 20])
+def test_sparse_reads_from_a_store_equal_the_local_ones(bucket, wds_path, local_root,
+                                                        monkeypatch, gap):
+    """A subset of layers and rows read from the store, its ranges merged across the gaps
+    of unread chunks (RANGE_GAP) or not, equals the local read: the gap's bytes land
+    where they belong and are never taken for a chunk's."""
+    from featcache.cache import shardfiles
+    from featcache.cache.store import open_cache
+
+    url = f"{bucket}/cache"
+    assert extract(wds_path, url).exit_code == 0
+    monkeypatch.setattr(shardfiles, "RANGE_GAP", gap)
+    for split in ("train", "test"):
+        remote, local = (open_cache(next(r["path"] for r in json.loads(
+            run("ls", "--cache", root, "--json").stdout) if r["split"] == split))
+            for root in (url, local_root))
+        last = len(local.layer_names) - 1
+        for kind in local.token_kinds:
+            for layers, rows in (([0, last], None), ([1], slice(3, 29)), (None, None)):
+                np.testing.assert_array_equal(remote.read(kind, layers, rows),
+                                              local.read(kind, layers, rows))
+
+
 @pytest.mark.slow
 def test_extract_probe_verify_on_s3_equal_a_local_disk(bucket, wds_path, local_root,
                                                        tmp_path):
