@@ -4,6 +4,8 @@ epoch is actually cut into."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -51,6 +53,35 @@ def test_a_lone_last_sample_gets_one_more_in_the_batch() -> None:
     assert plan_steps(1000, cfg).batch_size == 100
     assert plan_steps(801, cfg).batch_size == 101  # 801 % 100 == 1
     assert plan_steps(800, cfg).batch_size == 100
+
+
+@pytest.mark.parametrize("whole", [12, 13, 20, 84, 85, 307, 1000])
+def test_no_plan_leaves_a_batch_of_one(whole: int) -> None:
+    """A batch of one through train-mode BatchNorm fails: no split of any small set
+    (the refit on the whole set, a tuning split of any size below it) may end in one.
+    (Found by a 12-image suite under --protocol paper: ALF's tuning split of 9 was cut
+    into batches of 2, the last of 1, and the probe died with a traceback.)"""
+    for batch in (2048, 17, 18):
+        cfg = TrainConfig(batch_plan="authors", plan_samples=whole, batch_size=batch)
+        for n in range(2, whole + 1):
+            plan = plan_steps(n, cfg)
+            assert n % plan.batch_size != 1, (whole, batch, n, plan.batch_size)
+            assert 2 <= plan.batch_size <= n
+
+
+def test_a_tiny_set_trains_alf_under_the_paper_protocol(tmp_path) -> None:
+    """The suite's case end to end: 12 training images, ALF, --protocol paper."""
+    from probecache import SynthSpec, make_pair
+
+    from featcache.probing.run import probe
+
+    make_pair(tmp_path / "cache", SynthSpec(n_blocks=2, dim=8, n_classes=2, n_train=12,
+                                            n_test=6, shard_size=8, seed=3))
+    (run,) = probe(method="alf", cache=tmp_path / "cache", runs=tmp_path / "runs",
+                   grid="quick", epochs=1, min_steps=2, threads=1)
+    assert run.status == "trained"
+    steps = json.loads((run.path / "record.json").read_text())["steps"]
+    assert steps["grid"]["batch_size"] >= 2 and steps["refit"]["batch_size"] >= 2
 
 
 @pytest.mark.parametrize("n", [803, 1000, 37])

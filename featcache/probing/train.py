@@ -205,10 +205,14 @@ def _authors_plan(n_samples: int, cfg: TrainConfig) -> StepPlan:
     on the tuning split (their `check_batch_size`), never below 2 (a batch of 1 through
     train-mode BatchNorm fails; their rule gives 1 below 85 samples); a DataLoader's
     batches of that size with a smaller last one; epochs from ``cfg.epochs`` raised until
-    ≥ ``min_total_steps``."""
+    ≥ ``min_total_steps``. Where their rule would still leave a last batch of one (below
+    85 samples, once their batch of 1 is raised to 2; or a tuning split one more does not
+    cure), the batch grows until it does not: they would fail there."""
     whole = cfg.plan_samples or n_samples
-    size = authors_batch_size(cfg.batch_size, whole, cfg.min_steps_per_epoch)
-    size = max(2, size + (n_samples != whole and n_samples % size == 1))
+    size = max(2, authors_batch_size(cfg.batch_size, whole, cfg.min_steps_per_epoch))
+    size += n_samples != whole and n_samples % size == 1
+    while n_samples % size == 1 and size < n_samples:
+        size += 1
     size = min(size, n_samples)
     spe = math.ceil(n_samples / size)
     epochs = max(cfg.epochs, math.ceil(cfg.min_total_steps / spe))
