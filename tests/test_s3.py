@@ -399,3 +399,27 @@ def test_a_missing_or_truncated_object_is_damage_named_as_such(bucket, tmp_path)
                  *QUICK[:-1])
     assert_user_error(probed, "is damaged", "featcache verify")
     assert not list((tmp_path / "r").rglob("record.json"))
+
+
+def test_a_suite_with_its_cache_in_a_bucket(bucket, tmp_path, monkeypatch):
+    """`cache = "s3://..."` in a suite file is the bucket, never a folder named `s3:` beside
+    the file (it was); the state and the report stay on this machine, under the user's
+    cache folder, and running the suite again does nothing."""
+    import featcache
+    from fakedata import make_imagefolder
+    from test_suites import suite_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    make_imagefolder(tmp_path / "data", {"train": 12, "test": 6})
+    path = suite_file(tmp_path, [f"imagefolder:{tmp_path / 'data'}"], methods=["linear"])
+    url = f"{bucket}/suite-cache"
+    path.write_text(path.read_text().replace('cache = "cache"', f'cache = "{url}"'))
+    first = featcache.run(path, view=False)
+    assert first["cache"] == url and first["totals"]["done"] == 2 and first["report"]["csv"]
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "cache").exists()
+    assert any(k.endswith("zarr.json") for k in objects(url))
+    state = Path(first["state_file"])
+    assert state.is_file() and (tmp_path / "home") in state.parents
+    assert featcache.run(path, view=False)["totals"]["to_do"] == 0
+    listed = json.loads(run("ls", "--cache", url, "--json").stdout)
+    assert sorted(r["split"] for r in listed) == ["test", "train"]

@@ -31,7 +31,7 @@ def run(suite: str | Path, cache: str | Path | None = None, dry_run: bool = Fals
     once everything is submitted. Raises `SuiteFailed` when units failed."""
     spec = load_suite(suite)
     root = _cache_root(spec, cache)
-    state = State(root / "suites" / _slug(spec.name))
+    state = State(state_folder(root, spec.name))
     units = make_plan(spec, root, state.done_probes())
     if dry_run:
         return _summary(spec, root, state, units, plan=True)
@@ -48,13 +48,24 @@ def run(suite: str | Path, cache: str | Path | None = None, dry_run: bool = Fals
     return result
 
 
-def _cache_root(spec: Suite, cache: str | Path | None) -> Path:
-    """--cache, else the suite's `cache` key, else $FEATCACHE_CACHE / the default."""
-    from featcache.cache.store import default_cache_root
+def _cache_root(spec: Suite, cache: str | Path | None) -> Any:
+    """--cache, else the suite's `cache` key, else $FEATCACHE_CACHE / the default: a
+    folder, or an object store's root (a URL)."""
+    from featcache.cache.stores import resolve_root
 
-    if cache is not None:
-        return Path(cache).expanduser()
-    return spec.cache if spec.cache is not None else default_cache_root()
+    return resolve_root(cache if cache is not None else spec.cache)
+
+
+def state_folder(root: Any, name: str) -> Path:
+    """<cache>/suites/<name>; for a cache in an object store, on this machine (as its
+    runs are: `featcache.records.store.default_runs_root`), under the store's URL: the
+    state is rewritten by a rename and locked by a file, which a store cannot do."""
+    from featcache.cache.store import user_cache_root
+    from featcache.cache.stores import is_remote
+
+    if is_remote(root):
+        return user_cache_root() / "suites" / _slug(str(root)) / _slug(name)
+    return root / "suites" / _slug(name)
 
 
 def _slug(name: str) -> str:

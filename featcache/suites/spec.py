@@ -39,7 +39,7 @@ class Suite:
     datasets: list[str]
     methods: list[str]
     seeds: list[int]
-    cache: Path | None
+    cache: Any  # a folder (Path), an object store's root (RemotePath), or None
     extract: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
@@ -140,10 +140,15 @@ def _methods(where: str, value: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _cache(path: Path, value: str | None) -> Path | None:
-    """A relative cache folder is relative to the suite file, not to where it is run."""
+def _cache(path: Path, value: str | None) -> Any:
+    """A relative cache folder is relative to the suite file, not to where it is run; a
+    URL (s3://bucket/prefix) is an object store's root, never a folder named `s3:`."""
+    from featcache.cache.stores import location, url_scheme
+
     if value is None:
         return None
+    if url_scheme(value):
+        return location(value, f"{path}: cache")
     cache = Path(value).expanduser()
     return cache if cache.is_absolute() else path.parent / cache
 
