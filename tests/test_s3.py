@@ -405,9 +405,10 @@ def test_a_suite_with_its_cache_in_a_bucket(bucket, tmp_path, monkeypatch):
     """`cache = "s3://..."` in a suite file is the bucket, never a folder named `s3:` beside
     the file (it was); the state and the report stay on this machine, under the user's
     cache folder, and running the suite again does nothing."""
-    import featcache
     from fakedata import make_imagefolder
     from test_suites import suite_file
+
+    import featcache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
     make_imagefolder(tmp_path / "data", {"train": 12, "test": 6})
