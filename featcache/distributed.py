@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 from typing import Any, TypeVar
@@ -59,8 +60,23 @@ def session() -> Iterator[None]:
 
 
 def _leave() -> None:
-    if tdist.is_available() and tdist.is_initialized() and not _PEER_DIED:
-        tdist.destroy_process_group()
+    """Leave the group together: a rank that tears down its gloo connections while the
+    other still uses them can abort the other at exit ("terminate called without an
+    active exception", seen once in tests/test_dp_step.py after a finished run), so the
+    ranks meet first (gloo: for at most `_LEAVE_WAIT` seconds, then leave anyway)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or _PEER_DIED:
+        return
+    try:
+        if tdist.get_backend() == "gloo":
+            tdist.monitored_barrier(timeout=datetime.timedelta(seconds=_LEAVE_WAIT))
+        else:
+            tdist.barrier()
+    except RuntimeError:  # a rank that is gone or late: leave without it
+        pass
+    tdist.destroy_process_group()
+
+
+_LEAVE_WAIT = 60
 
 
 # What gloo and NCCL say when the process at the other end of a collective is gone
