@@ -220,8 +220,8 @@ def test_group_size_fixes_the_groups_and_names_them(method: str, cache_root: Pat
     rec = json.loads((own.path / "record.json").read_text())
     assert "group_size" not in rec["settings"]
     assert rec["settings_id"] != stacked["default"][0]["settings_id"]
-    if method == "alf":  # stacked products round otherwise: these really were stacked
-        assert outcome(own.path)[0]["curves"] != stacked["default"][0]["curves"]
+    # (whether stacked products round otherwise than per-config ones depends on the CPU's
+    # kernels: on this one they do for ALF, but a test cannot rely on it)
 
 
 def test_a_group_beyond_the_budget_is_refused(cache_root: Path, tmp_path: Path) -> None:
