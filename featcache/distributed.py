@@ -56,27 +56,31 @@ def session() -> Iterator[None]:
             torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         tdist.init_process_group(backend=backend)
         atexit.register(_leave)
-    yield
+    try:
+        yield
+    except BaseException:  # this rank leaves on an error: it does not wait for the others
+        _FAILED.append(True)
+        raise
 
 
 def _leave() -> None:
-    """Leave the group together: a rank that tears down its gloo connections while the
+    """Leave the group together: a gloo rank that tears down its connections while the
     other still uses them can abort the other at exit ("terminate called without an
-    active exception", seen once in tests/test_dp_step.py after a finished run), so the
-    ranks meet first (gloo: for at most `_LEAVE_WAIT` seconds, then leave anyway)."""
+    active exception", seen once in tests/test_dp_step.py after a finished run), so
+    after a run that ended well the gloo ranks meet first, for at most `_LEAVE_WAIT`
+    seconds. A rank leaving on an error does not wait (torchrun stops the others once it
+    is gone), nor does NCCL (its barrier is a collective that could meet a peer's)."""
     if not (tdist.is_available() and tdist.is_initialized()) or _PEER_DIED:
         return
-    try:
-        if tdist.get_backend() == "gloo":
+    if not _FAILED and tdist.get_backend() == "gloo":
+        # a rank that is gone or late: leave without it
+        with contextlib.suppress(RuntimeError):
             tdist.monitored_barrier(timeout=datetime.timedelta(seconds=_LEAVE_WAIT))
-        else:
-            tdist.barrier()
-    except RuntimeError:  # a rank that is gone or late: leave without it
-        pass
     tdist.destroy_process_group()
 
 
 _LEAVE_WAIT = 60
+_FAILED: list[bool] = []
 
 
 # What gloo and NCCL say when the process at the other end of a collective is gone

@@ -45,13 +45,16 @@ def trained(tmp_path_factory) -> dict[str, Path]:
         extract(model=TIMM_TINY, model_arg=dict(TIMM_TINY_KW), weights="random:3",
                 dataset="digits", cache=root, batch_size=64, workers=0, all_tokens=True)
         runs = {m: probe(method=m, cache=root, **QUICK)[0].path for m in METHODS}
+        # stacked products in the grid: the refit (one config per layer) must still be
+        # the products predict runs
+        runs["layers-g2"] = probe(method="layers", cache=root, group_size=2, **QUICK)[0].path
     finally:
         torch.set_num_threads(threads)
     return {"root": root, **runs}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "layers-g2"])
 def test_predict_on_the_test_split_reproduces_the_record(trained, method):
     result = predict(trained[method], dataset="digits", split="test", batch_size=64,
                      workers=0, device="cpu")

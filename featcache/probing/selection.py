@@ -115,7 +115,7 @@ def fit_and_select(x_train: torch.Tensor | Any, y_train: torch.Tensor, n_classes
         return out
     clock = time.perf_counter()
     out.final = fit_grid(src, y_dev, n_classes, head, [points[best]], cfg,
-                         num_heads=num_heads, progress=progress)
+                         num_heads=num_heads, progress=progress, refit=True)
     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
     return out
 
@@ -245,7 +245,7 @@ def fit_and_select_layers(x_train: Any, y_train: torch.Tensor, n_classes: int, c
         return out
     clock = time.perf_counter()
     out.final = fit_grid(src, y_dev, n_classes, "linear", [points[b] for b in best], cfg,
-                            progress=progress, inputs=list(range(L)))
+                            progress=progress, inputs=list(range(L)), refit=True)
     timings["refit_s"] = timings.get("refit_s", 0.0) + time.perf_counter() - clock
     return out
 

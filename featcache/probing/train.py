@@ -305,13 +305,15 @@ def default_memory_budget(device: torch.device) -> int:
     return int(_MEMORY_FRACTION * _CPU_MEMORY_BASE)
 
 
-def stacked_group_size(cfg: TrainConfig, device: torch.device) -> int | None:
+def stacked_group_size(cfg: TrainConfig, device: torch.device,
+                       refit: bool = False) -> int | None:
     """Configs per group where the kernels are stacked (one batched product per group,
     whose rounding depends on the group's shape: the run's identity names the size);
-    None where each config has its own products (CPU default: any grouping, same bits)."""
-    if cfg.group_size:
-        return cfg.group_size
-    return CUDA_GROUP_SIZE if device.type == "cuda" else None
+    None where each config has its own products (on a CPU by default, and for the
+    ``refit`` on a CPU: any grouping, same bits)."""
+    if device.type == "cuda":
+        return cfg.group_size or CUDA_GROUP_SIZE
+    return None if refit else cfg.group_size
 
 
 def fixed_groups(n_points: int, size: int, per_config: int, shared: int,
@@ -480,6 +482,7 @@ def fit_grid(
     progress: Callable[[dict], None] | None = None,
     inputs: Sequence[int] | None = None,
     part: tuple[int, int] = (0, 1),
+    refit: bool = False,
 ) -> FittedGrid | None:
     """Train one head per grid point on (x, y), all at once, on x's (compute) device.
 
@@ -500,6 +503,10 @@ def fit_grid(
     (`stacked_group_size`): those groups are kept, and a rank may get none. The result
     holds the share, with its global indices in ``configs``; None for a rank with no
     share.
+
+    ``refit``: the selected configs retrained on all the data (one, or one per layer):
+    on a CPU each has its own products even under ``group_size``, as `featcache predict`
+    runs it, so that predict gives the stored logits bit for bit.
     """
     cfg = cfg or TrainConfig()
     kind = _head_kind(head)
@@ -527,9 +534,7 @@ def fit_grid(
     # agree on the budget before: `selection._grid_scores`)
     budget = src.agree(cfg.memory_budget_bytes or default_memory_budget(device))
     rank, world = part
-    # a single config (the refit) has nothing to share its products with: its own
-    # kernels, as `featcache predict` runs them
-    fixed = stacked_group_size(cfg, device) if G > 1 else None
+    fixed = stacked_group_size(cfg, device, refit)
     if fixed:  # the groups are part of the identity: ranks take them as they are
         groups = fixed_groups(G, fixed, per_cfg, shared, budget)
     else:
