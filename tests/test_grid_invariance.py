@@ -306,3 +306,32 @@ def test_data_parallel_says_so_and_stays_within_its_bound(cache_root: Path,
 def _cli(options: dict[str, Any]) -> list[Any]:
     """Keyword options as `featcache probe` flags."""
     return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", v)]
+
+
+def test_the_refit_runs_the_products_predict_runs() -> None:
+    """Under --group-size the per-layer refit (one config per layer, all in one fit)
+    keeps per-config products on a CPU: a layer's stored test logits come from
+    `predict_logits(configs=[best])`, and `featcache predict` rebuilds that layer's probe
+    alone (one config reading one token). Both must be the same bits. (With the refit
+    stacked they differed on this CPU at this shape, found by a review.)"""
+    from featcache.probing.heads.linear import LinearHeads
+
+    g = torch.Generator().manual_seed(0)
+    L, D, C, N = 6, 64, 3, 50
+    x, y = torch.randn(N, L, D, generator=g), torch.randint(0, C, (N,), generator=g)
+    cfg = train_mod.TrainConfig(epochs=1, min_total_steps=2, batch_size=25, group_size=2)
+    points = [{"lr": 0.1, "wd": 1e-4}] * L
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        final = train_mod.fit_grid(x, y, C, "linear", points, cfg, inputs=list(range(L)),
+                                   refit=True)
+        for best in range(L):
+            stored = final.predict_logits(x, configs=[best])[0]
+            alone = LinearHeads(1, D, C, inputs=[0])
+            alone.load_config(0, final.export(best))
+            with torch.no_grad():
+                predicted = alone.eval()(x[:, best : best + 1])[0]
+            assert torch.equal(stored, predicted), best
+    finally:
+        torch.set_num_threads(old)
