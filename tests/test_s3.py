@@ -7,6 +7,7 @@ is a conditional create; kill -9 resumes bitwise; store errors are one line."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -100,6 +101,34 @@ def local_root(wds_path, tmp_path_factory) -> Path:
     result = extract(wds_path, root)
     assert result.exit_code == 0, result.output
     return root
+
+
+def test_ranges_merge_across_small_gaps_within_a_block():
+    """Every requested byte is covered once merged, gaps up to RANGE_GAP are bridged, a
+    request grows only to RANGE_BLOCK, and nested, duplicated or empty spans neither
+    shrink a request nor vanish (against a brute force over random spans)."""
+    from featcache.cache.shardfiles import RANGE_BLOCK, RANGE_GAP, _merged
+
+    M = 1 << 20
+    assert _merged([(0, 100), (10, 20)]) == [[0, 100]]
+    assert _merged([(0, 100), (0, 100), (200, 300)]) == [[0, 300]]
+    assert _merged([(5, 5)]) == []
+    assert _merged([(0, 10), (10 + RANGE_GAP + 1, 2 * RANGE_GAP)]) == [
+        [0, 10], [10 + RANGE_GAP + 1, 2 * RANGE_GAP]]
+    assert _merged([(0, 20 * M), (20 * M + 5, 20 * M + 9)]) == [[0, 20 * M],
+                                                               [20 * M + 5, 20 * M + 9]]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        starts = np.sort(rng.integers(0, 40 * M, 30))
+        sizes = rng.integers(0, 3 * M, 30)
+        spans = sorted((int(a), int(a + b)) for a, b in zip(starts, sizes, strict=True))
+        merged = _merged(spans)
+        for start, end in spans:  # every requested byte is in a request
+            assert start == end or any(a <= start and end <= b for a, b in merged)
+        for a, b in merged:  # within a block, or one span that is longer on its own
+            assert b - a <= RANGE_BLOCK or [a, b] in [list(x) for x in spans]
+        for (a0, b0), (a1, b1) in itertools.pairwise(merged):  # no two that could be one
+            assert a1 - b0 > RANGE_GAP or max(b0, b1) - a0 > RANGE_BLOCK
 
 
 @pytest.mark.parametrize("gap", [0, 1 << 20])

@@ -248,26 +248,38 @@ def remote_shard_bytes(layout: ShardLayout, index: tuple[int, ...], select: tupl
 
 
 def _ranges(path: Any, chosen: np.ndarray, limit: int) -> list[tuple[int, int, bytes]]:
-    """Fetch the (offset, size) ranges concurrently, merged where they touch or the gap
-    between them is at most ``RANGE_GAP`` (up to ``RANGE_BLOCK`` a request); a range the
-    object does not hold comes back short (and fails its checksum). The bytes of a gap
-    are the object's own, laid where they belong, and never read."""
-    from fsspec.utils import merge_offset_ranges
-
-    spans = sorted((offset, min(offset + nbytes, limit)) for offset, nbytes in chosen.tolist())
-    spans = [(start, end) for start, end in spans if start < end]
+    """Fetch the (offset, size) ranges concurrently, merged where they touch, overlap or
+    lie at most ``RANGE_GAP`` apart (up to ``RANGE_BLOCK`` a request); a range the object
+    does not hold comes back short (and fails its checksum). The bytes of a gap are the
+    object's own, laid where they belong, and never read."""
+    spans = _merged(sorted((offset, min(offset + nbytes, limit))
+                           for offset, nbytes in chosen.tolist()))
     if not spans:
         return []
-    _, starts, ends = merge_offset_ranges([path.key] * len(spans), [s for s, _ in spans],
-                                          [e for _, e in spans], max_gap=RANGE_GAP,
-                                          max_block=RANGE_BLOCK, sort=False)
-    blobs = path._call(path.fs.cat_ranges, [path.key] * len(starts), starts, ends,
-                       batch_size=RANGES_IN_FLIGHT)
+    blobs = path._call(path.fs.cat_ranges, [path.key] * len(spans), [s for s, _ in spans],
+                       [e for _, e in spans], batch_size=RANGES_IN_FLIGHT)
     out = []
-    for start, blob in zip(starts, blobs, strict=True):
+    for (start, _), blob in zip(spans, blobs, strict=True):
         if isinstance(blob, BaseException):
             raise blob
         out.append((start, start + len(blob), blob))
+    return out
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[list[int]]:
+    """Sorted (start, end) spans joined across gaps of at most ``RANGE_GAP`` while the
+    request stays within ``RANGE_BLOCK`` (a longer span stays whole); empty ones dropped.
+    (fsspec's `merge_offset_ranges` does this too, but across the versions featcache
+    accepts it shrank a span nested in another and dropped duplicated ones.)"""
+    out: list[list[int]] = []
+    for start, end in spans:
+        if start >= end:
+            continue
+        if out and start - out[-1][1] <= RANGE_GAP and \
+                max(end, out[-1][1]) - out[-1][0] <= RANGE_BLOCK:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
     return out
 
 
