@@ -193,3 +193,17 @@ def test_knn_reads_one_token_and_says_so_for_layer_sets(tmp_path) -> None:
     make_pair(tmp_path, SynthSpec(n_train=60, n_test=20))
     with pytest.raises(FeatcacheError, match="--layers does not apply"):
         featcache.probe(method="knn", cache=tmp_path, layers="middle+last")
+
+
+def test_knn_beyond_host_memory_names_a_way_out_that_works(tmp_path) -> None:
+    """k-NN cannot stream and loads every sample before --shots picks: the line must not
+    send the user to either (it did: "fewer samples (--shots), or let featcache stream
+    them")."""
+    from cliutil import assert_user_error, run
+
+    make_pair(tmp_path, SynthSpec(n_blocks=2, n_classes=3, n_train=60, n_test=20))
+    line = assert_user_error(run("probe", "--method", "knn-layers", "--cache", tmp_path,
+                                 "--max-host-memory-gb", "1e-7"),
+                             "k-NN holds every sample's tokens in memory", "--layers",
+                             "--max-host-memory-gb")
+    assert "stream" not in line and "--shots" not in line

@@ -284,7 +284,12 @@ def _sources(train: Any, test: Any, tokens: list[tuple[str, str]], device: torch
 
     budget = budget_from_gb(opts.feature_memory_gb)
     host = budget_from_gb(opts.max_host_memory_gb)
-    return tuple(load_source(c, tokens, device, budget, host, normalise="token")
+    # every sample is held (--shots picks after loading), and k-NN does not stream
+    too_big = ("k-NN holds every sample's tokens in memory: probe fewer layers (--layers; "
+               "--method knn reads the final layer's alone), raise --max-host-memory-gb "
+               "if more memory is free, or use a machine with more")
+    return tuple(load_source(c, tokens, device, budget, host, normalise="token",
+                             too_big=too_big)
                  for c in (train, test))  # type: ignore[return-value]
 
 

@@ -488,7 +488,7 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
                 budget_bytes: int | None = None, host_budget_bytes: int | None = None,
                 normalise: bool | str | None = "token",
                 stream: Callable[..., TokenSource] | None = None,
-                rows: slice | None = None) -> TokenSource:
+                rows: slice | None = None, too_big: str | None = None) -> TokenSource:
     """The cache's tokens, in order, as a FeatureSource over all N samples (or over the
     cache rows ``rows``: a data-parallel rank's range of shards).
 
@@ -499,7 +499,8 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
     ``host_budget_bytes`` (default: 80 % of the memory available), else, with
     ``stream`` (`featcache.probing.tokens.streaming.StreamedSource`, called as ``stream(cache, plan,
     device, normalise, host_budget)``), a source that reads them from the cache as it
-    goes (buffers within the host budget); without it that is one clear error.
+    goes (buffers within the host budget); without it that is one clear error, whose way
+    out is ``too_big`` where the caller knows better than the default (k-NN).
     Tokens narrower than the widest (a pooled embedding of another width) are zero-padded,
     which changes neither their norm nor any dot product.
     """
@@ -516,14 +517,15 @@ def load_source(cache: Any, tokens: list[tuple[str, str]], device: torch.device,
         if nbytes > host_budget:
             if stream is not None and n == cache.n:
                 return stream(cache, plan, device, normalise, host_budget)
-            fix = ("launch more ranks (each holds its share of the shards)" if n < cache.n
-                   else "let featcache stream them from the cache (featcache probe does, "
-                   "within --max-host-memory-gb)")
+            fix = too_big or (
+                "probe fewer layers (--layers) or fewer samples (--shots), or " +
+                ("launch more ranks (each holds its share of the shards)" if n < cache.n
+                 else "let featcache stream them from the cache (featcache probe does, "
+                 "within --max-host-memory-gb)"))
             raise FeatcacheError(
                 f"the {n_tok} tokens × {dim} of {n} samples in {cache.path} need "
                 f"{human_bytes(nbytes)} (float16), more than the {human_bytes(host_budget)} "
-                "of host memory available for them; probe fewer layers (--layers) or fewer "
-                f"samples (--shots), or {fix}")
+                f"of host memory available for them; {fix}")
     target = device if placement == "device" else torch.device("cpu")
     pin = placement == "host" and device.type == "cuda"
     raw = torch.empty((n, n_tok, dim), dtype=torch.float16, device=target, pin_memory=pin)
