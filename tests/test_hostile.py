@@ -329,11 +329,22 @@ def test_every_written_file_honours_the_umask(trained, copy, tmp_path):
 # -- Ctrl-C during predict --workers 2 ---------------------------------------------------------
 
 def _children() -> list[int]:
+    """This process's children but multiprocessing's resource tracker, which an earlier
+    test of the same session may have started and which lives until the session ends
+    (the whole slow suite in one run waited for it forever, and signalled it)."""
     pid = os.getpid()
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+    return [c for c in kids if "resource_tracker" not in _cmdline(c)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _ctrl_c_when_workers_start(delay: float, limit: float = 120.0) -> None:
