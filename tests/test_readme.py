@@ -23,17 +23,18 @@ OFFLINE = {
 }
 
 
-def python_block() -> str:
+def readme_block(heading: str, language: str) -> str:
+    """The first ``language`` code block under the README's ``## heading``."""
     text = README.read_text()
-    section = text[text.index("## From Python"):]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README has no Python block under 'From Python'"
+    section = text[text.index(f"## {heading}"):]
+    match = re.search(rf"```{language}\n(.*?)```", section, re.S)
+    assert match, f"README has no {language} block under {heading!r}"
     return match.group(1)
 
 
 @pytest.mark.slow
 def test_readme_python_block_runs_as_pasted(tmp_path):
-    code = python_block()
+    code = readme_block("From Python", "python")
     for old, new in OFFLINE.items():
         assert old in code, f"the README block no longer says {old}"
         code = code.replace(old, new)
@@ -49,14 +50,6 @@ def test_readme_python_block_runs_as_pasted(tmp_path):
     assert (tmp_path / "report" / "results.csv").is_file()
 
 
-def benchmark_block() -> str:
-    text = README.read_text()
-    section = text[text.index("## A benchmark in one command"):]
-    match = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert match, "README has no shell block under 'A benchmark in one command'"
-    return match.group(1)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_readme_benchmark_block_runs_as_pasted(tmp_path):
@@ -65,7 +58,8 @@ def test_readme_benchmark_block_runs_as_pasted(tmp_path):
     import os
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", benchmark_block()], cwd=tmp_path,
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                          readme_block("A benchmark in one command", "bash")], cwd=tmp_path,
                          capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     status = json.loads(run.stdout[run.stdout.index('{\n  "suite"'):])
