@@ -3,6 +3,7 @@ random backbones and fake datasets the extraction tests use are built once per s
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,31 @@ def wds_path(wds_data) -> Path:
 def torch_one_thread():
     """One intra-op thread for tiny models: faster, and immune to a busy machine (OpenMP
     threads of tiny ops slow down tenfold when the cores are oversubscribed)."""
+    with one_thread():
+        yield
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread inside, the thread count as it was after."""
     import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def copy(clean: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the module's ``clean`` cache root, for a test to damage."""
+    import shutil
+
+    root = tmp_path / "cache"
+    shutil.copytree(clean, root)
+    return root
 
 
 @pytest.fixture

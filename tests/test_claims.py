@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 from cliutil import run
-from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
+from conftest import TIMM_TINY, TIMM_TINY_KW, model_args, one_thread
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -28,22 +27,11 @@ SHAPE = ["--batch-size", 4, "--shard-size", 8, "--workers", 0]
 @pytest.fixture(scope="module")
 def clean(wds_path, tmp_path_factory) -> Path:
     """The train split (40 images, 5 shards of 8) of a clean cache root."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("claims")
-    result = run("extract", *TINY, "--dataset", f"wds:{wds_path}", "--split", "train",
-                 "--cache", root, *SHAPE)
-    torch.set_num_threads(threads)
+    with one_thread():
+        root = tmp_path_factory.mktemp("claims")
+        result = run("extract", *TINY, "--dataset", f"wds:{wds_path}", "--split", "train",
+                     "--cache", root, *SHAPE)
     assert result.exit_code == 0, result.output
-    return root
-
-
-@pytest.fixture
-def copy(clean, tmp_path) -> Path:
-    root = tmp_path / "cache"
-    shutil.copytree(clean, root)
     return root
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import zarr
 from cliutil import assert_user_error, run
-from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
+from conftest import TIMM_TINY, TIMM_TINY_KW, model_args, one_thread
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -38,21 +37,10 @@ def extract_args(wds_path: Path, root: Path, *extra: object) -> list[object]:
 @pytest.fixture(scope="module")
 def clean(wds_path, tmp_path_factory) -> Path:
     """A clean cache root: train (40) and test (20) images, 16-sample shards, all tokens."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("clean")
-    result = run(*extract_args(wds_path, root))
-    torch.set_num_threads(threads)
+    with one_thread():
+        root = tmp_path_factory.mktemp("clean")
+        result = run(*extract_args(wds_path, root))
     assert result.exit_code == 0, result.output
-    return root
-
-
-@pytest.fixture
-def copy(clean, tmp_path) -> Path:
-    root = tmp_path / "cache"
-    shutil.copytree(clean, root)
     return root
 
 

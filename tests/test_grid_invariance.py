@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import one_thread
 from probecache import SynthSpec, make_pair
 
 from featcache.probing import train as train_mod
@@ -321,9 +322,7 @@ def test_the_refit_runs_the_products_predict_runs() -> None:
     x, y = torch.randn(N, L, D, generator=g), torch.randint(0, C, (N,), generator=g)
     cfg = train_mod.TrainConfig(epochs=1, min_total_steps=2, batch_size=25, group_size=2)
     points = [{"lr": 0.1, "wd": 1e-4}] * L
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         final = train_mod.fit_grid(x, y, C, "linear", points, cfg, inputs=list(range(L)),
                                    refit=True)
         for best in range(L):
@@ -333,5 +332,3 @@ def test_the_refit_runs_the_products_predict_runs() -> None:
             with torch.no_grad():
                 predicted = alone.eval()(x[:, best : best + 1])[0]
             assert torch.equal(stored, predicted), best
-    finally:
-        torch.set_num_threads(old)
