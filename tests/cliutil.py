@@ -39,3 +39,21 @@ def slow_extract(cli: list[str], pause: float):
     return subprocess.Popen([sys.executable, "-c", script, *cli], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
+
+def kill_9_when(child, ready, poll: float, limit: float = 120.0) -> None:
+    """SIGKILL ``child`` once ``ready()`` holds (asked every ``poll`` s, for at most
+    ``limit`` s); the test fails if the child ended first. The child never outlives it."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and child.poll() is None and not ready():
+            time.sleep(poll)
+        assert child.poll() is None, child.communicate()
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from cliutil import slow_extract
+from cliutil import kill_9_when, slow_extract
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
 from featcache import sources as ds
@@ -152,22 +151,8 @@ def test_kill_9_then_rerun_the_same_command(wds_path, reference, tmp_path):
            "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the child's, and the rerun's
     child = slow_extract(cli, 2)  # a kill lands mid-run
-    try:
-        deadline = time.monotonic() + 120
-        done = np.zeros(0, dtype=bool)
-        while time.monotonic() < deadline and child.poll() is None:
-            if (path / "done" / "zarr.json").exists():
-                done = zarr.open_array(str(path / "done"), mode="r")[...]
-                if done.any():
-                    break
-            time.sleep(0.02)
-        assert child.poll() is None, child.communicate()
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    kill_9_when(child, lambda: (path / "done" / "zarr.json").exists() and bool(
+        zarr.open_array(str(path / "done"), mode="r")[...].any()), poll=0.02)
     assert child.returncode == -signal.SIGKILL
     before = zarr.open_array(str(path / "done"), mode="r")[...]
     assert 1 <= before.sum() < 3

@@ -10,17 +10,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cliutil import assert_user_error, run, slow_extract
+from cliutil import assert_user_error, kill_9_when, run, slow_extract
 from conftest import TIMM_TINY, TIMM_TINY_KW, model_args
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -278,20 +276,8 @@ def test_kill_9_mid_extraction_resumes_bitwise(bucket, wds_path, local_root):
                                        "--cache", url, "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the child's, and the rerun's
     child = slow_extract(cli, 3)  # a kill lands mid-run
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and child.poll() is None:
-            flags = [k for k in location(url).listing() if "/train/done/c/" in f"/{k}"]
-            if flags:
-                break
-            time.sleep(0.2)
-        assert child.poll() is None, child.communicate()
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    kill_9_when(child, lambda: any("/train/done/c/" in f"/{k}"  # a shard's done flag
+                                   for k in location(url).listing()), poll=0.2)
     rerun = subprocess.run([sys.executable, "-m", "featcache", *cli], env=env,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
