@@ -78,7 +78,6 @@ from featcache.probing.train import (  # noqa: E402
     default_memory_budget,
     estimate_memory,
     fit_grid,
-    fixed_groups,
     grid_points,
     plan_steps,
     stacked_group_size,
@@ -527,12 +526,9 @@ def note_peak(res: dict, dtype: str, gflops: float) -> None:
 
 def _groups(cfg: TrainConfig, dev: torch.device, n_points: int, per_config: int, shared: int,
             budget: int) -> list[int]:
-    """Group sizes fit_grid makes: fixed where the kernels are stacked (CUDA), else as
-    the memory budget fits them."""
+    """Group sizes fit_grid makes."""
     fixed = stacked_group_size(cfg, dev)
-    if fixed:
-        return [len(g) for g in fixed_groups(n_points, fixed, per_config, shared, budget)]
-    return [len(g) for g in config_groups(n_points, per_config, shared, budget)]
+    return [len(g) for g in config_groups(n_points, per_config, shared, budget, fixed)]
 
 
 def section_fer(args: argparse.Namespace, dev: torch.device, amp: bool, res: dict) -> None:

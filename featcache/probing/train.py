@@ -316,25 +316,23 @@ def stacked_group_size(cfg: TrainConfig, device: torch.device,
     return None if refit else cfg.group_size
 
 
-def fixed_groups(n_points: int, size: int, per_config: int, shared: int,
-                 budget: int) -> list[list[int]]:
-    """Runs of ``size`` configs in grid order (the last one shorter); refused, as one
-    line, where one group exceeds the memory budget (a smaller group is another run)."""
-    size = min(size, n_points)
-    need = shared + size * per_config
-    if need > budget:
-        raise FeatcacheError(
-            f"a group of {size} configs needs {need / 2**30:.3g} GiB to train, more than "
-            f"the memory budget of {budget / 2**30:.3g} GiB: pass a smaller --group-size "
-            "(another run: the group size changes the numbers) or a larger --memory-gb")
-    return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
-
-
-def config_groups(n_points: int, per_config: int, shared: int, budget: int) -> list[list[int]]:
-    """Contiguous, near-equal groups of configs that fit the budget (at least 1 each)."""
-    fit = max(1, (budget - shared) // max(per_config, 1))
-    n_groups = math.ceil(n_points / fit)
-    size = math.ceil(n_points / n_groups)
+def config_groups(n_points: int, per_config: int, shared: int, budget: int,
+                  fixed: int | None = None) -> list[list[int]]:
+    """Contiguous groups of configs in grid order: near-equal ones that fit the budget (at
+    least 1 each); or, with ``fixed`` (`stacked_group_size`), runs of that many (the last
+    one shorter), refused as one line where one exceeds the budget (a smaller group is
+    another run)."""
+    if fixed:
+        size = min(fixed, n_points)
+        need = shared + size * per_config
+        if need > budget:
+            raise FeatcacheError(
+                f"a group of {size} configs needs {need / 2**30:.3g} GiB to train, more than "
+                f"the memory budget of {budget / 2**30:.3g} GiB: pass a smaller --group-size "
+                "(another run: the group size changes the numbers) or a larger --memory-gb")
+    else:
+        fit = max(1, (budget - shared) // max(per_config, 1))
+        size = math.ceil(n_points / math.ceil(n_points / fit))
     return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
 
 
@@ -356,10 +354,6 @@ class FittedGrid:
     stacked: bool = False  # stacked kernels (`stacked_group_size`): evaluation runs them too
     flatten: bool = False  # source batches are flattened to (B, T·D) for the head
     configs: list[int] | None = None  # a rank's share of a grid: the global config indices
-
-    def _chunks(self) -> list[list[int]]:
-        G = self.heads.n_configs
-        return [list(range(i, min(i + self.group_size, G))) for i in range(0, G, self.group_size)]
 
     def _autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, torch.bfloat16, enabled=self.amp and
@@ -534,11 +528,8 @@ def fit_grid(
     # agree on the budget before: `selection._grid_scores`)
     budget = src.agree(cfg.memory_budget_bytes or default_memory_budget(device))
     rank, world = part
-    fixed = stacked_group_size(cfg, device, refit)
-    if fixed:  # the groups are part of the identity: ranks take them as they are
-        groups = fixed_groups(G, fixed, per_cfg, shared, budget)
-    else:
-        groups = config_groups(G, per_cfg, shared, budget)
+    fixed = stacked_group_size(cfg, device, refit)  # then ranks take the groups as they are
+    groups = config_groups(G, per_cfg, shared, budget, fixed)
     if not fixed and world > 1 and len(groups) < world:  # every rank gets work
         groups = [c.tolist() for c in np.array_split(np.arange(G), min(G, world))]
     group_size = len(groups[0])  # evaluation chunks line up with the groups
