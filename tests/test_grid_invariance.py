@@ -225,6 +225,20 @@ def test_group_size_fixes_the_groups_and_names_them(method: str, cache_root: Pat
     # kernels: on this one they do for ALF, but a test cannot rely on it)
 
 
+def test_where_the_kernels_are_stacked_the_group_size_is_known() -> None:
+    """CUDA always stacks (16 configs a group unless --group-size says otherwise), a CPU
+    only under --group-size, and a CPU refit never (it must be what `predict` runs);
+    `run_settings` names what this returns (tested above on the CPU)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain, sized = train_mod.TrainConfig(), train_mod.TrainConfig(group_size=4)
+    assert train_mod.stacked_group_size(plain, cuda) == train_mod.CUDA_GROUP_SIZE == 16
+    assert train_mod.stacked_group_size(sized, cuda) == 4
+    assert train_mod.stacked_group_size(sized, cuda, refit=True) == 4
+    assert train_mod.stacked_group_size(plain, cpu) is None
+    assert train_mod.stacked_group_size(sized, cpu) == 4
+    assert train_mod.stacked_group_size(sized, cpu, refit=True) is None
+
+
 def test_a_group_beyond_the_budget_is_refused(cache_root: Path, tmp_path: Path) -> None:
     """A fixed group cannot be split to fit (that would change its numbers): one line
     naming both ways out, exit 2, nothing written."""
