@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from cliutil import assert_user_error, run
-from conftest import TIMM_TINY, TIMM_TINY_KW
+from conftest import TIMM_TINY, TIMM_TINY_KW, one_thread
 
 from featcache.errors import FeatcacheError
 
@@ -32,15 +32,11 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     from featcache.extracting.run import extract
     from featcache.probing.run import probe
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("hostile")
-    try:
+    with one_thread():
         extract(model=TIMM_TINY, model_arg=dict(TIMM_TINY_KW), weights="random:3",
                 dataset="digits", cache=root, batch_size=64, workers=0)
         runs = {m: probe(method=m, cache=root, **QUICK)[0].path for m in ("linear", "alf")}
-    finally:
-        torch.set_num_threads(threads)
     return {"root": root, **runs}
 
 

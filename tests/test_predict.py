@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from cliutil import assert_user_error, run
-from conftest import TIMM_TINY, TIMM_TINY_KW
+from conftest import TIMM_TINY, TIMM_TINY_KW, one_thread
 
 from featcache.errors import FeatcacheError
 from featcache.extracting.run import extract
@@ -38,18 +38,14 @@ QUICK = dict(grid="quick", epochs=1, min_steps=5, threads=1)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny random ViT over digits (every token kept), every method probed once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("predict")
-    try:
+    with one_thread():
         extract(model=TIMM_TINY, model_arg=dict(TIMM_TINY_KW), weights="random:3",
                 dataset="digits", cache=root, batch_size=64, workers=0, all_tokens=True)
         runs = {m: probe(method=m, cache=root, **QUICK)[0].path for m in METHODS}
         # stacked products in the grid: the refit (one config per layer) must still be
         # the products predict runs
         runs["layers-g2"] = probe(method="layers", cache=root, group_size=2, **QUICK)[0].path
-    finally:
-        torch.set_num_threads(threads)
     return {"root": root, **runs}
 
 
