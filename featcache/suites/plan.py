@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from featcache.suites.spec import Suite
@@ -21,7 +20,7 @@ class Unit:
     method: str | None
     options: dict[str, Any]  # the command's keywords (featcache.extract / featcache.probe)
     after: str | None = None  # the extraction a probe needs
-    caches: list[Path] = field(default_factory=list)
+    caches: list[Any] = field(default_factory=list)  # local paths or RemotePaths
     stamp: str = ""  # a hash of the options: a probe done with other options is not done
     bytes: float | None = None
     flops: float | None = None
@@ -56,7 +55,7 @@ def stamp(options: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def make_plan(suite: Suite, root: Path, done_probes: dict[str, str]) -> list[Unit]:
+def make_plan(suite: Suite, root: Any, done_probes: dict[str, str]) -> list[Unit]:
     """Every unit, models outermost (one backbone build per model when run in order);
     ``done_probes``: the state's finished probe units (key → stamp)."""
     from featcache.extracting.run import ExtractOptions
@@ -88,7 +87,7 @@ def make_plan(suite: Suite, root: Path, done_probes: dict[str, str]) -> list[Uni
     return units
 
 
-def _complete(path: Path) -> bool:
+def _complete(path: Any) -> bool:
     from featcache.cache.store import open_cache
     from featcache.errors import FeatcacheError
 

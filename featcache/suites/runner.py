@@ -105,7 +105,7 @@ def _queue_if_slurm(spec: Suite) -> dict[str, str] | None:
     return squeue_states()
 
 
-def _summary(spec: Suite, root: Path, state: State, units: list[Unit], plan: bool = False,
+def _summary(spec: Suite, root: Any, state: State, units: list[Unit], plan: bool = False,
              queue: dict[str, str] | None = None) -> dict[str, Any]:
     rows = []
     for unit in units:
@@ -126,7 +126,7 @@ def _summary(spec: Suite, root: Path, state: State, units: list[Unit], plan: boo
             "plan": plan, "failed": [], "report": None}
 
 
-def _report(spec: Suite, root: Path, state: State) -> dict[str, str]:
+def _report(spec: Suite, root: Any, state: State) -> dict[str, str]:
     from featcache.reporting.build import report
 
     options = {"out": str(state.folder / "report"), **spec.report}
